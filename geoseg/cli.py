@@ -1,0 +1,170 @@
+"""The ``geoseg`` command line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from geoseg.config import ConfigError, load_config
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Land-cover segmentation of satellite scenes: GeoTIFF -> UNet -> Zarr mosaic -> polygons.",
+)
+log = logging.getLogger("geoseg")
+
+SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: dotted.key=value")]  # noqa: UP045
+
+
+def _setup_logging(verbose: bool) -> None:
+    # Dask workers are other processes: they read their log level from the environment.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "debug" if verbose else "warning")
+    import distributed  # noqa: F401  (configures its loggers on import; we override below)
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(show_path=False, rich_tracebacks=False, console=None)],
+        force=True,
+    )
+    for noisy in ("distributed", "rasterio", "fiona", "pyogrio", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging")] = False) -> None:
+    _setup_logging(verbose)
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option(help="Scene GeoTIFF to write")],
+    seed: Annotated[int, typer.Option(help="Random seed: same seed, same scene")] = 0,
+    width: Annotated[int, typer.Option(min=1)] = 1024,
+    height: Annotated[int, typer.Option(min=1)] = 1024,
+    labels: Annotated[Optional[Path], typer.Option(help="Label GeoTIFF to write (uint8, 255 nodata)")] = None,  # noqa: UP045
+    crs: Annotated[str, typer.Option(help="CRS of the scene, e.g. EPSG:32633")] = "EPSG:32633",
+    origin: Annotated[tuple[float, float], typer.Option(help="Upper-left corner (x, y) in CRS units")] = (
+        500_000.0,
+        5_200_000.0,
+    ),
+    pixel_size: Annotated[float, typer.Option(help="Pixel size in CRS units")] = 10.0,
+    illumination: Annotated[Optional[float], typer.Option(help="Scene brightness gain (default: random)")] = None,  # noqa: UP045
+    nodata_border: Annotated[bool, typer.Option(help="Leave a nodata wedge along one edge")] = True,
+) -> None:
+    """Write a synthetic 4-band (blue, green, red, nir) scene and its land-cover labels."""
+    from geoseg.synth import SceneSpec, write_scene
+
+    spec = SceneSpec(width, height, seed, crs, origin, pixel_size, nodata_border)
+    scene, label_path = write_scene(spec, out, labels, illumination)
+    log.info("scene %s (%d x %d, %s)%s", scene, width, height, crs, f", labels {label_path}" if label_path else "")
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML)")],
+    input: Annotated[Optional[list[str]], typer.Option("--input", "-i", help="Scene path, directory or glob")] = None,  # noqa: UP045, A002
+    out: Annotated[Optional[Path], typer.Option(help="Output directory")] = None,  # noqa: UP045
+    overwrite: Annotated[bool, typer.Option(help="Replace a previous run's outputs in OUT")] = False,
+    set_: SetOption = None,
+) -> None:
+    """Segment scenes into OUT/mosaic.zarr, OUT/polygons.gpkg and OUT/manifest.json."""
+    overrides = list(set_ or [])
+    if input:
+        overrides.append(f"inputs={list(input)!r}")
+    if out is not None:
+        overrides.append(f"out={str(out)!r}")
+    if overwrite:
+        overrides.append("output.overwrite=true")
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+    _run_pipeline(cfg)
+
+
+def _run_pipeline(cfg) -> None:
+    from geoseg.models.checkpoint import CheckpointError
+    from pipelines.segment_scenes import RunError, run
+
+    try:
+        result = run(cfg)
+    except (RunError, CheckpointError) as exc:
+        _fail(str(exc))
+    from geoseg.quicklook import write_quicklook
+
+    quicklook = write_quicklook(result.mosaic, result.out / "quicklook.png")
+    log.info("mosaic:    %s", result.mosaic)
+    if result.polygons:
+        log.info("polygons:  %s", result.polygons)
+    log.info("quicklook: %s", quicklook)
+    log.info("manifest:  %s", result.manifest)
+    if not result.ok:
+        for path, reason in result.failed_scenes.items():
+            log.error("scene failed: %s: %s", path, reason)
+        for key, reason in result.failed_blocks.items():
+            log.error("block failed: %s: %s", key, reason)
+        log.error(
+            "%d scene(s) and %d block(s) failed; see %s",
+            len(result.failed_scenes),
+            len(result.failed_blocks),
+            result.manifest,
+        )
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Output directory")] = Path("demo_out"),
+    config: Annotated[Path, typer.Option(help="Run config")] = Path("configs/demo.yaml"),
+    size: Annotated[int, typer.Option(help="Demo scene width and height in pixels")] = 2048,
+    set_: SetOption = None,
+) -> None:
+    """Make a synthetic demo scene and run the full pipeline on it with a local Dask cluster."""
+    from geoseg.synth import SceneSpec, write_scene
+
+    scene = out / "demo_scene.tif"
+    labels = out / "demo_labels.tif"
+    if not scene.exists():
+        write_scene(SceneSpec(size, size, seed=2024), scene, labels)
+        log.info("demo scene: %s (labels: %s)", scene, labels)
+    overrides = [*(set_ or []), f"inputs=[{str(scene)!r}]", f"out={str(out)!r}"]
+    try:
+        cfg = load_config(config if config.exists() else None, overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+    _run_pipeline(cfg)
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="Training config (YAML)")],
+    set_: SetOption = None,
+) -> None:
+    """Train a model on image/label GeoTIFF pairs; writes OUT/model.safetensors, metrics and plots."""
+    from geoseg.train import load_train_config
+    from geoseg.train import train as run_training
+
+    try:
+        cfg = load_train_config(config, list(set_ or []))
+        run_training(cfg)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+def entrypoint() -> None:  # pragma: no cover - thin wrapper for `python -m geoseg`
+    sys.exit(app())

@@ -1,0 +1,149 @@
+"""Run configuration: pydantic models loaded from YAML, with dotted ``--set`` overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEFAULT_LEGEND = PACKAGE_DIR / "data" / "landcover.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message is meant for the user as is."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LandCoverClass(_Strict):
+    id: int = Field(ge=0, le=254)
+    name: str
+    color: str = Field(pattern=r"^#[0-9a-fA-F]{6}$")
+
+    @property
+    def rgb(self) -> tuple[int, int, int]:
+        return tuple(int(self.color[i : i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+
+
+class ModelConfig(_Strict):
+    checkpoint: str = "builtin:demo"
+    batch_size: int = Field(8, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    """Mixed precision on CUDA (bf16 where supported); ignored on CPU."""
+
+
+class TilingConfig(_Strict):
+    tile_size: int = Field(256, ge=32)
+    overlap: int = Field(32, ge=0)
+    blend: Literal["gaussian", "cosine", "trim"] = "gaussian"
+
+    @model_validator(mode="after")
+    def _overlap_fits(self) -> TilingConfig:
+        if self.overlap >= self.tile_size // 2:
+            raise ValueError(f"overlap ({self.overlap}) must be < tile_size/2 ({self.tile_size // 2})")
+        if self.overlap % 2:
+            raise ValueError(f"overlap ({self.overlap}) must be even: half of it pads each side")
+        return self
+
+
+class OutputConfig(_Strict):
+    block_size: int = Field(1024, ge=64)
+    polygons: bool = True
+    overwrite: bool = False
+
+
+class ClusterConfig(_Strict):
+    address: str | None = None
+    n_workers: int = Field(1, ge=1)
+    threads_per_worker: int = Field(1, ge=1)
+    memory_limit: str = "auto"
+    dashboard: bool = True
+
+
+class RunConfig(_Strict):
+    model: ModelConfig = ModelConfig()
+    tiling: TilingConfig = TilingConfig()
+    output: OutputConfig = OutputConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    classes: list[LandCoverClass] = Field(default_factory=lambda: load_legend(DEFAULT_LEGEND))
+    inputs: list[str] = Field(default_factory=list)
+    out: str = "out"
+
+    @field_validator("classes")
+    @classmethod
+    def _unique_ids(cls, classes: list[LandCoverClass]) -> list[LandCoverClass]:
+        ids = [c.id for c in classes]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"class ids must be unique, got {ids}")
+        return classes
+
+    def class_names(self) -> dict[int, str]:
+        return {c.id: c.name for c in self.classes}
+
+
+def load_legend(path: Path) -> list[LandCoverClass]:
+    data = yaml.safe_load(Path(path).read_text())
+    return [LandCoverClass(**c) for c in data["classes"]]
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"tiling.overlap=64"`` -> (["tiling", "overlap"], 64); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects dotted.key=value, got {text!r}")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each dotted key in a nested dict; unknown keys are caught by validation later."""
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {key!r} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    problems = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        problems.append(f"{where}: {msg}")
+    return f"invalid configuration ({source}): " + "; ".join(problems)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config, apply ``--set`` overrides and validate the result."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        source = str(path)
+        legend = data.pop("legend", None)
+        if legend is not None:
+            legend_path = (path.parent / legend).resolve()
+            data.setdefault("classes", [c.model_dump() for c in load_legend(legend_path)])
+    data = apply_overrides(data, overrides or [])
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None

@@ -1,0 +1,123 @@
+"""Checkpoint format: weights plus everything needed to use them on a scene.
+
+A checkpoint is a ``.safetensors`` file whose header metadata holds, as JSON, the
+architecture and its arguments, the input bands, the normalisation statistics and the
+classes with names and colours. Loading never executes code: safetensors is plain tensors,
+and ``.pt`` files are read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from geoseg.models.registry import build_model
+
+FORMAT_VERSION = 1
+BUILTIN = {"demo": Path(__file__).resolve().parent.parent / "data" / "demo_model.safetensors"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the reason."""
+
+
+@dataclass
+class Checkpoint:
+    arch: str
+    bands: list[str]
+    classes: list[dict[str, Any]]  # [{"id", "name", "color"}]
+    mean: list[float]
+    std: list[float]
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    state_dict: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    path: str = ""
+    sha256: str = ""
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    def metadata(self) -> dict[str, Any]:
+        meta = asdict(self)
+        for key in ("state_dict", "path", "sha256"):
+            meta.pop(key)
+        return {"format_version": FORMAT_VERSION, **meta}
+
+    def build(self) -> nn.Module:
+        """The model with the checkpoint's weights, in eval mode."""
+        model = build_model(self.arch, len(self.bands), self.n_classes, **self.arch_kwargs)
+        try:
+            model.load_state_dict(self.state_dict)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{self.path}: weights do not fit architecture {self.arch!r}: {exc}") from None
+        return model.eval()
+
+
+def resolve_checkpoint_path(spec: str) -> Path:
+    """``builtin:NAME`` -> the file shipped in the package; anything else is a path."""
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        if name not in BUILTIN:
+            raise CheckpointError(f"{spec}: no such built-in model (have: {', '.join(BUILTIN)})")
+        return BUILTIN[name]
+    return Path(spec).expanduser()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_checkpoint(ckpt: Checkpoint, model: nn.Module, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"geoseg": json.dumps(ckpt.metadata())})
+    return path
+
+
+def load_checkpoint(spec: str | Path) -> Checkpoint:
+    """Read a checkpoint (safetensors, or a weights-only ``.pt`` dict with ``meta``/``state_dict``)."""
+    path = resolve_checkpoint_path(str(spec))
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+            if "geoseg" not in header:
+                raise CheckpointError(f"{path}: safetensors file has no geoseg metadata")
+            meta = json.loads(header["geoseg"])
+            state = load_file(str(path))
+        else:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(blob, dict) or "meta" not in blob or "state_dict" not in blob:
+                raise CheckpointError(f"{path}: expected a dict with 'meta' and 'state_dict'")
+            meta, state = blob["meta"], blob["state_dict"]
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read checkpoint ({exc})") from None
+    version = meta.pop("format_version", None)
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {version} is not supported (expected {FORMAT_VERSION})")
+    try:
+        ckpt = Checkpoint(**meta, state_dict=state, path=str(path), sha256=file_sha256(path))
+    except TypeError as exc:
+        raise CheckpointError(f"{path}: malformed metadata ({exc})") from None
+    if len(ckpt.mean) != len(ckpt.bands) or len(ckpt.std) != len(ckpt.bands):
+        raise CheckpointError(f"{path}: normalisation stats do not match the {len(ckpt.bands)} bands")
+    return ckpt

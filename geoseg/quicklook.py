@@ -1,0 +1,61 @@
+"""A picture of the mosaic: classes in their colours, downsampled, with a legend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from geoseg import mosaic
+from geoseg.blending import NODATA
+
+
+def downsample_classes(path: Path, max_size: int) -> np.ndarray:
+    """Every k-th pixel of the class mosaic so the longer side is at most ``max_size``."""
+    import zarr
+
+    arr = zarr.open_array(str(Path(path) / mosaic.CLASSES), mode="r")
+    step = max(1, int(np.ceil(max(arr.shape) / max_size)))
+    return arr[::step, ::step]
+
+
+def colorize(classes: np.ndarray, colors: dict[int, str]) -> np.ndarray:
+    """RGBA image: each class in its colour, nodata transparent."""
+    lut = np.zeros((256, 4), dtype=np.uint8)
+    for value, hex_color in colors.items():
+        lut[value] = [int(hex_color[i : i + 2], 16) for i in (1, 3, 5)] + [255]
+    lut[NODATA] = 0
+    return lut[classes]
+
+
+def write_quicklook(mosaic_path: Path, png_path: Path, max_size: int = 1024) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    legend = mosaic.read_legend(mosaic_path)
+    colors = mosaic.read_colors(mosaic_path) or {k: "#808080" for k in legend}
+    classes = downsample_classes(mosaic_path, max_size)
+    counts = np.bincount(classes.ravel(), minlength=256)
+    valid = counts[:NODATA].sum() or 1
+    fig, ax = plt.subplots(figsize=(9, 7), dpi=120)
+    ax.imshow(colorize(classes, colors), interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title(f"{Path(mosaic_path).parent.name}: land cover")
+    handles = [
+        Patch(
+            facecolor=colors.get(k, "#808080"),
+            edgecolor="black",
+            linewidth=0.3,
+            label=f"{name} ({100 * counts[k] / valid:.1f}%)",
+        )
+        for k, name in sorted(legend.items())
+    ]
+    ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, title="class")
+    fig.tight_layout()
+    png_path = Path(png_path)
+    fig.savefig(png_path)
+    plt.close(fig)
+    return png_path

@@ -1,0 +1,153 @@
+"""Scene catalog and windowed reads: headers only up front, pixels only per block."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.crs import CRS
+from rasterio.enums import Resampling
+from rasterio.transform import Affine
+from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window
+
+SUPPORTED_DTYPES = frozenset({"uint8", "uint16", "int16", "uint32", "int32", "float32", "float64"})
+
+
+class SceneError(Exception):
+    """A scene that cannot be used; the message names the file and the reason."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class SceneInfo:
+    """What a scene's header says; cheap to ship to workers."""
+
+    path: str
+    crs_wkt: str
+    transform: tuple[float, ...]
+    width: int
+    height: int
+    count: int
+    dtype: str
+    nodata: float | None
+
+    @property
+    def crs(self) -> CRS:
+        return CRS.from_wkt(self.crs_wkt)
+
+    @property
+    def affine(self) -> Affine:
+        return Affine(*self.transform[:6])
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """(west, south, east, north) in the scene CRS."""
+        return rasterio.transform.array_bounds(self.height, self.width, self.affine)
+
+
+def open_scene(path: str | Path, expected_bands: int | None = None) -> SceneInfo:
+    """Read and check a scene's header; raise :class:`SceneError` naming the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise SceneError(path, "file not found")
+    try:
+        with rasterio.open(path) as src:
+            info = SceneInfo(
+                path=str(path),
+                crs_wkt=src.crs.to_wkt() if src.crs else "",
+                transform=tuple(src.transform)[:6],
+                width=src.width,
+                height=src.height,
+                count=src.count,
+                dtype=src.dtypes[0],
+                nodata=src.nodata,
+            )
+            # A header can be intact while the pixel data is truncated: touch the last block.
+            last = Window(src.width - 1, src.height - 1, 1, 1)
+            src.read(1, window=last)
+    except rasterio.errors.RasterioIOError as exc:
+        raise SceneError(path, f"not a readable raster ({exc})") from None
+    except Exception as exc:  # GDAL raises CPLE_* subclasses for corrupt data
+        raise SceneError(path, f"cannot read pixel data ({exc})") from None
+    if not info.crs_wkt:
+        raise SceneError(path, "has no CRS; georeference it first (e.g. gdal_edit.py -a_srs)")
+    if info.affine.is_identity:
+        raise SceneError(path, "has no geotransform")
+    if info.dtype not in SUPPORTED_DTYPES:
+        raise SceneError(path, f"unsupported data type {info.dtype}")
+    if expected_bands is not None and info.count != expected_bands:
+        raise SceneError(path, f"has {info.count} bands, the model expects {expected_bands}")
+    return info
+
+
+def same_grid(info: SceneInfo, crs: CRS, transform: Affine, tol: float = 1e-6) -> bool:
+    """Whether the scene's pixels coincide with the output grid's (so no warping is needed)."""
+    if info.crs != crs:
+        return False
+    a, b = info.affine, transform
+    if not np.allclose([a.a, a.b, a.d, a.e], [b.a, b.b, b.d, b.e], rtol=tol, atol=0):
+        return False
+    col_off = (a.c - b.c) / b.a
+    row_off = (a.f - b.f) / b.e
+    return abs(col_off - round(col_off)) < tol and abs(row_off - round(row_off)) < tol
+
+
+def read_window(info: SceneInfo, crs: CRS, transform: Affine, window: Window) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``window`` of the output grid from a scene: float32 bands and a validity mask.
+
+    The window may reach outside the scene (tile halos at the edges); those pixels come back
+    invalid. Scenes on another grid are warped on the fly, never copied whole.
+    """
+    shape = (int(window.height), int(window.width))
+    with rasterio.open(info.path) as src:
+        if same_grid(info, crs, transform):
+            col_off = round((transform.c - info.affine.c) / info.affine.a)
+            row_off = round((transform.f - info.affine.f) / info.affine.e)
+            src_window = Window(window.col_off + col_off, window.row_off + row_off, window.width, window.height)
+            return _read_boundless(src, src_window, shape)
+        window_transform = transform * Affine.translation(window.col_off, window.row_off)
+        with WarpedVRT(
+            src,
+            crs=crs,
+            transform=window_transform,
+            width=shape[1],
+            height=shape[0],
+            resampling=Resampling.bilinear,
+            add_alpha=src.nodata is None,
+        ) as vrt:
+            block = vrt.read(indexes=list(range(1, src.count + 1)), masked=True)
+    valid = ~np.ma.getmaskarray(block).any(axis=0)
+    return block.filled(0).astype(np.float32, copy=False), valid
+
+
+def _read_boundless(src, window: Window, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Read the part of ``window`` inside ``src``; pad the rest as invalid."""
+    data = np.zeros((src.count, *shape), dtype=np.float32)
+    valid = np.zeros(shape, dtype=bool)
+    inner = window.intersection(Window(0, 0, src.width, src.height)) if _overlaps(window, src) else None
+    if inner is None:
+        return data, valid
+    r0 = int(inner.row_off - window.row_off)
+    c0 = int(inner.col_off - window.col_off)
+    h, w = int(inner.height), int(inner.width)
+    block = src.read(window=inner, masked=True)
+    mask = np.ma.getmaskarray(block).any(axis=0)
+    data[:, r0 : r0 + h, c0 : c0 + w] = block.filled(0)
+    valid[r0 : r0 + h, c0 : c0 + w] = ~mask
+    return data, valid
+
+
+def _overlaps(window: Window, src) -> bool:
+    return (
+        window.col_off < src.width
+        and window.row_off < src.height
+        and window.col_off + window.width > 0
+        and window.row_off + window.height > 0
+    )

@@ -1,0 +1,307 @@
+"""Batch job: scenes -> Zarr class mosaic -> polygons, one Dask task per output block.
+
+    catalog (headers) -> output grid -> [segment block -> write region]* -> [polygonize block]* -> merge
+
+Finished blocks leave a marker next to the mosaic, so running the same command again after a
+crash computes only the missing blocks.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from distributed import Client, as_completed
+from rasterio.windows import Window
+
+from geoseg import mosaic, vectorize
+from geoseg.cluster import dask_client, torch_threads_per_worker
+from geoseg.config import RunConfig
+from geoseg.grid import OutputGrid, grid_from_scenes
+from geoseg.inference import InferenceSettings, get_predictor
+from geoseg.models.checkpoint import load_checkpoint
+from geoseg.progress import track
+from geoseg.scenes import SceneError, SceneInfo, open_scene
+from geoseg.segment import TilingSettings, segment_block
+from geoseg.tiling import Block, iter_blocks
+
+log = logging.getLogger(__name__)
+
+MOSAIC_NAME = "mosaic.zarr"
+POLYGONS_NAME = "polygons.gpkg"
+MANIFEST_NAME = "manifest.json"
+STATE_DIR = ".geoseg"
+
+
+class RunError(RuntimeError):
+    """The run cannot start (no usable scene, conflicting previous output, ...)."""
+
+
+@dataclass
+class RunResult:
+    out: Path
+    mosaic: Path
+    polygons: Path | None
+    manifest: Path
+    failed_scenes: dict[str, str] = field(default_factory=dict)
+    failed_blocks: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed_scenes and not self.failed_blocks
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Paths, directories (their .tif/.tiff files) and glob patterns, in a stable order."""
+    paths: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            paths.extend(sorted(q for q in p.iterdir() if q.suffix.lower() in {".tif", ".tiff"}))
+        elif any(ch in item for ch in "*?["):
+            paths.extend(Path(m) for m in sorted(glob.glob(item)))
+        else:
+            paths.append(p)
+    return paths
+
+
+def catalog(paths: list[Path], n_bands: int) -> tuple[list[SceneInfo], dict[str, str]]:
+    """Open every header; bad scenes are reported, not fatal."""
+    good, bad = [], {}
+    for path in paths:
+        try:
+            good.append(open_scene(path, expected_bands=n_bands))
+        except SceneError as exc:
+            log.error("skipping scene %s", exc)
+            bad[str(path)] = exc.reason
+    return good, bad
+
+
+def run_fingerprint(cfg: RunConfig, model_sha: str, scenes: list[SceneInfo]) -> str:
+    """What determines the mosaic's pixels: a changed one must not be mixed with old blocks."""
+    relevant = {
+        "model": model_sha,
+        "tiling": cfg.tiling.model_dump(),
+        "block_size": cfg.output.block_size,
+        "scenes": [s.path for s in scenes],
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def scenes_for(block: Block, scenes: list[SceneInfo], footprints: list[Window], margin: int) -> list[SceneInfo]:
+    """The scenes whose footprint reaches the block or its halo."""
+    picked = []
+    for scene, fp in zip(scenes, footprints, strict=True):
+        if (
+            fp.col_off < block.cols.stop + margin
+            and fp.col_off + fp.width > block.cols.start - margin
+            and fp.row_off < block.rows.stop + margin
+            and fp.row_off + fp.height > block.rows.start - margin
+        ):
+            picked.append(scene)
+    return picked
+
+
+def process_block(
+    block: Block,
+    scenes: list[SceneInfo],
+    grid: OutputGrid,
+    tiling: TilingSettings,
+    settings: InferenceSettings,
+    out: str,
+) -> dict[str, Any]:
+    """A Dask task: segment one block, write its region, leave a marker. Errors are returned, not raised."""
+    start = time.perf_counter()
+    try:
+        predictor = get_predictor(settings)
+        result = segment_block(block, scenes, grid, tiling, predictor, settings.batch_size)
+        mosaic.write_block(Path(out) / MOSAIC_NAME, block, result.classes, result.confidence)
+        histogram = np.bincount(result.classes.ravel(), minlength=256)
+        record = {
+            "status": "done",
+            "tiles": result.tiles,
+            "seconds": round(time.perf_counter() - start, 3),
+            "histogram": {str(k): int(v) for k, v in enumerate(histogram) if v},
+        }
+        (Path(out) / STATE_DIR / "blocks" / f"{block.key}.json").write_text(json.dumps(record))
+        return {"block": block.key, **record}
+    except Exception as exc:  # one bad block must not sink the run
+        return {"block": block.key, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+
+
+def polygonize_task(block: Block, out: str, grid: OutputGrid) -> vectorize.BlockPolygons:
+    rows = slice(block.rows.start, block.rows.stop)
+    cols = slice(block.cols.start, block.cols.stop)
+    classes = mosaic.read_region(Path(out) / MOSAIC_NAME, rows, cols)
+    return vectorize.polygonize_block(classes, block, grid.affine, grid.height, grid.width)
+
+
+def prepare_output(out: Path, fingerprint: str, overwrite: bool) -> dict[str, dict[str, Any]]:
+    """Check a previous run in ``out``; return the blocks it finished (to be reused)."""
+    state = out / STATE_DIR
+    stamp = state / "fingerprint"
+    blocks_dir = state / "blocks"
+    if stamp.exists() and not overwrite:
+        previous = stamp.read_text().strip()
+        if previous != fingerprint:
+            raise RunError(
+                f"{out} holds a run with another model, tiling, block size or inputs "
+                f"({previous} != {fingerprint}); use --overwrite or another --out"
+            )
+        if (out / MOSAIC_NAME).exists():
+            return {p.stem: json.loads(p.read_text()) for p in sorted(blocks_dir.glob("*.json"))}
+    for p in blocks_dir.glob("*.json"):
+        p.unlink()
+    blocks_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fingerprint)
+    return {}
+
+
+def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
+    """Run the whole job; connects to (or starts) the cluster from ``cfg.cluster`` unless given one."""
+    if client is None:
+        with dask_client(cfg.cluster) as own:
+            return run(cfg, own)
+    t0 = time.perf_counter()
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = load_checkpoint(cfg.model.checkpoint)
+    legend = {int(c["id"]): c["name"] for c in ckpt.classes}
+    scenes, failed_scenes = catalog(expand_inputs(cfg.inputs), len(ckpt.bands))
+    if not scenes:
+        raise RunError(
+            "no usable input scene: " + "; ".join(f"{p}: {r}" for p, r in failed_scenes.items())
+            if failed_scenes
+            else "no input scene given"
+        )
+    grid = grid_from_scenes(scenes)
+    fingerprint = run_fingerprint(cfg, ckpt.sha256, scenes)
+    reused = prepare_output(out, fingerprint, cfg.output.overwrite)
+    mosaic_path = out / MOSAIC_NAME
+    if not reused:
+        colors = {int(c["id"]): c.get("color", "#808080") for c in ckpt.classes}
+        mosaic.create_mosaic(
+            mosaic_path,
+            grid,
+            cfg.output.block_size,
+            legend,
+            colors,
+            attrs={"model_sha256": ckpt.sha256, "fingerprint": fingerprint},
+        )
+    tiling = TilingSettings(cfg.tiling.tile_size, cfg.tiling.overlap, cfg.tiling.blend)
+    settings = InferenceSettings(
+        str(Path(ckpt.path).resolve()),
+        cfg.model.batch_size,
+        cfg.model.device,
+        cfg.model.amp,
+        torch_threads_per_worker(cfg.cluster),
+    )
+    blocks = list(iter_blocks(grid.height, grid.width, cfg.output.block_size))
+    footprints = [grid.window_of(s) for s in scenes]
+    todo = [b for b in blocks if reused.get(b.key, {}).get("status") != "done"]
+    log.info(
+        "%d scenes, grid %d x %d px, %d blocks (%d reused)",
+        len(scenes),
+        grid.width,
+        grid.height,
+        len(blocks),
+        len(blocks) - len(todo),
+    )
+    margin = cfg.tiling.tile_size
+    futures = [
+        client.submit(
+            process_block,
+            b,
+            scenes_for(b, scenes, footprints, margin),
+            grid,
+            tiling,
+            settings,
+            str(out),
+            key=f"segment-{fingerprint}-{b.key}",
+            pure=False,
+        )
+        for b in todo
+    ]
+    block_records = {k: {**v, "reused": True} for k, v in reused.items() if v.get("status") == "done"}
+    for fut in track(as_completed(futures), total=len(futures), description="segmenting blocks"):
+        rec = fut.result()
+        block_records[rec.pop("block")] = rec
+        fut.release()
+    t_segment = time.perf_counter() - t0
+    failed_blocks = {k: v["error"] for k, v in block_records.items() if v["status"] != "done"}
+    for key, err in failed_blocks.items():
+        log.error("block %s failed: %s", key, err)
+
+    polygons_path = None
+    t_vec = 0.0
+    if cfg.output.polygons:
+        t1 = time.perf_counter()
+        polygons_path = write_polygons(client, blocks, grid, out, legend)
+        t_vec = time.perf_counter() - t1
+
+    result = RunResult(out, mosaic_path, polygons_path, out / MANIFEST_NAME, failed_scenes, failed_blocks)
+    manifest = {
+        "geoseg_version": _version(),
+        "inputs": [str(p) for p in expand_inputs(cfg.inputs)],
+        "scenes": [{"path": s.path, "status": "ok"} for s in scenes]
+        + [{"path": p, "status": "failed", "error": r} for p, r in failed_scenes.items()],
+        "model": {"checkpoint": ckpt.path, "sha256": ckpt.sha256, "arch": ckpt.arch, "bands": ckpt.bands},
+        "config": cfg.model_dump(mode="json"),
+        "fingerprint": fingerprint,
+        "grid": {**asdict(grid), "bounds": grid.bounds, "epsg": grid.crs.to_epsg()},
+        "blocks": dict(sorted(block_records.items())),
+        "summary": {
+            "blocks": len(blocks),
+            "computed": len(todo),
+            "reused": len(blocks) - len(todo),
+            "failed_blocks": len(failed_blocks),
+            "failed_scenes": len(failed_scenes),
+            "tiles": sum(int(r.get("tiles", 0)) for r in block_records.values()),
+        },
+        "timings": {
+            "segment_s": round(t_segment, 3),
+            "vectorize_s": round(t_vec, 3),
+            "total_s": round(time.perf_counter() - t0, 3),
+        },
+        "outputs": {"mosaic": str(mosaic_path), "polygons": str(polygons_path) if polygons_path else None},
+    }
+    result.manifest.write_text(json.dumps(manifest, indent=2))
+    return result
+
+
+def write_polygons(client: Client, blocks: list[Block], grid: OutputGrid, out: Path, legend: dict[int, str]) -> Path:
+    """Polygonize per block on the workers, merge the edge pieces here, write one GeoPackage layer."""
+    futures = [
+        client.submit(polygonize_task, b, str(out), grid, key=f"polygonize-{b.key}-{time.time_ns()}") for b in blocks
+    ]
+    final: list = []
+    edge: list = []
+    for fut in track(as_completed(futures), total=len(futures), description="vectorizing blocks"):
+        part = fut.result()
+        final.extend(part.final)
+        edge.extend(part.edge)
+        fut.release()
+    polygons = final + vectorize.merge_edge_polygons(edge)
+    gdf = vectorize.to_geodataframe(polygons, grid.crs_wkt, legend)
+    path = out / POLYGONS_NAME
+    if path.exists():
+        path.unlink()
+    gdf.to_file(path, layer="landcover", driver="GPKG", engine="pyogrio")
+    log.info("%d polygons -> %s", len(gdf), path)
+    return path
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("geoseg")
+    except PackageNotFoundError:
+        return "unknown"
