@@ -58,24 +58,25 @@ def open_scene(path: str | Path, expected_bands: int | None = None) -> SceneInfo
     if not path.is_file():
         raise SceneError(path, "file not found")
     try:
-        with rasterio.open(path) as src:
-            info = SceneInfo(
-                path=str(path),
-                crs_wkt=src.crs.to_wkt() if src.crs else "",
-                transform=tuple(src.transform)[:6],
-                width=src.width,
-                height=src.height,
-                count=src.count,
-                dtype=src.dtypes[0],
-                nodata=src.nodata,
-            )
-            # A header can be intact while the pixel data is truncated: touch the last block.
-            last = Window(src.width - 1, src.height - 1, 1, 1)
-            src.read(1, window=last)
-    except rasterio.errors.RasterioIOError as exc:
-        raise SceneError(path, f"not a readable raster ({exc})") from None
-    except Exception as exc:  # GDAL raises CPLE_* subclasses for corrupt data
-        raise SceneError(path, f"cannot read pixel data ({exc})") from None
+        src = rasterio.open(path)
+    except Exception as exc:
+        raise SceneError(path, f"not a readable raster ({_gdal_message(exc)})") from None
+    with src:
+        info = SceneInfo(
+            path=str(path),
+            crs_wkt=src.crs.to_wkt() if src.crs else "",
+            transform=tuple(src.transform)[:6],
+            width=src.width,
+            height=src.height,
+            count=src.count,
+            dtype=src.dtypes[0],
+            nodata=src.nodata,
+        )
+        # A header can be intact while the pixel data is truncated: touch the last block.
+        try:
+            src.read(1, window=Window(src.width - 1, src.height - 1, 1, 1))
+        except Exception as exc:
+            raise SceneError(path, f"cannot read pixel data, truncated or corrupt ({_gdal_message(exc)})") from None
     if not info.crs_wkt:
         raise SceneError(path, "has no CRS; georeference it first (e.g. gdal_edit.py -a_srs)")
     if info.affine.is_identity:
@@ -85,6 +86,13 @@ def open_scene(path: str | Path, expected_bands: int | None = None) -> SceneInfo
     if expected_bands is not None and info.count != expected_bands:
         raise SceneError(path, f"has {info.count} bands, the model expects {expected_bands}")
     return info
+
+
+def _gdal_message(exc: BaseException) -> str:
+    """The most specific message in an exception chain (rasterio wraps GDAL's)."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return str(exc)
 
 
 def same_grid(info: SceneInfo, crs: CRS, transform: Affine, tol: float = 1e-6) -> bool:
@@ -112,7 +120,7 @@ def read_window(info: SceneInfo, crs: CRS, transform: Affine, window: Window) ->
             row_off = round((transform.f - info.affine.f) / info.affine.e)
             src_window = Window(window.col_off + col_off, window.row_off + row_off, window.width, window.height)
             return _read_boundless(src, src_window, shape)
-        window_transform = transform * Affine.translation(window.col_off, window.row_off)
+        window_transform = transform @ Affine.translation(window.col_off, window.row_off)
         with WarpedVRT(
             src,
             crs=crs,

@@ -36,7 +36,7 @@ class BlockPolygons:
 
 def polygonize_block(classes: np.ndarray, block: Block, transform: Affine, height: int, width: int) -> BlockPolygons:
     """Polygons of a block's class array, split by whether they touch an interior block edge."""
-    block_transform = transform * Affine.translation(block.cols.start, block.rows.start)
+    block_transform = transform @ Affine.translation(block.cols.start, block.rows.start)
     west, north = transform @ (block.cols.start, block.rows.start)
     east, south = transform @ (block.cols.stop, block.rows.stop)
     tol = 0.25 * min(abs(transform.a), abs(transform.e))

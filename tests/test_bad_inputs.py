@@ -1,0 +1,169 @@
+"""Bad scenes: a clear error naming the file and the reason; the good scenes still complete."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import rasterio
+import rasterio.shutil
+import rioxarray  # noqa: F401  (registers .rio)
+import xarray as xr
+from conftest import run_config
+from rasterio.transform import from_origin
+
+from geoseg.scenes import SceneError, open_scene
+from geoseg.synth import SceneSpec, write_scene
+from pipelines.segment_scenes import RunError, run
+
+
+@pytest.fixture(scope="module")
+def bad_scenes(tmp_path_factory, scene_1000x700):
+    d = tmp_path_factory.mktemp("bad")
+    good = scene_1000x700[0]
+    truncated = d / "truncated.tif"
+    data = good.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    # a COG has its header first: the header survives, the pixel data does not
+    cog = d / "cog.tif"
+    rasterio.shutil.copy(good, cog, driver="COG")
+    truncated_cog = d / "truncated_cog.tif"
+    data = cog.read_bytes()
+    truncated_cog.write_bytes(data[: int(len(data) * 0.6)])
+    text = d / "notes.tif"
+    text.write_text("this is not a raster\n")
+    no_crs = d / "no_crs.tif"
+    with rasterio.open(
+        no_crs,
+        "w",
+        driver="GTiff",
+        width=64,
+        height=64,
+        count=4,
+        dtype="uint16",
+        transform=from_origin(500_000, 5_200_000, 10, 10),
+    ) as dst:
+        dst.write(np.ones((4, 64, 64), np.uint16))
+    three_bands = d / "three_bands.tif"
+    with rasterio.open(good) as src:
+        profile = src.profile
+        profile.update(count=3)
+        with rasterio.open(three_bands, "w", **profile) as dst:
+            dst.write(src.read([1, 2, 3]))
+    return {
+        "truncated": truncated,
+        "truncated_cog": truncated_cog,
+        "text": text,
+        "no_crs": no_crs,
+        "three_bands": three_bands,
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("truncated", "not a readable raster"),
+        ("truncated_cog", "cannot read pixel data"),
+        ("text", "not a readable raster"),
+        ("no_crs", "has no CRS"),
+        ("three_bands", "has 3 bands, the model expects 4"),
+    ],
+)
+def test_bad_scene_errors_name_the_file_and_reason(bad_scenes, name, reason):
+    with pytest.raises(SceneError) as err:
+        open_scene(bad_scenes[name], expected_bands=4)
+    assert str(bad_scenes[name]) in str(err.value)
+    assert reason in str(err.value)
+
+
+def test_good_scenes_complete_when_others_fail(tmp_path, bad_scenes, random_checkpoint, scene_1000x700, client2):
+    inputs = [
+        bad_scenes["truncated"],
+        scene_1000x700[0],
+        bad_scenes["truncated_cog"],
+        bad_scenes["text"],
+        bad_scenes["no_crs"],
+        bad_scenes["three_bands"],
+    ]
+    result = run(run_config(random_checkpoint, inputs, tmp_path, "output.block_size=512"), client2)
+    assert not result.ok
+    assert set(result.failed_scenes) == {
+        str(bad_scenes[k]) for k in ("truncated", "truncated_cog", "text", "no_crs", "three_bands")
+    }
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    failed = {s["path"]: s["error"] for s in manifest["scenes"] if s["status"] == "failed"}
+    assert "has no CRS" in failed[str(bad_scenes["no_crs"])]
+    classes = xr.open_zarr(tmp_path / "mosaic.zarr")["classes"].values
+    assert classes.shape == (700, 1000) and (classes != 255).mean() > 0.8
+
+
+def test_no_usable_scene_is_a_run_error(tmp_path, bad_scenes, random_checkpoint, client2):
+    with pytest.raises(RunError, match="no usable input scene"):
+        run(run_config(random_checkpoint, [bad_scenes["text"]], tmp_path), client2)
+
+
+def test_scene_smaller_than_a_tile_and_odd_path(tmp_path, random_checkpoint, client2):
+    scene = tmp_path / "dir with spaces" / "scène été.tif"
+    write_scene(SceneSpec(50, 37, seed=8, nodata_border=False), scene)
+    result = run(run_config(random_checkpoint, [scene], tmp_path / "out"), client2)
+    assert result.ok
+    classes = xr.open_zarr(tmp_path / "out" / "mosaic.zarr")["classes"].values
+    assert classes.shape == (37, 50) and (classes != 255).all()
+
+
+def test_all_nodata_scene_gives_an_all_nodata_mosaic(tmp_path, random_checkpoint, client2):
+    scene = tmp_path / "empty.tif"
+    with rasterio.open(
+        scene,
+        "w",
+        driver="GTiff",
+        width=300,
+        height=200,
+        count=4,
+        dtype="uint16",
+        nodata=0,
+        crs="EPSG:32633",
+        transform=from_origin(500_000, 5_200_000, 10, 10),
+    ) as dst:
+        dst.write(np.zeros((4, 200, 300), np.uint16))
+    result = run(run_config(random_checkpoint, [scene], tmp_path / "out"), client2)
+    classes = xr.open_zarr(tmp_path / "out" / "mosaic.zarr")["classes"].values
+    assert (classes == 255).all()
+    assert result.ok
+
+
+def test_scene_on_another_crs_is_warped_onto_the_grid(tmp_path, random_checkpoint, client2):
+    a = write_scene(SceneSpec(400, 300, seed=1, nodata_border=False), tmp_path / "a.tif")[0]
+    b = write_scene(
+        SceneSpec(300, 300, seed=2, crs="EPSG:3857", origin=(1_675_000.0, 5_931_000.0), nodata_border=False),
+        tmp_path / "b.tif",
+    )[0]
+    result = run(run_config(random_checkpoint, [a, b], tmp_path / "out"), client2)
+    assert result.ok
+    ds = xr.open_zarr(tmp_path / "out" / "mosaic.zarr")
+    assert ds.rio.crs.to_epsg() == 32633  # the first scene's grid
+    classes = ds["classes"].values
+    assert classes.shape[1] > 400  # extended to cover the second scene
+    # the warped scene's pixels are segmented, beyond the first scene's footprint
+    assert (classes[:, 400:] != 255).sum() > 10_000
+
+
+def test_rerun_reuses_finished_blocks_and_refuses_a_changed_config(
+    tmp_path, random_checkpoint, scene_1000x700, client2
+):
+    cfg = run_config(random_checkpoint, [scene_1000x700[0]], tmp_path, "output.block_size=512", "output.polygons=false")
+    run(cfg, client2)
+    first = xr.open_zarr(tmp_path / "mosaic.zarr")["classes"].values
+    # lose two blocks' markers, as if the run had been killed before them
+    for key in ("0_1", "1_0"):
+        (tmp_path / ".geoseg" / "blocks" / f"{key}.json").unlink()
+    run(cfg, client2)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["summary"]["computed"] == 2 and manifest["summary"]["reused"] == 2
+    np.testing.assert_array_equal(xr.open_zarr(tmp_path / "mosaic.zarr")["classes"].values, first)
+    changed = run_config(random_checkpoint, [scene_1000x700[0]], tmp_path, "output.block_size=256")
+    with pytest.raises(RunError, match="--overwrite"):
+        run(changed, client2)
+    shutil.rmtree(tmp_path / ".geoseg")
