@@ -174,6 +174,8 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
     out.mkdir(parents=True, exist_ok=True)
     ckpt = load_checkpoint(cfg.model.checkpoint)
     legend = {int(c["id"]): c["name"] for c in ckpt.classes}
+    if "classes" in cfg.model_fields_set and cfg.class_names() != legend:
+        raise RunError(f"{ckpt.path}: the model's classes {legend} do not match the config's {cfg.class_names()}")
     scenes, failed_scenes = catalog(expand_inputs(cfg.inputs), len(ckpt.bands))
     if not scenes:
         raise RunError(
