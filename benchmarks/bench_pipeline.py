@@ -1,0 +1,135 @@
+"""End-to-end pipeline throughput beside the model-bound throughput, measured in one run.
+
+    python benchmarks/bench_pipeline.py [--size 4096] [--workers 1] [--block 2048] [--peer]
+
+1. the pipeline (read GeoTIFF -> tiles -> forward -> blend -> argmax -> Zarr) on a Dask
+   LocalCluster, after a warm-up run that loads the model in the workers;
+2. forward passes alone over the same number of tiles with the same batch size and torch
+   threads, on tiles already in memory: the model-bound ceiling;
+3. optionally (--peer) MONAI's sliding_window_inference (gaussian, same model, tile,
+   overlap and batch) on the scene already in memory.
+
+Prints Mpix/s for each, peak RSS of the worker, the overlap cost, and ends with ``ratio=X.XXX``
+(pipeline / model-bound). Scene pixels count the whole grid, nodata included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from distributed import Client, LocalCluster
+
+from geoseg.config import load_config
+from geoseg.inference import InferenceSettings, Predictor
+from geoseg.models.checkpoint import load_checkpoint
+from geoseg.synth import SceneSpec, write_scene
+from pipelines.segment_scenes import run
+
+
+def worker_peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def model_bound_seconds(checkpoint: str, n_tiles: int, tile: int, batch: int, threads: int) -> float:
+    torch.set_num_threads(threads)
+    predictor = Predictor(load_checkpoint(checkpoint), InferenceSettings(checkpoint, batch, "cpu", False, threads))
+    rng = np.random.default_rng(0)
+    tiles = rng.standard_normal((batch, 4, tile, tile)).astype(np.float32)
+    predictor.probabilities(tiles[:1])  # warm-up
+    start = time.perf_counter()
+    for done in range(0, n_tiles, batch):
+        predictor.probabilities(tiles[: min(batch, n_tiles - done)])
+    return time.perf_counter() - start
+
+
+def monai_seconds(checkpoint: str, scene: Path, tile: int, overlap: int, batch: int, threads: int) -> float:
+    import rasterio
+    from monai.inferers import sliding_window_inference
+
+    torch.set_num_threads(threads)
+    ckpt = load_checkpoint(checkpoint)
+    model = ckpt.build()
+    with rasterio.open(scene) as src:
+        image = src.read().astype(np.float32)
+    mean = np.asarray(ckpt.mean, np.float32)[:, None, None]
+    std = np.asarray(ckpt.std, np.float32)[:, None, None]
+    x = torch.from_numpy((image - mean) / std)[None]
+    start = time.perf_counter()
+    with torch.inference_mode():
+        logits = sliding_window_inference(x, (tile, tile), batch, model, overlap=overlap / tile, mode="gaussian")
+        logits.argmax(1)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--block", type=int, default=2048)
+    parser.add_argument("--tile", type=int, default=256)
+    parser.add_argument("--overlap", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--checkpoint", default="builtin:demo")
+    parser.add_argument("--peer", action="store_true", help="also time MONAI sliding_window_inference")
+    parser.add_argument("--work", type=Path, default=Path("bench_out"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    args.work.mkdir(parents=True, exist_ok=True)
+    scene = args.work / f"scene_{args.size}.tif"
+    if not scene.exists():
+        write_scene(SceneSpec(args.size, args.size, seed=7), scene)
+    warm = args.work / "warm.tif"
+    if not warm.exists():
+        write_scene(SceneSpec(300, 300, seed=8), warm)
+    cores = os.cpu_count() or 1
+    threads = max(1, cores // args.workers)
+    overrides = [
+        f"model.checkpoint={args.checkpoint}",
+        f"model.batch_size={args.batch}",
+        f"tiling.tile_size={args.tile}",
+        f"tiling.overlap={args.overlap}",
+        f"output.block_size={args.block}",
+        "output.polygons=false",
+        "output.overwrite=true",
+        f"cluster.n_workers={args.workers}",
+    ]
+    with (
+        LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=None, host="127.0.0.1") as lc,
+        Client(lc) as client,
+    ):
+        run(load_config(None, [*overrides, f"inputs=[{str(warm)!r}]", f"out={str(args.work / 'warm_out')!r}"]), client)
+        cfg = load_config(None, [*overrides, f"inputs=[{str(scene)!r}]", f"out={str(args.work / 'out')!r}"])
+        start = time.perf_counter()
+        result = run(cfg, client)
+        t_pipeline = time.perf_counter() - start
+        rss = client.run(worker_peak_rss_mb)
+    manifest = json.loads(result.manifest.read_text())
+    n_tiles = manifest["summary"]["tiles"]
+    ckpt_path = load_checkpoint(args.checkpoint).path
+    # The model-bound side gets all the cores the workers had together, as one process.
+    t_model = model_bound_seconds(ckpt_path, n_tiles, args.tile, args.batch, cores if args.workers > 1 else threads)
+    mpix = args.size * args.size / 1e6
+    no_overlap_tiles = int(np.ceil(args.size / args.tile) ** 2)
+    print(f"scene {args.size}x{args.size} ({mpix:.1f} Mpix), block {args.block}, tile {args.tile}, overlap "
+          f"{args.overlap}, batch {args.batch}, workers {args.workers} x {threads} torch threads")
+    print(f"tiles computed {n_tiles}, without overlap {no_overlap_tiles}, overlap cost {n_tiles / no_overlap_tiles:.3f}")
+    print(f"pipeline     {t_pipeline:8.2f} s  {mpix / t_pipeline:7.3f} Mpix/s")
+    print(f"model-bound  {t_model:8.2f} s  {mpix / t_model:7.3f} Mpix/s  (forward passes alone, same tiles)")
+    print(f"worker peak RSS: {', '.join(f'{v:.0f} MB' for v in rss.values())}")
+    if args.peer:
+        t_monai = monai_seconds(ckpt_path, scene, args.tile, args.overlap, args.batch, cores)
+        print(f"MONAI sliding_window_inference {t_monai:8.2f} s  {mpix / t_monai:7.3f} Mpix/s  "
+              f"(image in memory); geoseg/MONAI time ratio {t_pipeline / t_monai:.3f}")
+    print(f"ratio={t_model / t_pipeline:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The distributed path with real processes: `dask scheduler` + `dask worker` on 127.0.0.1, and kills."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+from conftest import make_random_checkpoint, run_config
+from distributed import Client
+
+from pipelines.segment_scenes import run
+
+BIN = Path(sys.executable).parent
+
+
+def _spawn(*args: str, log: Path) -> subprocess.Popen:
+    # Own session: a kill of the group takes the worker's nanny and its child together.
+    return subprocess.Popen([str(BIN / "dask"), *args], stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+@pytest.fixture
+def dask_processes(tmp_path):
+    sched_file = tmp_path / "scheduler.json"
+    procs = [_spawn("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file",
+                    str(sched_file), log=tmp_path / "scheduler.log")]
+    deadline = time.time() + 60
+    while not sched_file.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    workers = [_spawn("worker", "--scheduler-file", str(sched_file), "--nthreads", "1", "--no-dashboard",
+                      "--host", "127.0.0.1", "--name", f"w{i}", log=tmp_path / f"worker{i}.log") for i in range(2)]
+    procs += workers
+    with Client(scheduler_file=str(sched_file), timeout="30s") as client:
+        client.wait_for_workers(2, timeout=60)
+        address = client.scheduler.address
+    yield address, workers
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def slow_checkpoint(tmp_path_factory):
+    """A wider random model, so a run lasts long enough to be killed in the middle."""
+    return make_random_checkpoint(tmp_path_factory.mktemp("slow") / "m.safetensors", seed=1, depth=3, base_width=24)
+
+
+@pytest.fixture(scope="module")
+def reference_mosaic(tmp_path_factory, slow_checkpoint, scene_1000x700, client2):
+    out = tmp_path_factory.mktemp("dref")
+    run(run_config(slow_checkpoint, [scene_1000x700[0]], out, "output.block_size=128", "output.polygons=false"),
+        client2)
+    return xr.open_zarr(out / "mosaic.zarr")["classes"].values
+
+
+def markers(out: Path) -> int:
+    return len(list((out / ".geoseg" / "blocks").glob("*.json")))
+
+
+def test_scheduler_and_worker_processes_give_the_local_mosaic(tmp_path, dask_processes, slow_checkpoint,
+                                                              scene_1000x700, reference_mosaic):
+    address, _ = dask_processes
+    cfg = run_config(slow_checkpoint, [scene_1000x700[0]], tmp_path / "out", "output.block_size=128",
+                     f"cluster.address={address}")
+    result = run(cfg)
+    assert result.ok
+    np.testing.assert_array_equal(xr.open_zarr(tmp_path / "out" / "mosaic.zarr")["classes"].values, reference_mosaic)
+    assert (tmp_path / "out" / "polygons.gpkg").exists()
+
+
+def test_sigkill_of_a_worker_mid_run_still_completes(tmp_path, dask_processes, slow_checkpoint, scene_1000x700,
+                                                     reference_mosaic):
+    address, workers = dask_processes
+    out = tmp_path / "out"
+    cfg = run_config(slow_checkpoint, [scene_1000x700[0]], out, "output.block_size=128", "output.polygons=false",
+                     f"cluster.address={address}")
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=run(cfg)))
+    thread.start()
+    deadline = time.time() + 120
+    while markers(out) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    total_blocks = 6 * 8
+    assert markers(out) < total_blocks, "the run finished before the kill: nothing was tested"
+    os.killpg(workers[0].pid, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert outcome["result"].ok
+    np.testing.assert_array_equal(xr.open_zarr(out / "mosaic.zarr")["classes"].values, reference_mosaic)
+
+
+def test_killed_run_resumes_with_only_the_missing_blocks(tmp_path, slow_checkpoint, scene_1000x700,
+                                                         reference_mosaic):
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "geoseg", "run", "configs/demo.yaml", "--input", str(scene_1000x700[0]),
+            "--out", str(out), "--set", f"model.checkpoint={slow_checkpoint}", "--set", "output.block_size=128",
+            "--set", "tiling.tile_size=128", "--set", "tiling.overlap=16", "--set", "cluster.n_workers=1"]
+    cwd = Path(__file__).parent.parent
+    proc = subprocess.Popen(args, cwd=cwd, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while markers(out) < 5 and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = markers(out)
+    assert 5 <= done_before < 48, "the run must be killed in the middle"
+    res = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["summary"]["reused"] >= done_before
+    assert manifest["summary"]["computed"] == 48 - manifest["summary"]["reused"]
+    np.testing.assert_array_equal(xr.open_zarr(out / "mosaic.zarr")["classes"].values, reference_mosaic)
