@@ -7,11 +7,9 @@ DEMO_OUT ?= demo_out
 
 .PHONY: demo test lint bench clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt docker/install.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt torch torchvision
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	bash docker/install.sh $(BIN)/python dev --editable
 	touch $(STAMP)
 
 demo: $(STAMP)

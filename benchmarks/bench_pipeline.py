@@ -118,16 +118,22 @@ def main() -> None:
     t_model = model_bound_seconds(ckpt_path, n_tiles, args.tile, args.batch, cores if args.workers > 1 else threads)
     mpix = args.size * args.size / 1e6
     no_overlap_tiles = int(np.ceil(args.size / args.tile) ** 2)
-    print(f"scene {args.size}x{args.size} ({mpix:.1f} Mpix), block {args.block}, tile {args.tile}, overlap "
-          f"{args.overlap}, batch {args.batch}, workers {args.workers} x {threads} torch threads")
-    print(f"tiles computed {n_tiles}, without overlap {no_overlap_tiles}, overlap cost {n_tiles / no_overlap_tiles:.3f}")
+    print(
+        f"scene {args.size}x{args.size} ({mpix:.1f} Mpix), block {args.block}, tile {args.tile}, overlap "
+        f"{args.overlap}, batch {args.batch}, workers {args.workers} x {threads} torch threads"
+    )
+    print(
+        f"tiles computed {n_tiles}, without overlap {no_overlap_tiles}, overlap cost {n_tiles / no_overlap_tiles:.3f}"
+    )
     print(f"pipeline     {t_pipeline:8.2f} s  {mpix / t_pipeline:7.3f} Mpix/s")
     print(f"model-bound  {t_model:8.2f} s  {mpix / t_model:7.3f} Mpix/s  (forward passes alone, same tiles)")
     print(f"worker peak RSS: {', '.join(f'{v:.0f} MB' for v in rss.values())}")
     if args.peer:
         t_monai = monai_seconds(ckpt_path, scene, args.tile, args.overlap, args.batch, cores)
-        print(f"MONAI sliding_window_inference {t_monai:8.2f} s  {mpix / t_monai:7.3f} Mpix/s  "
-              f"(image in memory); geoseg/MONAI time ratio {t_pipeline / t_monai:.3f}")
+        print(
+            f"MONAI sliding_window_inference {t_monai:8.2f} s  {mpix / t_monai:7.3f} Mpix/s  "
+            f"(image in memory); geoseg/MONAI time ratio {t_pipeline / t_monai:.3f}"
+        )
     print(f"ratio={t_model / t_pipeline:.3f}")
 
 

@@ -148,6 +148,49 @@ def demo(
     except ConfigError as exc:
         _fail(str(exc))
     _run_pipeline(cfg)
+    if labels.exists():
+        _log_accuracy(out / "mosaic.zarr", labels)
+
+
+def _log_accuracy(mosaic_path: Path, labels: Path) -> None:
+    """The demo knows the truth: say how close the mosaic is to it."""
+    import rasterio
+
+    from geoseg.metrics import confusion_matrix, summarize
+    from geoseg.mosaic import read_legend, read_region
+
+    legend = read_legend(mosaic_path)
+    with rasterio.open(labels) as src:
+        truth = src.read(1)
+    pred = read_region(mosaic_path, slice(None), slice(None))
+    summary = summarize(confusion_matrix(truth, pred, len(legend)), [legend[k] for k in sorted(legend)])
+    per_class = ", ".join(f"{k} {v:.3f}" for k, v in summary["iou"].items() if v is not None)
+    log.info(
+        "accuracy against the demo labels: mIoU %.3f, overall %.3f (%s)",
+        summary["miou"],
+        summary["overall_accuracy"],
+        per_class,
+    )
+
+
+@app.command()
+def export(
+    out: Annotated[Path, typer.Argument(help="Output directory of a finished `geoseg run`")],
+    formats: Annotated[str, typer.Option(help="Polygon formats, comma-separated: gpkg,parquet,fgb")] = "gpkg",
+    set_: SetOption = None,
+) -> None:
+    """GIS layers of a finished run: classes.tif (COG), polygons, QGIS/SLD styles, quicklook, area report."""
+    from pipelines.export_layers import export_run, run_config_of
+    from pipelines.segment_scenes import RunError
+
+    fmts = [f.strip() for f in formats.split(",") if f.strip()]
+    try:
+        cfg = run_config_of(out, [*(set_ or []), f"vector.formats={fmts!r}"])
+        result = export_run(out, cfg)
+    except (ConfigError, RunError) as exc:
+        _fail(str(exc))
+    for name, path in result.files.items():
+        log.info("%-12s %s", name, path)
 
 
 @app.command()

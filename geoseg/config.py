@@ -58,6 +58,18 @@ class OutputConfig(_Strict):
     overwrite: bool = False
 
 
+class VectorConfig(_Strict):
+    """How the class mosaic becomes polygons (in `geoseg run` and `geoseg export`)."""
+
+    mmu_pixels: int = Field(0, ge=0)
+    """Minimum mapping unit: regions smaller than this are absorbed by their neighbours first."""
+    simplify_tolerance: float = Field(0.0, ge=0)
+    """Coverage-preserving simplification tolerance in CRS units (0: exact pixel edges)."""
+    formats: list[Literal["gpkg", "parquet", "fgb"]] = ["gpkg"]
+    reproject_to: str | None = None
+    """Also write a copy of the polygons in this CRS (e.g. EPSG:4326)."""
+
+
 class ClusterConfig(_Strict):
     address: str | None = None
     n_workers: int = Field(1, ge=1)
@@ -71,8 +83,11 @@ class RunConfig(_Strict):
     tiling: TilingConfig = TilingConfig()
     output: OutputConfig = OutputConfig()
     cluster: ClusterConfig = ClusterConfig()
+    vector: VectorConfig = VectorConfig()
     classes: list[LandCoverClass] = Field(default_factory=lambda: load_legend(DEFAULT_LEGEND))
     inputs: list[str] = Field(default_factory=list)
+    stac_asset: str = "image"
+    """Asset key to read from the items of a STAC ItemCollection given as an input."""
     out: str = "out"
 
     @field_validator("classes")

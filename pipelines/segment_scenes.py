@@ -58,12 +58,28 @@ class RunResult:
         return not self.failed_scenes and not self.failed_blocks
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Paths, directories (their .tif/.tiff files) and glob patterns, in a stable order."""
+def stac_assets(path: Path, asset: str) -> list[Path]:
+    """The ``asset`` of every item in a local STAC ItemCollection (relative hrefs from the file's folder)."""
+    doc = json.loads(path.read_text())
+    items = doc.get("features", [doc] if doc.get("type") == "Feature" else [])
+    hrefs = []
+    for item in items:
+        assets = item.get("assets", {})
+        if asset not in assets:
+            raise RunError(f"{path}: item {item.get('id')!r} has no asset {asset!r} (has: {', '.join(assets)})")
+        href = assets[asset]["href"].removeprefix("file://")
+        hrefs.append(path.parent / href if not Path(href).is_absolute() else Path(href))
+    return hrefs
+
+
+def expand_inputs(inputs: list[str], stac_asset: str = "image") -> list[Path]:
+    """Paths, directories (their .tif/.tiff files), glob patterns and STAC ItemCollection files."""
     paths: list[Path] = []
     for item in inputs:
         p = Path(item)
-        if p.is_dir():
+        if p.suffix.lower() == ".json" and p.is_file():
+            paths.extend(stac_assets(p, stac_asset))
+        elif p.is_dir():
             paths.extend(sorted(q for q in p.iterdir() if q.suffix.lower() in {".tif", ".tiff"}))
         elif any(ch in item for ch in "*?["):
             paths.extend(Path(m) for m in sorted(glob.glob(item)))
@@ -136,11 +152,17 @@ def process_block(
         return {"block": block.key, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
 
 
-def polygonize_task(block: Block, out: str, grid: OutputGrid) -> vectorize.BlockPolygons:
-    rows = slice(block.rows.start, block.rows.stop)
-    cols = slice(block.cols.start, block.cols.stop)
-    classes = mosaic.read_region(Path(out) / MOSAIC_NAME, rows, cols)
-    return vectorize.polygonize_block(classes, block, grid.affine, grid.height, grid.width)
+def polygonize_task(block: Block, out: str, grid: OutputGrid, mmu_pixels: int = 0) -> vectorize.BlockPolygons:
+    """A Dask task: polygons of one block, sieved with a halo wide enough to match the whole mosaic."""
+    halo = vectorize.sieve_halo(mmu_pixels)
+    r0, r1 = max(0, block.rows.start - halo), min(grid.height, block.rows.stop + halo)
+    c0, c1 = max(0, block.cols.start - halo), min(grid.width, block.cols.stop + halo)
+    classes = mosaic.read_region(Path(out) / MOSAIC_NAME, slice(r0, r1), slice(c0, c1))
+    inner = (slice(block.rows.start - r0, block.rows.stop - r0), slice(block.cols.start - c0, block.cols.stop - c0))
+    classes = vectorize.sieve(classes, mmu_pixels)[inner]
+    rows, cols = slice(block.rows.start, block.rows.stop), slice(block.cols.start, block.cols.stop)
+    confidence = mosaic.read_region(Path(out) / MOSAIC_NAME, rows, cols, mosaic.CONFIDENCE)
+    return vectorize.polygonize_block(classes, block, grid.affine, grid.height, grid.width, confidence)
 
 
 def prepare_output(out: Path, fingerprint: str, overwrite: bool) -> dict[str, dict[str, Any]]:
@@ -176,7 +198,7 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
     legend = {int(c["id"]): c["name"] for c in ckpt.classes}
     if "classes" in cfg.model_fields_set and cfg.class_names() != legend:
         raise RunError(f"{ckpt.path}: the model's classes {legend} do not match the config's {cfg.class_names()}")
-    scenes, failed_scenes = catalog(expand_inputs(cfg.inputs), len(ckpt.bands))
+    scenes, failed_scenes = catalog(expand_inputs(cfg.inputs, cfg.stac_asset), len(ckpt.bands))
     if not scenes:
         raise RunError(
             "no usable input scene: " + "; ".join(f"{p}: {r}" for p, r in failed_scenes.items())
@@ -245,13 +267,15 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
     t_vec = 0.0
     if cfg.output.polygons:
         t1 = time.perf_counter()
-        polygons_path = write_polygons(client, blocks, grid, out, legend)
+        polygons_path = write_polygons(
+            client, blocks, grid, out, legend, cfg.vector.mmu_pixels, cfg.vector.simplify_tolerance
+        )
         t_vec = time.perf_counter() - t1
 
     result = RunResult(out, mosaic_path, polygons_path, out / MANIFEST_NAME, failed_scenes, failed_blocks)
     manifest = {
         "geoseg_version": _version(),
-        "inputs": [str(p) for p in expand_inputs(cfg.inputs)],
+        "inputs": list(cfg.inputs),
         "scenes": [{"path": s.path, "status": "ok"} for s in scenes]
         + [{"path": p, "status": "failed", "error": r} for p, r in failed_scenes.items()],
         "model": {"checkpoint": ckpt.path, "sha256": ckpt.sha256, "arch": ckpt.arch, "bands": ckpt.bands},
@@ -278,10 +302,19 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
     return result
 
 
-def write_polygons(client: Client, blocks: list[Block], grid: OutputGrid, out: Path, legend: dict[int, str]) -> Path:
-    """Polygonize per block on the workers, merge the edge pieces here, write one GeoPackage layer."""
+def vectorize_mosaic(
+    client: Client,
+    blocks: list[Block],
+    grid: OutputGrid,
+    out: Path,
+    legend: dict[int, str],
+    mmu_pixels: int = 0,
+    simplify_tolerance: float = 0.0,
+):
+    """Polygonize per block on the workers, merge the edge pieces here; a GeoDataFrame in the mosaic CRS."""
     futures = [
-        client.submit(polygonize_task, b, str(out), grid, key=f"polygonize-{b.key}-{time.time_ns()}") for b in blocks
+        client.submit(polygonize_task, b, str(out), grid, mmu_pixels, key=f"polygonize-{b.key}-{time.time_ns()}")
+        for b in blocks
     ]
     final: list = []
     edge: list = []
@@ -290,12 +323,25 @@ def write_polygons(client: Client, blocks: list[Block], grid: OutputGrid, out: P
         final.extend(part.final)
         edge.extend(part.edge)
         fut.release()
-    polygons = final + vectorize.merge_edge_polygons(edge)
-    gdf = vectorize.to_geodataframe(polygons, grid.crs_wkt, legend)
+    gdf = vectorize.to_geodataframe(final + vectorize.merge_edge_polygons(edge), grid.crs_wkt, legend)
+    if simplify_tolerance > 0:
+        gdf = vectorize.simplify_coverage(gdf, simplify_tolerance)
+    return gdf
+
+
+def write_polygons(
+    client: Client,
+    blocks: list[Block],
+    grid: OutputGrid,
+    out: Path,
+    legend: dict[int, str],
+    mmu_pixels: int = 0,
+    simplify_tolerance: float = 0.0,
+) -> Path:
+    """The run's polygons as one GeoPackage layer."""
+    gdf = vectorize_mosaic(client, blocks, grid, out, legend, mmu_pixels, simplify_tolerance)
     path = out / POLYGONS_NAME
-    if path.exists():
-        path.unlink()
-    gdf.to_file(path, layer="landcover", driver="GPKG", engine="pyogrio")
+    vectorize.write_layer(gdf, path)
     log.info("%d polygons -> %s", len(gdf), path)
     return path
 

@@ -167,3 +167,25 @@ def test_rerun_reuses_finished_blocks_and_refuses_a_changed_config(
     with pytest.raises(RunError, match="--overwrite"):
         run(changed, client2)
     shutil.rmtree(tmp_path / ".geoseg")
+
+
+def test_inputs_from_a_stac_item_collection_and_a_directory(tmp_path, random_checkpoint, scene_1000x700, client2):
+    from pipelines.segment_scenes import expand_inputs
+
+    d = tmp_path / "scenes"
+    a = write_scene(SceneSpec(64, 64, seed=1), d / "a.tif")[0]
+    b = write_scene(SceneSpec(64, 64, seed=2), d / "b.tif")[0]
+    (d / "readme.txt").write_text("not a scene")
+    items = {
+        "type": "FeatureCollection",
+        "features": [
+            {"type": "Feature", "id": "b", "assets": {"image": {"href": "scenes/b.tif"}}},
+            {"type": "Feature", "id": "a", "assets": {"image": {"href": str(a)}}},
+        ],
+    }
+    (tmp_path / "items.json").write_text(json.dumps(items))
+    assert expand_inputs([str(tmp_path / "items.json")]) == [b, a]
+    assert expand_inputs([str(d)]) == [a, b]
+    assert expand_inputs([str(d / "*.tif")]) == [a, b]
+    with pytest.raises(RunError, match="has no asset 'visual'"):
+        expand_inputs([str(tmp_path / "items.json")], "visual")

@@ -24,20 +24,50 @@ BIN = Path(sys.executable).parent
 
 def _spawn(*args: str, log: Path) -> subprocess.Popen:
     # Own session: a kill of the group takes the worker's nanny and its child together.
-    return subprocess.Popen([str(BIN / "dask"), *args], stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return subprocess.Popen(
+        [str(BIN / "dask"), *args],
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
 
 
 @pytest.fixture
 def dask_processes(tmp_path):
     sched_file = tmp_path / "scheduler.json"
-    procs = [_spawn("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file",
-                    str(sched_file), log=tmp_path / "scheduler.log")]
+    procs = [
+        _spawn(
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-dashboard",
+            "--scheduler-file",
+            str(sched_file),
+            log=tmp_path / "scheduler.log",
+        )
+    ]
     deadline = time.time() + 60
     while not sched_file.exists() and time.time() < deadline:
         time.sleep(0.2)
-    workers = [_spawn("worker", "--scheduler-file", str(sched_file), "--nthreads", "1", "--no-dashboard",
-                      "--host", "127.0.0.1", "--name", f"w{i}", log=tmp_path / f"worker{i}.log") for i in range(2)]
+    workers = [
+        _spawn(
+            "worker",
+            "--scheduler-file",
+            str(sched_file),
+            "--nthreads",
+            "1",
+            "--no-dashboard",
+            "--host",
+            "127.0.0.1",
+            "--name",
+            f"w{i}",
+            log=tmp_path / f"worker{i}.log",
+        )
+        for i in range(2)
+    ]
     procs += workers
     with Client(scheduler_file=str(sched_file), timeout="30s") as client:
         client.wait_for_workers(2, timeout=60)
@@ -58,8 +88,9 @@ def slow_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference_mosaic(tmp_path_factory, slow_checkpoint, scene_1000x700, client2):
     out = tmp_path_factory.mktemp("dref")
-    run(run_config(slow_checkpoint, [scene_1000x700[0]], out, "output.block_size=128", "output.polygons=false"),
-        client2)
+    run(
+        run_config(slow_checkpoint, [scene_1000x700[0]], out, "output.block_size=128", "output.polygons=false"), client2
+    )
     return xr.open_zarr(out / "mosaic.zarr")["classes"].values
 
 
@@ -67,23 +98,32 @@ def markers(out: Path) -> int:
     return len(list((out / ".geoseg" / "blocks").glob("*.json")))
 
 
-def test_scheduler_and_worker_processes_give_the_local_mosaic(tmp_path, dask_processes, slow_checkpoint,
-                                                              scene_1000x700, reference_mosaic):
+def test_scheduler_and_worker_processes_give_the_local_mosaic(
+    tmp_path, dask_processes, slow_checkpoint, scene_1000x700, reference_mosaic
+):
     address, _ = dask_processes
-    cfg = run_config(slow_checkpoint, [scene_1000x700[0]], tmp_path / "out", "output.block_size=128",
-                     f"cluster.address={address}")
+    cfg = run_config(
+        slow_checkpoint, [scene_1000x700[0]], tmp_path / "out", "output.block_size=128", f"cluster.address={address}"
+    )
     result = run(cfg)
     assert result.ok
     np.testing.assert_array_equal(xr.open_zarr(tmp_path / "out" / "mosaic.zarr")["classes"].values, reference_mosaic)
     assert (tmp_path / "out" / "polygons.gpkg").exists()
 
 
-def test_sigkill_of_a_worker_mid_run_still_completes(tmp_path, dask_processes, slow_checkpoint, scene_1000x700,
-                                                     reference_mosaic):
+def test_sigkill_of_a_worker_mid_run_still_completes(
+    tmp_path, dask_processes, slow_checkpoint, scene_1000x700, reference_mosaic
+):
     address, workers = dask_processes
     out = tmp_path / "out"
-    cfg = run_config(slow_checkpoint, [scene_1000x700[0]], out, "output.block_size=128", "output.polygons=false",
-                     f"cluster.address={address}")
+    cfg = run_config(
+        slow_checkpoint,
+        [scene_1000x700[0]],
+        out,
+        "output.block_size=128",
+        "output.polygons=false",
+        f"cluster.address={address}",
+    )
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.update(result=run(cfg)))
     thread.start()
@@ -98,15 +138,31 @@ def test_sigkill_of_a_worker_mid_run_still_completes(tmp_path, dask_processes, s
     np.testing.assert_array_equal(xr.open_zarr(out / "mosaic.zarr")["classes"].values, reference_mosaic)
 
 
-def test_killed_run_resumes_with_only_the_missing_blocks(tmp_path, slow_checkpoint, scene_1000x700,
-                                                         reference_mosaic):
+def test_killed_run_resumes_with_only_the_missing_blocks(tmp_path, slow_checkpoint, scene_1000x700, reference_mosaic):
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "geoseg", "run", "configs/demo.yaml", "--input", str(scene_1000x700[0]),
-            "--out", str(out), "--set", f"model.checkpoint={slow_checkpoint}", "--set", "output.block_size=128",
-            "--set", "tiling.tile_size=128", "--set", "tiling.overlap=16", "--set", "cluster.n_workers=1"]
+    args = [
+        sys.executable,
+        "-m",
+        "geoseg",
+        "run",
+        "configs/demo.yaml",
+        "--input",
+        str(scene_1000x700[0]),
+        "--out",
+        str(out),
+        "--set",
+        f"model.checkpoint={slow_checkpoint}",
+        "--set",
+        "output.block_size=128",
+        "--set",
+        "tiling.tile_size=128",
+        "--set",
+        "tiling.overlap=16",
+        "--set",
+        "cluster.n_workers=1",
+    ]
     cwd = Path(__file__).parent.parent
-    proc = subprocess.Popen(args, cwd=cwd, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(args, cwd=cwd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
     while markers(out) < 5 and time.time() < deadline:
         time.sleep(0.05)

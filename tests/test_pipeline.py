@@ -100,7 +100,7 @@ def test_nodata_stays_nodata(reference, scene_1000x700):
 def test_polygons_match_the_mosaic(reference):
     gdf = gpd.read_file(reference / "polygons.gpkg")
     classes = read_classes(reference)
-    assert list(gdf.columns) == ["class_id", "class_name", "area_m2", "geometry"]
+    assert list(gdf.columns) == ["class_id", "class_name", "area_m2", "mean_confidence", "geometry"]
     assert gdf.crs.to_epsg() == 32633
     assert gdf.geometry.is_valid.all()
     counts = np.bincount(classes[classes != 255], minlength=7)

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The one install recipe, shared by `make` (the dev venv CI tests), and both Docker images.
+#   docker/install.sh PYTHON [EXTRAS] [--editable]
+# Torch comes first and pinned by constraints.txt, so pip never picks another build.
+set -euo pipefail
+PY=${1:?usage: install.sh PYTHON [EXTRAS] [--editable]}
+EXTRAS=${2:-}
+MODE=${3:-}
+cd "$(dirname "$0")/.."
+"$PY" -m pip install -q --upgrade pip
+"$PY" -m pip install -q -c constraints.txt torch torchvision
+target="."
+[ -n "$EXTRAS" ] && target=".[${EXTRAS}]"
+if [ "$MODE" = "--editable" ]; then
+  "$PY" -m pip install -q -c constraints.txt -e "$target"
+else
+  "$PY" -m pip install -q -c constraints.txt "$target"
+fi
+"$PY" -c "import geoseg.cli, torch; print('geoseg installed, torch', torch.__version__)"

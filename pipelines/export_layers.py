@@ -1,0 +1,82 @@
+"""Batch job: GIS layers from a finished run.
+
+OUT/classes.tif (COG), OUT/polygons.{gpkg,parquet,fgb} (+ a reprojected copy on request),
+OUT/classes.qml, OUT/polygons.qml, OUT/polygons.sld, OUT/quicklook.png, OUT/report.{json,md}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distributed import Client
+
+from geoseg import export, mosaic, vectorize
+from geoseg.cluster import dask_client
+from geoseg.config import RunConfig
+from geoseg.quicklook import write_quicklook
+from geoseg.tiling import iter_blocks
+from pipelines.segment_scenes import MANIFEST_NAME, MOSAIC_NAME, RunError, vectorize_mosaic
+
+log = logging.getLogger(__name__)
+SUFFIX = {"gpkg": ".gpkg", "parquet": ".parquet", "fgb": ".fgb"}
+
+
+@dataclass
+class ExportResult:
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def run_config_of(out: Path, overrides: list[str]) -> RunConfig:
+    """The config a finished run recorded in its manifest, with ``--set`` overrides applied."""
+    from geoseg.config import ConfigError, apply_overrides
+
+    manifest_path = out / MANIFEST_NAME
+    if not manifest_path.is_file() or not (out / MOSAIC_NAME).exists():
+        raise RunError(f"{out}: not a finished geoseg run (no {MANIFEST_NAME} or {MOSAIC_NAME})")
+    data = json.loads(manifest_path.read_text())["config"]
+    try:
+        return RunConfig.model_validate(apply_overrides(data, overrides))
+    except Exception as exc:
+        raise ConfigError(f"invalid export settings: {exc}") from None
+
+
+def export_run(out: Path, cfg: RunConfig, client: Client | None = None) -> ExportResult:
+    """Write every layer of a finished run in ``out``."""
+    if client is None:
+        with dask_client(cfg.cluster) as own:
+            return export_run(out, cfg, own)
+    out = Path(out).resolve()
+    mosaic_path = out / MOSAIC_NAME
+    grid = mosaic.read_grid(mosaic_path)
+    legend = mosaic.read_legend(mosaic_path)
+    colors = mosaic.read_colors(mosaic_path) or {k: "#808080" for k in legend}
+    result = ExportResult()
+    result.files["cog"] = export.write_cog(mosaic_path, out / "classes.tif", legend, colors)
+    blocks = list(iter_blocks(grid.height, grid.width, cfg.output.block_size))
+    gdf = vectorize_mosaic(client, blocks, grid, out, legend, cfg.vector.mmu_pixels, cfg.vector.simplify_tolerance)
+    for fmt in cfg.vector.formats:
+        path = out / f"polygons{SUFFIX[fmt]}"
+        vectorize.write_layer(gdf, path)
+        result.files[fmt] = path
+    if cfg.vector.reproject_to:
+        tag = cfg.vector.reproject_to.replace(":", "").lower()
+        reprojected = gdf.to_crs(cfg.vector.reproject_to)
+        for fmt in cfg.vector.formats:
+            path = out / f"polygons_{tag}{SUFFIX[fmt]}"
+            vectorize.write_layer(reprojected, path)
+            result.files[f"{fmt}_{tag}"] = path
+    (out / "classes.qml").write_text(export.raster_qml(legend, colors))
+    (out / "polygons.qml").write_text(export.vector_qml(legend, colors))
+    (out / "polygons.sld").write_text(export.vector_sld(legend, colors))
+    result.files.update(qml_raster=out / "classes.qml", qml_vector=out / "polygons.qml", sld=out / "polygons.sld")
+    result.files["quicklook"] = write_quicklook(mosaic_path, out / "quicklook.png")
+    report = export.area_report(export.class_histogram(mosaic_path), grid, legend)
+    report["polygons"] = int(len(gdf))
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(export.report_markdown(report, f"Land cover of {out.name}"))
+    result.files.update(report_json=out / "report.json", report_md=out / "report.md")
+    log.info("%d polygons; layers in %s", len(gdf), out)
+    return result

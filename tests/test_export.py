@@ -1,0 +1,127 @@
+"""GIS export of a finished run: COG structure, polygon quality, styles, quicklook, report."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import xarray as xr
+from conftest import run_config
+from PIL import Image
+
+from geoseg.synth import SceneSpec, write_scene
+from geoseg.vectorize import sieve
+from pipelines.export_layers import export_run, run_config_of
+from pipelines.segment_scenes import run
+
+NAMES = ["water", "forest", "grassland", "cropland", "built-up", "bare soil", "road"]
+MMU = 9
+TOLERANCE = 10.0  # metres: one pixel
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, client2):
+    d = tmp_path_factory.mktemp("export")
+    scene = write_scene(SceneSpec(700, 520, seed=31), d / "scene.tif")[0]
+    out = d / "run"
+    assert run(run_config("builtin:demo", [scene], out, "output.block_size=256", "output.polygons=false"), client2).ok
+    cfg = run_config_of(
+        out,
+        [
+            f"vector.mmu_pixels={MMU}",
+            f"vector.simplify_tolerance={TOLERANCE}",
+            "vector.formats=[gpkg, parquet, fgb]",
+            "vector.reproject_to=EPSG:4326",
+        ],
+    )
+    result = export_run(out, cfg, client2)
+    return out, result
+
+
+def test_cog_is_tiled_with_mode_overviews_colour_table_and_nodata(exported):
+    out, _ = exported
+    classes = xr.open_zarr(out / "mosaic.zarr")["classes"].values
+    with rasterio.open(out / "classes.tif") as src:
+        assert src.driver == "GTiff" and src.profile["tiled"]
+        assert src.nodata == 255 and src.dtypes[0] == "uint8"
+        assert src.overviews(1), "internal overviews expected"
+        assert src.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        assert src.compression.name.lower() == "deflate"
+        cmap = src.colormap(1)
+        assert cmap[0][:3] == (0x1F, 0x78, 0xB4)  # water's colour
+        assert src.tags(1)["CLASS_4"] == "built-up"
+        np.testing.assert_array_equal(src.read(1), classes)
+        # mode resampling: an overview only holds class values that exist, never averages
+        ov = src.read(1, out_shape=(src.height // 2, src.width // 2))
+        assert set(np.unique(ov)) <= set(np.unique(classes))
+
+
+def test_polygons_are_valid_non_overlapping_and_match_the_sieved_raster(exported):
+    out, _ = exported
+    gdf = gpd.read_file(out / "polygons.gpkg")
+    assert list(gdf.columns) == ["class_id", "class_name", "area_m2", "mean_confidence", "geometry"]
+    assert gdf.geometry.is_valid.all()
+    # no overlaps: the union's area is the sum of the areas
+    assert gdf.geometry.union_all().area == pytest.approx(gdf.geometry.area.sum(), rel=1e-9)
+    classes = xr.open_zarr(out / "mosaic.zarr")["classes"].values
+    sieved = sieve(classes, MMU)
+    counts = np.bincount(sieved[sieved != 255], minlength=7)
+    per_class = gdf.groupby("class_id")["area_m2"].sum()
+    perimeter = gdf.groupby("class_id").apply(lambda g: g.geometry.length.sum())
+    for k in range(7):
+        # simplification moves edges by at most the tolerance: bound the area change by perimeter x tolerance
+        assert abs(per_class.get(k, 0.0) - counts[k] * 100.0) <= 0.5 * perimeter.get(k, 0.0) * TOLERANCE + 1e-6
+    # no speckle: every polygon is at least the minimum mapping unit (before simplification)
+    assert (gdf["area_m2"] > 0.5 * MMU * 100).all()
+    assert ((gdf["mean_confidence"] > 0) & (gdf["mean_confidence"] <= 100)).all()
+
+
+def test_all_formats_and_the_reprojected_copy(exported):
+    out, _ = exported
+    base = gpd.read_file(out / "polygons.gpkg")
+    for name in ("polygons.parquet", "polygons.fgb"):
+        other = gpd.read_parquet(out / name) if name.endswith("parquet") else gpd.read_file(out / name)
+        assert len(other) == len(base) and other.crs == base.crs
+        np.testing.assert_allclose(np.sort(other["area_m2"]), np.sort(base["area_m2"]))
+    geo = gpd.read_file(out / "polygons_epsg4326.gpkg")
+    assert geo.crs.to_epsg() == 4326 and len(geo) == len(base)
+    assert geo.total_bounds[0] == pytest.approx(15.0, abs=0.2) and 45 < geo.total_bounds[1] < 48
+
+
+def test_styles_name_every_class_with_its_colour(exported):
+    out, _ = exported
+    raster = ET.parse(out / "classes.qml").getroot()
+    entries = raster.findall(".//paletteEntry")
+    assert [e.get("label") for e in entries] == NAMES
+    assert entries[0].get("color") == "#1f78b4"
+    vector = ET.parse(out / "polygons.qml").getroot()
+    assert [c.get("label") for c in vector.findall(".//category")] == NAMES
+    sld = ET.parse(out / "polygons.sld").getroot()
+    ns = {"sld": "http://www.opengis.net/sld"}
+    assert [r.find("sld:Name", ns).text for r in sld.findall(".//sld:Rule", ns)] == NAMES
+
+
+def test_quicklook_and_report(exported):
+    out, _ = exported
+    with Image.open(out / "quicklook.png") as img:
+        assert img.size[0] > 600 and img.size[1] > 400
+        colours = {c for _, c in img.convert("RGB").getcolors(1 << 20)}
+        assert (0x1B, 0x78, 0x37) in colours  # forest green is drawn
+    report = json.loads((out / "report.json").read_text())
+    classes = xr.open_zarr(out / "mosaic.zarr")["classes"].values
+    assert report["valid_pixels"] == int((classes != 255).sum())
+    assert sum(r["percent"] for r in report["classes"]) == pytest.approx(100.0)
+    assert report["total_area_km2"] == pytest.approx((classes != 255).sum() * 100 / 1e6)
+    md = (out / "report.md").read_text()
+    assert all(f"| {name} |" in md for name in NAMES)
+
+
+def test_export_of_a_folder_that_is_not_a_run(tmp_path):
+    from pipelines.segment_scenes import RunError
+
+    with pytest.raises(RunError, match="not a finished geoseg run"):
+        run_config_of(tmp_path, [])
