@@ -65,10 +65,19 @@ def synth(
     pixel_size: Annotated[float, typer.Option(help="Pixel size in CRS units")] = 10.0,
     illumination: Annotated[Optional[float], typer.Option(help="Scene brightness gain (default: random)")] = None,  # noqa: UP045
     nodata_border: Annotated[bool, typer.Option(help="Leave a nodata wedge along one edge")] = True,
+    change_from: Annotated[Optional[Path], typer.Option(help="Make a later date of this synthetic scene")] = None,  # noqa: UP045
+    changes: Annotated[int, typer.Option(help="With --change-from: land-cover changes to plant")] = 5,
 ) -> None:
     """Write a synthetic 4-band (blue, green, red, nir) scene and its land-cover labels."""
-    from geoseg.synth import SceneSpec, write_scene
+    from geoseg.synth import SceneSpec, write_scene, write_second_date
 
+    if change_from is not None:
+        try:
+            scene, label_path = write_second_date(change_from, out, labels, changes, illumination)
+        except ValueError as exc:
+            _fail(str(exc))
+        log.info("second date %s of %s with %d planted changes", scene, change_from, changes)
+        return
     spec = SceneSpec(width, height, seed, crs, origin, pixel_size, nodata_border)
     scene, label_path = write_scene(spec, out, labels, illumination)
     log.info("scene %s (%d x %d, %s)%s", scene, width, height, crs, f", labels {label_path}" if label_path else "")
@@ -189,6 +198,34 @@ def export(
         result = export_run(out, cfg)
     except (ConfigError, RunError) as exc:
         _fail(str(exc))
+    for name, path in result.files.items():
+        log.info("%-12s %s", name, path)
+
+
+@app.command()
+def change(
+    run_a: Annotated[Path, typer.Argument(help="Finished run of the first date")],
+    run_b: Annotated[Path, typer.Argument(help="Finished run of the second date")],
+    out: Annotated[Path, typer.Option(help="Output directory")],
+    config: Annotated[Optional[Path], typer.Option(help="YAML with change settings")] = None,  # noqa: UP045
+    set_: SetOption = None,
+) -> None:
+    """What turned into what between two dates: change.zarr, change_polygons.gpkg, transitions.{csv,json,png}."""
+    from geoseg.config import load_change_config
+    from pipelines.change_detection import run_change
+    from pipelines.segment_scenes import RunError
+
+    try:
+        cfg = load_change_config(config, list(set_ or []))
+        result = run_change(run_a, run_b, out, cfg)
+    except (ConfigError, RunError) as exc:
+        _fail(str(exc))
+    valid = int(result.matrix.sum())
+    changed = valid - int(result.matrix.trace())
+    log.info("changed %d of %d valid pixels (%.2f%%)", changed, valid, 100 * changed / max(valid, 1))
+    log.info("change:      %s", result.store)
+    if result.polygons:
+        log.info("polygons:    %s", result.polygons)
     for name, path in result.files.items():
         log.info("%-12s %s", name, path)
 

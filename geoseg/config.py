@@ -162,3 +162,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return RunConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+class ChangeConfig(_Strict):
+    """Settings of `geoseg change` (two finished runs -> change products)."""
+
+    min_confidence: int = Field(50, ge=0, le=100)
+    """Both dates' confidence (percent) must reach this for a pixel to count as changed."""
+    mmu_pixels: int = Field(9, ge=0)
+    """Change regions smaller than this many pixels are noise, not change."""
+    block_size: int = Field(1024, ge=64)
+    polygons: bool = True
+    cluster: ClusterConfig = ClusterConfig()
+
+
+def load_change_config(path: str | Path | None, overrides: list[str] | None = None) -> ChangeConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file not found: {path}")
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = data.get("change", data)
+    data = apply_overrides(data, overrides or [])
+    try:
+        return ChangeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, str(path or "defaults"))) from None

@@ -8,6 +8,7 @@ as WKT and the GDAL geotransform, referenced by each array's ``grid_mapping``.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,36 +23,33 @@ CLASSES = "classes"
 CONFIDENCE = "confidence"
 
 
-def create_mosaic(
-    path: Path,
-    grid: OutputGrid,
-    block_size: int,
-    legend: dict[int, str],
-    colors: dict[int, str] | None = None,
-    attrs: dict[str, Any] | None = None,
+@dataclass(frozen=True)
+class Layer:
+    """One (y, x) array of a georeferenced store."""
+
+    name: str
+    dtype: str
+    fill_value: int
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def create_store(
+    path: Path, grid: OutputGrid, block_size: int, layers: list[Layer], attrs: dict[str, Any] | None = None
 ) -> None:
-    """Create (or replace) the mosaic's arrays and metadata; pixels are written by ``write_block``."""
+    """Create (or replace) a Zarr v3 group of (y, x) arrays chunked by block, georeferenced for rioxarray."""
     t = grid.affine
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     chunks = (min(block_size, grid.height), min(block_size, grid.width))
-    shape = (grid.height, grid.width)
-    common = {"grid_mapping": "spatial_ref", "coordinates": "spatial_ref"}
-    classes = group.create_array(
-        CLASSES, shape=shape, chunks=chunks, dtype="uint8", fill_value=NODATA, dimension_names=("y", "x")
-    )
-    classes.attrs.update(
-        {
-            **common,
-            "long_name": "land-cover class",
-            "nodata": NODATA,
-            "flag_values": sorted(legend),
-            "flag_meanings": " ".join(legend[k].replace(" ", "_") for k in sorted(legend)),
-        }
-    )
-    confidence = group.create_array(
-        CONFIDENCE, shape=shape, chunks=chunks, dtype="uint8", fill_value=0, dimension_names=("y", "x")
-    )
-    confidence.attrs.update({**common, "long_name": "confidence of the class", "units": "percent"})
+    for layer in layers:
+        arr = group.create_array(
+            layer.name,
+            shape=(grid.height, grid.width),
+            chunks=chunks,
+            dtype=layer.dtype,
+            fill_value=layer.fill_value,
+            dimension_names=("y", "x"),
+        )
+        arr.attrs.update({"grid_mapping": "spatial_ref", "coordinates": "spatial_ref", **layer.attrs})
     x = group.create_array("x", shape=(grid.width,), dtype="float64", dimension_names=("x",))
     x[:] = t.c + t.a * (np.arange(grid.width) + 0.5)
     x.attrs.update({"standard_name": "projection_x_coordinate", "axis": "X"})
@@ -60,25 +58,23 @@ def create_mosaic(
     y.attrs.update({"standard_name": "projection_y_coordinate", "axis": "Y"})
     ref = group.create_array("spatial_ref", shape=(), dtype="int64", dimension_names=())
     ref[...] = 0
-    crs = grid.crs
+    epsg = grid.crs.to_epsg()
     ref.attrs.update(
         {
             "crs_wkt": grid.crs_wkt,
             "spatial_ref": grid.crs_wkt,
             "GeoTransform": " ".join(str(v) for v in (t.c, t.a, t.b, t.f, t.d, t.e)),
-            "epsg": crs.to_epsg(),
+            "epsg": epsg,
         }
     )
     group.attrs.update(
         {
             "geoseg": {
                 "crs_wkt": grid.crs_wkt,
-                "epsg": crs.to_epsg(),
+                "epsg": epsg,
                 "transform": list(grid.transform),
                 "width": grid.width,
                 "height": grid.height,
-                "classes": {str(k): v for k, v in legend.items()},
-                "colors": {str(k): v for k, v in (colors or {}).items()},
                 **(attrs or {}),
             }
         }
@@ -88,11 +84,46 @@ def create_mosaic(
         zarr.consolidate_metadata(str(path))
 
 
-def write_block(path: Path, block: Block, classes: np.ndarray, confidence: np.ndarray) -> None:
-    """Write one block's region; blocks are chunk-aligned, so concurrent writers never share a chunk."""
+def class_attrs(legend: dict[int, str], long_name: str) -> dict[str, Any]:
+    """CF-style attributes of a class array: nodata and the value -> name table."""
+    return {
+        "long_name": long_name,
+        "nodata": NODATA,
+        "flag_values": sorted(legend),
+        "flag_meanings": " ".join(legend[k].replace(" ", "_") for k in sorted(legend)),
+    }
+
+
+def create_mosaic(
+    path: Path,
+    grid: OutputGrid,
+    block_size: int,
+    legend: dict[int, str],
+    colors: dict[int, str] | None = None,
+    attrs: dict[str, Any] | None = None,
+) -> None:
+    """Create (or replace) the class mosaic; pixels are written by ``write_block``."""
+    layers = [
+        Layer(CLASSES, "uint8", NODATA, class_attrs(legend, "land-cover class")),
+        Layer(CONFIDENCE, "uint8", 0, {"long_name": "confidence of the class", "units": "percent"}),
+    ]
+    meta = {
+        "classes": {str(k): v for k, v in legend.items()},
+        "colors": {str(k): v for k, v in (colors or {}).items()},
+        **(attrs or {}),
+    }
+    create_store(path, grid, block_size, layers, meta)
+
+
+def write_region(path: Path, block: Block, arrays: dict[str, np.ndarray]) -> None:
+    """Write one block's region of each named array; blocks are chunk-aligned, so writers never share a chunk."""
     region = (slice(block.rows.start, block.rows.stop), slice(block.cols.start, block.cols.stop))
-    zarr.open_array(str(Path(path) / CLASSES), mode="r+")[region] = classes
-    zarr.open_array(str(Path(path) / CONFIDENCE), mode="r+")[region] = confidence
+    for name, data in arrays.items():
+        zarr.open_array(str(Path(path) / name), mode="r+")[region] = data
+
+
+def write_block(path: Path, block: Block, classes: np.ndarray, confidence: np.ndarray) -> None:
+    write_region(path, block, {CLASSES: classes, CONFIDENCE: confidence})
 
 
 def read_region(path: Path, rows: slice, cols: slice, name: str = CLASSES) -> np.ndarray:

@@ -7,6 +7,7 @@ something to learn and the tests something with known answers. Classes follow th
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,27 @@ class SceneSpec:
     origin: tuple[float, float] = (500_000.0, 5_200_000.0)
     pixel_size: float = 10.0
     nodata_border: bool = True
+
+    def to_json(self) -> dict:
+        return {
+            "width": self.width,
+            "height": self.height,
+            "seed": self.seed,
+            "crs": self.crs,
+            "origin": list(self.origin),
+            "pixel_size": self.pixel_size,
+            "nodata_border": self.nodata_border,
+        }
+
+    @classmethod
+    def from_scene(cls, path: Path) -> SceneSpec:
+        """The spec a synthetic scene was made from (stored in its tags)."""
+        with rasterio.open(path) as src:
+            tag = src.tags().get("GEOSEG_SYNTH")
+        if tag is None:
+            raise ValueError(f"{path}: not a scene made by `geoseg synth` (no GEOSEG_SYNTH tag)")
+        data = json.loads(tag)
+        return cls(**{**data, "origin": tuple(data["origin"])})
 
     @property
     def transform(self) -> Affine:
@@ -192,11 +214,19 @@ def footprint_mask(spec: SceneSpec) -> np.ndarray:
 
 
 def write_scene(
-    spec: SceneSpec, scene_path: Path, labels_path: Path | None = None, illumination: float | None = None
+    spec: SceneSpec,
+    scene_path: Path,
+    labels_path: Path | None = None,
+    illumination: float | None = None,
+    labels: np.ndarray | None = None,
+    noise_seed: int | None = None,
 ) -> tuple[Path, Path | None]:
-    """Generate one synthetic scene and write it (and its labels) as tiled GeoTIFFs."""
-    labels = make_labels(spec)
-    bands = render_bands(labels, spec.seed, illumination)
+    """Generate one synthetic scene and write it (and its labels) as tiled GeoTIFFs.
+
+    ``labels`` replaces the spec's own label map (a later date); ``noise_seed`` its texture and noise.
+    """
+    labels = make_labels(spec) if labels is None else labels
+    bands = render_bands(labels, spec.seed if noise_seed is None else noise_seed, illumination)
     valid = footprint_mask(spec)
     dn = np.clip(np.round(bands * 10_000), 1, 65535).astype(np.uint16)
     dn[:, ~valid] = SCENE_NODATA
@@ -217,9 +247,47 @@ def write_scene(
     with rasterio.open(scene_path, "w", count=4, dtype="uint16", nodata=SCENE_NODATA, **profile) as dst:
         dst.write(dn)
         dst.descriptions = BAND_NAMES
+        dst.update_tags(GEOSEG_SYNTH=json.dumps(spec.to_json()))
     if labels_path is not None:
         labels_path = Path(labels_path)
         labels_path.parent.mkdir(parents=True, exist_ok=True)
         with rasterio.open(labels_path, "w", count=1, dtype="uint8", nodata=NODATA_CLASS, **profile) as dst:
             dst.write(labels, 1)
     return scene_path, labels_path
+
+
+# What turns into what in a planted change: (from classes, to class).
+PLANTED_TRANSITIONS = ((FOREST, BARE), (CROP, BUILT), (GRASS, BUILT), (GRASS, WATER), (CROP, BARE))
+
+
+def plant_changes(labels: np.ndarray, n: int, seed: int, min_size: int = 30, max_size: int = 80) -> np.ndarray:
+    """A second date's labels: ``n`` blobs where one class turned into another (clearing, building, flooding)."""
+    rng = np.random.default_rng(seed + 7_777)
+    after = labels.copy()
+    h, w = labels.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    placed = 0
+    for _ in range(n * 50):
+        if placed == n:
+            break
+        src, dst = PLANTED_TRANSITIONS[placed % len(PLANTED_TRANSITIONS)]
+        cy, cx = rng.integers(0, h), rng.integers(0, w)
+        if labels[cy, cx] != src:
+            continue
+        ry, rx = rng.integers(min_size // 2, max_size // 2, 2)
+        blob = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+        target = blob & (labels == src) & (after == labels)
+        if target.sum() < min_size * min_size // 4:
+            continue
+        after[target] = dst
+        placed += 1
+    return after
+
+
+def write_second_date(
+    first_scene: Path, scene_path: Path, labels_path: Path | None, n_changes: int, illumination: float | None = None
+) -> tuple[Path, Path | None]:
+    """The same area at a later date: planted land-cover changes, new noise and illumination."""
+    spec = SceneSpec.from_scene(first_scene)
+    after = plant_changes(make_labels(spec), n_changes, spec.seed)
+    return write_scene(spec, scene_path, labels_path, illumination, labels=after, noise_seed=spec.seed + 1)

@@ -1,0 +1,118 @@
+"""Change detection on two synthetic dates with planted changes and an illumination shift."""
+
+from __future__ import annotations
+
+import json
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import rioxarray  # noqa: F401
+import xarray as xr
+from conftest import run_config
+from PIL import Image
+
+from geoseg.change import detect_change, drop_small_regions, transition_matrix
+from geoseg.config import load_change_config
+from geoseg.synth import SceneSpec, write_scene, write_second_date
+from pipelines.change_detection import run_change
+from pipelines.segment_scenes import RunError, run
+
+
+@pytest.fixture(scope="module")
+def two_dates(tmp_path_factory, client2):
+    d = tmp_path_factory.mktemp("change")
+    a_scene, a_labels = write_scene(SceneSpec(800, 600, seed=61), d / "a.tif", d / "a_labels.tif", illumination=1.0)
+    b_scene, b_labels = write_second_date(a_scene, d / "b.tif", d / "b_labels.tif", n_changes=6, illumination=0.82)
+    runs = []
+    for name, scene in (("run_a", a_scene), ("run_b", b_scene)):
+        out = d / name
+        assert run(
+            run_config(
+                "builtin:demo",
+                [scene],
+                out,
+                "tiling.tile_size=256",
+                "tiling.overlap=32",
+                "output.block_size=512",
+                "output.polygons=false",
+            ),
+            client2,
+        ).ok
+        runs.append(out)
+    cfg = load_change_config(None, ["block_size=256", "mmu_pixels=20", "min_confidence=50"])
+    result = run_change(runs[0], runs[1], d / "change", cfg, client2)
+    with rasterio.open(a_labels) as a, rasterio.open(b_labels) as b:
+        truth = (a.read(1) != b.read(1)) & (a.read(1) != 255)
+    return d, result, truth
+
+
+def test_planted_changes_are_found(two_dates):
+    d, _, truth = two_dates
+    changed = xr.open_zarr(d / "change" / "change.zarr")["changed"].values == 1
+    iou = (changed & truth).sum() / (changed | truth).sum()
+    assert truth.sum() > 2000
+    assert iou >= 0.8, iou
+
+
+def test_illumination_shift_alone_is_not_change(two_dates):
+    d, _, truth = two_dates
+    changed = xr.open_zarr(d / "change" / "change.zarr")["changed"].values == 1
+    far = ~truth
+    assert (changed & far).sum() / far.sum() < 0.005
+
+
+def test_matrix_totals_equal_the_valid_pixels_and_files_agree(two_dates):
+    d, result, _ = two_dates
+    ds = xr.open_zarr(d / "change" / "change.zarr")
+    valid = (ds["from_class"].values != 255) & (ds["to_class"].values != 255)
+    assert result.matrix.sum() == valid.sum()
+    doc = json.loads((d / "change" / "transitions.json").read_text())
+    assert np.array(doc["pixels"]).tolist() == result.matrix.tolist()
+    assert doc["changed_pixels"] == int((ds["changed"].values == 1).sum())
+    csv = (d / "change" / "transitions.csv").read_text().splitlines()
+    assert csv[0].startswith("unit,from \\ to,water,forest")
+    assert len(csv) == 1 + 2 * 7
+    with Image.open(d / "change" / "transitions.png") as img:
+        assert img.size[0] > 500
+    assert ds.rio.crs.to_epsg() == 32633
+
+
+def test_nodata_in_either_date_is_nodata_not_change(two_dates):
+    d, _, _ = two_dates
+    ds = xr.open_zarr(d / "change" / "change.zarr")
+    a = xr.open_zarr(d / "run_a" / "mosaic.zarr")["classes"].values
+    assert (ds["changed"].values[a == 255] == 255).all()
+    assert (ds["transition"].values[a == 255] == 255).all()
+
+
+def test_change_polygons_carry_from_and_to(two_dates):
+    d, _, _ = two_dates
+    gdf = gpd.read_file(d / "change" / "change_polygons.gpkg")
+    assert {"from_class", "to_class", "from_name", "to_name", "area_m2"} <= set(gdf.columns)
+    assert (gdf["from_class"] != gdf["to_class"]).all()
+    changed = xr.open_zarr(d / "change" / "change.zarr")["changed"].values == 1
+    assert gdf["area_m2"].sum() == pytest.approx(changed.sum() * 100.0)
+    assert set(zip(gdf["from_name"], gdf["to_name"], strict=True)) & {("forest", "bare soil"), ("cropland", "built-up")}
+
+
+def test_runs_that_do_not_overlap_are_refused(tmp_path, two_dates, client2):
+    d, _, _ = two_dates
+    far = write_scene(SceneSpec(64, 64, seed=1, origin=(700_000.0, 5_600_000.0)), tmp_path / "far.tif")[0]
+    run(run_config("builtin:demo", [far], tmp_path / "far_run", "output.polygons=false"), client2)
+    with pytest.raises(RunError, match="do not overlap"):
+        run_change(d / "run_a", tmp_path / "far_run", tmp_path / "c", load_change_config(None), client2)
+
+
+def test_change_maths_with_confidence_and_mmu():
+    a = np.array([[1, 1, 1, 1], [1, 1, 1, 1], [2, 2, 255, 2]], np.uint8)
+    b = np.array([[5, 5, 1, 4], [5, 5, 1, 1], [2, 3, 2, 2]], np.uint8)
+    conf = np.full(a.shape, 90, np.uint8)
+    low = conf.copy()
+    low[2, 1] = 10
+    res = detect_change(a, b, conf, low, 7, min_confidence=50, mmu_pixels=2)
+    assert res.changed.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 255, 0]]  # the lone 1->4 is below the MMU
+    m = transition_matrix(res.transition, 7)
+    assert m.sum() == 11 and m[1, 5] == 4 and m[2, 2] == 3 and m[1, 1] == 4
+    assert drop_small_regions(np.eye(3, dtype=bool), 2).sum() == 0
