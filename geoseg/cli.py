@@ -112,7 +112,7 @@ def _run_pipeline(cfg) -> None:
 
     try:
         result = run(cfg)
-    except (RunError, CheckpointError) as exc:
+    except (RunError, CheckpointError, ConfigError) as exc:
         _fail(str(exc))
     from geoseg.quicklook import write_quicklook
 

@@ -9,22 +9,53 @@ from contextlib import contextmanager
 
 from distributed import Client, LocalCluster
 
-from geoseg.config import ClusterConfig
+from geoseg.config import ClusterConfig, ConfigError
 
 log = logging.getLogger(__name__)
 
 
 def torch_threads_per_worker(cfg: ClusterConfig) -> int:
     """Intra-op threads for torch so that workers x threads never oversubscribe the cores."""
-    if cfg.address:
-        return 0  # remote workers size themselves
+    if cfg.address or cfg.jobqueue:
+        return -1  # remote workers size themselves: see geoseg.inference.auto_threads
     cores = os.cpu_count() or 1
     return max(1, cores // (cfg.n_workers * cfg.threads_per_worker))
+
+
+def jobqueue_cluster(cfg: ClusterConfig):
+    """A dask-jobqueue cluster of ``cfg.jobqueue.jobs`` batch jobs."""
+    jq = cfg.jobqueue
+    assert jq is not None
+    try:
+        import dask_jobqueue
+    except ImportError:
+        raise ConfigError("cluster.jobqueue needs dask-jobqueue: pip install 'geoseg[jobqueue]'") from None
+    classes = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster"}
+    cluster_class = getattr(dask_jobqueue, classes[jq.kind])
+    options = {
+        "cores": jq.cores,
+        "memory": jq.memory,
+        "processes": jq.processes,
+        "walltime": jq.walltime,
+        "job_extra_directives": jq.job_extra_directives,
+    }
+    if jq.queue:
+        options["queue"] = jq.queue
+    if jq.account:
+        options["account"] = jq.account
+    cluster = cluster_class(**options)
+    cluster.scale(jobs=jq.jobs)
+    return cluster
 
 
 @contextmanager
 def dask_client(cfg: ClusterConfig) -> Iterator[Client]:
     """Yield a connected client; a LocalCluster started here is closed on exit."""
+    if cfg.address is None and cfg.jobqueue is not None:
+        with jobqueue_cluster(cfg) as cluster, Client(cluster) as client:
+            log.info("%s cluster: %d jobs; dashboard %s", cfg.jobqueue.kind, cfg.jobqueue.jobs, client.dashboard_link)
+            yield client
+        return
     if cfg.address:
         client = Client(cfg.address, timeout="30s")
         log.info("connected to scheduler %s (%d workers)", cfg.address, len(client.scheduler_info()["workers"]))

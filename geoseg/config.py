@@ -54,6 +54,8 @@ class TilingConfig(_Strict):
 
 class OutputConfig(_Strict):
     block_size: int = Field(1024, ge=64)
+    mosaic_rule: Literal["first", "latest"] = "first"
+    """Where scenes overlap: the first valid pixel in input order, or in order of acquisition (newest first)."""
     polygons: bool = True
     overwrite: bool = False
 
@@ -70,12 +72,30 @@ class VectorConfig(_Strict):
     """Also write a copy of the polygons in this CRS (e.g. EPSG:4326)."""
 
 
+class JobqueueConfig(_Strict):
+    """A batch-scheduler cluster through dask-jobqueue (``pip install geoseg[jobqueue]``)."""
+
+    kind: Literal["slurm", "pbs", "sge", "lsf"] = "slurm"
+    jobs: int = Field(2, ge=1)
+    cores: int = Field(4, ge=1)
+    memory: str = "16GB"
+    processes: int = Field(1, ge=1)
+    queue: str | None = None
+    account: str | None = None
+    walltime: str = "01:00:00"
+    job_extra_directives: list[str] = Field(default_factory=list)
+
+
 class ClusterConfig(_Strict):
     address: str | None = None
+    """An existing scheduler (tcp://host:8786); takes precedence over a local or jobqueue cluster."""
     n_workers: int = Field(1, ge=1)
     threads_per_worker: int = Field(1, ge=1)
     memory_limit: str = "auto"
     dashboard: bool = True
+    jobqueue: JobqueueConfig | None = None
+    gpu_resource: bool = False
+    """Ask for one ``GPU`` worker resource per block task (start GPU workers with ``--resources GPU=1``)."""
 
 
 class RunConfig(_Strict):

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import sys
 import threading
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -22,7 +26,40 @@ class InferenceSettings:
     batch_size: int = 8
     device: str = "auto"
     amp: bool = True
-    torch_threads: int = 0  # 0: leave torch's default
+    torch_threads: int = 0  # 0: leave torch's default; -1: this worker's cores / its task threads
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+@lru_cache(maxsize=1)
+def tune_allocator() -> bool:
+    """Keep torch's large CPU buffers in the heap instead of mmap/munmap on every forward pass.
+
+    Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also freezes glibc's
+    mmap threshold at 128 KiB: every activation buffer is then mapped, faulted in and unmapped
+    again, and forward passes ran ~1.5x slower in workers than in a plain process (measured;
+    see benchmarks/README.md). Raising both thresholds (glibc only) restores the speed.
+    """
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024) == 1
+        return ok and libc.mallopt(_M_TRIM_THRESHOLD, 512 * 1024 * 1024) == 1
+    except OSError:  # not glibc (musl, ...): nothing to tune
+        return False
+
+
+def auto_threads() -> int:
+    """Intra-op threads for a worker we did not start: its usable cores shared by its task threads."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        from distributed import get_worker
+
+        return max(1, cores // get_worker().state.nthreads)
+    except (ImportError, ValueError):  # not in a worker
+        return cores
 
 
 def pick_device(requested: str) -> torch.device:
@@ -40,8 +77,10 @@ class Predictor:
         self.ckpt = ckpt
         self.settings = settings
         self.device = pick_device(settings.device)
-        if settings.torch_threads > 0:
-            torch.set_num_threads(settings.torch_threads)
+        tune_allocator()
+        threads = auto_threads() if settings.torch_threads < 0 else settings.torch_threads
+        if threads > 0:
+            torch.set_num_threads(threads)
         self.model = ckpt.build().to(self.device)
         self.mean = np.asarray(ckpt.mean, dtype=np.float32)[:, None, None]
         self.inv_std = (1.0 / np.asarray(ckpt.std, dtype=np.float32))[:, None, None]

@@ -37,6 +37,7 @@ class SceneInfo:
     count: int
     dtype: str
     nodata: float | None
+    acquired: str | None = None  # ISO date-time of acquisition, when known
 
     @property
     def crs(self) -> CRS:
@@ -71,6 +72,7 @@ def open_scene(path: str | Path, expected_bands: int | None = None) -> SceneInfo
             count=src.count,
             dtype=src.dtypes[0],
             nodata=src.nodata,
+            acquired=acquisition_time(src.tags()),
         )
         # A header can be intact while the pixel data is truncated: touch the last block.
         try:
@@ -86,6 +88,18 @@ def open_scene(path: str | Path, expected_bands: int | None = None) -> SceneInfo
     if expected_bands is not None and info.count != expected_bands:
         raise SceneError(path, f"has {info.count} bands, the model expects {expected_bands}")
     return info
+
+
+def acquisition_time(tags: dict[str, str]) -> str | None:
+    """ISO acquisition time from common GeoTIFF tags (``ACQUISITION_DATETIME``, ``TIFFTAG_DATETIME``)."""
+    for key in ("ACQUISITION_DATETIME", "DATETIME", "TIFFTAG_DATETIME"):
+        value = tags.get(key)
+        if value:
+            date, _, time = value.strip().partition(" ")
+            if key == "TIFFTAG_DATETIME":  # "YYYY:MM:DD HH:MM:SS"
+                date = date.replace(":", "-")
+            return f"{date}T{time}" if time else date
+    return None
 
 
 def _gdal_message(exc: BaseException) -> str:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 from rasterio.windows import Window
@@ -30,12 +31,23 @@ class BlockResult:
     classes: np.ndarray
     confidence: np.ndarray
     tiles: int  # forward passes computed for this block
+    # per scene path, for the scenes read: [valid pixels, pixels it filled] (halos included)
+    valid_pixels: dict[str, list[int]] = field(default_factory=dict)
 
 
 def read_composite(
-    scenes: list[SceneInfo], grid: OutputGrid, rows: Span, cols: Span, n_bands: int
+    scenes: list[SceneInfo],
+    grid: OutputGrid,
+    rows: Span,
+    cols: Span,
+    n_bands: int,
+    counts: dict[str, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Bands and validity for a window of the output grid; where scenes overlap, the first valid wins."""
+    """Bands and validity for a window of the output grid; where scenes overlap, the first valid wins.
+
+    ``counts`` (if given) gains each scene's valid pixels in the window and how many of them it
+    filled; scenes after the window is complete are not read.
+    """
     shape = (rows.size, cols.size)
     bands = np.zeros((n_bands, *shape), dtype=np.float32)
     valid = np.zeros(shape, dtype=bool)
@@ -43,6 +55,10 @@ def read_composite(
     for scene in scenes:
         data, scene_valid = read_window(scene, grid.crs, grid.affine, window)
         take = scene_valid & ~valid
+        if counts is not None:
+            tally = counts.setdefault(scene.path, [0, 0])
+            tally[0] += int(scene_valid.sum())
+            tally[1] += int(take.sum())
         if take.all():
             bands, valid = data, scene_valid
         elif take.any():
@@ -65,38 +81,68 @@ def segment_block(
 
     Every tile whose window touches the block is computed, and tiles are accumulated in
     global row-major order, so each pixel sums the same terms in the same order as it would
-    in any other block layout.
+    in any other block layout. The input is read one row of tiles at a time, the next row in
+    a background thread while the model works on the current one (GDAL releases the GIL).
     """
     tg = tiling.grid
+    size = tg.tile_size
     sup = support(tiling.blend, tg)
     tile_rows = tg.indices_touching(block.rows, grid.height, sup)
     tile_cols = tg.indices_touching(block.cols, grid.width, sup)
-    read_rows, read_cols = tg.read_span(tile_rows), tg.read_span(tile_cols)
-    bands, valid = read_composite(scenes, grid, read_rows, read_cols, len(predictor.ckpt.bands))
-    block_valid = valid[
-        block.rows.start - read_rows.start : block.rows.stop - read_rows.start,
+    read_cols = tg.read_span(tile_cols)
+    n_bands = len(predictor.ckpt.bands)
+    counts: dict[str, list[int]] = {}
+
+    def read_strip(i: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = Span(tg.origin(i), tg.origin(i) + size)
+        bands, valid = read_composite(scenes, grid, rows, read_cols, n_bands, counts)
+        return predictor.normalize(bands, valid), valid
+
+    acc = Accumulator(predictor.n_classes, block.rows, block.cols)
+    block_valid = np.zeros(block.shape, dtype=bool)
+    window = window_2d(tiling.blend, tg.tile_size, tg.overlap)
+    batch = np.empty((batch_size, n_bands, size, size), dtype=np.float32)
+    pending: list[tuple[int, int]] = []  # (row0, col0) of the tiles in ``batch``
+    n_tiles = 0
+
+    def flush() -> None:
+        probs = predictor.probabilities(batch[: len(pending)])
+        for k, (r0, c0) in enumerate(pending):
+            acc.add(probs[k], window, r0, c0)
+        pending.clear()
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="geoseg-read") as reader:
+        next_strip = reader.submit(read_strip, tile_rows.start)
+        for i in tile_rows:
+            bands, valid = next_strip.result()
+            if i + 1 in tile_rows:
+                next_strip = reader.submit(read_strip, i + 1)
+            _copy_core_validity(block_valid, valid, block, tg, i, read_cols)
+            r0 = tg.origin(i)
+            for j in tile_cols:
+                c = tg.origin(j) - read_cols.start
+                if not valid[:, c : c + size].any():  # all-nodata tiles add nothing: skip the pass
+                    continue
+                batch[len(pending)] = bands[:, :, c : c + size]
+                pending.append((r0, tg.origin(j)))
+                n_tiles += 1
+                if len(pending) == batch_size:
+                    flush()
+    if pending:
+        flush()
+    classes, confidence = acc.finalize(block_valid)
+    return BlockResult(classes, confidence, n_tiles, counts)
+
+
+def _copy_core_validity(
+    block_valid: np.ndarray, strip_valid: np.ndarray, block: Block, tg: TileGrid, i: int, read_cols: Span
+) -> None:
+    """Fill the block's validity from tile row ``i``'s core rows (cores partition the rows)."""
+    core0, core1 = max(i * tg.stride, block.rows.start), min((i + 1) * tg.stride, block.rows.stop)
+    if core0 >= core1:
+        return
+    strip_r0 = core0 - tg.origin(i)
+    block_valid[core0 - block.rows.start : core1 - block.rows.start] = strip_valid[
+        strip_r0 : strip_r0 + core1 - core0,
         block.cols.start - read_cols.start : block.cols.stop - read_cols.start,
     ]
-    acc = Accumulator(predictor.n_classes, block.rows, block.cols)
-    if not block_valid.any():
-        classes, confidence = acc.finalize(block_valid)
-        return BlockResult(classes, confidence, 0)
-    predictor.normalize(bands, valid)
-    window = window_2d(tiling.blend, tg.tile_size, tg.overlap)
-    size = tg.tile_size
-    origins = []
-    for i in tile_rows:
-        for j in tile_cols:
-            r, c = tg.origin(i) - read_rows.start, tg.origin(j) - read_cols.start
-            if valid[r : r + size, c : c + size].any():  # all-nodata tiles add nothing: skip the pass
-                origins.append((r, c))
-    batch = np.empty((min(batch_size, len(origins)), bands.shape[0], size, size), dtype=np.float32)
-    for start in range(0, len(origins), batch_size):
-        chunk = origins[start : start + batch_size]
-        for k, (r, c) in enumerate(chunk):
-            batch[k] = bands[:, r : r + size, c : c + size]
-        probs = predictor.probabilities(batch[: len(chunk)])
-        for k, (r, c) in enumerate(chunk):
-            acc.add(probs[k], window, r + read_rows.start, c + read_cols.start)
-    classes, confidence = acc.finalize(block_valid)
-    return BlockResult(classes, confidence, len(origins))

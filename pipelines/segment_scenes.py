@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,31 @@ def expand_inputs(inputs: list[str], stac_asset: str = "image") -> list[Path]:
     return paths
 
 
+def input_dates(inputs: list[str], asset: str) -> dict[str, str]:
+    """Acquisition times that STAC items give for their assets (``properties.datetime``)."""
+    dates: dict[str, str] = {}
+    for item in inputs:
+        p = Path(item)
+        if p.suffix.lower() != ".json" or not p.is_file():
+            continue
+        doc = json.loads(p.read_text())
+        for feature in doc.get("features", [doc] if doc.get("type") == "Feature" else []):
+            when = feature.get("properties", {}).get("datetime")
+            href = feature.get("assets", {}).get(asset, {}).get("href")
+            if when and href:
+                href = href.removeprefix("file://")
+                dates[str(p.parent / href if not Path(href).is_absolute() else Path(href))] = when
+    return dates
+
+
+def order_scenes(scenes: list[SceneInfo], rule: str) -> list[SceneInfo]:
+    """The order in which scenes fill a pixel: input order, or newest acquisition first (undated last)."""
+    if rule == "first":
+        return list(scenes)
+    dated = sorted((s for s in scenes if s.acquired), key=lambda s: s.acquired, reverse=True)
+    return dated + [s for s in scenes if not s.acquired]
+
+
 def catalog(paths: list[Path], n_bands: int) -> tuple[list[SceneInfo], dict[str, str]]:
     """Open every header; bad scenes are reported, not fatal."""
     good, bad = [], {}
@@ -106,6 +131,7 @@ def run_fingerprint(cfg: RunConfig, model_sha: str, scenes: list[SceneInfo]) -> 
         "model": model_sha,
         "tiling": cfg.tiling.model_dump(),
         "block_size": cfg.output.block_size,
+        "mosaic_rule": cfg.output.mosaic_rule,
         "scenes": [s.path for s in scenes],
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
@@ -144,6 +170,7 @@ def process_block(
             "status": "done",
             "tiles": result.tiles,
             "seconds": round(time.perf_counter() - start, 3),
+            "scene_valid_pixels": result.valid_pixels,
             "histogram": {str(k): int(v) for k, v in enumerate(histogram) if v},
         }
         (Path(out) / STATE_DIR / "blocks" / f"{block.key}.json").write_text(json.dumps(record))
@@ -205,7 +232,10 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
             if failed_scenes
             else "no input scene given"
         )
+    dates = input_dates(cfg.inputs, cfg.stac_asset)
+    scenes = [replace(s, acquired=dates.get(s.path, s.acquired)) for s in scenes]
     grid = grid_from_scenes(scenes)
+    scenes = order_scenes(scenes, cfg.output.mosaic_rule)
     fingerprint = run_fingerprint(cfg, ckpt.sha256, scenes)
     reused = prepare_output(out, fingerprint, cfg.output.overwrite)
     mosaic_path = out / MOSAIC_NAME
@@ -250,6 +280,7 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
             str(out),
             key=f"segment-{fingerprint}-{b.key}",
             pure=False,
+            resources={"GPU": 1} if cfg.cluster.gpu_resource else None,
         )
         for b in todo
     ]
@@ -260,6 +291,13 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
         fut.release()
     t_segment = time.perf_counter() - t0
     failed_blocks = {k: v["error"] for k, v in block_records.items() if v["status"] != "done"}
+    unused = []
+    for scene, reason in empty_scenes(scenes, block_records).items():
+        if reason is None:
+            unused.append(scene)
+        else:
+            log.error("scene %s: %s", scene, reason)
+            failed_scenes[scene] = reason
     for key, err in failed_blocks.items():
         log.error("block %s failed: %s", key, err)
 
@@ -276,7 +314,11 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
     manifest = {
         "geoseg_version": _version(),
         "inputs": list(cfg.inputs),
-        "scenes": [{"path": s.path, "status": "ok"} for s in scenes]
+        "scenes": [
+            {"path": s.path, "status": "unused" if s.path in unused else "ok", "acquired": s.acquired}
+            for s in scenes
+            if s.path not in failed_scenes
+        ]
         + [{"path": p, "status": "failed", "error": r} for p, r in failed_scenes.items()],
         "model": {"checkpoint": ckpt.path, "sha256": ckpt.sha256, "arch": ckpt.arch, "bands": ckpt.bands},
         "config": cfg.model_dump(mode="json"),
@@ -327,6 +369,25 @@ def vectorize_mosaic(
     if simplify_tolerance > 0:
         gdf = vectorize.simplify_coverage(gdf, simplify_tolerance)
     return gdf
+
+
+def empty_scenes(scenes: list[SceneInfo], records: dict[str, dict]) -> dict[str, str | None]:
+    """Scenes that gave no pixel: all nodata (an error), or never read as earlier scenes covered them (None)."""
+    valid: dict[str, int] = {}
+    filled: dict[str, int] = {}
+    for rec in records.values():
+        for path, (n_valid, n_filled) in rec.get("scene_valid_pixels", {}).items():
+            valid[path] = valid.get(path, 0) + n_valid
+            filled[path] = filled.get(path, 0) + n_filled
+    if any(rec.get("status") == "done" and "scene_valid_pixels" not in rec for rec in records.values()):
+        return {}  # blocks from an older run carry no counts: no verdict
+    verdicts: dict[str, str | None] = {}
+    for s in scenes:
+        if s.path in valid and valid[s.path] == 0:
+            verdicts[s.path] = "all pixels are nodata"
+        elif filled.get(s.path, 0) == 0:
+            verdicts[s.path] = None
+    return verdicts
 
 
 def write_polygons(

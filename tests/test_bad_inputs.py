@@ -113,10 +113,10 @@ def test_scene_smaller_than_a_tile_and_odd_path(tmp_path, random_checkpoint, cli
     assert classes.shape == (37, 50) and (classes != 255).all()
 
 
-def test_all_nodata_scene_gives_an_all_nodata_mosaic(tmp_path, random_checkpoint, client2):
-    scene = tmp_path / "empty.tif"
+def test_all_nodata_scene_is_reported_and_the_good_one_completes(tmp_path, random_checkpoint, client2):
+    empty = tmp_path / "empty.tif"
     with rasterio.open(
-        scene,
+        empty,
         "w",
         driver="GTiff",
         width=300,
@@ -125,13 +125,71 @@ def test_all_nodata_scene_gives_an_all_nodata_mosaic(tmp_path, random_checkpoint
         dtype="uint16",
         nodata=0,
         crs="EPSG:32633",
-        transform=from_origin(500_000, 5_200_000, 10, 10),
+        transform=from_origin(501_000, 5_200_000, 10, 10),
     ) as dst:
         dst.write(np.zeros((4, 200, 300), np.uint16))
-    result = run(run_config(random_checkpoint, [scene], tmp_path / "out"), client2)
+    good = write_scene(SceneSpec(100, 200, seed=4, nodata_border=False), tmp_path / "good.tif")[0]
+    result = run(run_config(random_checkpoint, [good, empty], tmp_path / "out"), client2)
+    assert result.failed_scenes == {str(empty): "all pixels are nodata"}
     classes = xr.open_zarr(tmp_path / "out" / "mosaic.zarr")["classes"].values
-    assert (classes == 255).all()
-    assert result.ok
+    assert classes.shape == (200, 400)
+    assert (classes[:, :100] != 255).all() and (classes[:, 100:] == 255).all()
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert {"path": str(empty), "status": "failed", "error": "all pixels are nodata"} in manifest["scenes"]
+
+
+def test_unsupported_dtype_is_named(tmp_path):
+    path = tmp_path / "complex.tif"
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=32,
+        height=32,
+        count=4,
+        dtype="complex64",
+        crs="EPSG:32633",
+        transform=from_origin(500_000, 5_200_000, 10, 10),
+    ) as dst:
+        dst.write(np.ones((4, 32, 32), np.complex64))
+    with pytest.raises(SceneError, match="unsupported data type complex64"):
+        open_scene(path, 4)
+
+
+def test_latest_acquisition_wins_where_scenes_overlap(tmp_path, random_checkpoint, client2):
+    from pipelines.segment_scenes import order_scenes
+
+    old = write_scene(SceneSpec(200, 150, seed=1, nodata_border=False), tmp_path / "old.tif")[0]
+    new = write_scene(SceneSpec(200, 150, seed=2, nodata_border=False), tmp_path / "new.tif")[0]
+    items = {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "id": "old",
+                "properties": {"datetime": "2024-05-01T10:00:00Z"},
+                "assets": {"image": {"href": "old.tif"}},
+            },
+            {
+                "type": "Feature",
+                "id": "new",
+                "properties": {"datetime": "2025-05-01T10:00:00Z"},
+                "assets": {"image": {"href": "new.tif"}},
+            },
+        ],
+    }
+    (tmp_path / "items.json").write_text(json.dumps(items))
+    maps = {}
+    for rule, inputs in (("first", [old]), ("first", [new]), ("latest", [tmp_path / "items.json"])):
+        out = tmp_path / f"{rule}_{inputs[0].stem}"
+        run(run_config(random_checkpoint, inputs, out, f"output.mosaic_rule={rule}", "output.polygons=false"), client2)
+        maps[out.name] = xr.open_zarr(out / "mosaic.zarr")["classes"].values
+    np.testing.assert_array_equal(maps["latest_items"], maps["first_new"])
+    assert not np.array_equal(maps["first_old"], maps["first_new"])
+    manifest = json.loads((tmp_path / "latest_items" / "manifest.json").read_text())
+    assert {s["path"]: s["status"] for s in manifest["scenes"]} == {str(new): "ok", str(old): "unused"}
+    a = open_scene(old)
+    assert order_scenes([a], "latest") == [a]
 
 
 def test_scene_on_another_crs_is_warped_onto_the_grid(tmp_path, random_checkpoint, client2):

@@ -117,3 +117,25 @@ def test_bad_set_value_names_the_key(tmp_path):
 def test_missing_config_is_a_clear_error(tmp_path):
     res = geoseg("run", str(tmp_path / "nope.yaml"))
     assert res.returncode == 2 and "config file not found" in res.stderr
+
+
+def test_jobqueue_without_its_extra_is_a_clear_error(tmp_path, scene_1000x700):
+    import importlib.util
+
+    if importlib.util.find_spec("dask_jobqueue") is not None:
+        import pytest
+
+        pytest.skip("dask-jobqueue is installed")
+    res = geoseg(
+        "run",
+        "configs/demo.yaml",
+        "--input",
+        str(scene_1000x700[0]),
+        "--out",
+        str(tmp_path / "o"),
+        "--set",
+        "cluster.jobqueue={kind: slurm, jobs: 2}",
+        cwd=Path(__file__).parent.parent,
+    )
+    assert res.returncode == 2
+    assert "cluster.jobqueue needs dask-jobqueue" in res.stderr and "Traceback" not in res.stderr

@@ -82,7 +82,7 @@ def dask_processes(tmp_path):
 @pytest.fixture(scope="module")
 def slow_checkpoint(tmp_path_factory):
     """A wider random model, so a run lasts long enough to be killed in the middle."""
-    return make_random_checkpoint(tmp_path_factory.mktemp("slow") / "m.safetensors", seed=1, depth=3, base_width=24)
+    return make_random_checkpoint(tmp_path_factory.mktemp("slow") / "m.safetensors", seed=1, depth=3, base_width=16)
 
 
 @pytest.fixture(scope="module")

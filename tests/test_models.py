@@ -70,6 +70,7 @@ class _Evil:
         return (exec, (f"open({self.marker!r}, 'w').write('x')",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickled_code_in_a_checkpoint_is_never_executed(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
