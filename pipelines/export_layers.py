@@ -13,12 +13,13 @@ from pathlib import Path
 
 from distributed import Client
 
-from geoseg import export, mosaic, vectorize
+from geoseg import export, mosaic
 from geoseg.cluster import dask_client
 from geoseg.config import RunConfig
 from geoseg.quicklook import write_quicklook
 from geoseg.tiling import iter_blocks
-from pipelines.segment_scenes import MANIFEST_NAME, MOSAIC_NAME, RunError, vectorize_mosaic
+from geoseg.vector_io import LayerWriter, write_flatgeobuf
+from pipelines.segment_scenes import MANIFEST_NAME, MOSAIC_NAME, RunError, stream_polygons
 
 log = logging.getLogger(__name__)
 SUFFIX = {"gpkg": ".gpkg", "parquet": ".parquet", "fgb": ".fgb"}
@@ -56,27 +57,31 @@ def export_run(out: Path, cfg: RunConfig, client: Client | None = None) -> Expor
     result = ExportResult()
     result.files["cog"] = export.write_cog(mosaic_path, out / "classes.tif", legend, colors)
     blocks = list(iter_blocks(grid.height, grid.width, cfg.output.block_size))
-    gdf = vectorize_mosaic(client, blocks, grid, out, legend, cfg.vector.mmu_pixels, cfg.vector.simplify_tolerance)
-    for fmt in cfg.vector.formats:
-        path = out / f"polygons{SUFFIX[fmt]}"
-        vectorize.write_layer(gdf, path)
-        result.files[fmt] = path
+    targets: list[tuple[str, str | None]] = [("", None)]
     if cfg.vector.reproject_to:
-        tag = cfg.vector.reproject_to.replace(":", "").lower()
-        reprojected = gdf.to_crs(cfg.vector.reproject_to)
+        targets.append(("_" + cfg.vector.reproject_to.replace(":", "").lower(), cfg.vector.reproject_to))
+    writers = []
+    for tag, crs in targets:
+        # FlatGeobuf cannot grow: it is converted from the GeoPackage at the end.
+        for suffix in {".gpkg"} | {SUFFIX[f] for f in cfg.vector.formats if f == "parquet"}:
+            writers.append((LayerWriter(out / f"polygons{tag}{suffix}"), crs))
+    count = stream_polygons(
+        client, blocks, grid, out, legend, writers, cfg.vector.mmu_pixels, cfg.vector.simplify_tolerance
+    )
+    for tag, _ in targets:
+        if "fgb" in cfg.vector.formats:
+            write_flatgeobuf(out / f"polygons{tag}.gpkg", out / f"polygons{tag}.fgb")
         for fmt in cfg.vector.formats:
-            path = out / f"polygons_{tag}{SUFFIX[fmt]}"
-            vectorize.write_layer(reprojected, path)
-            result.files[f"{fmt}_{tag}"] = path
+            result.files[f"{fmt}{tag}"] = out / f"polygons{tag}{SUFFIX[fmt]}"
     (out / "classes.qml").write_text(export.raster_qml(legend, colors))
     (out / "polygons.qml").write_text(export.vector_qml(legend, colors))
     (out / "polygons.sld").write_text(export.vector_sld(legend, colors))
     result.files.update(qml_raster=out / "classes.qml", qml_vector=out / "polygons.qml", sld=out / "polygons.sld")
     result.files["quicklook"] = write_quicklook(mosaic_path, out / "quicklook.png")
     report = export.area_report(export.class_histogram(mosaic_path), grid, legend)
-    report["polygons"] = int(len(gdf))
+    report["polygons"] = count
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(export.report_markdown(report, f"Land cover of {out.name}"))
     result.files.update(report_json=out / "report.json", report_md=out / "report.md")
-    log.info("%d polygons; layers in %s", len(gdf), out)
+    log.info("%d polygons; layers in %s", count, out)
     return result

@@ -31,6 +31,7 @@ from geoseg.progress import track
 from geoseg.scenes import SceneError, SceneInfo, open_scene
 from geoseg.segment import TilingSettings, segment_block
 from geoseg.tiling import Block, iter_blocks
+from geoseg.vector_io import LayerWriter
 
 log = logging.getLogger(__name__)
 
@@ -344,31 +345,53 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
     return result
 
 
-def vectorize_mosaic(
+def stream_polygons(
     client: Client,
     blocks: list[Block],
     grid: OutputGrid,
     out: Path,
     legend: dict[int, str],
+    writers: list[tuple[LayerWriter, str | None]],
     mmu_pixels: int = 0,
     simplify_tolerance: float = 0.0,
-):
-    """Polygonize per block on the workers, merge the edge pieces here; a GeoDataFrame in the mosaic CRS."""
+) -> int:
+    """Polygonize per block on the workers and write polygons as blocks finish; returns the polygon count.
+
+    A block's finished polygons are written at once, in block order (so reruns give the same
+    file); only pieces cut by block edges stay in memory until the merge at the end. Each
+    writer gets the polygons in the mosaic CRS, or reprojected to the CRS paired with it.
+    """
+    stamp = time.time_ns()
     futures = [
-        client.submit(polygonize_task, b, str(out), grid, mmu_pixels, key=f"polygonize-{b.key}-{time.time_ns()}")
-        for b in blocks
+        client.submit(polygonize_task, b, str(out), grid, mmu_pixels, key=f"polygonize-{b.key}-{stamp}") for b in blocks
     ]
-    final: list = []
-    edge: list = []
+    order = {fut.key: i for i, fut in enumerate(futures)}
+    ready: dict[int, vectorize.BlockPolygons] = {}
+    next_block = 0
+    edge: list[vectorize.Piece] = []
+    count = 0
+
+    def emit(pieces: list[vectorize.Piece]) -> int:
+        gdf = vectorize.to_geodataframe(pieces, grid.crs_wkt, legend)
+        if simplify_tolerance > 0 and len(gdf):
+            # Edges on this batch's outline stay exact, so batches still fit together.
+            gdf = vectorize.simplify_coverage(gdf, simplify_tolerance)
+        for writer, crs in writers:
+            writer.write(gdf if crs is None else gdf.to_crs(crs))
+        return len(gdf)
+
     for fut in track(as_completed(futures), total=len(futures), description="vectorizing blocks"):
-        part = fut.result()
-        final.extend(part.final)
-        edge.extend(part.edge)
+        ready[order[fut.key]] = fut.result()
         fut.release()
-    gdf = vectorize.to_geodataframe(final + vectorize.merge_edge_polygons(edge), grid.crs_wkt, legend)
-    if simplify_tolerance > 0:
-        gdf = vectorize.simplify_coverage(gdf, simplify_tolerance)
-    return gdf
+        while next_block in ready:
+            part = ready.pop(next_block)
+            next_block += 1
+            edge.extend(part.edge)
+            count += emit(part.final)
+    count += emit(vectorize.merge_edge_polygons(edge))
+    for writer, _ in writers:
+        writer.close()
+    return count
 
 
 def empty_scenes(scenes: list[SceneInfo], records: dict[str, dict]) -> dict[str, str | None]:
@@ -400,10 +423,11 @@ def write_polygons(
     simplify_tolerance: float = 0.0,
 ) -> Path:
     """The run's polygons as one GeoPackage layer."""
-    gdf = vectorize_mosaic(client, blocks, grid, out, legend, mmu_pixels, simplify_tolerance)
     path = out / POLYGONS_NAME
-    vectorize.write_layer(gdf, path)
-    log.info("%d polygons -> %s", len(gdf), path)
+    count = stream_polygons(
+        client, blocks, grid, out, legend, [(LayerWriter(path), None)], mmu_pixels, simplify_tolerance
+    )
+    log.info("%d polygons -> %s", count, path)
     return path
 
 

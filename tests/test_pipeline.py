@@ -112,7 +112,7 @@ def test_polygons_match_the_mosaic(reference):
 
 def test_manifest_records_the_run(reference, scene_1000x700, random_checkpoint):
     manifest = json.loads((reference / "manifest.json").read_text())
-    assert manifest["scenes"] == [{"path": str(scene_1000x700[0]), "status": "ok"}]
+    assert manifest["scenes"] == [{"path": str(scene_1000x700[0]), "status": "ok", "acquired": None}]
     assert manifest["summary"]["blocks"] == 1 and manifest["summary"]["failed_blocks"] == 0
     assert manifest["model"]["arch"] == "unet" and len(manifest["model"]["sha256"]) == 64
     assert all(b["status"] == "done" for b in manifest["blocks"].values())
