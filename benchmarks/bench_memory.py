@@ -14,9 +14,8 @@ import resource
 import time
 from pathlib import Path
 
-from distributed import Client, LocalCluster
-
-from geoseg.config import load_config
+from geoseg.cluster import dask_client
+from geoseg.config import ClusterConfig, load_config
 from geoseg.synth import SceneSpec, write_scene
 from pipelines.segment_scenes import run
 
@@ -52,10 +51,7 @@ def main() -> None:
                 f"out={str(args.work / f'mem_{size}')!r}",
             ],
         )
-        with (
-            LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None, host="127.0.0.1") as lc,
-            Client(lc) as client,
-        ):
+        with dask_client(ClusterConfig(n_workers=1, dashboard=False)) as client:
             start = time.perf_counter()
             run(cfg, client)
             seconds = time.perf_counter() - start

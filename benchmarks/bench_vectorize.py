@@ -14,10 +14,11 @@ import logging
 import time
 from pathlib import Path
 
-from distributed import Client, LocalCluster
 from rasterio.crs import CRS
 
 from geoseg import mosaic
+from geoseg.cluster import dask_client
+from geoseg.config import ClusterConfig
 from geoseg.grid import OutputGrid
 from geoseg.synth import SceneSpec, make_labels
 from geoseg.tiling import iter_blocks
@@ -51,10 +52,7 @@ def main() -> None:
     blocks = list(iter_blocks(args.size, args.size, args.block))
     mpix = args.size * args.size / 1e6
     for workers in (1, 2):
-        with (
-            LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None, host="127.0.0.1") as lc,
-            Client(lc) as client,
-        ):
+        with dask_client(ClusterConfig(n_workers=workers, dashboard=False)) as client:
             start = time.perf_counter()
             writer = LayerWriter(args.work / "polygons.gpkg")
             count = stream_polygons(client, blocks, grid, args.work, LEGEND, [(writer, None)], args.mmu)

@@ -32,10 +32,13 @@ class LandCoverClass(_Strict):
 
 class ModelConfig(_Strict):
     checkpoint: str = "builtin:demo"
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=0)
+    """Tiles per forward pass; 0 = choose from free GPU memory (8 on CPU)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     """Mixed precision on CUDA (bf16 where supported); ignored on CPU."""
+    compile: bool = False
+    """torch.compile the model once per worker (slow start, faster passes on GPU)."""
 
 
 class TilingConfig(_Strict):

@@ -5,33 +5,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from rasterio.crs import CRS
 from rasterio.transform import Affine
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
-from geoseg.scenes import SceneInfo
+from geoseg.scenes import RasterGrid, SceneInfo
 
 
 @dataclass(frozen=True)
-class OutputGrid:
-    crs_wkt: str
-    transform: tuple[float, ...]
-    width: int
-    height: int
-
-    @property
-    def crs(self) -> CRS:
-        return CRS.from_wkt(self.crs_wkt)
-
-    @property
-    def affine(self) -> Affine:
-        return Affine(*self.transform[:6])
-
-    @property
-    def bounds(self) -> tuple[float, float, float, float]:
-        t = self.affine
-        return t.c, t.f + t.e * self.height, t.c + t.a * self.width, t.f
+class OutputGrid(RasterGrid):
+    """The grid every output of a run is on."""
 
     @property
     def pixel_area(self) -> float:

@@ -27,9 +27,10 @@ class InferenceSettings:
     device: str = "auto"
     amp: bool = True
     torch_threads: int = 0  # 0: leave torch's default; -1: this worker's cores / its task threads
+    compile: bool = False
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 
 
 @lru_cache(maxsize=1)
@@ -39,14 +40,15 @@ def tune_allocator() -> bool:
     Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also freezes glibc's
     mmap threshold at 128 KiB: every activation buffer is then mapped, faulted in and unmapped
     again, and forward passes ran ~1.5x slower in workers than in a plain process (measured;
-    see benchmarks/README.md). Raising both thresholds (glibc only) restores the speed.
+    see benchmarks/README.md). Raising both thresholds (glibc only) restores the speed; two
+    arenas at most keep what the heap retains bounded (memory must not grow with the scene).
     """
     if sys.platform != "linux":
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024) == 1
-        return ok and libc.mallopt(_M_TRIM_THRESHOLD, 512 * 1024 * 1024) == 1
+        settings = ((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, 32 * 2**20), (_M_TRIM_THRESHOLD, 32 * 2**20))
+        return all(libc.mallopt(option, value) == 1 for option, value in settings)
     except OSError:  # not glibc (musl, ...): nothing to tune
         return False
 
@@ -82,12 +84,36 @@ class Predictor:
         if threads > 0:
             torch.set_num_threads(threads)
         self.model = ckpt.build().to(self.device)
+        if settings.compile:
+            self.model = torch.compile(self.model)
+        self._batch_sizes: dict[int, int] = {}
         self.mean = np.asarray(ckpt.mean, dtype=np.float32)[:, None, None]
         self.inv_std = (1.0 / np.asarray(ckpt.std, dtype=np.float32))[:, None, None]
         self.amp_dtype = None
         if self.device.type == "cuda" and settings.amp:
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         log.info("model %s (%s) on %s, %d threads", ckpt.arch, ckpt.path, self.device, torch.get_num_threads())
+
+    def batch_size(self, tile_size: int) -> int:
+        """The configured batch size, or (when 0) one that fills about half the free GPU memory."""
+        if self.settings.batch_size > 0:
+            return self.settings.batch_size
+        if tile_size not in self._batch_sizes:
+            self._batch_sizes[tile_size] = self._auto_batch_size(tile_size)
+        return self._batch_sizes[tile_size]
+
+    def _auto_batch_size(self, tile_size: int) -> int:
+        if self.device.type != "cuda":
+            return 8
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        self.probabilities(np.zeros((2, len(self.ckpt.bands), tile_size, tile_size), dtype=np.float32))
+        per_tile = max((torch.cuda.max_memory_allocated(self.device) - base) / 2, 1)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        size = int(np.clip(0.5 * free / per_tile, 1, 256))
+        log.info("batch size %d from %.1f GiB free, %.0f MiB per tile", size, free / 2**30, per_tile / 2**20)
+        return size
 
     @property
     def n_classes(self) -> int:

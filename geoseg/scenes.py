@@ -26,18 +26,13 @@ class SceneError(Exception):
 
 
 @dataclass(frozen=True)
-class SceneInfo:
-    """What a scene's header says; cheap to ship to workers."""
+class RasterGrid:
+    """A north-up pixel grid: CRS (as WKT, cheap to ship to workers), geotransform and size."""
 
-    path: str
     crs_wkt: str
     transform: tuple[float, ...]
     width: int
     height: int
-    count: int
-    dtype: str
-    nodata: float | None
-    acquired: str | None = None  # ISO date-time of acquisition, when known
 
     @property
     def crs(self) -> CRS:
@@ -49,8 +44,19 @@ class SceneInfo:
 
     @property
     def bounds(self) -> tuple[float, float, float, float]:
-        """(west, south, east, north) in the scene CRS."""
+        """(west, south, east, north) in the grid's CRS."""
         return rasterio.transform.array_bounds(self.height, self.width, self.affine)
+
+
+@dataclass(frozen=True)
+class SceneInfo(RasterGrid):
+    """What a scene's header says."""
+
+    path: str = ""
+    count: int = 0
+    dtype: str = ""
+    nodata: float | None = None
+    acquired: str | None = None  # ISO date-time of acquisition, when known
 
 
 def open_scene(path: str | Path, expected_bands: int | None = None) -> SceneInfo:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 from rasterio.windows import Window
@@ -75,7 +76,7 @@ def segment_block(
     grid: OutputGrid,
     tiling: TilingSettings,
     predictor: Predictor,
-    batch_size: int,
+    batch_size: int | None = None,
 ) -> BlockResult:
     """Classes and confidence of one block, identical whatever the block partition.
 
@@ -91,6 +92,7 @@ def segment_block(
     tile_cols = tg.indices_touching(block.cols, grid.width, sup)
     read_cols = tg.read_span(tile_cols)
     n_bands = len(predictor.ckpt.bands)
+    batch_size = batch_size or predictor.batch_size(size)
     counts: dict[str, list[int]] = {}
 
     def read_strip(i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -111,27 +113,34 @@ def segment_block(
             acc.add(probs[k], window, r0, c0)
         pending.clear()
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="geoseg-read") as reader:
-        next_strip = reader.submit(read_strip, tile_rows.start)
-        for i in tile_rows:
-            bands, valid = next_strip.result()
-            if i + 1 in tile_rows:
-                next_strip = reader.submit(read_strip, i + 1)
-            _copy_core_validity(block_valid, valid, block, tg, i, read_cols)
-            r0 = tg.origin(i)
-            for j in tile_cols:
-                c = tg.origin(j) - read_cols.start
-                if not valid[:, c : c + size].any():  # all-nodata tiles add nothing: skip the pass
-                    continue
-                batch[len(pending)] = bands[:, :, c : c + size]
-                pending.append((r0, tg.origin(j)))
-                n_tiles += 1
-                if len(pending) == batch_size:
-                    flush()
+    reader = _reader()
+    next_strip = reader.submit(read_strip, tile_rows.start)
+    for i in tile_rows:
+        bands, valid = next_strip.result()
+        if i + 1 in tile_rows:
+            next_strip = reader.submit(read_strip, i + 1)
+        _copy_core_validity(block_valid, valid, block, tg, i, read_cols)
+        r0 = tg.origin(i)
+        for j in tile_cols:
+            c = tg.origin(j) - read_cols.start
+            if not valid[:, c : c + size].any():  # all-nodata tiles add nothing: skip the pass
+                continue
+            batch[len(pending)] = bands[:, :, c : c + size]
+            pending.append((r0, tg.origin(j)))
+            n_tiles += 1
+            if len(pending) == batch_size:
+                flush()
     if pending:
         flush()
     classes, confidence = acc.finalize(block_valid)
     return BlockResult(classes, confidence, n_tiles, counts)
+
+
+@lru_cache(maxsize=1)
+def _reader() -> ThreadPoolExecutor:
+    """One read-ahead thread per process, reused by every block (a new thread per block would
+    also mean a new malloc arena, and memory that grows with the number of blocks)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="geoseg-read")
 
 
 def _copy_core_validity(

@@ -164,7 +164,7 @@ def process_block(
     start = time.perf_counter()
     try:
         predictor = get_predictor(settings)
-        result = segment_block(block, scenes, grid, tiling, predictor, settings.batch_size)
+        result = segment_block(block, scenes, grid, tiling, predictor)
         mosaic.write_block(Path(out) / MOSAIC_NAME, block, result.classes, result.confidence)
         histogram = np.bincount(result.classes.ravel(), minlength=256)
         record = {
@@ -257,6 +257,7 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
         cfg.model.device,
         cfg.model.amp,
         torch_threads_per_worker(cfg.cluster),
+        cfg.model.compile,
     )
     blocks = list(iter_blocks(grid.height, grid.width, cfg.output.block_size))
     footprints = [grid.window_of(s) for s in scenes]

@@ -51,26 +51,22 @@ def scene_1000x700(tmp_path_factory) -> tuple[Path, Path]:
     return write_scene(SceneSpec(1000, 700, seed=3), d / "scene.tif", d / "labels.tif")
 
 
-@pytest.fixture(scope="session")
-def client2():
+def _local_client(n_workers: int):
     with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", host="127.0.0.1"
-        ) as cluster,
+        LocalCluster(n_workers=n_workers, threads_per_worker=1, dashboard_address=":0", host="127.0.0.1") as cluster,
         Client(cluster) as client,
     ):
         yield client
+
+
+@pytest.fixture(scope="session")
+def client2():
+    yield from _local_client(2)
 
 
 @pytest.fixture(scope="session")
 def client1():
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", host="127.0.0.1"
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        yield client
+    yield from _local_client(1)
 
 
 def run_config(checkpoint: Path, inputs: list[Path], out: Path, *overrides: str):
