@@ -57,8 +57,9 @@ class TilingConfig(_Strict):
 
 class OutputConfig(_Strict):
     block_size: int = Field(1024, ge=64)
-    mosaic_rule: Literal["first", "latest"] = "first"
-    """Where scenes overlap: the first valid pixel in input order, or in order of acquisition (newest first)."""
+    mosaic_rule: Literal["first", "latest", "confidence"] = "first"
+    """Where scenes overlap: the first valid pixel in input order, in order of acquisition (newest
+    first), or the scene whose prediction is most confident (each scene is segmented on its own)."""
     polygons: bool = True
     overwrite: bool = False
 

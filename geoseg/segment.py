@@ -9,7 +9,7 @@ from functools import lru_cache
 import numpy as np
 from rasterio.windows import Window
 
-from geoseg.blending import Accumulator, BlendMode, support, window_2d
+from geoseg.blending import NODATA, Accumulator, BlendMode, support, window_2d
 from geoseg.grid import OutputGrid
 from geoseg.inference import Predictor
 from geoseg.scenes import SceneInfo, read_window
@@ -155,3 +155,23 @@ def _copy_core_validity(
         strip_r0 : strip_r0 + core1 - core0,
         block.cols.start - read_cols.start : block.cols.stop - read_cols.start,
     ]
+
+
+def segment_block_most_confident(
+    block: Block, scenes: list[SceneInfo], grid: OutputGrid, tiling: TilingSettings, predictor: Predictor
+) -> BlockResult:
+    """Segment each scene on its own and keep, per pixel, the most confident answer (ties: the earlier scene)."""
+    best: BlockResult | None = None
+    for scene in scenes:
+        result = segment_block(block, [scene], grid, tiling, predictor)
+        if best is None:
+            best = result
+            continue
+        better = (result.classes != NODATA) & ((best.classes == NODATA) | (result.confidence > best.confidence))
+        best.classes[better] = result.classes[better]
+        best.confidence[better] = result.confidence[better]
+        best.tiles += result.tiles
+        best.valid_pixels.update(result.valid_pixels)
+    if best is None:
+        return segment_block(block, [], grid, tiling, predictor)
+    return best

@@ -29,7 +29,7 @@ from geoseg.inference import InferenceSettings, get_predictor
 from geoseg.models.checkpoint import load_checkpoint
 from geoseg.progress import track
 from geoseg.scenes import SceneError, SceneInfo, open_scene
-from geoseg.segment import TilingSettings, segment_block
+from geoseg.segment import TilingSettings, segment_block, segment_block_most_confident
 from geoseg.tiling import Block, iter_blocks
 from geoseg.vector_io import LayerWriter
 
@@ -107,8 +107,9 @@ def input_dates(inputs: list[str], asset: str) -> dict[str, str]:
 
 
 def order_scenes(scenes: list[SceneInfo], rule: str) -> list[SceneInfo]:
-    """The order in which scenes fill a pixel: input order, or newest acquisition first (undated last)."""
-    if rule == "first":
+    """The order in which scenes fill a pixel: newest acquisition first (undated last) for
+    ``latest``, input order otherwise."""
+    if rule != "latest":
         return list(scenes)
     dated = sorted((s for s in scenes if s.acquired), key=lambda s: s.acquired, reverse=True)
     return dated + [s for s in scenes if not s.acquired]
@@ -159,12 +160,16 @@ def process_block(
     tiling: TilingSettings,
     settings: InferenceSettings,
     out: str,
+    most_confident: bool = False,
 ) -> dict[str, Any]:
     """A Dask task: segment one block, write its region, leave a marker. Errors are returned, not raised."""
     start = time.perf_counter()
     try:
         predictor = get_predictor(settings)
-        result = segment_block(block, scenes, grid, tiling, predictor)
+        if most_confident:
+            result = segment_block_most_confident(block, scenes, grid, tiling, predictor)
+        else:
+            result = segment_block(block, scenes, grid, tiling, predictor)
         mosaic.write_block(Path(out) / MOSAIC_NAME, block, result.classes, result.confidence)
         histogram = np.bincount(result.classes.ravel(), minlength=256)
         record = {
@@ -280,6 +285,7 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
             tiling,
             settings,
             str(out),
+            cfg.output.mosaic_rule == "confidence",
             key=f"segment-{fingerprint}-{b.key}",
             pure=False,
             resources={"GPU": 1} if cfg.cluster.gpu_resource else None,

@@ -12,6 +12,7 @@ import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 from conftest import run_config
 
+from geoseg.synth import SceneSpec, write_scene
 from pipelines.segment_scenes import run
 
 
@@ -118,3 +119,56 @@ def test_manifest_records_the_run(reference, scene_1000x700, random_checkpoint):
     assert all(b["status"] == "done" for b in manifest["blocks"].values())
     hist = sum(np.array([int(v) for v in b["histogram"].values()]).sum() for b in manifest["blocks"].values())
     assert hist == 700 * 1000
+
+
+@pytest.fixture(scope="module")
+def overlapping_scenes(tmp_path_factory):
+    d = tmp_path_factory.mktemp("multi")
+    a = write_scene(SceneSpec(600, 400, seed=11, nodata_border=False), d / "a.tif")[0]
+    b = write_scene(SceneSpec(500, 450, seed=12, origin=(503_360.0, 5_198_880.0)), d / "b.tif")[0]
+    return a, b
+
+
+@pytest.mark.parametrize("rule", ["first", "confidence"])
+def test_multi_scene_mosaic_is_partition_invariant(tmp_path, random_checkpoint, overlapping_scenes, client2, rule):
+    maps = []
+    for bs in (128, 1024):
+        out = tmp_path / f"b{bs}"
+        cfg = run_config(
+            random_checkpoint,
+            list(overlapping_scenes),
+            out,
+            f"output.block_size={bs}",
+            f"output.mosaic_rule={rule}",
+            "output.polygons=false",
+        )
+        assert run(cfg, client2).ok
+        maps.append(read_classes(out))
+    assert maps[0].shape == (562, 836)  # the union of both footprints
+    np.testing.assert_array_equal(maps[0], maps[1])
+
+
+def test_confidence_rule_keeps_the_most_confident_scene(tmp_path, random_checkpoint, overlapping_scenes, client2):
+    def mosaic(name, inputs, rule="first"):
+        out = tmp_path / name
+        run(run_config(random_checkpoint, inputs, out, f"output.mosaic_rule={rule}", "output.polygons=false"), client2)
+        ds = xr.open_zarr(out / "mosaic.zarr")
+        return ds["classes"].values, ds["confidence"].values
+
+    def placed(arrays, row, col):  # a single-scene mosaic put on the two-scene grid
+        cls, conf = np.full((562, 836), 255, np.uint8), np.zeros((562, 836), np.uint8)
+        h, w = arrays[0].shape
+        cls[row : row + h, col : col + w], conf[row : row + h, col : col + w] = arrays
+        return cls, conf
+
+    a, b = overlapping_scenes
+    both_cls, both_conf = mosaic("both", [a, b], "confidence")
+    a_cls, a_conf = placed(mosaic("a", [a]), 0, 0)
+    # b starts 336 px east and 112 px south of a: whole tile strides, so both share one tile grid
+    b_cls, b_conf = placed(mosaic("b", [b]), 112, 336)
+    pick_b = (b_cls != 255) & ((a_cls == 255) | (b_conf > a_conf))
+    np.testing.assert_array_equal(both_conf, np.where(pick_b, b_conf, a_conf))
+    np.testing.assert_array_equal(both_cls, np.where(pick_b, b_cls, a_cls))
+    # where the two scenes overlap, each wins somewhere
+    overlap = (a_cls != 255) & (b_cls != 255)
+    assert overlap.sum() > 10_000 and (pick_b & overlap).any() and (~pick_b & overlap).any()
