@@ -18,7 +18,7 @@ from rasterio.crs import CRS
 
 from geoseg import mosaic
 from geoseg.cluster import dask_client
-from geoseg.config import ClusterConfig
+from geoseg.config import ClusterConfig, VectorConfig
 from geoseg.grid import OutputGrid
 from geoseg.synth import SceneSpec, make_labels
 from geoseg.tiling import iter_blocks
@@ -55,7 +55,9 @@ def main() -> None:
         with dask_client(ClusterConfig(n_workers=workers, dashboard=False)) as client:
             start = time.perf_counter()
             writer = LayerWriter(args.work / "polygons.gpkg")
-            count = stream_polygons(client, blocks, grid, args.work, LEGEND, [(writer, None)], args.mmu)
+            count = stream_polygons(
+                client, blocks, grid, args.work, LEGEND, [(writer, None)], VectorConfig(mmu_pixels=args.mmu)
+            )
             seconds = time.perf_counter() - start
         print(
             f"{workers} worker(s): {seconds:6.2f} s  {mpix / seconds:6.2f} Mpix/s  "

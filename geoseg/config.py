@@ -69,6 +69,8 @@ class VectorConfig(_Strict):
 
     mmu_pixels: int = Field(0, ge=0)
     """Minimum mapping unit: regions smaller than this are absorbed by their neighbours first."""
+    fill_holes_pixels: int = Field(0, ge=0)
+    """Holes smaller than this (regions enclosed by one class) are filled with that class; 0 keeps all."""
     simplify_tolerance: float = Field(0.0, ge=0)
     """Coverage-preserving simplification tolerance in CRS units (0: exact pixel edges)."""
     formats: list[Literal["gpkg", "parquet", "fgb"]] = ["gpkg"]

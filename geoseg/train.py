@@ -346,6 +346,10 @@ def train(cfg: TrainConfig) -> Path:
     std = np.asarray(std_l, dtype=np.float32)[:, None, None]
     device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
     model = build_model(cfg.model.arch, n_bands, n_classes, **cfg.model.arch_kwargs).to(device)
+    cuda = device.type == "cuda"
+    # Mixed precision on GPU: bf16 where supported (no loss scaling needed), else fp16 with a scaler.
+    amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     weights = class_weights(train_rasters, n_classes, cfg.optim.class_weights)
     loss_fn = SegmentationLoss(cfg.optim.loss, n_classes, weights, cfg.optim.focal_gamma).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
@@ -387,11 +391,15 @@ def train(cfg: TrainConfig) -> Path:
                 cfg.augment,
                 rng,
             )
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = loss_fn(model(x), y)
+            if cuda:  # pinned host memory: the copy overlaps the previous step's compute
+                x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = model(x)
+            loss = loss_fn(logits.float(), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             if sched.last_epoch + 1 < sched.total_steps:
                 sched.step()
             losses.append(loss.item())

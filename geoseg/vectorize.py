@@ -71,17 +71,21 @@ def sieve_halo(min_pixels: int) -> int:
     return SIEVE_PASSES * (min_pixels + 1) if min_pixels > 1 else 0
 
 
-def sieve(classes: np.ndarray, min_pixels: int, passes: int = SIEVE_PASSES) -> np.ndarray:
-    """Absorb regions smaller than ``min_pixels`` into their neighbours, for up to ``passes`` rounds."""
+def sieve(classes: np.ndarray, min_pixels: int, passes: int = SIEVE_PASSES, enclosed_only: bool = False) -> np.ndarray:
+    """Absorb regions smaller than ``min_pixels`` into their neighbours, for up to ``passes`` rounds.
+
+    With ``enclosed_only``, only regions surrounded by a single class are absorbed: the holes of
+    that class's polygons are filled, nothing else changes.
+    """
     for _ in range(passes):
-        sieved = sieve_once(classes, min_pixels)
+        sieved = sieve_once(classes, min_pixels, enclosed_only)
         if sieved is classes:
             break
         classes = sieved
     return classes
 
 
-def sieve_once(classes: np.ndarray, min_pixels: int) -> np.ndarray:
+def sieve_once(classes: np.ndarray, min_pixels: int, enclosed_only: bool = False) -> np.ndarray:
     """Absorb regions smaller than ``min_pixels`` into the class most of their 4-neighbours have.
 
     Unlike GDAL's sieve (which merges into the largest neighbouring *polygon*), the rule only
@@ -109,6 +113,8 @@ def sieve_once(classes: np.ndarray, min_pixels: int) -> np.ndarray:
             np.add.at(votes, (ra[keep], nb_class[keep].astype(np.int64)), 1)
     winner = votes.argmax(axis=1)
     has_vote = votes.max(axis=1) > 0
+    if enclosed_only:
+        has_vote &= (votes > 0).sum(axis=1) == 1
     new_class = np.where(small & has_vote, winner, region_class).astype(np.int64)
     new_class[0] = NODATA
     return new_class[regions].astype(np.uint8)

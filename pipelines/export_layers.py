@@ -65,9 +65,7 @@ def export_run(out: Path, cfg: RunConfig, client: Client | None = None) -> Expor
         # FlatGeobuf cannot grow: it is converted from the GeoPackage at the end.
         for suffix in {".gpkg"} | {SUFFIX[f] for f in cfg.vector.formats if f == "parquet"}:
             writers.append((LayerWriter(out / f"polygons{tag}{suffix}"), crs))
-    count = stream_polygons(
-        client, blocks, grid, out, legend, writers, cfg.vector.mmu_pixels, cfg.vector.simplify_tolerance
-    )
+    count = stream_polygons(client, blocks, grid, out, legend, writers, cfg.vector)
     for tag, _ in targets:
         if "fgb" in cfg.vector.formats:
             write_flatgeobuf(out / f"polygons{tag}.gpkg", out / f"polygons{tag}.fgb")

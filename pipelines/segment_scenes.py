@@ -23,7 +23,7 @@ from rasterio.windows import Window
 
 from geoseg import mosaic, vectorize
 from geoseg.cluster import dask_client, torch_threads_per_worker
-from geoseg.config import RunConfig
+from geoseg.config import RunConfig, VectorConfig
 from geoseg.grid import OutputGrid, grid_from_scenes
 from geoseg.inference import InferenceSettings, get_predictor
 from geoseg.models.checkpoint import load_checkpoint
@@ -185,14 +185,15 @@ def process_block(
         return {"block": block.key, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
 
 
-def polygonize_task(block: Block, out: str, grid: OutputGrid, mmu_pixels: int = 0) -> vectorize.BlockPolygons:
+def polygonize_task(block: Block, out: str, grid: OutputGrid, vector: VectorConfig) -> vectorize.BlockPolygons:
     """A Dask task: polygons of one block, sieved with a halo wide enough to match the whole mosaic."""
-    halo = vectorize.sieve_halo(mmu_pixels)
+    halo = vectorize.sieve_halo(vector.mmu_pixels) + vectorize.sieve_halo(vector.fill_holes_pixels)
     r0, r1 = max(0, block.rows.start - halo), min(grid.height, block.rows.stop + halo)
     c0, c1 = max(0, block.cols.start - halo), min(grid.width, block.cols.stop + halo)
     classes = mosaic.read_region(Path(out) / MOSAIC_NAME, slice(r0, r1), slice(c0, c1))
     inner = (slice(block.rows.start - r0, block.rows.stop - r0), slice(block.cols.start - c0, block.cols.stop - c0))
-    classes = vectorize.sieve(classes, mmu_pixels)[inner]
+    classes = vectorize.sieve(classes, vector.mmu_pixels)
+    classes = vectorize.sieve(classes, vector.fill_holes_pixels, enclosed_only=True)[inner]
     rows, cols = slice(block.rows.start, block.rows.stop), slice(block.cols.start, block.cols.stop)
     confidence = mosaic.read_region(Path(out) / MOSAIC_NAME, rows, cols, mosaic.CONFIDENCE)
     return vectorize.polygonize_block(classes, block, grid.affine, grid.height, grid.width, confidence)
@@ -313,9 +314,7 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
     t_vec = 0.0
     if cfg.output.polygons:
         t1 = time.perf_counter()
-        polygons_path = write_polygons(
-            client, blocks, grid, out, legend, cfg.vector.mmu_pixels, cfg.vector.simplify_tolerance
-        )
+        polygons_path = write_polygons(client, blocks, grid, out, legend, cfg.vector)
         t_vec = time.perf_counter() - t1
 
     result = RunResult(out, mosaic_path, polygons_path, out / MANIFEST_NAME, failed_scenes, failed_blocks)
@@ -359,8 +358,7 @@ def stream_polygons(
     out: Path,
     legend: dict[int, str],
     writers: list[tuple[LayerWriter, str | None]],
-    mmu_pixels: int = 0,
-    simplify_tolerance: float = 0.0,
+    vector: VectorConfig,
 ) -> int:
     """Polygonize per block on the workers and write polygons as blocks finish; returns the polygon count.
 
@@ -370,7 +368,7 @@ def stream_polygons(
     """
     stamp = time.time_ns()
     futures = [
-        client.submit(polygonize_task, b, str(out), grid, mmu_pixels, key=f"polygonize-{b.key}-{stamp}") for b in blocks
+        client.submit(polygonize_task, b, str(out), grid, vector, key=f"polygonize-{b.key}-{stamp}") for b in blocks
     ]
     order = {fut.key: i for i, fut in enumerate(futures)}
     ready: dict[int, vectorize.BlockPolygons] = {}
@@ -380,9 +378,9 @@ def stream_polygons(
 
     def emit(pieces: list[vectorize.Piece]) -> int:
         gdf = vectorize.to_geodataframe(pieces, grid.crs_wkt, legend)
-        if simplify_tolerance > 0 and len(gdf):
+        if vector.simplify_tolerance > 0 and len(gdf):
             # Edges on this batch's outline stay exact, so batches still fit together.
-            gdf = vectorize.simplify_coverage(gdf, simplify_tolerance)
+            gdf = vectorize.simplify_coverage(gdf, vector.simplify_tolerance)
         for writer, crs in writers:
             writer.write(gdf if crs is None else gdf.to_crs(crs))
         return len(gdf)
@@ -426,14 +424,11 @@ def write_polygons(
     grid: OutputGrid,
     out: Path,
     legend: dict[int, str],
-    mmu_pixels: int = 0,
-    simplify_tolerance: float = 0.0,
+    vector: VectorConfig,
 ) -> Path:
     """The run's polygons as one GeoPackage layer."""
     path = out / POLYGONS_NAME
-    count = stream_polygons(
-        client, blocks, grid, out, legend, [(LayerWriter(path), None)], mmu_pixels, simplify_tolerance
-    )
+    count = stream_polygons(client, blocks, grid, out, legend, [(LayerWriter(path), None)], vector)
     log.info("%d polygons -> %s", count, path)
     return path
 

@@ -97,6 +97,16 @@ def test_change_polygons_carry_from_and_to(two_dates):
     assert set(zip(gdf["from_name"], gdf["to_name"], strict=True)) & {("forest", "bare soil"), ("cropland", "built-up")}
 
 
+def test_change_does_not_depend_on_the_block_size(two_dates, client2):
+    d, _, _ = two_dates
+    cfg = load_change_config(None, ["block_size=1024", "mmu_pixels=20", "min_confidence=50", "polygons=false"])
+    run_change(d / "run_a", d / "run_b", d / "change_1024", cfg, client2)
+    for name in ("changed", "transition"):
+        a = xr.open_zarr(d / "change" / "change.zarr")[name].values
+        b = xr.open_zarr(d / "change_1024" / "change.zarr")[name].values
+        np.testing.assert_array_equal(a, b)
+
+
 def test_runs_that_do_not_overlap_are_refused(tmp_path, two_dates, client2):
     d, _, _ = two_dates
     far = write_scene(SceneSpec(64, 64, seed=1, origin=(700_000.0, 5_600_000.0)), tmp_path / "far.tif")[0]

@@ -12,6 +12,7 @@ import rasterio
 import xarray as xr
 from conftest import run_config
 from PIL import Image
+from shapely.geometry import Polygon
 
 from geoseg.synth import SceneSpec, write_scene
 from geoseg.vectorize import sieve
@@ -21,6 +22,7 @@ from pipelines.segment_scenes import run
 NAMES = ["water", "forest", "grassland", "cropland", "built-up", "bare soil", "road"]
 MMU = 9
 TOLERANCE = 10.0  # metres: one pixel
+HOLES = 40  # pixels
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +34,7 @@ def exported(tmp_path_factory, client2):
     cfg = run_config_of(
         out,
         [
+            f"vector.fill_holes_pixels={HOLES}",
             f"vector.mmu_pixels={MMU}",
             f"vector.simplify_tolerance={TOLERANCE}",
             "vector.formats=[gpkg, parquet, fgb]",
@@ -68,7 +71,7 @@ def test_polygons_are_valid_non_overlapping_and_match_the_sieved_raster(exported
     # no overlaps: the union's area is the sum of the areas
     assert gdf.geometry.union_all().area == pytest.approx(gdf.geometry.area.sum(), rel=1e-9)
     classes = xr.open_zarr(out / "mosaic.zarr")["classes"].values
-    sieved = sieve(classes, MMU)
+    sieved = sieve(sieve(classes, MMU), HOLES, enclosed_only=True)
     counts = np.bincount(sieved[sieved != 255], minlength=7)
     per_class = gdf.groupby("class_id")["area_m2"].sum()
     perimeter = gdf.groupby("class_id").apply(lambda g: g.geometry.length.sum())
@@ -78,6 +81,9 @@ def test_polygons_are_valid_non_overlapping_and_match_the_sieved_raster(exported
     # no speckle: every polygon is at least the minimum mapping unit (before simplification)
     assert (gdf["area_m2"] > 0.5 * MMU * 100).all()
     assert ((gdf["mean_confidence"] > 0) & (gdf["mean_confidence"] <= 100)).all()
+    # holes below the threshold were filled (simplification may shave a ring by up to half)
+    rings = [Polygon(r).area for geom in gdf.geometry for r in geom.interiors]
+    assert rings and min(rings) > 0.5 * HOLES * 100
 
 
 def test_all_formats_and_the_reprojected_copy(exported):

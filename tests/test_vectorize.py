@@ -158,3 +158,30 @@ def test_sieve_absorbs_small_regions_into_the_majority_neighbour():
 
     _, _, sizes = label_regions(out)
     assert sizes[1:].min() >= 5
+
+
+def test_fill_holes_fills_only_enclosed_regions():
+    arr = np.full((12, 12), 2, np.uint8)
+    arr[:, 8:] = 3
+    arr[3:5, 3:5] = 0  # a 4-pixel hole inside class 2
+    arr[5, 7:9] = 1  # a 2-pixel region touching both 2 and 3: not a hole
+    out = sieve(arr, 10, enclosed_only=True)
+    assert (out[3:5, 3:5] == 2).all()
+    assert (out[5, 7:9] == 1).all()
+    assert (out[arr == 3] == 3).all()
+
+
+def test_hole_filling_with_a_halo_equals_the_whole_mosaic(labels):
+    want = sieve(labels, 30, enclosed_only=True)
+    assert not np.array_equal(want, labels)
+    h, w = labels.shape
+    halo = sieve_halo(30)
+    got = np.empty_like(labels)
+    for b in iter_blocks(h, w, 64):
+        r0, r1 = max(0, b.rows.start - halo), min(h, b.rows.stop + halo)
+        c0, c1 = max(0, b.cols.start - halo), min(w, b.cols.stop + halo)
+        part = sieve(labels[r0:r1, c0:c1], 30, enclosed_only=True)
+        got[b.rows.start : b.rows.stop, b.cols.start : b.cols.stop] = part[
+            b.rows.start - r0 : b.rows.stop - r0, b.cols.start - c0 : b.cols.stop - c0
+        ]
+    np.testing.assert_array_equal(got, want)
