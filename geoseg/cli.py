@@ -203,6 +203,30 @@ def export(
 
 
 @app.command()
+def vectorize(
+    out: Annotated[Path, typer.Argument(help="Output directory of a finished `geoseg run`")],
+    set_: SetOption = None,
+) -> None:
+    """Polygonize a finished run's mosaic again (e.g. with another vector.mmu_pixels) into OUT/polygons.gpkg."""
+    from geoseg.cluster import dask_client
+    from geoseg.mosaic import read_grid, read_legend
+    from geoseg.tiling import iter_blocks
+    from pipelines.export_layers import run_config_of
+    from pipelines.segment_scenes import MOSAIC_NAME, RunError, write_polygons
+
+    try:
+        cfg = run_config_of(out, list(set_ or []))
+    except (ConfigError, RunError) as exc:
+        _fail(str(exc))
+    out = out.resolve()
+    grid = read_grid(out / MOSAIC_NAME)
+    blocks = list(iter_blocks(grid.height, grid.width, cfg.output.block_size))
+    with dask_client(cfg.cluster) as client:
+        path = write_polygons(client, blocks, grid, out, read_legend(out / MOSAIC_NAME), cfg.vector)
+    log.info("polygons:  %s", path)
+
+
+@app.command()
 def change(
     run_a: Annotated[Path, typer.Argument(help="Finished run of the first date")],
     run_b: Annotated[Path, typer.Argument(help="Finished run of the second date")],

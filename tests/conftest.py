@@ -21,6 +21,7 @@ LEGEND = [
     {"id": 5, "name": "bare soil", "color": "#bf8a5a"},
     {"id": 6, "name": "road", "color": "#4d4d4d"},
 ]
+CLASS_NAMES = [c["name"] for c in LEGEND]
 
 
 def make_random_checkpoint(path: Path, seed: int = 0, arch: str = "unet", **arch_kwargs) -> Path:

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
+import pytest
 import rasterio
 import xarray as xr
+from conftest import CLASS_NAMES
 
 GEOSEG = [sys.executable, "-m", "geoseg"]
 
@@ -22,21 +24,8 @@ def geoseg(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 
 def test_synth_writes_a_georeferenced_scene_and_labels(tmp_path):
-    res = geoseg(
-        "synth",
-        "--seed",
-        "4",
-        "--width",
-        "300",
-        "--height",
-        "200",
-        "--out",
-        str(tmp_path / "s.tif"),
-        "--labels",
-        str(tmp_path / "l.tif"),
-        "--crs",
-        "EPSG:32632",
-    )
+    synth = ["synth", "--seed", "4", "--width", "300", "--height", "200", "--crs", "EPSG:32632"]
+    res = geoseg(*synth, "--out", str(tmp_path / "s.tif"), "--labels", str(tmp_path / "l.tif"))
     assert res.returncode == 0, res.stderr
     with rasterio.open(tmp_path / "s.tif") as src, rasterio.open(tmp_path / "l.tif") as lab:
         assert (src.count, src.dtypes[0], src.crs.to_epsg(), src.res) == (4, "uint16", 32632, (10.0, 10.0))
@@ -45,19 +34,7 @@ def test_synth_writes_a_georeferenced_scene_and_labels(tmp_path):
         assert ((src.read_masks(1) == 0) == (labels == 255)).all()
         assert len(np.unique(labels[labels != 255])) >= 4
     # the same seed gives the same scene
-    geoseg(
-        "synth",
-        "--seed",
-        "4",
-        "--width",
-        "300",
-        "--height",
-        "200",
-        "--out",
-        str(tmp_path / "t.tif"),
-        "--crs",
-        "EPSG:32632",
-    )
+    geoseg(*synth, "--out", str(tmp_path / "t.tif"))
     with rasterio.open(tmp_path / "s.tif") as a, rasterio.open(tmp_path / "t.tif") as b:
         np.testing.assert_array_equal(a.read(), b.read())
 
@@ -83,15 +60,7 @@ def test_run_with_two_workers_writes_all_outputs(tmp_path, random_checkpoint, sc
     ds = xr.open_zarr(out / "mosaic.zarr")
     assert ds["classes"].shape == (700, 1000)
     gdf = gpd.read_file(out / "polygons.gpkg")
-    assert len(gdf) > 0 and set(gdf["class_name"]) <= {
-        "water",
-        "forest",
-        "grassland",
-        "cropland",
-        "built-up",
-        "bare soil",
-        "road",
-    }
+    assert len(gdf) > 0 and set(gdf["class_name"]) <= set(CLASS_NAMES)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["summary"]["blocks"] == 4 and manifest["summary"]["failed_blocks"] == 0
     assert manifest["config"]["cluster"]["n_workers"] == 2
@@ -139,3 +108,22 @@ def test_jobqueue_without_its_extra_is_a_clear_error(tmp_path, scene_1000x700):
     )
     assert res.returncode == 2
     assert "cluster.jobqueue needs dask-jobqueue" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_vectorize_again_with_a_minimum_mapping_unit(tmp_path, random_checkpoint, scene_1000x700):
+    out = tmp_path / "out"
+    root = Path(__file__).parent.parent
+    common = ["--set", f"model.checkpoint={random_checkpoint}", "--set", "cluster.n_workers=1"]
+    assert (
+        geoseg(
+            "run", "configs/demo.yaml", "-i", str(scene_1000x700[0]), "--out", str(out), *common, cwd=root
+        ).returncode
+        == 0
+    )
+    before = gpd.read_file(out / "polygons.gpkg")
+    res = geoseg("vectorize", str(out), "--set", "vector.mmu_pixels=50", "--set", "cluster.n_workers=1")
+    assert res.returncode == 0, res.stderr
+    after = gpd.read_file(out / "polygons.gpkg")
+    assert len(after) < len(before)
+    assert after["area_m2"].min() >= 50 * 100 * 0.999
+    assert after["area_m2"].sum() == pytest.approx(before["area_m2"].sum())

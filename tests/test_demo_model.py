@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import rasterio
 import xarray as xr
-from conftest import run_config
+from conftest import CLASS_NAMES, run_config
 
 from geoseg.metrics import confusion_matrix, summarize
 from geoseg.models import load_checkpoint
@@ -19,15 +19,7 @@ HELD_OUT_SEED = 4242
 def test_demo_checkpoint_is_small_and_described():
     ckpt = load_checkpoint("builtin:demo")
     assert ckpt.bands == ["blue", "green", "red", "nir"]
-    assert [c["name"] for c in ckpt.classes] == [
-        "water",
-        "forest",
-        "grassland",
-        "cropland",
-        "built-up",
-        "bare soil",
-        "road",
-    ]
+    assert [c["name"] for c in ckpt.classes] == CLASS_NAMES
     assert sum(v.numel() for v in ckpt.state_dict.values()) < 2_000_000
 
 
