@@ -228,19 +228,27 @@ def vectorize(
 
 @app.command()
 def change(
-    run_a: Annotated[Path, typer.Argument(help="Finished run of the first date")],
-    run_b: Annotated[Path, typer.Argument(help="Finished run of the second date")],
-    out: Annotated[Path, typer.Option(help="Output directory")],
-    config: Annotated[Optional[Path], typer.Option(help="YAML with change settings")] = None,  # noqa: UP045
+    run_a: Annotated[Optional[Path], typer.Argument(help="Finished run of the first date")] = None,  # noqa: UP045
+    run_b: Annotated[Optional[Path], typer.Argument(help="Finished run of the second date")] = None,  # noqa: UP045
+    out: Annotated[Path, typer.Option(help="Output directory")] = Path("change_out"),
+    config: Annotated[Optional[Path], typer.Option(help="YAML with change settings (and date_a/date_b scenes)")] = None,  # noqa: UP045
     set_: SetOption = None,
 ) -> None:
-    """What turned into what between two dates: change.zarr, change_polygons.gpkg, transitions.{csv,json,png}."""
+    """What turned into what between two dates: change.zarr, change_polygons.gpkg, transitions.{csv,json,png}.
+
+    Give two finished runs, or a config naming both dates' scenes (date_a, date_b): they are
+    then segmented into OUT/date_a and OUT/date_b first.
+    """
     from geoseg.config import load_change_config
-    from pipelines.change_detection import run_change
+    from pipelines.change_detection import run_change, segment_dates
     from pipelines.segment_scenes import RunError
 
     try:
         cfg = load_change_config(config, list(set_ or []))
+        if run_a is None or run_b is None:
+            if not (cfg.date_a and cfg.date_b):
+                _fail("give two finished runs, or a --config with date_a and date_b scenes")
+            run_a, run_b = segment_dates(cfg, out)
         result = run_change(run_a, run_b, out, cfg)
     except (ConfigError, RunError) as exc:
         _fail(str(exc))

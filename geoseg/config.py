@@ -199,7 +199,13 @@ class ChangeConfig(_Strict):
     """Change regions smaller than this many pixels are noise, not change."""
     block_size: int = Field(1024, ge=64)
     polygons: bool = True
+    overwrite: bool = False
     cluster: ClusterConfig = ClusterConfig()
+    date_a: list[str] = Field(default_factory=list)
+    """Scenes of the first date, to segment in the same go (instead of giving two finished runs)."""
+    date_b: list[str] = Field(default_factory=list)
+    run_config: str | None = None
+    """Run config (YAML) used to segment date_a and date_b; relative to the change config."""
 
 
 def load_change_config(path: str | Path | None, overrides: list[str] | None = None) -> ChangeConfig:
@@ -207,8 +213,13 @@ def load_change_config(path: str | Path | None, overrides: list[str] | None = No
     if path is not None:
         if not Path(path).is_file():
             raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         data = data.get("change", data)
+        if data.get("run_config"):
+            data["run_config"] = str((Path(path).parent / data["run_config"]).resolve())
     data = apply_overrides(data, overrides or [])
     try:
         return ChangeConfig.model_validate(data)

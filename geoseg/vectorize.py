@@ -226,19 +226,3 @@ def simplify_coverage(gdf: gpd.GeoDataFrame, tolerance: float) -> gpd.GeoDataFra
     out["geometry"] = shapely.coverage_simplify(gdf.geometry.to_numpy(), tolerance, simplify_boundary=False)
     out["area_m2"] = areas_m2(out.geometry)
     return out
-
-
-DRIVERS = {".gpkg": "GPKG", ".fgb": "FlatGeobuf"}
-
-
-def write_layer(gdf: gpd.GeoDataFrame, path) -> None:
-    """Write (replacing) a polygon layer; the format follows the suffix (.gpkg, .fgb, .parquet)."""
-    from pathlib import Path
-
-    path = Path(path)
-    if path.exists():
-        path.unlink()
-    if path.suffix == ".parquet":
-        gdf.to_parquet(path, index=False)
-    else:
-        gdf.to_file(path, layer="landcover", driver=DRIVERS[path.suffix], engine="pyogrio")

@@ -22,11 +22,12 @@ from rasterio.warp import reproject, transform_bounds
 from geoseg import change, mosaic, vectorize
 from geoseg.blending import NODATA
 from geoseg.cluster import dask_client
-from geoseg.config import ChangeConfig
+from geoseg.config import ChangeConfig, VectorConfig
 from geoseg.grid import OutputGrid
 from geoseg.progress import track
 from geoseg.tiling import Block, Span, iter_blocks
-from pipelines.segment_scenes import MOSAIC_NAME, RunError
+from geoseg.vector_io import LayerWriter
+from pipelines.segment_scenes import MOSAIC_NAME, STATE_DIR, RunError, prepare_output, stream_polygons
 
 log = logging.getLogger(__name__)
 CHANGE_STORE = "change.zarr"
@@ -39,6 +40,8 @@ class ChangeResult:
     polygons: Path | None
     matrix: np.ndarray
     files: dict[str, Path]
+    computed: int = 0
+    reused: int = 0
 
 
 def read_on_grid(store: Path, target: OutputGrid, rows: Span, cols: Span) -> tuple[np.ndarray, np.ndarray]:
@@ -104,16 +107,53 @@ def change_task(
     )
     arrays = {name: getattr(result, name)[inner] for name in ARRAYS}
     mosaic.write_region(Path(out) / CHANGE_STORE, block, arrays)
-    return change.transition_matrix(arrays["transition"], n_classes)
+    matrix = change.transition_matrix(arrays["transition"], n_classes)
+    # Written after the region: a block with a marker is complete, a rerun skips it.
+    marker = {"status": "done", "matrix": matrix.tolist()}
+    (Path(out) / STATE_DIR / "blocks" / f"{block.key}.json").write_text(json.dumps(marker))
+    return matrix
 
 
-def change_polygon_task(block: Block, out: str, grid: OutputGrid) -> vectorize.BlockPolygons:
+def change_polygon_task(block: Block, out: str, grid: OutputGrid, vector: VectorConfig) -> vectorize.BlockPolygons:
     rows, cols = slice(block.rows.start, block.rows.stop), slice(block.cols.start, block.cols.stop)
     store = Path(out) / CHANGE_STORE
     transition = mosaic.read_region(store, rows, cols, "transition")
     changed = mosaic.read_region(store, rows, cols, "changed")
     codes = np.where(changed == 1, transition, NODATA).astype(np.uint8)
     return vectorize.polygonize_block(codes, block, grid.affine, grid.height, grid.width)
+
+
+def segment_dates(cfg: ChangeConfig, out: Path) -> tuple[Path, Path]:
+    """Segment ``date_a`` and ``date_b`` into ``out/date_a`` and ``out/date_b`` with one run config."""
+    from geoseg.config import load_config
+    from pipelines.segment_scenes import run
+
+    runs = []
+    for name, scenes in (("date_a", cfg.date_a), ("date_b", cfg.date_b)):
+        run_cfg = load_config(cfg.run_config, [f"inputs={list(scenes)!r}", f"out={str(Path(out) / name)!r}"])
+        result = run(run_cfg)
+        if not result.ok:
+            raise RunError(f"segmenting {name} failed: {result.failed_scenes or result.failed_blocks}")
+        runs.append(result.out)
+    return runs[0], runs[1]
+
+
+def change_fingerprint(run_a: Path, run_b: Path, cfg: ChangeConfig) -> str:
+    """What determines the change pixels: both mosaics (by their own fingerprints) and the settings."""
+    import hashlib
+
+    import zarr
+
+    def mosaic_id(run: Path) -> str:
+        meta = zarr.open_group(str(run / MOSAIC_NAME), mode="r").attrs["geoseg"]
+        return meta.get("fingerprint", str(run))
+
+    relevant = {
+        "a": mosaic_id(run_a),
+        "b": mosaic_id(run_b),
+        "settings": cfg.model_dump(include={"min_confidence", "mmu_pixels", "block_size"}),
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def check_overlap(a: OutputGrid, b: OutputGrid, run_a: Path, run_b: Path) -> None:
@@ -148,51 +188,63 @@ def run_change(run_a: Path, run_b: Path, out: Path, cfg: ChangeConfig, client: C
         mosaic.Layer("transition", "uint8", NODATA, {"long_name": f"from_class * {n} + to_class", "nodata": NODATA}),
     ]
     store = out / CHANGE_STORE
-    mosaic.create_store(
-        store,
-        grid,
-        cfg.block_size,
-        layers,
-        {
-            "classes": {str(k): v for k, v in legend.items()},
-            "run_a": str(run_a),
-            "run_b": str(run_b),
-            "min_confidence": cfg.min_confidence,
-            "mmu_pixels": cfg.mmu_pixels,
-        },
-    )
+    fingerprint = change_fingerprint(run_a, run_b, cfg)
+    reused = prepare_output(out, fingerprint, cfg.overwrite, CHANGE_STORE)
+    if not reused:
+        mosaic.create_store(
+            store,
+            grid,
+            cfg.block_size,
+            layers,
+            {
+                "classes": {str(k): v for k, v in legend.items()},
+                "run_a": str(run_a),
+                "run_b": str(run_b),
+                "min_confidence": cfg.min_confidence,
+                "mmu_pixels": cfg.mmu_pixels,
+            },
+        )
     blocks = list(iter_blocks(grid.height, grid.width, cfg.block_size))
     stamp = time.time_ns()
+    todo = [b for b in blocks if reused.get(b.key, {}).get("status") != "done"]
     futures = [
         client.submit(change_task, b, str(run_a), str(run_b), grid, n, cfg, str(out), key=f"change-{b.key}-{stamp}")
-        for b in blocks
+        for b in todo
     ]
     matrix = np.zeros((n, n), dtype=np.int64)
+    for record in reused.values():
+        matrix += np.asarray(record["matrix"], dtype=np.int64)
+    log.info("%d change blocks (%d reused)", len(blocks), len(blocks) - len(todo))
     for fut in track(as_completed(futures), total=len(futures), description="change blocks"):
         matrix += fut.result()
         fut.release()
     files = write_matrix(matrix, legend, vectorize.pixel_area_m2(grid), out)
     polygons = None
     if cfg.polygons:
-        futures = [
-            client.submit(change_polygon_task, b, str(out), grid, key=f"change-poly-{b.key}-{stamp}") for b in blocks
-        ]
-        final, edge = [], []
-        for fut in track(as_completed(futures), total=len(futures), description="change polygons"):
-            part = fut.result()
-            final += part.final
-            edge += part.edge
-        gdf = vectorize.to_geodataframe(final + vectorize.merge_edge_polygons(edge), grid.crs_wkt, codes_legend)
-        gdf.insert(0, "from_class", (gdf["class_id"].astype(int) // n).astype("uint8"))
-        gdf.insert(1, "to_class", (gdf["class_id"].astype(int) % n).astype("uint8"))
-        gdf.insert(2, "from_name", [legend[int(v)] for v in gdf["from_class"]])
-        gdf.insert(3, "to_name", [legend[int(v)] for v in gdf["to_class"]])
-        gdf = gdf.rename(columns={"class_id": "transition", "class_name": "transition_name"})
-        gdf = gdf.drop(columns=["mean_confidence"])
         polygons = out / "change_polygons.gpkg"
-        vectorize.write_layer(gdf, polygons)
-        log.info("%d change polygons -> %s", len(gdf), polygons)
-    return ChangeResult(store, polygons, matrix, files)
+
+        def with_dates(gdf):
+            codes = gdf["class_id"].astype(int)
+            gdf.insert(0, "from_class", (codes // n).astype("uint8"))
+            gdf.insert(1, "to_class", (codes % n).astype("uint8"))
+            gdf.insert(2, "from_name", [legend[int(v)] for v in gdf["from_class"]])
+            gdf.insert(3, "to_name", [legend[int(v)] for v in gdf["to_class"]])
+            gdf = gdf.rename(columns={"class_id": "transition", "class_name": "transition_name"})
+            return gdf.drop(columns=["mean_confidence"])
+
+        count = stream_polygons(
+            client,
+            blocks,
+            grid,
+            out,
+            codes_legend,
+            [(LayerWriter(polygons), None)],
+            VectorConfig(),
+            task=change_polygon_task,
+            finish=with_dates,
+        )
+        log.info("%d change polygons -> %s", count, polygons)
+    return ChangeResult(store, polygons, matrix, files, computed=len(todo), reused=len(blocks) - len(todo))
 
 
 def write_matrix(matrix: np.ndarray, legend: dict[int, str], pixel_m2: float, out: Path) -> dict[str, Path]:

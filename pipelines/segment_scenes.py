@@ -13,10 +13,12 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import geopandas as gpd
 import numpy as np
 from distributed import Client, as_completed
 from rasterio.windows import Window
@@ -199,7 +201,7 @@ def polygonize_task(block: Block, out: str, grid: OutputGrid, vector: VectorConf
     return vectorize.polygonize_block(classes, block, grid.affine, grid.height, grid.width, confidence)
 
 
-def prepare_output(out: Path, fingerprint: str, overwrite: bool) -> dict[str, dict[str, Any]]:
+def prepare_output(out: Path, fingerprint: str, overwrite: bool, store: str = MOSAIC_NAME) -> dict[str, dict[str, Any]]:
     """Check a previous run in ``out``; return the blocks it finished (to be reused)."""
     state = out / STATE_DIR
     stamp = state / "fingerprint"
@@ -211,7 +213,7 @@ def prepare_output(out: Path, fingerprint: str, overwrite: bool) -> dict[str, di
                 f"{out} holds a run with another model, tiling, block size or inputs "
                 f"({previous} != {fingerprint}); use --overwrite or another --out"
             )
-        if (out / MOSAIC_NAME).exists():
+        if (out / store).exists():
             return {p.stem: json.loads(p.read_text()) for p in sorted(blocks_dir.glob("*.json"))}
     for p in blocks_dir.glob("*.json"):
         p.unlink()
@@ -359,17 +361,20 @@ def stream_polygons(
     legend: dict[int, str],
     writers: list[tuple[LayerWriter, str | None]],
     vector: VectorConfig,
+    task: Callable[..., vectorize.BlockPolygons] | None = None,
+    finish: Callable[[gpd.GeoDataFrame], gpd.GeoDataFrame] | None = None,
 ) -> int:
     """Polygonize per block on the workers and write polygons as blocks finish; returns the polygon count.
 
     A block's finished polygons are written at once, in block order (so reruns give the same
     file); only pieces cut by block edges stay in memory until the merge at the end. Each
     writer gets the polygons in the mosaic CRS, or reprojected to the CRS paired with it.
+    ``task(block, out, grid, vector)`` polygonizes a block (default: the class mosaic's);
+    ``finish`` adapts each batch's columns before it is written.
     """
     stamp = time.time_ns()
-    futures = [
-        client.submit(polygonize_task, b, str(out), grid, vector, key=f"polygonize-{b.key}-{stamp}") for b in blocks
-    ]
+    task = task or polygonize_task
+    futures = [client.submit(task, b, str(out), grid, vector, key=f"polygonize-{b.key}-{stamp}") for b in blocks]
     order = {fut.key: i for i, fut in enumerate(futures)}
     ready: dict[int, vectorize.BlockPolygons] = {}
     next_block = 0
@@ -381,6 +386,8 @@ def stream_polygons(
         if vector.simplify_tolerance > 0 and len(gdf):
             # Edges on this batch's outline stay exact, so batches still fit together.
             gdf = vectorize.simplify_coverage(gdf, vector.simplify_tolerance)
+        if finish is not None:
+            gdf = finish(gdf)
         for writer, crs in writers:
             writer.write(gdf if crs is None else gdf.to_crs(crs))
         return len(gdf)

@@ -107,6 +107,21 @@ def test_change_does_not_depend_on_the_block_size(two_dates, client2):
         np.testing.assert_array_equal(a, b)
 
 
+def test_change_run_resumes_only_missing_blocks(two_dates, client2):
+    d, first, _ = two_dates
+    for key in ("0_1", "1_2"):
+        (d / "change" / ".geoseg" / "blocks" / f"{key}.json").unlink()
+    before = xr.open_zarr(d / "change" / "change.zarr")["transition"].values
+    cfg = load_change_config(None, ["block_size=256", "mmu_pixels=20", "min_confidence=50"])
+    again = run_change(d / "run_a", d / "run_b", d / "change", cfg, client2)
+    assert (again.computed, again.reused) == (2, 10)
+    assert again.matrix.tolist() == first.matrix.tolist()
+    np.testing.assert_array_equal(xr.open_zarr(d / "change" / "change.zarr")["transition"].values, before)
+    changed = load_change_config(None, ["block_size=256", "mmu_pixels=5"])
+    with pytest.raises(RunError, match="--overwrite"):
+        run_change(d / "run_a", d / "run_b", d / "change", changed, client2)
+
+
 def test_runs_that_do_not_overlap_are_refused(tmp_path, two_dates, client2):
     d, _, _ = two_dates
     far = write_scene(SceneSpec(64, 64, seed=1, origin=(700_000.0, 5_600_000.0)), tmp_path / "far.tif")[0]
@@ -126,3 +141,49 @@ def test_change_maths_with_confidence_and_mmu():
     m = transition_matrix(res.transition, 7)
     assert m.sum() == 11 and m[1, 5] == 4 and m[2, 2] == 3 and m[1, 1] == 4
     assert drop_small_regions(np.eye(3, dtype=bool), 2).sum() == 0
+
+
+def test_two_scene_sets_in_one_go_from_the_cli(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    a = write_scene(SceneSpec(300, 256, seed=71), tmp_path / "a.tif")[0]
+    b = write_second_date(a, tmp_path / "b.tif", None, n_changes=2, illumination=0.9)[0]
+    (tmp_path / "change.yaml").write_text(
+        f"run_config: {root / 'configs' / 'demo.yaml'}\n"
+        f"date_a: ['{a}']\ndate_b: ['{b}']\nmin_confidence: 50\nmmu_pixels: 10\n"
+        "cluster: {n_workers: 1}\n"
+    )
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "geoseg",
+            "change",
+            "--config",
+            str(tmp_path / "change.yaml"),
+            "--out",
+            str(tmp_path / "out"),
+            "--set",
+            "block_size=128",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    for name in (
+        "date_a/mosaic.zarr",
+        "date_b/mosaic.zarr",
+        "change.zarr",
+        "change_polygons.gpkg",
+        "transitions.csv",
+        "transitions.json",
+        "transitions.png",
+    ):
+        assert (tmp_path / "out" / name).exists(), name
+    doc = json.loads((tmp_path / "out" / "transitions.json").read_text())
+    valid = (xr.open_zarr(tmp_path / "out" / "change.zarr")["transition"].values != 255).sum()
+    assert doc["valid_pixels"] == valid and doc["changed_pixels"] > 0
