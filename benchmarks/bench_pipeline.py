@@ -55,12 +55,12 @@ def monai_seconds(checkpoint: str, scene: Path, tile: int, overlap: int, batch: 
 
     torch.set_num_threads(threads)
     ckpt = load_checkpoint(checkpoint)
-    model = ckpt.build()
+    model = ckpt.build().to(memory_format=torch.channels_last)  # the same layout geoseg uses
     with rasterio.open(scene) as src:
         image = src.read().astype(np.float32)
     mean = np.asarray(ckpt.mean, np.float32)[:, None, None]
     std = np.asarray(ckpt.std, np.float32)[:, None, None]
-    x = torch.from_numpy((image - mean) / std)[None]
+    x = torch.from_numpy((image - mean) / std)[None].contiguous(memory_format=torch.channels_last)
     start = time.perf_counter()
     with torch.inference_mode():
         logits = sliding_window_inference(x, (tile, tile), batch, model, overlap=overlap / tile, mode="gaussian")

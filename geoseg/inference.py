@@ -83,7 +83,8 @@ class Predictor:
         threads = auto_threads() if settings.torch_threads < 0 else settings.torch_threads
         if threads > 0:
             torch.set_num_threads(threads)
-        self.model = ckpt.build().to(self.device)
+        # channels_last: measured 1.6x faster forward passes on CPU (benchmarks/README.md).
+        self.model = ckpt.build().to(self.device, memory_format=torch.channels_last)
         if settings.compile:
             self.model = torch.compile(self.model)
         self._batch_sizes: dict[int, int] = {}
@@ -132,6 +133,7 @@ class Predictor:
         x = torch.from_numpy(tiles)
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
+        x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             logits = self.model(x)
         return torch.softmax(logits.float(), dim=1).cpu().numpy()
