@@ -70,6 +70,14 @@ def client1():
     yield from _local_client(1)
 
 
+def run_cli_args(scene: Path, out: Path, *overrides: str) -> list[str]:
+    """``geoseg run configs/demo.yaml`` arguments for one scene, with ``--set`` overrides."""
+    args = ["run", "configs/demo.yaml", "--input", str(scene), "--out", str(out)]
+    for item in overrides:
+        args += ["--set", item]
+    return args
+
+
 def run_config(checkpoint: Path, inputs: list[Path], out: Path, *overrides: str):
     return load_config(
         None,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import rasterio
 import xarray as xr
-from conftest import CLASS_NAMES
+from conftest import CLASS_NAMES, run_cli_args
 
 GEOSEG = [sys.executable, "-m", "geoseg"]
 
@@ -42,18 +42,13 @@ def test_synth_writes_a_georeferenced_scene_and_labels(tmp_path):
 def test_run_with_two_workers_writes_all_outputs(tmp_path, random_checkpoint, scene_1000x700):
     out = tmp_path / "out"
     res = geoseg(
-        "run",
-        "configs/demo.yaml",
-        "--input",
-        str(scene_1000x700[0]),
-        "--out",
-        str(out),
-        "--set",
-        f"model.checkpoint={random_checkpoint}",
-        "--set",
-        "cluster.n_workers=2",
-        "--set",
-        "output.block_size=512",
+        *run_cli_args(
+            scene_1000x700[0],
+            out,
+            f"model.checkpoint={random_checkpoint}",
+            "cluster.n_workers=2",
+            "output.block_size=512",
+        ),
         cwd=Path(__file__).parent.parent,
     )
     assert res.returncode == 0, res.stderr
@@ -92,18 +87,9 @@ def test_jobqueue_without_its_extra_is_a_clear_error(tmp_path, scene_1000x700):
     import importlib.util
 
     if importlib.util.find_spec("dask_jobqueue") is not None:
-        import pytest
-
         pytest.skip("dask-jobqueue is installed")
     res = geoseg(
-        "run",
-        "configs/demo.yaml",
-        "--input",
-        str(scene_1000x700[0]),
-        "--out",
-        str(tmp_path / "o"),
-        "--set",
-        "cluster.jobqueue={kind: slurm, jobs: 2}",
+        *run_cli_args(scene_1000x700[0], tmp_path / "o", "cluster.jobqueue={kind: slurm, jobs: 2}"),
         cwd=Path(__file__).parent.parent,
     )
     assert res.returncode == 2
@@ -113,13 +99,8 @@ def test_jobqueue_without_its_extra_is_a_clear_error(tmp_path, scene_1000x700):
 def test_vectorize_again_with_a_minimum_mapping_unit(tmp_path, random_checkpoint, scene_1000x700):
     out = tmp_path / "out"
     root = Path(__file__).parent.parent
-    common = ["--set", f"model.checkpoint={random_checkpoint}", "--set", "cluster.n_workers=1"]
-    assert (
-        geoseg(
-            "run", "configs/demo.yaml", "-i", str(scene_1000x700[0]), "--out", str(out), *common, cwd=root
-        ).returncode
-        == 0
-    )
+    args = run_cli_args(scene_1000x700[0], out, f"model.checkpoint={random_checkpoint}", "cluster.n_workers=1")
+    assert geoseg(*args, cwd=root).returncode == 0
     before = gpd.read_file(out / "polygons.gpkg")
     res = geoseg("vectorize", str(out), "--set", "vector.mmu_pixels=50", "--set", "cluster.n_workers=1")
     assert res.returncode == 0, res.stderr

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
-from conftest import make_random_checkpoint, run_config
+from conftest import make_random_checkpoint, run_cli_args, run_config
 from distributed import Client
 
 from pipelines.segment_scenes import run
@@ -140,27 +140,14 @@ def test_sigkill_of_a_worker_mid_run_still_completes(
 
 def test_killed_run_resumes_with_only_the_missing_blocks(tmp_path, slow_checkpoint, scene_1000x700, reference_mosaic):
     out = tmp_path / "out"
-    args = [
-        sys.executable,
-        "-m",
-        "geoseg",
-        "run",
-        "configs/demo.yaml",
-        "--input",
-        str(scene_1000x700[0]),
-        "--out",
-        str(out),
-        "--set",
+    overrides = [
         f"model.checkpoint={slow_checkpoint}",
-        "--set",
         "output.block_size=128",
-        "--set",
         "tiling.tile_size=128",
-        "--set",
         "tiling.overlap=16",
-        "--set",
         "cluster.n_workers=1",
     ]
+    args = [sys.executable, "-m", "geoseg", *run_cli_args(scene_1000x700[0], out, *overrides)]
     cwd = Path(__file__).parent.parent
     proc = subprocess.Popen(args, cwd=cwd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
