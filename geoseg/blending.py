@@ -1,9 +1,9 @@
 """Blending windows and the weighted accumulation of tile predictions: pure numpy.
 
 A pixel's class is the argmax of ``sum_t w_t * p_t / sum_t w_t`` over the tiles ``t`` that
-cover it, where ``p_t`` are softmax probabilities and ``w_t`` the tile's window. Tiles are
-accumulated in global tile order, so the sum (and its rounding) is the same whatever block
-computes it.
+cover it, where ``p_t`` are softmax probabilities and ``w_t`` the tile's window. The terms are
+fixed-point integers (``FIXED_ONE`` = 1.0), so the sum is exact and the same in any order:
+whichever block adds a tile, and whenever, the mosaic comes out bitwise the same.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from geoseg.tiling import Span, TileGrid
 
 BlendMode = Literal["gaussian", "cosine", "trim"]
 NODATA = 255
+FIXED_ONE = 1 << 24  # fixed-point 1.0: 2**-24 resolution, like float32 near 1
 
 
 def window_1d(mode: BlendMode, grid: TileGrid) -> np.ndarray:
@@ -53,37 +54,94 @@ def support(mode: BlendMode, grid: TileGrid) -> Span:
     return Span(0, grid.tile_size)
 
 
+def fixed_window(mode: BlendMode, tile_size: int, overlap: int) -> np.ndarray:
+    """The window in fixed point (int32, 1.0 = ``FIXED_ONE``), at least 1 wherever it is positive."""
+    return _fixed_window(mode, tile_size, overlap)
+
+
+@lru_cache(maxsize=8)
+def _fixed_window(mode: BlendMode, tile_size: int, overlap: int) -> np.ndarray:
+    w = window_2d(mode, tile_size, overlap)
+    out = np.where(w > 0, np.maximum(np.rint(w.astype(np.float64) * FIXED_ONE), 1), 0).astype(np.int32)
+    out.setflags(write=False)
+    return out
+
+
+def fixed_votes(probs: np.ndarray, window: np.ndarray) -> np.ndarray:
+    """Probabilities ``(..., K, T, T)`` times a fixed-point window, truncated to int32 (what tiles add)."""
+    return (probs * window.astype(np.float32)).astype(np.int32)
+
+
 class Accumulator:
-    """Weighted sum of class probabilities over one output block."""
+    """Weighted class votes over a window of the output grid, in fixed point.
+
+    Channels ``0..K-1`` sum each class's votes (probability x window), channel ``K`` the window
+    weight of valid pixels. Integer sums do not depend on the order of the terms, so a block
+    can add its neighbours' contributions whenever they arrive and the mosaic stays bitwise
+    identical for any partition. At most 2 x 2 tiles cover a pixel (overlap < tile/2), so
+    ``4 * FIXED_ONE`` bounds every sum and int32 cannot overflow.
+    """
 
     def __init__(self, n_classes: int, rows: Span, cols: Span) -> None:
         self.rows, self.cols = rows, cols
-        self.sum = np.zeros((n_classes, rows.size, cols.size), dtype=np.float32)
-        self.weight = np.zeros((rows.size, cols.size), dtype=np.float32)
+        self.n_classes = n_classes
+        self.sums = np.zeros((n_classes + 1, rows.size, cols.size), dtype=np.int32)
 
-    def add(self, probs: np.ndarray, window: np.ndarray, row0: int, col0: int) -> None:
-        """Add one tile's probabilities ``(C, T, T)`` whose top-left pixel is ``(row0, col0)``."""
-        size_r, size_c = probs.shape[1:]
-        r0, r1 = max(row0, self.rows.start), min(row0 + size_r, self.rows.stop)
-        c0, c1 = max(col0, self.cols.start), min(col0 + size_c, self.cols.stop)
-        if r0 >= r1 or c0 >= c1:
+    @property
+    def weight(self) -> np.ndarray:
+        return self.sums[self.n_classes]
+
+    def add(self, votes: np.ndarray, window: np.ndarray, row0: int, col0: int, valid: np.ndarray | None = None) -> None:
+        """Add one tile's ``votes`` (K, T, T) with top-left pixel ``(row0, col0)``; ``window`` is the
+        fixed-point window, counted only where ``valid`` (pixels outside the scene stay nodata)."""
+        size_r, size_c = votes.shape[1:]
+        dest, src = _clip(self.rows, self.cols, Span(row0, row0 + size_r), Span(col0, col0 + size_c))
+        if dest is None:
             return
-        tile = (slice(r0 - row0, r1 - row0), slice(c0 - col0, c1 - col0))
-        dest = (slice(r0 - self.rows.start, r1 - self.rows.start), slice(c0 - self.cols.start, c1 - self.cols.start))
-        w = window[tile]
-        self.sum[(slice(None), *dest)] += probs[(slice(None), *tile)] * w
-        self.weight[dest] += w
+        self.sums[(slice(0, self.n_classes), *dest)] += votes[(slice(None), *src)]
+        weight = window[src] if valid is None else np.where(valid[src], window[src], 0)
+        self.sums[(self.n_classes, *dest)] += weight
 
-    def finalize(self, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Classes (uint8, 255 nodata) and confidence (uint8 percent) where ``valid``."""
-        return finalize(self.sum, self.weight, valid)
+    def add_sums(self, sums: np.ndarray, rows: Span, cols: Span) -> None:
+        """Add another accumulator's sums ``(K+1, h, w)`` covering ``rows`` x ``cols`` (where they overlap)."""
+        dest, src = _clip(self.rows, self.cols, rows, cols)
+        if dest is not None:
+            self.sums[(slice(None), *dest)] += sums[(slice(None), *src)]
+
+    def region(self, rows: Span, cols: Span) -> np.ndarray:
+        """A view of the sums over ``rows`` x ``cols`` (inside the accumulator)."""
+        return self.sums[
+            :,
+            rows.start - self.rows.start : rows.stop - self.rows.start,
+            cols.start - self.cols.start : cols.stop - self.cols.start,
+        ]
+
+    def finalize(self, rows: Span | None = None, cols: Span | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Classes (uint8, 255 nodata) and confidence (uint8 percent) over ``rows`` x ``cols`` (default: all)."""
+        sums = self.sums if rows is None or cols is None else self.region(rows, cols)
+        return finalize(sums[: self.n_classes], sums[self.n_classes])
 
 
-def finalize(acc: np.ndarray, weight: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    classes = acc.argmax(axis=0).astype(np.uint8)
-    best = np.take_along_axis(acc, classes[None].astype(np.intp), axis=0)[0]
-    covered = valid & (weight > 0)
+def _clip(
+    rows: Span, cols: Span, src_rows: Span, src_cols: Span
+) -> tuple[tuple[slice, slice] | None, tuple[slice, slice]]:
+    """Slices of the overlap of ``src`` with ``rows`` x ``cols``: in the destination and in the source."""
+    r0, r1 = max(src_rows.start, rows.start), min(src_rows.stop, rows.stop)
+    c0, c1 = max(src_cols.start, cols.start), min(src_cols.stop, cols.stop)
+    if r0 >= r1 or c0 >= c1:
+        return None, (slice(0, 0), slice(0, 0))
+    dest = (slice(r0 - rows.start, r1 - rows.start), slice(c0 - cols.start, c1 - cols.start))
+    src = (slice(r0 - src_rows.start, r1 - src_rows.start), slice(c0 - src_cols.start, c1 - src_cols.start))
+    return dest, src
+
+
+def finalize(votes: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Argmax class and its share of the weight; pixels without weight (uncovered or invalid) are nodata."""
+    classes = votes.argmax(axis=0).astype(np.uint8)
+    best = np.take_along_axis(votes, classes[None].astype(np.intp), axis=0)[0]
+    covered = weight > 0
     with np.errstate(invalid="ignore", divide="ignore"):
-        confidence = np.where(covered, np.rint(100.0 * best / weight), 0).clip(0, 100).astype(np.uint8)
+        ratio = best.astype(np.float64) / weight
+    confidence = np.where(covered, np.rint(100.0 * ratio), 0).clip(0, 100).astype(np.uint8)
     classes[~covered] = NODATA
     return classes, confidence

@@ -9,6 +9,7 @@ import numpy as np
 import rasterio
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
+from rasterio.io import DatasetReader
 from rasterio.transform import Affine
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
@@ -127,30 +128,36 @@ def same_grid(info: SceneInfo, crs: CRS, transform: Affine, tol: float = 1e-6) -
     return abs(col_off - round(col_off)) < tol and abs(row_off - round(row_off)) < tol
 
 
-def read_window(info: SceneInfo, crs: CRS, transform: Affine, window: Window) -> tuple[np.ndarray, np.ndarray]:
+def read_window(
+    info: SceneInfo, crs: CRS, transform: Affine, window: Window, src: DatasetReader | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Read ``window`` of the output grid from a scene: float32 bands and a validity mask.
 
     The window may reach outside the scene (tile halos at the edges); those pixels come back
-    invalid. Scenes on another grid are warped on the fly, never copied whole.
+    invalid. Scenes on another grid are warped on the fly, never copied whole. Pass ``src``,
+    the scene opened once by the caller, when reading many windows: GDAL's block cache lives
+    with the open dataset, so rows shared by consecutive windows are decoded once.
     """
+    if src is None:
+        with rasterio.open(info.path) as opened:
+            return read_window(info, crs, transform, window, opened)
     shape = (int(window.height), int(window.width))
-    with rasterio.open(info.path) as src:
-        if same_grid(info, crs, transform):
-            col_off = round((transform.c - info.affine.c) / info.affine.a)
-            row_off = round((transform.f - info.affine.f) / info.affine.e)
-            src_window = Window(window.col_off + col_off, window.row_off + row_off, window.width, window.height)
-            return _read_boundless(src, src_window, shape)
-        window_transform = transform @ Affine.translation(window.col_off, window.row_off)
-        with WarpedVRT(
-            src,
-            crs=crs,
-            transform=window_transform,
-            width=shape[1],
-            height=shape[0],
-            resampling=Resampling.bilinear,
-            add_alpha=src.nodata is None,
-        ) as vrt:
-            block = vrt.read(indexes=list(range(1, src.count + 1)), masked=True)
+    if same_grid(info, crs, transform):
+        col_off = round((transform.c - info.affine.c) / info.affine.a)
+        row_off = round((transform.f - info.affine.f) / info.affine.e)
+        src_window = Window(window.col_off + col_off, window.row_off + row_off, window.width, window.height)
+        return _read_boundless(src, src_window, shape)
+    window_transform = transform @ Affine.translation(window.col_off, window.row_off)
+    with WarpedVRT(
+        src,
+        crs=crs,
+        transform=window_transform,
+        width=shape[1],
+        height=shape[0],
+        resampling=Resampling.bilinear,
+        add_alpha=src.nodata is None,
+    ) as vrt:
+        block = vrt.read(indexes=list(range(1, src.count + 1)), masked=True)
     valid = ~np.ma.getmaskarray(block).any(axis=0)
     return block.filled(0).astype(np.float32, copy=False), valid
 

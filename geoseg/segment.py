@@ -1,60 +1,127 @@
-"""Segment one output block: read block + halo, tile, forward, blend, argmax."""
+"""Segment output blocks: each block computes the tiles it owns, then finishes with its neighbours' help.
+
+Two steps per block (see :mod:`geoseg.tiling` for ownership):
+
+1. :func:`predict_block` reads the block's owned tiles (plus halo), runs the forward passes and
+   sums their fixed-point votes. Pixels only its own tiles reach (the *interior*) are final; the
+   votes on the rest (the *frame*) are kept for step 2.
+2. :func:`finish_block` adds the frames of every block whose tiles reach this one and takes the
+   argmax of the edge band.
+
+Every tile is computed once in the whole mosaic, and because the votes are integers the
+result does not depend on which block adds what, or in which order.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
+import rasterio
+from rasterio.io import DatasetReader
 from rasterio.windows import Window
 
-from geoseg.blending import NODATA, Accumulator, BlendMode, support, window_2d
+from geoseg.blending import NODATA, Accumulator, BlendMode, fixed_window, support
 from geoseg.grid import OutputGrid
 from geoseg.inference import Predictor
 from geoseg.scenes import SceneInfo, read_window
-from geoseg.tiling import Block, Span, TileGrid
+from geoseg.tiling import AxisOwnership, Block, Span, TileGrid, axis_ownership
 
 
 @dataclass(frozen=True)
 class TilingSettings:
+    """The global tile grid, its blending window, and the output blocks that share out its tiles."""
+
     tile_size: int
     overlap: int
     blend: BlendMode
+    block_size: int
 
     @property
     def grid(self) -> TileGrid:
         return TileGrid(self.tile_size, self.overlap)
 
+    @property
+    def support(self) -> Span:
+        return support(self.blend, self.grid)
+
+    def ownership(self, block: Block, grid: OutputGrid) -> tuple[AxisOwnership, AxisOwnership]:
+        """What ``block`` owns along rows and along columns."""
+        tg, sup = self.grid, self.support
+        return (
+            axis_ownership(tg, block.row, self.block_size, grid.height, sup),
+            axis_ownership(tg, block.col, self.block_size, grid.width, sup),
+        )
+
+
+@dataclass(frozen=True)
+class Rect:
+    rows: Span
+    cols: Span
+
+    @property
+    def empty(self) -> bool:
+        return self.rows.size <= 0 or self.cols.size <= 0
+
 
 @dataclass
-class BlockResult:
-    classes: np.ndarray
+class Frame:
+    """Votes of a block's own tiles on pixels that other blocks' tiles reach too."""
+
+    rect: Rect
+    sums: np.ndarray  # (K+1, rows, cols) int32: class votes, then the weight
+
+
+@dataclass
+class Partial:
+    """Step 1's result for one block."""
+
+    interior: Rect
+    classes: np.ndarray  # over the interior
     confidence: np.ndarray
-    tiles: int  # forward passes computed for this block
-    # per scene path, for the scenes read: [valid pixels, pixels it filled] (halos included)
+    frames: list[Frame]
+    tiles: int  # forward passes computed
+    # per scene path: [valid pixels read, pixels it filled] (halos included)
     valid_pixels: dict[str, list[int]] = field(default_factory=dict)
+
+
+def ring(outer: Rect, inner: Rect) -> list[Rect]:
+    """``outer`` minus ``inner`` (inside it, or empty) as up to four non-empty rectangles."""
+    if inner.empty:
+        return [] if outer.empty else [outer]
+    parts = [
+        Rect(Span(outer.rows.start, inner.rows.start), outer.cols),
+        Rect(Span(inner.rows.stop, outer.rows.stop), outer.cols),
+        Rect(inner.rows, Span(outer.cols.start, inner.cols.start)),
+        Rect(inner.rows, Span(inner.cols.stop, outer.cols.stop)),
+    ]
+    return [p for p in parts if not p.empty]
 
 
 def read_composite(
     scenes: list[SceneInfo],
     grid: OutputGrid,
-    rows: Span,
-    cols: Span,
+    rect: Rect,
     n_bands: int,
-    counts: dict[str, int] | None = None,
+    datasets: dict[str, DatasetReader] | None = None,
+    counts: dict[str, list[int]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Bands and validity for a window of the output grid; where scenes overlap, the first valid wins.
 
-    ``counts`` (if given) gains each scene's valid pixels in the window and how many of them it
-    filled; scenes after the window is complete are not read.
+    ``datasets`` holds scenes already open; ``counts`` (if given) gains each scene's valid pixels
+    in the window and how many of them it filled; scenes after the window is complete are not read.
     """
-    shape = (rows.size, cols.size)
+    shape = (rect.rows.size, rect.cols.size)
     bands = np.zeros((n_bands, *shape), dtype=np.float32)
     valid = np.zeros(shape, dtype=bool)
-    window = Window(cols.start, rows.start, cols.size, rows.size)
+    window = Window(rect.cols.start, rect.rows.start, rect.cols.size, rect.rows.size)
     for scene in scenes:
-        data, scene_valid = read_window(scene, grid.crs, grid.affine, window)
+        src = datasets.get(scene.path) if datasets else None
+        data, scene_valid = read_window(scene, grid.crs, grid.affine, window, src)
         take = scene_valid & ~valid
         if counts is not None:
             tally = counts.setdefault(scene.path, [0, 0])
@@ -70,70 +137,90 @@ def read_composite(
     return bands, valid
 
 
-def segment_block(
+def predict_block(
     block: Block,
     scenes: list[SceneInfo],
     grid: OutputGrid,
     tiling: TilingSettings,
     predictor: Predictor,
     batch_size: int | None = None,
-) -> BlockResult:
-    """Classes and confidence of one block, identical whatever the block partition.
+) -> Partial:
+    """Forward passes over the tiles ``block`` owns; the interior finished, the frame's votes kept.
 
-    Every tile whose window touches the block is computed, and tiles are accumulated in
-    global row-major order, so each pixel sums the same terms in the same order as it would
-    in any other block layout. The input is read one row of tiles at a time, the next row in
-    a background thread while the model works on the current one (GDAL releases the GIL).
+    The input is read one row of tiles at a time, the next row in a background thread while
+    the model works on the current one (GDAL releases the GIL); each scene is opened once per
+    block so GDAL's cache serves the rows that consecutive strips share.
     """
-    tg = tiling.grid
-    size = tg.tile_size
-    sup = support(tiling.blend, tg)
-    tile_rows = tg.indices_touching(block.rows, grid.height, sup)
-    tile_cols = tg.indices_touching(block.cols, grid.width, sup)
-    read_cols = tg.read_span(tile_cols)
-    n_bands = len(predictor.ckpt.bands)
-    batch_size = batch_size or predictor.batch_size(size)
+    tg, size = tiling.grid, tiling.tile_size
+    own_rows, own_cols = tiling.ownership(block, grid)
+    acc = Accumulator(predictor.n_classes, own_rows.extent, own_cols.extent)
+    window = fixed_window(tiling.blend, size, tiling.overlap)
     counts: dict[str, list[int]] = {}
-
-    def read_strip(i: int) -> tuple[np.ndarray, np.ndarray]:
-        rows = Span(tg.origin(i), tg.origin(i) + size)
-        bands, valid = read_composite(scenes, grid, rows, read_cols, n_bands, counts)
-        return predictor.normalize(bands, valid), valid
-
-    acc = Accumulator(predictor.n_classes, block.rows, block.cols)
-    block_valid = np.zeros(block.shape, dtype=bool)
-    window = window_2d(tiling.blend, tg.tile_size, tg.overlap)
-    batch = np.empty((batch_size, n_bands, size, size), dtype=np.float32)
-    pending: list[tuple[int, int]] = []  # (row0, col0) of the tiles in ``batch``
     n_tiles = 0
+    if own_rows.owned and own_cols.owned:
+        batch_size = batch_size or predictor.batch_size(size)
+        batch = np.empty((batch_size, len(predictor.ckpt.bands), size, size), dtype=np.float32)
+        pending: list[tuple[int, int, np.ndarray]] = []  # (row0, col0, validity) of the tiles in ``batch``
 
-    def flush() -> None:
-        probs = predictor.probabilities(batch[: len(pending)])
-        for k, (r0, c0) in enumerate(pending):
-            acc.add(probs[k], window, r0, c0)
-        pending.clear()
+        def flush() -> None:
+            votes = predictor.votes(batch[: len(pending)], window)
+            for k, (r0, c0, valid_tile) in enumerate(pending):
+                acc.add(votes[k], window, r0, c0, valid_tile)
+            pending.clear()
 
+        read_cols = tg.read_span(own_cols.owned)
+        strips = _strips(scenes, grid, tg, own_rows.owned, read_cols, predictor, counts)
+        for i, (bands, valid) in zip(own_rows.owned, strips, strict=True):
+            for j in own_cols.owned:
+                c = tg.origin(j) - read_cols.start
+                valid_tile = valid[:, c : c + size]
+                if not valid_tile.any():  # all-nodata tiles add nothing: skip the pass
+                    continue
+                batch[len(pending)] = bands[:, :, c : c + size]
+                pending.append((tg.origin(i), tg.origin(j), valid_tile))
+                n_tiles += 1
+                if len(pending) == batch_size:
+                    flush()
+        if pending:
+            flush()
+    interior = Rect(own_rows.interior, own_cols.interior)
+    if interior.empty:
+        classes = confidence = np.empty((0, 0), dtype=np.uint8)
+    else:
+        classes, confidence = acc.finalize(interior.rows, interior.cols)
+    extent = Rect(own_rows.extent, own_cols.extent)
+    frames = [Frame(r, acc.region(r.rows, r.cols)) for r in ring(extent, interior)]
+    return Partial(interior, classes, confidence, frames, n_tiles, counts)
+
+
+def _strips(
+    scenes: list[SceneInfo],
+    grid: OutputGrid,
+    tg: TileGrid,
+    tile_rows: range,
+    cols: Span,
+    predictor: Predictor,
+    counts: dict[str, list[int]],
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Normalised bands and validity of each tile row, read one row ahead in the reader thread."""
     reader = _reader()
-    next_strip = reader.submit(read_strip, tile_rows.start)
-    for i in tile_rows:
-        bands, valid = next_strip.result()
-        if i + 1 in tile_rows:
-            next_strip = reader.submit(read_strip, i + 1)
-        _copy_core_validity(block_valid, valid, block, tg, i, read_cols)
-        r0 = tg.origin(i)
-        for j in tile_cols:
-            c = tg.origin(j) - read_cols.start
-            if not valid[:, c : c + size].any():  # all-nodata tiles add nothing: skip the pass
-                continue
-            batch[len(pending)] = bands[:, :, c : c + size]
-            pending.append((r0, tg.origin(j)))
-            n_tiles += 1
-            if len(pending) == batch_size:
-                flush()
-    if pending:
-        flush()
-    classes, confidence = acc.finalize(block_valid)
-    return BlockResult(classes, confidence, n_tiles, counts)
+    with ExitStack() as stack:
+        datasets = {s.path: stack.enter_context(rasterio.open(s.path)) for s in scenes}
+
+        def read(i: int) -> tuple[np.ndarray, np.ndarray]:
+            rect = Rect(Span(tg.origin(i), tg.origin(i) + tg.tile_size), cols)
+            bands, valid = read_composite(scenes, grid, rect, len(predictor.ckpt.bands), datasets, counts)
+            return predictor.normalize(bands, valid), valid
+
+        ahead = reader.submit(read, tile_rows.start)
+        try:
+            for i in tile_rows:
+                strip = ahead.result()
+                if i + 1 in tile_rows:
+                    ahead = reader.submit(read, i + 1)
+                yield strip
+        finally:
+            ahead.result()  # never close the datasets under a read in flight
 
 
 @lru_cache(maxsize=1)
@@ -143,35 +230,46 @@ def _reader() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="geoseg-read")
 
 
-def _copy_core_validity(
-    block_valid: np.ndarray, strip_valid: np.ndarray, block: Block, tg: TileGrid, i: int, read_cols: Span
-) -> None:
-    """Fill the block's validity from tile row ``i``'s core rows (cores partition the rows)."""
-    core0, core1 = max(i * tg.stride, block.rows.start), min((i + 1) * tg.stride, block.rows.stop)
-    if core0 >= core1:
-        return
-    strip_r0 = core0 - tg.origin(i)
-    block_valid[core0 - block.rows.start : core1 - block.rows.start] = strip_valid[
-        strip_r0 : strip_r0 + core1 - core0,
-        block.cols.start - read_cols.start : block.cols.stop - read_cols.start,
-    ]
+def finish_block(
+    block: Block, own: Partial | None, reaching: Iterable[Partial], n_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Classes and confidence of ``block``: ``own``'s interior, and the edge band summed from the frames
+    of every block whose tiles reach it (``reaching``, ``own`` included)."""
+    classes = np.full(block.shape, NODATA, dtype=np.uint8)
+    confidence = np.zeros(block.shape, dtype=np.uint8)
+    bounds = Rect(block.rows, block.cols)
+    interior = own.interior if own is not None else Rect(Span(0, 0), Span(0, 0))
+    if not interior.empty:
+        dest = _local(block, interior)
+        classes[dest], confidence[dest] = own.classes, own.confidence
+    frames = [f for p in reaching for f in p.frames]
+    for rect in ring(bounds, interior):
+        acc = Accumulator(n_classes, rect.rows, rect.cols)
+        for frame in frames:
+            acc.add_sums(frame.sums, frame.rect.rows, frame.rect.cols)
+        dest = _local(block, rect)
+        classes[dest], confidence[dest] = acc.finalize()
+    return classes, confidence
 
 
-def segment_block_most_confident(
-    block: Block, scenes: list[SceneInfo], grid: OutputGrid, tiling: TilingSettings, predictor: Predictor
-) -> BlockResult:
-    """Segment each scene on its own and keep, per pixel, the most confident answer (ties: the earlier scene)."""
-    best: BlockResult | None = None
-    for scene in scenes:
-        result = segment_block(block, [scene], grid, tiling, predictor)
-        if best is None:
-            best = result
+def _local(block: Block, rect: Rect) -> tuple[slice, slice]:
+    return (
+        slice(rect.rows.start - block.rows.start, rect.rows.stop - block.rows.start),
+        slice(rect.cols.start - block.cols.start, rect.cols.stop - block.cols.start),
+    )
+
+
+def most_confident(layers: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel, the class of the most confident layer (ties: the earlier layer); nodata where none has one."""
+    best_classes: np.ndarray | None = None
+    best_confidence: np.ndarray | None = None
+    for classes, confidence in layers:
+        if best_classes is None or best_confidence is None:
+            best_classes, best_confidence = classes.copy(), confidence.copy()
             continue
-        better = (result.classes != NODATA) & ((best.classes == NODATA) | (result.confidence > best.confidence))
-        best.classes[better] = result.classes[better]
-        best.confidence[better] = result.confidence[better]
-        best.tiles += result.tiles
-        best.valid_pixels.update(result.valid_pixels)
-    if best is None:
-        return segment_block(block, [], grid, tiling, predictor)
-    return best
+        better = (classes != NODATA) & ((best_classes == NODATA) | (confidence > best_confidence))
+        best_classes[better] = classes[better]
+        best_confidence[better] = confidence[better]
+    if best_classes is None or best_confidence is None:
+        raise ValueError("no layer to choose from")
+    return best_classes, best_confidence

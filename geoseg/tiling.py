@@ -4,6 +4,11 @@ Tiles are anchored to the output grid, never to a block, which is what makes the
 independent of the block size (invariant 1 of DESIGN.md). Tile ``(i, j)`` covers rows
 ``[i*s - h, i*s - h + T)`` and columns likewise, with ``T`` the tile size, ``s = T - overlap``
 the stride and ``h = overlap // 2``; its *core* ``[i*s, (i+1)*s)`` partitions the plane.
+
+Each tile is computed once, by the block that holds its centre (its *owner*). A block's tiles
+reach up to about ``T/2`` pixels into its neighbours; those contributions (the block's
+*frame*) are summed by the neighbours when they finish. Pixels that no other block's tile
+reaches form the block's *interior*, which the owner can finish on its own.
 """
 
 from __future__ import annotations
@@ -85,6 +90,58 @@ class TileGrid:
         return Span(self.origin(indices.start), self.origin(indices.stop - 1) + self.tile_size)
 
 
+@dataclass(frozen=True)
+class AxisOwnership:
+    """What one block computes along one axis."""
+
+    owned: range  # indices of the tiles whose centre lies in the block
+    extent: Span  # pixels those tiles reach (their support), clipped to the axis
+    interior: Span  # pixels of the block that no other block's tile reaches (may be empty)
+
+
+def tile_owner(grid: TileGrid, index: int, block_size: int, length: int) -> int:
+    """The block (index along the axis) that computes tile ``index``: the one holding its centre."""
+    last_block = max(0, math.ceil(length / block_size) - 1)
+    return min((index * grid.stride + grid.stride // 2) // block_size, last_block)
+
+
+def owned_indices(grid: TileGrid, block_index: int, block_size: int, length: int) -> range:
+    """Tiles whose owner is block ``block_index`` (a contiguous run, possibly empty)."""
+    s, n = grid.stride, grid.count(length)
+    last_block = max(0, math.ceil(length / block_size) - 1)
+    # tile i is owned by block k when k*B <= i*s + s//2 < (k+1)*B (the last block takes the rest)
+    first = 0 if block_index == 0 else math.ceil((block_index * block_size - s // 2) / s)
+    stop = n if block_index >= last_block else math.ceil(((block_index + 1) * block_size - s // 2) / s)
+    return range(min(first, n), min(stop, n))
+
+
+def axis_ownership(grid: TileGrid, block_index: int, block_size: int, length: int, support: Span) -> AxisOwnership:
+    """Owned tiles, their extent and the interior of block ``block_index`` along one axis."""
+    span = Span(block_index * block_size, min((block_index + 1) * block_size, length))
+    owned = owned_indices(grid, block_index, block_size, length)
+    if not owned:
+        return AxisOwnership(owned, Span(span.start, span.start), Span(span.start, span.start))
+    first, last = owned.start, owned.stop - 1
+    extent = Span(max(0, grid.origin(first) + support.start), min(length, grid.origin(last) + support.stop))
+    touching = grid.indices_touching(span, length, support)
+    # the furthest reach of the neighbours' tiles into the block bounds its interior
+    start = span.start if touching.start >= first else max(span.start, grid.origin(first - 1) + support.stop)
+    stop = span.stop if touching.stop - 1 <= last else min(span.stop, grid.origin(last + 1) + support.start)
+    return AxisOwnership(owned, extent, Span(start, max(start, stop)))
+
+
+def reaching_blocks(grid: TileGrid, block_index: int, block_size: int, length: int, support: Span) -> list[int]:
+    """Blocks (along one axis) whose tiles reach block ``block_index``: usually itself and its neighbours."""
+    span = Span(block_index * block_size, min((block_index + 1) * block_size, length))
+    n_blocks = math.ceil(length / block_size)
+    reach = math.ceil(grid.tile_size / block_size) + 1
+    return [
+        k
+        for k in range(max(0, block_index - reach), min(n_blocks, block_index + reach + 1))
+        if (e := axis_ownership(grid, k, block_size, length, support).extent).start < span.stop and e.stop > span.start
+    ]
+
+
 def iter_blocks(height: int, width: int, block_size: int) -> Iterator[Block]:
     """Output blocks in row-major order; edge blocks are clipped to the grid."""
     for r, r0 in enumerate(range(0, height, block_size)):
@@ -92,10 +149,13 @@ def iter_blocks(height: int, width: int, block_size: int) -> Iterator[Block]:
             yield Block(r, c, Span(r0, min(r0 + block_size, height)), Span(c0, min(c0 + block_size, width)))
 
 
-def overlap_cost(height: int, width: int, block_size: int, grid: TileGrid, support: Span | None = None) -> float:
-    """Tiles computed by all blocks / tiles needed to cover the grid without overlap."""
+def overlap_cost(height: int, width: int, block_size: int, grid: TileGrid) -> float:
+    """Tiles computed by all blocks / tiles needed to cover the grid without overlap.
+
+    Every tile has exactly one owner, so this is the overlap's cost alone, whatever the blocks.
+    """
     computed = sum(
-        len(grid.indices_touching(b.rows, height, support)) * len(grid.indices_touching(b.cols, width, support))
+        len(owned_indices(grid, b.row, block_size, height)) * len(owned_indices(grid, b.col, block_size, width))
         for b in iter_blocks(height, width, block_size)
     )
     baseline = math.ceil(height / grid.tile_size) * math.ceil(width / grid.tile_size)

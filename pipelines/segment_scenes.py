@@ -12,6 +12,7 @@ import glob
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -23,7 +24,7 @@ import numpy as np
 from distributed import Client, as_completed
 from rasterio.windows import Window
 
-from geoseg import mosaic, vectorize
+from geoseg import mosaic, partials, vectorize
 from geoseg.cluster import dask_client, torch_threads_per_worker
 from geoseg.config import RunConfig, VectorConfig
 from geoseg.grid import OutputGrid, grid_from_scenes
@@ -31,8 +32,8 @@ from geoseg.inference import InferenceSettings, get_predictor
 from geoseg.models.checkpoint import load_checkpoint
 from geoseg.progress import track
 from geoseg.scenes import SceneError, SceneInfo, open_scene
-from geoseg.segment import TilingSettings, segment_block, segment_block_most_confident
-from geoseg.tiling import Block, iter_blocks
+from geoseg.segment import TilingSettings, finish_block, most_confident, predict_block
+from geoseg.tiling import Block, iter_blocks, reaching_blocks
 from geoseg.vector_io import LayerWriter
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ MOSAIC_NAME = "mosaic.zarr"
 POLYGONS_NAME = "polygons.gpkg"
 MANIFEST_NAME = "manifest.json"
 STATE_DIR = ".geoseg"
+PARTIALS_DIR = f"{STATE_DIR}/partials"
 
 
 class RunError(RuntimeError):
@@ -155,35 +157,79 @@ def scenes_for(block: Block, scenes: list[SceneInfo], footprints: list[Window], 
     return picked
 
 
-def process_block(
+def predict_task(
     block: Block,
-    scenes: list[SceneInfo],
+    layers: dict[str, list[SceneInfo]],
     grid: OutputGrid,
     tiling: TilingSettings,
     settings: InferenceSettings,
     out: str,
-    most_confident: bool = False,
 ) -> dict[str, Any]:
-    """A Dask task: segment one block, write its region, leave a marker. Errors are returned, not raised."""
+    """A Dask task (step 1): the block's own tiles, saved for itself and its neighbours.
+
+    ``layers`` maps a layer name to the scenes composited in it (one layer with all scenes, or
+    one per scene for the ``confidence`` rule). A block saved by an earlier attempt is reused.
+    Errors are returned, not raised: one bad block must not sink the run.
+    """
+    folder = Path(out) / PARTIALS_DIR / block.key
+    record = partials.load_record(folder)
+    if record is not None:
+        return {"block": block.key, **record}
     start = time.perf_counter()
     try:
         predictor = get_predictor(settings)
-        if most_confident:
-            result = segment_block_most_confident(block, scenes, grid, tiling, predictor)
-        else:
-            result = segment_block(block, scenes, grid, tiling, predictor)
-        mosaic.write_block(Path(out) / MOSAIC_NAME, block, result.classes, result.confidence)
-        histogram = np.bincount(result.classes.ravel(), minlength=256)
+        results = {name: predict_block(block, scenes, grid, tiling, predictor) for name, scenes in layers.items()}
+        counts: dict[str, list[int]] = {}
+        for partial in results.values():
+            counts.update(partial.valid_pixels)
         record = {
             "status": "done",
-            "tiles": result.tiles,
-            "seconds": round(time.perf_counter() - start, 3),
-            "scene_valid_pixels": result.valid_pixels,
+            "tiles": sum(p.tiles for p in results.values()),
+            "predict_s": round(time.perf_counter() - start, 3),
+            "scene_valid_pixels": counts,
+        }
+        partials.save_block(folder, results, record)
+        return {"block": block.key, **record}
+    except Exception as exc:
+        return {"block": block.key, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+
+
+def finish_task(block: Block, reaching: list[dict[str, Any]], n_classes: int, out: str) -> dict[str, Any]:
+    """A Dask task (step 2): add the neighbours' frames, write the block's region, leave a marker.
+
+    ``reaching`` are the step-1 records of the blocks whose tiles reach this one, its own first.
+    """
+    start = time.perf_counter()
+    own = reaching[0]
+    try:
+        failed = [r for r in reaching if r["status"] != "done"]
+        if failed:
+            reason = failed[0]["error"]
+            which = "" if failed[0]["block"] == block.key else f"block {failed[0]['block']}, which reaches it, failed: "
+            raise RuntimeError(which + reason)
+        root = Path(out) / PARTIALS_DIR
+        own_layers = partials.load_layers(root / block.key)
+        others = [partials.load_layers(root / r["block"], interior=False) for r in reaching[1:]]
+        results = []
+        for name in sorted({name for layers in [own_layers, *others] for name in layers}):
+            sources = [layers[name] for layers in [own_layers, *others] if name in layers]
+            results.append(finish_block(block, own_layers.get(name), sources, n_classes))
+        if results:
+            classes, confidence = most_confident(results)
+        else:  # no scene reaches the block
+            classes, confidence = finish_block(block, None, [], n_classes)
+        mosaic.write_block(Path(out) / MOSAIC_NAME, block, classes, confidence)
+        histogram = np.bincount(classes.ravel(), minlength=256)
+        record = {
+            "status": "done",
+            "tiles": own["tiles"],
+            "seconds": round(own["predict_s"] + time.perf_counter() - start, 3),
+            "scene_valid_pixels": own["scene_valid_pixels"],
             "histogram": {str(k): int(v) for k, v in enumerate(histogram) if v},
         }
         (Path(out) / STATE_DIR / "blocks" / f"{block.key}.json").write_text(json.dumps(record))
         return {"block": block.key, **record}
-    except Exception as exc:  # one bad block must not sink the run
+    except Exception as exc:
         return {"block": block.key, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
 
 
@@ -217,6 +263,7 @@ def prepare_output(out: Path, fingerprint: str, overwrite: bool, store: str = MO
             return {p.stem: json.loads(p.read_text()) for p in sorted(blocks_dir.glob("*.json"))}
     for p in blocks_dir.glob("*.json"):
         p.unlink()
+    shutil.rmtree(out / PARTIALS_DIR, ignore_errors=True)
     blocks_dir.mkdir(parents=True, exist_ok=True)
     stamp.write_text(fingerprint)
     return {}
@@ -258,7 +305,7 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
             colors,
             attrs={"model_sha256": ckpt.sha256, "fingerprint": fingerprint},
         )
-    tiling = TilingSettings(cfg.tiling.tile_size, cfg.tiling.overlap, cfg.tiling.blend)
+    tiling = TilingSettings(cfg.tiling.tile_size, cfg.tiling.overlap, cfg.tiling.blend, cfg.output.block_size)
     settings = InferenceSettings(
         str(Path(ckpt.path).resolve()),
         cfg.model.batch_size,
@@ -268,7 +315,6 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
         cfg.model.compile,
     )
     blocks = list(iter_blocks(grid.height, grid.width, cfg.output.block_size))
-    footprints = [grid.window_of(s) for s in scenes]
     todo = [b for b in blocks if reused.get(b.key, {}).get("status") != "done"]
     log.info(
         "%d scenes, grid %d x %d px, %d blocks (%d reused)",
@@ -278,28 +324,10 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
         len(blocks),
         len(blocks) - len(todo),
     )
-    margin = cfg.tiling.tile_size
-    futures = [
-        client.submit(
-            process_block,
-            b,
-            scenes_for(b, scenes, footprints, margin),
-            grid,
-            tiling,
-            settings,
-            str(out),
-            cfg.output.mosaic_rule == "confidence",
-            key=f"segment-{fingerprint}-{b.key}",
-            pure=False,
-            resources={"GPU": 1} if cfg.cluster.gpu_resource else None,
-        )
-        for b in todo
-    ]
     block_records = {k: {**v, "reused": True} for k, v in reused.items() if v.get("status") == "done"}
-    for fut in track(as_completed(futures), total=len(futures), description="segmenting blocks"):
-        rec = fut.result()
-        block_records[rec.pop("block")] = rec
-        fut.release()
+    block_records.update(
+        segment_blocks(client, blocks, todo, scenes, grid, tiling, settings, out, ckpt.n_classes, cfg, fingerprint)
+    )
     t_segment = time.perf_counter() - t0
     failed_blocks = {k: v["error"] for k, v in block_records.items() if v["status"] != "done"}
     unused = []
@@ -351,6 +379,104 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
     }
     result.manifest.write_text(json.dumps(manifest, indent=2))
     return result
+
+
+def scene_layers(
+    block: Block, scenes: list[SceneInfo], footprints: list[Window], margin: int, rule: str
+) -> dict[str, list[SceneInfo]]:
+    """The scenes step 1 composites for ``block``: all in one layer, or one layer per scene
+    (named by its place in the run's scene order) for the ``confidence`` rule."""
+    picked = scenes_for(block, scenes, footprints, margin)
+    if rule != "confidence":
+        return {"all": picked} if picked else {}
+    index = {s.path: k for k, s in enumerate(scenes)}
+    return {f"scene{index[s.path]:05d}": [s] for s in picked}
+
+
+def segment_blocks(
+    client: Client,
+    blocks: list[Block],
+    todo: list[Block],
+    scenes: list[SceneInfo],
+    grid: OutputGrid,
+    tiling: TilingSettings,
+    settings: InferenceSettings,
+    out: Path,
+    n_classes: int,
+    cfg: RunConfig,
+    fingerprint: str,
+) -> dict[str, dict[str, Any]]:
+    """Step 1 and step 2 of every block in ``todo`` on the cluster; returns their records.
+
+    Step 1 runs for the blocks to do and the blocks whose tiles reach them. Priorities follow
+    row-major order, and a block's step 2 runs as soon as its last neighbour's step 1 is in,
+    so only about one row of blocks has partial results on disk at any time; a partial is
+    deleted once every block that reads it is finished.
+    """
+    by_index = {(b.row, b.col): b for b in blocks}
+    order = {b.key: n for n, b in enumerate(blocks)}
+    tg, sup, size = tiling.grid, tiling.support, tiling.block_size
+    reach = {  # the block itself first: its step 1 holds the interior
+        b.key: [b]
+        + [
+            by_index[(r, c)]
+            for r in reaching_blocks(tg, b.row, size, grid.height, sup)
+            for c in reaching_blocks(tg, b.col, size, grid.width, sup)
+            if (r, c) != (b.row, b.col)
+        ]
+        for b in todo
+    }
+    needed = sorted({n.key: n for b in todo for n in reach[b.key]}.values(), key=lambda n: order[n.key])
+    readers: dict[str, int] = {}
+    for b in todo:
+        for n in reach[b.key]:
+            readers[n.key] = readers.get(n.key, 0) + 1
+    for stale in (out / PARTIALS_DIR).glob("*.tmp-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+    footprints = [grid.window_of(s) for s in scenes]
+    margin = tiling.tile_size
+    resources = {"GPU": 1} if cfg.cluster.gpu_resource else None
+    step1 = {
+        b.key: client.submit(
+            predict_task,
+            b,
+            scene_layers(b, scenes, footprints, margin, cfg.output.mosaic_rule),
+            grid,
+            tiling,
+            settings,
+            str(out),
+            key=f"predict-{fingerprint}-{b.key}",
+            pure=False,
+            priority=-2 * order[b.key],
+            resources=resources,
+        )
+        for b in needed
+    }
+    step2 = [
+        client.submit(
+            finish_task,
+            b,
+            [step1[n.key] for n in reach[b.key]],
+            n_classes,
+            str(out),
+            key=f"finish-{fingerprint}-{b.key}",
+            pure=False,
+            priority=-2 * max(order[n.key] for n in reach[b.key]) - 1,
+        )
+        for b in todo
+    ]
+    records: dict[str, dict[str, Any]] = {}
+    for fut in track(as_completed(step2), total=len(step2), description="segmenting blocks"):
+        rec = fut.result()
+        key = rec.pop("block")
+        records[key] = rec
+        fut.release()
+        for n in reach[key]:
+            readers[n.key] -= 1
+            if readers[n.key] == 0:
+                step1.pop(n.key).release()
+                partials.remove_block(out / PARTIALS_DIR / n.key)
+    return records
 
 
 def stream_polygons(

@@ -1,80 +1,121 @@
 import numpy as np
 import pytest
 
-from geoseg.blending import NODATA, Accumulator, window_2d
+from geoseg.blending import FIXED_ONE, NODATA, Accumulator, fixed_votes, fixed_window, window_2d
 from geoseg.tiling import Span, TileGrid
 
 MODES = ["gaussian", "cosine", "trim"]
 
 
+def blend_all(probs_of, n_classes: int, size: int, grid: TileGrid, mode: str, order=None) -> Accumulator:
+    """Accumulate every tile (``probs_of((i, j))``) over a ``size`` square, in ``order`` (default row-major)."""
+    w = fixed_window(mode, grid.tile_size, grid.overlap)
+    acc = Accumulator(n_classes, Span(0, size), Span(0, size))
+    n = grid.count(size)
+    tiles = [(i, j) for i in range(n) for j in range(n)]
+    for i, j in order(tiles) if order else tiles:
+        acc.add(fixed_votes(probs_of((i, j)), w), w, grid.origin(i), grid.origin(j))
+    return acc
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_summed_weights_cover_every_pixel(mode):
-    grid = TileGrid(64, 16)
-    w = window_2d(mode, 64, 16)
-    acc = Accumulator(1, Span(0, 200), Span(0, 200))
-    n = grid.count(200)
-    for i in range(n):
-        for j in range(n):
-            acc.add(np.ones((1, 64, 64), np.float32), w, grid.origin(i), grid.origin(j))
+    acc = blend_all(lambda ij: np.ones((1, 64, 64), np.float32), 1, 200, TileGrid(64, 16), mode)
     assert (acc.weight > 0).all()
-    # with probabilities identically 1 the normalised sum is exactly the weight sum
-    np.testing.assert_allclose(acc.sum[0], acc.weight, rtol=1e-6)
+    # with probabilities identically 1 the class votes are exactly the weight
+    np.testing.assert_array_equal(acc.sums[0], acc.weight)
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_constant_model_gives_constant_output(mode):
-    grid = TileGrid(64, 16)
-    w = window_2d(mode, 64, 16)
     probs = np.array([0.1, 0.7, 0.2], np.float32)[:, None, None] * np.ones((3, 64, 64), np.float32)
-    acc = Accumulator(3, Span(0, 150), Span(0, 150))
-    for i in range(grid.count(150)):
-        for j in range(grid.count(150)):
-            acc.add(probs, w, grid.origin(i), grid.origin(j))
-    classes, confidence = acc.finalize(np.ones((150, 150), bool))
+    acc = blend_all(lambda ij: probs, 3, 150, TileGrid(64, 16), mode)
+    classes, confidence = acc.finalize()
     assert (classes == 1).all()
     assert (confidence == 70).all()
 
 
+def test_sum_does_not_depend_on_tile_order():
+    """Fixed point makes the blend exact: any order of the tiles gives the same integers."""
+    rng = np.random.default_rng(1)
+    grid = TileGrid(64, 16)
+    probs = {
+        (i, j): rng.dirichlet(np.ones(5), (64, 64)).transpose(2, 0, 1).astype(np.float32)
+        for i in range(grid.count(200))
+        for j in range(grid.count(200))
+    }
+    forward = blend_all(probs.__getitem__, 5, 200, grid, "gaussian")
+    backward = blend_all(probs.__getitem__, 5, 200, grid, "gaussian", order=lambda t: t[::-1])
+    shuffled = blend_all(
+        probs.__getitem__, 5, 200, grid, "gaussian", order=lambda t: [t[k] for k in rng.permutation(len(t))]
+    )
+    np.testing.assert_array_equal(forward.sums, backward.sums)
+    np.testing.assert_array_equal(forward.sums, shuffled.sums)
+    # and it is the float blend to within the fixed point's resolution
+    w = window_2d("gaussian", 64, 16)
+    ref = np.zeros((5, 200, 200))
+    ref_w = np.zeros((200, 200))
+    for (i, j), p in probs.items():
+        r0, c0 = grid.origin(i), grid.origin(j)
+        rs, cs = slice(max(r0, 0), min(r0 + 64, 200)), slice(max(c0, 0), min(c0 + 64, 200))
+        ts = (slice(rs.start - r0, rs.stop - r0), slice(cs.start - c0, cs.stop - c0))
+        ref[:, rs, cs] += p[(slice(None), *ts)] * w[ts]
+        ref_w[rs, cs] += w[ts]
+    np.testing.assert_allclose(forward.sums[:5] / FIXED_ONE, ref, atol=4e-6)
+    np.testing.assert_allclose(forward.weight / FIXED_ONE, ref_w, atol=4e-6)
+
+
 def test_trim_reproduces_tile_centres():
     grid = TileGrid(64, 16)
-    w = window_2d("trim", 64, 16)
     rng = np.random.default_rng(0)
-    n = grid.count(160)
+    probs = {
+        (i, j): rng.random((4, 64, 64)).astype(np.float32)
+        for i in range(grid.count(160))
+        for j in range(grid.count(160))
+    }
     truth = np.full((160, 160), -1)
-    acc = Accumulator(4, Span(0, 160), Span(0, 160))
-    for i in range(n):
-        for j in range(n):
-            probs = rng.random((4, 64, 64)).astype(np.float32)
-            acc.add(probs, w, grid.origin(i), grid.origin(j))
-            # the tile's own argmax in its core is what trim must keep
-            r0, c0 = i * grid.stride, j * grid.stride
-            core = probs[:, 8 : 8 + grid.stride, 8 : 8 + grid.stride].argmax(0)
-            h, wd = truth[r0 : r0 + grid.stride, c0 : c0 + grid.stride].shape
-            truth[r0 : r0 + h, c0 : c0 + wd] = core[:h, :wd]
-    classes, _ = acc.finalize(np.ones((160, 160), bool))
+    for (i, j), p in probs.items():
+        # the tile's own argmax in its core is what trim must keep
+        r0, c0 = i * grid.stride, j * grid.stride
+        core = p[:, 8 : 8 + grid.stride, 8 : 8 + grid.stride].argmax(0)
+        h, wd = truth[r0 : r0 + grid.stride, c0 : c0 + grid.stride].shape
+        truth[r0 : r0 + h, c0 : c0 + wd] = core[:h, :wd]
+    classes, _ = blend_all(probs.__getitem__, 4, 160, grid, "trim").finalize()
     np.testing.assert_array_equal(classes, truth)
 
 
 def test_invalid_pixels_are_nodata_never_class_zero():
     acc = Accumulator(2, Span(0, 10), Span(0, 10))
-    acc.add(np.stack([np.ones((10, 10)), np.zeros((10, 10))]).astype(np.float32), np.ones((10, 10), np.float32), 0, 0)
+    window = np.full((10, 10), FIXED_ONE, np.int32)
+    votes = fixed_votes(np.stack([np.ones((10, 10)), np.zeros((10, 10))]).astype(np.float32), window)
     valid = np.ones((10, 10), bool)
     valid[:, :3] = False
-    classes, confidence = acc.finalize(valid)
+    acc.add(votes, window, 0, 0, valid)
+    classes, confidence = acc.finalize()
     assert (classes[:, :3] == NODATA).all() and (classes[:, 3:] == 0).all()
-    assert (confidence[:, :3] == 0).all()
+    assert (confidence[:, :3] == 0).all() and (confidence[:, 3:] == 100).all()
 
 
 def test_uncovered_pixels_are_nodata():
     acc = Accumulator(2, Span(0, 10), Span(0, 10))
-    classes, _ = acc.finalize(np.ones((10, 10), bool))
+    classes, _ = acc.finalize()
     assert (classes == NODATA).all()
+
+
+def test_sums_of_another_accumulator_add_where_they_overlap():
+    a = Accumulator(1, Span(0, 10), Span(0, 10))
+    b = Accumulator(1, Span(5, 15), Span(-5, 5))
+    b.sums[:] = 3
+    a.add_sums(b.sums, b.rows, b.cols)
+    assert (a.sums[:, 5:, :5] == 3).all() and a.sums.sum() == 3 * 2 * 25
+    np.testing.assert_array_equal(a.region(Span(5, 10), Span(0, 5)), b.sums[:, :5, 5:])
 
 
 def test_windows_are_symmetric_and_positive_on_support():
     for mode in ("gaussian", "cosine"):
         w = window_2d(mode, 64, 16)
-        assert (w > 0).all()
+        assert (w > 0).all() and (fixed_window(mode, 64, 16) >= 1).all()
         np.testing.assert_allclose(w, w[::-1, ::-1])
     trim = window_2d("trim", 64, 16)
     assert trim[8:56, 8:56].min() == 1 and trim[:8].max() == 0
+    assert fixed_window("trim", 64, 16)[8:56, 8:56].min() == FIXED_ONE

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from geoseg.blending import support
-from geoseg.tiling import Span, TileGrid, iter_blocks, overlap_cost
+from geoseg.tiling import Span, TileGrid, axis_ownership, iter_blocks, overlap_cost, reaching_blocks, tile_owner
 
 
 @pytest.mark.parametrize(("tile", "overlap"), [(128, 16), (256, 32), (64, 0)])
@@ -49,13 +49,55 @@ def test_blocks_cover_the_grid_once():
     assert (seen == 1).all()
 
 
-def test_overlap_cost_grows_with_smaller_blocks():
+CASES = [
+    # tile, overlap, blend, axis length, block size
+    (256, 32, "gaussian", 4096, 2048),
+    (128, 16, "gaussian", 1000, 256),
+    (128, 16, "gaussian", 1000, 100),  # blocks smaller than a tile
+    (128, 16, "trim", 700, 128),
+    (64, 0, "cosine", 333, 50),
+]
+
+
+@pytest.mark.parametrize(("tile", "overlap", "blend", "length", "block"), CASES)
+def test_every_tile_has_exactly_one_owner(tile, overlap, blend, length, block):
+    grid = TileGrid(tile, overlap)
+    sup = support(blend, grid)
+    n_blocks = -(-length // block)
+    owned = [i for k in range(n_blocks) for i in axis_ownership(grid, k, block, length, sup).owned]
+    assert owned == list(range(grid.count(length)))
+    assert all(
+        tile_owner(grid, i, block, length) == k
+        for k in range(n_blocks)
+        for i in axis_ownership(grid, k, block, length, sup).owned
+    )
+
+
+@pytest.mark.parametrize(("tile", "overlap", "blend", "length", "block"), CASES)
+def test_interior_is_what_no_other_block_reaches(tile, overlap, blend, length, block):
+    """Brute force over pixels: which blocks' tiles reach each one."""
+    grid = TileGrid(tile, overlap)
+    sup = support(blend, grid)
+    n_blocks = -(-length // block)
+    reached_by = [set() for _ in range(length)]
+    for i in range(grid.count(length)):
+        lo, hi = max(0, grid.origin(i) + sup.start), min(length, grid.origin(i) + sup.stop)
+        for x in range(lo, hi):
+            reached_by[x].add(tile_owner(grid, i, block, length))
+    for k in range(n_blocks):
+        own = axis_ownership(grid, k, block, length, sup)
+        span = range(k * block, min((k + 1) * block, length))
+        assert [x for x in span if reached_by[x] == {k}] == list(range(own.interior.start, own.interior.stop))
+        assert [x for x in range(length) if k in reached_by[x]] == list(range(own.extent.start, own.extent.stop))
+        reaching = {b for x in span for b in reached_by[x]}
+        assert set(reaching_blocks(grid, k, block, length, sup)) == reaching
+
+
+def test_overlap_cost_is_the_overlap_alone_for_any_block_size():
     grid = TileGrid(256, 32)
-    big = overlap_cost(4096, 4096, 4096, grid)
-    small = overlap_cost(4096, 4096, 512, grid)
-    assert 1.0 < big < small
-    # one block holding the whole scene computes each tile once: the cost is the overlap's alone
-    assert big == pytest.approx(19 * 19 / 16**2)
+    # each tile is computed once, by its owner: blocks add no duplicates
+    for block in (4096, 2048, 512):
+        assert overlap_cost(4096, 4096, block, grid) == pytest.approx(19 * 19 / 16**2)
 
 
 def test_invalid_overlap_is_refused():
