@@ -9,7 +9,8 @@
 3. optionally (--peer) MONAI's sliding_window_inference (gaussian, same model, tile,
    overlap and batch) on the scene already in memory.
 
-Prints Mpix/s for each, peak RSS of the worker, the overlap cost, and ends with ``ratio=X.XXX``
+All three run with the workers' allocator settings (the script re-executes itself with
+them). Prints Mpix/s for each, peak RSS of the worker, the overlap cost, and ends with ``ratio=X.XXX``
 (pipeline / model-bound). Scene pixels count the whole grid, nodata included.
 """
 
@@ -20,18 +21,27 @@ import json
 import logging
 import os
 import resource
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from geoseg.cluster import dask_client
+from geoseg.cluster import MALLOC_TUNABLES, WORKER_ENVIRON, dask_client
 from geoseg.config import ClusterConfig, load_config
 from geoseg.inference import InferenceSettings, Predictor
 from geoseg.models.checkpoint import load_checkpoint
 from geoseg.synth import SceneSpec, write_scene
 from pipelines.segment_scenes import run
+
+
+def with_worker_allocator() -> None:
+    """Re-run this script with the workers' malloc settings, so that the model-bound and MONAI
+    passes in this process get the same allocator as the pipeline's workers (a fair ratio)."""
+    if MALLOC_TUNABLES not in os.environ.get("GLIBC_TUNABLES", "").split(":"):
+        env = {**os.environ, "GLIBC_TUNABLES": WORKER_ENVIRON["GLIBC_TUNABLES"]}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 def worker_peak_rss_mb() -> float:
@@ -81,6 +91,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="alternate pipeline and model-bound; keep the best")
     parser.add_argument("--work", type=Path, default=Path("bench_out"))
     args = parser.parse_args()
+    with_worker_allocator()
     logging.basicConfig(level=logging.WARNING)
     args.work.mkdir(parents=True, exist_ok=True)
     scene = args.work / f"scene_{args.size}.tif"

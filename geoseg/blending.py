@@ -136,12 +136,20 @@ def _clip(
 
 
 def finalize(votes: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Argmax class and its share of the weight; pixels without weight (uncovered or invalid) are nodata."""
-    classes = votes.argmax(axis=0).astype(np.uint8)
-    best = np.take_along_axis(votes, classes[None].astype(np.intp), axis=0)[0]
+    """Argmax class and its share of the weight; pixels without weight (uncovered or invalid) are nodata.
+
+    A running maximum over the classes (ties: the lower class, as ``argmax``) makes K passes
+    over contiguous planes, several times faster than ``argmax(axis=0)`` on a (K, H, W) array.
+    """
+    classes = np.zeros(weight.shape, dtype=np.uint8)
+    best = votes[0].copy()
+    for k in range(1, votes.shape[0]):
+        np.copyto(classes, k, where=votes[k] > best)
+        np.maximum(best, votes[k], out=best)
     covered = weight > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ratio = best.astype(np.float64) / weight
-    confidence = np.where(covered, np.rint(100.0 * ratio), 0).clip(0, 100).astype(np.uint8)
+    share = np.zeros(weight.shape, dtype=np.float32)
+    np.divide(best, weight, out=share, where=covered, dtype=np.float32)
+    share *= 100.0
+    confidence = np.rint(share, out=share).clip(0, 100).astype(np.uint8)
     classes[~covered] = NODATA
     return classes, confidence

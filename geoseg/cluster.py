@@ -17,9 +17,22 @@ log = logging.getLogger(__name__)
 
 # Environment of the worker processes a LocalCluster spawns. Dask's default also sets
 # MALLOC_TRIM_THRESHOLD_=65536, which makes torch's CPU forward passes ~1.5x slower (see
-# geoseg.inference.tune_allocator); GDAL's block cache is kept small because every strip is
-# read about once, so a cache sized by the machine's RAM only grows with the scene.
-WORKER_ENVIRON = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "GDAL_CACHEMAX": "64"}
+# geoseg.inference.tune_allocator). glibc.malloc.hugetlb=1 backs malloc's large (mmap-ed)
+# chunks with transparent huge pages: a forward pass's activations (33 MB and more for a batch
+# of 8 x 256 px tiles, over glibc's 32 MB ceiling for heap allocations) then fault in 2 MB at a
+# time instead of 4 kB, and forward passes ran 1.4x faster here (benchmarks/README.md). GDAL's
+# block cache is kept small because every strip is read about once, so a cache sized by the
+# machine's RAM only grows with the scene.
+MALLOC_TUNABLES = "glibc.malloc.hugetlb=1"
+WORKER_ENVIRON = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "GDAL_CACHEMAX": "64",
+    "GLIBC_TUNABLES": ":".join(
+        dict.fromkeys(filter(None, [*os.environ.get("GLIBC_TUNABLES", "").split(":"), MALLOC_TUNABLES]))
+    ),
+}
 
 
 def torch_threads_per_worker(cfg: ClusterConfig) -> int:

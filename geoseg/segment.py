@@ -127,10 +127,10 @@ def read_composite(
             tally = counts.setdefault(scene.path, [0, 0])
             tally[0] += int(scene_valid.sum())
             tally[1] += int(take.sum())
-        if take.all():
+        if not valid.any():  # the first scene with data: take it whole (its invalid pixels are 0)
             bands, valid = data, scene_valid
         elif take.any():
-            bands[:, take] = data[:, take]
+            np.copyto(bands, data, where=take)
             valid |= take
         if valid.all():
             break
