@@ -1,9 +1,12 @@
 """Batch job: scenes -> Zarr class mosaic -> polygons, one Dask task per output block.
 
-    catalog (headers) -> output grid -> [segment block -> write region]* -> [polygonize block]* -> merge
+    catalog (headers) -> output grid -> [predict block]* -> [finish block -> write region]*
+                      -> [polygonize block]* -> merge
 
-Finished blocks leave a marker next to the mosaic, so running the same command again after a
-crash computes only the missing blocks.
+Each tile is computed once, by the block holding its centre (step 1, ``predict``); a block is
+finished (step 2) when the blocks whose tiles reach it have saved their partial results under
+``OUT/.geoseg/partials``. Finished blocks leave a marker next to the mosaic, so running the same
+command again after a crash computes only the missing blocks, reusing saved partial results.
 """
 
 from __future__ import annotations
