@@ -147,13 +147,19 @@ class Predictor:
         return weighted.to(torch.int32, memory_format=torch.contiguous_format).cpu().numpy()
 
     def _softmax(self, tiles: np.ndarray) -> torch.Tensor:
+        n = len(tiles)
+        full = self._batch_sizes.get(tiles.shape[-1], self.settings.batch_size)
+        if self.settings.compile and 0 < n < full:
+            # A compiled model recompiles for every new batch shape (~30 s on CPU): pad the
+            # last batch of a block to the usual size instead.
+            tiles = np.concatenate([tiles, np.zeros((full - n, *tiles.shape[1:]), tiles.dtype)])
         x = torch.from_numpy(tiles)
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             logits = self.model(x)
-        return torch.softmax(logits.float(), dim=1)
+        return torch.softmax(logits.float(), dim=1)[:n]
 
     def _window_tensor(self, window: np.ndarray) -> torch.Tensor:
         key = (window.shape, window.tobytes().__hash__())

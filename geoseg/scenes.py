@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+import rasterio.errors
 from rasterio.crs import CRS
 from rasterio.enums import MaskFlags, Resampling
 from rasterio.io import DatasetReader
@@ -141,6 +142,17 @@ def read_window(
     if src is None:
         with rasterio.open(info.path) as opened:
             return read_window(info, crs, transform, window, opened)
+    try:
+        return _read_window(info, crs, transform, window, src)
+    except rasterio.errors.RasterioError as exc:
+        rows, cols = window.toranges()
+        where = f"rows {rows[0]}..{rows[1]}, cols {cols[0]}..{cols[1]}"
+        raise SceneError(info.path, f"cannot read pixels ({where} of the output grid): {_gdal_message(exc)}") from None
+
+
+def _read_window(
+    info: SceneInfo, crs: CRS, transform: Affine, window: Window, src: DatasetReader
+) -> tuple[np.ndarray, np.ndarray]:
     shape = (int(window.height), int(window.width))
     if same_grid(info, crs, transform):
         col_off = round((transform.c - info.affine.c) / info.affine.a)

@@ -247,3 +247,30 @@ def test_inputs_from_a_stac_item_collection_and_a_directory(tmp_path, random_che
     assert expand_inputs([str(d / "*.tif")]) == [a, b]
     with pytest.raises(RunError, match="has no asset 'visual'"):
         expand_inputs([str(tmp_path / "items.json")], "visual")
+
+
+def test_corrupt_tile_inside_a_scene_fails_its_blocks_only(tmp_path, random_checkpoint, client2):
+    """The header and the last block read fine, but one internal tile is garbage: the blocks
+    that need it fail with the file's name, the others are written, and the run says so."""
+    scene = write_scene(SceneSpec(1536, 1536, seed=5, nodata_border=False), tmp_path / "scene.tif")[0]
+    with rasterio.open(scene) as src:
+        assert src.block_shapes[0] == (256, 256)
+        offset = int(src.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1))  # rows/cols 0..255
+    data = bytearray(scene.read_bytes())
+    data[offset : offset + 64] = b"\xff" * 64  # breaks the deflate stream of that tile
+    scene.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    result = run(run_config(random_checkpoint, [scene], out, "output.block_size=512", "output.polygons=false"), client2)
+    assert not result.ok
+    manifest = json.loads(result.manifest.read_text())
+    failed = {k: v["error"] for k, v in manifest["blocks"].items() if v["status"] != "done"}
+    # block 0_0 owns the tiles over the broken one; the blocks its tiles reach fail with it
+    assert set(failed) == {"0_0", "0_1", "1_0", "1_1"}
+    assert "scene.tif: cannot read pixels" in failed["0_0"]
+    assert all("scene.tif" in err for err in failed.values())
+    assert any("block 0_0" in err for k, err in failed.items() if k != "0_0")
+    done = [k for k, v in manifest["blocks"].items() if v["status"] == "done"]
+    classes = xr.open_zarr(out / "mosaic.zarr")["classes"].values
+    for key in done:  # the finished blocks are in the mosaic
+        r, c = map(int, key.split("_"))
+        assert (classes[r * 512 : (r + 1) * 512, c * 512 : (c + 1) * 512] != 255).all()

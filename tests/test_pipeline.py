@@ -12,8 +12,13 @@ import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 from conftest import run_config
 
+from geoseg import mosaic
+from geoseg.inference import InferenceSettings
+from geoseg.scenes import open_scene
+from geoseg.segment import TilingSettings
 from geoseg.synth import SceneSpec, write_scene
-from pipelines.segment_scenes import run
+from geoseg.tiling import iter_blocks
+from pipelines.segment_scenes import predict_task, run
 
 
 def read_classes(out):
@@ -183,3 +188,25 @@ def test_confidence_rule_keeps_the_most_confident_scene(tmp_path, random_checkpo
     # where the two scenes overlap, each wins somewhere
     overlap = (a_cls != 255) & (b_cls != 255)
     assert overlap.sum() > 10_000 and (pick_b & overlap).any() and (~pick_b & overlap).any()
+
+
+def test_rerun_reuses_saved_partial_results(tmp_path, random_checkpoint, scene_1000x700, client2, reference):
+    """A run killed between the two steps finds its step-1 results on disk and does not redo them."""
+    cfg = run_config(random_checkpoint, [scene_1000x700[0]], tmp_path, "output.block_size=256", "output.polygons=false")
+    assert run(cfg, client2).ok
+    # As if the run had died after step 1 of block 1_1: its partial results saved, the block unfinished.
+    (tmp_path / ".geoseg" / "blocks" / "1_1.json").unlink()
+    tiling = TilingSettings(128, 16, "gaussian", 256)
+    block = next(b for b in iter_blocks(700, 1000, 256) if b.key == "1_1")
+    settings = InferenceSettings(str(random_checkpoint), 8, "cpu", False, 1)
+    grid = mosaic.read_grid(tmp_path / "mosaic.zarr")
+    record = predict_task(block, {"all": [open_scene(scene_1000x700[0])]}, grid, tiling, settings, str(tmp_path))
+    assert record["status"] == "done" and record["tiles"] > 0
+    saved = tmp_path / ".geoseg" / "partials" / "1_1" / "record.json"
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), "predict_s": 9999.0}))  # a mark to find
+    result = run(cfg, client2)
+    manifest = json.loads(result.manifest.read_text())
+    assert manifest["summary"]["computed"] == 1
+    assert manifest["blocks"]["1_1"]["seconds"] >= 9999.0  # its step 1 was read back, not run again
+    np.testing.assert_array_equal(read_classes(tmp_path), read_classes(reference))
+    assert not any((tmp_path / ".geoseg" / "partials").iterdir())
