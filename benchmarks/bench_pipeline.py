@@ -1,6 +1,6 @@
 """End-to-end pipeline throughput beside the model-bound throughput, measured in one run.
 
-    python benchmarks/bench_pipeline.py [--size 4096] [--workers 1] [--block 2048] [--peer]
+    python benchmarks/bench_pipeline.py [--size 4096] [--workers CORES] [--block 2048] [--peer]
 
 1. the pipeline (read GeoTIFF -> tiles -> forward -> blend -> argmax -> Zarr) on a Dask
    LocalCluster, after a warm-up run that loads the model in the workers;
@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--overlap", type=int, default=32)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="default: one per core")
     parser.add_argument("--checkpoint", default="builtin:demo")
     parser.add_argument("--peer", action="store_true", help="also time MONAI sliding_window_inference")
     parser.add_argument("--repeat", type=int, default=2, help="alternate pipeline and model-bound; keep the best")
