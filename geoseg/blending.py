@@ -54,13 +54,10 @@ def support(mode: BlendMode, grid: TileGrid) -> Span:
     return Span(0, grid.tile_size)
 
 
-def fixed_window(mode: BlendMode, tile_size: int, overlap: int) -> np.ndarray:
-    """The window in fixed point (int32, 1.0 = ``FIXED_ONE``), at least 1 wherever it is positive."""
-    return _fixed_window(mode, tile_size, overlap)
-
-
 @lru_cache(maxsize=8)
-def _fixed_window(mode: BlendMode, tile_size: int, overlap: int) -> np.ndarray:
+def fixed_window(mode: BlendMode, tile_size: int, overlap: int) -> np.ndarray:
+    """The window in fixed point (int32, 1.0 = ``FIXED_ONE``), at least 1 wherever it is positive;
+    computed once per (mode, tile, overlap) and shared read-only."""
     w = window_2d(mode, tile_size, overlap)
     out = np.where(w > 0, np.maximum(np.rint(w.astype(np.float64) * FIXED_ONE), 1), 0).astype(np.int32)
     out.setflags(write=False)

@@ -88,7 +88,7 @@ class Predictor:
         if settings.compile:
             self.model = torch.compile(self.model)
         self._batch_sizes: dict[int, int] = {}
-        self._window_key: tuple | None = None
+        self._window_source: np.ndarray | None = None  # the array ``_window`` was made from
         self._window = torch.empty(0)
         self.mean = np.asarray(ckpt.mean, dtype=np.float32)[:, None, None]
         self.inv_std = (1.0 / np.asarray(ckpt.std, dtype=np.float32))[:, None, None]
@@ -162,10 +162,11 @@ class Predictor:
         return torch.softmax(logits.float(), dim=1)[:n]
 
     def _window_tensor(self, window: np.ndarray) -> torch.Tensor:
-        key = (window.shape, window.tobytes().__hash__())
-        if self._window_key != key:
+        """``window`` as a float32 tensor on the device, converted once: callers pass the same
+        cached array (:func:`geoseg.blending.fixed_window`) batch after batch."""
+        if window is not self._window_source:
             self._window = torch.from_numpy(window.astype(np.float32)).to(self.device)
-            self._window_key = key
+            self._window_source = window
         return self._window
 
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from geoseg.segment import Frame, Partial, Rect
-from geoseg.tiling import Span
+from geoseg.segment import Frame, Partial
+from geoseg.tiling import Rect, Span
 
 RECORD = "record.json"
 

@@ -29,7 +29,7 @@ from geoseg.blending import NODATA, Accumulator, BlendMode, fixed_window, suppor
 from geoseg.grid import OutputGrid
 from geoseg.inference import Predictor
 from geoseg.scenes import SceneInfo, read_window
-from geoseg.tiling import AxisOwnership, Block, Span, TileGrid, axis_ownership
+from geoseg.tiling import AxisOwnership, Block, Rect, Span, TileGrid, axis_ownership, ring
 
 
 @dataclass(frozen=True)
@@ -58,16 +58,6 @@ class TilingSettings:
         )
 
 
-@dataclass(frozen=True)
-class Rect:
-    rows: Span
-    cols: Span
-
-    @property
-    def empty(self) -> bool:
-        return self.rows.size <= 0 or self.cols.size <= 0
-
-
 @dataclass
 class Frame:
     """Votes of a block's own tiles on pixels that other blocks' tiles reach too."""
@@ -87,19 +77,6 @@ class Partial:
     tiles: int  # forward passes computed
     # per scene path: [valid pixels read, pixels it filled] (halos included)
     valid_pixels: dict[str, list[int]] = field(default_factory=dict)
-
-
-def ring(outer: Rect, inner: Rect) -> list[Rect]:
-    """``outer`` minus ``inner`` (inside it, or empty) as up to four non-empty rectangles."""
-    if inner.empty:
-        return [] if outer.empty else [outer]
-    parts = [
-        Rect(Span(outer.rows.start, inner.rows.start), outer.cols),
-        Rect(Span(inner.rows.stop, outer.rows.stop), outer.cols),
-        Rect(inner.rows, Span(outer.cols.start, inner.cols.start)),
-        Rect(inner.rows, Span(inner.cols.stop, outer.cols.stop)),
-    ]
-    return [p for p in parts if not p.empty]
 
 
 def read_composite(

@@ -31,6 +31,31 @@ class Span:
 
 
 @dataclass(frozen=True)
+class Rect:
+    """Rows x columns of the output grid."""
+
+    rows: Span
+    cols: Span
+
+    @property
+    def empty(self) -> bool:
+        return self.rows.size <= 0 or self.cols.size <= 0
+
+
+def ring(outer: Rect, inner: Rect) -> list[Rect]:
+    """``outer`` minus ``inner`` (inside it, or empty) as up to four non-empty rectangles."""
+    if inner.empty:
+        return [] if outer.empty else [outer]
+    parts = [
+        Rect(Span(outer.rows.start, inner.rows.start), outer.cols),
+        Rect(Span(inner.rows.stop, outer.rows.stop), outer.cols),
+        Rect(inner.rows, Span(outer.cols.start, inner.cols.start)),
+        Rect(inner.rows, Span(inner.cols.stop, outer.cols.stop)),
+    ]
+    return [p for p in parts if not p.empty]
+
+
+@dataclass(frozen=True)
 class Block:
     """One output block: a Zarr chunk of the mosaic, and one Dask task."""
 
