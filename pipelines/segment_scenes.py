@@ -17,14 +17,15 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import geopandas as gpd
 import numpy as np
-from distributed import Client, as_completed
+from distributed import Client, Future, as_completed
 from rasterio.windows import Window
 
 from geoseg import mosaic, partials, vectorize
@@ -396,6 +397,21 @@ def scene_layers(
     return {f"scene{index[s.path]:05d}": [s] for s in picked}
 
 
+def work_order(blocks: list[Block], grid: OutputGrid, tiling: TilingSettings) -> list[Block]:
+    """Rows of blocks top to bottom; in a row, the blocks that own the most tiles first.
+
+    Rows in order keep about one row of partial results on disk; biggest first in a row is the
+    longest-processing-time rule, so the last blocks handed out are the short ones and the
+    workers finish together.
+    """
+
+    def owned_tiles(b: Block) -> int:
+        rows, cols = tiling.ownership(b, grid)
+        return len(rows.owned) * len(cols.owned)
+
+    return sorted(blocks, key=lambda b: (b.row, -owned_tiles(b), b.col))
+
+
 def segment_blocks(
     client: Client,
     blocks: list[Block],
@@ -412,12 +428,12 @@ def segment_blocks(
     """Step 1 and step 2 of every block in ``todo`` on the cluster; returns their records.
 
     Step 1 runs for the blocks to do and the blocks whose tiles reach them. Priorities follow
-    row-major order, and a block's step 2 runs as soon as its last neighbour's step 1 is in,
+    :func:`work_order`, and a block's step 2 runs as soon as its last neighbour's step 1 is in,
     so only about one row of blocks has partial results on disk at any time; a partial is
     deleted once every block that reads it is finished.
     """
     by_index = {(b.row, b.col): b for b in blocks}
-    order = {b.key: n for n, b in enumerate(blocks)}
+    order = {b.key: n for n, b in enumerate(work_order(blocks, grid, tiling))}
     tg, sup, size = tiling.grid, tiling.support, tiling.block_size
     reach = {  # the block itself first: its step 1 holds the interior
         b.key: [b]
@@ -437,39 +453,52 @@ def segment_blocks(
     for stale in (out / PARTIALS_DIR).glob("*.tmp-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
     footprints = [grid.window_of(s) for s in scenes]
-    margin = tiling.tile_size
     resources = {"GPU": 1} if cfg.cluster.gpu_resource else None
-    step1 = {
-        b.key: client.submit(
-            predict_task,
-            b,
-            scene_layers(b, scenes, footprints, margin, cfg.output.mosaic_rule),
-            grid,
-            tiling,
-            settings,
-            str(out),
-            key=f"predict-{fingerprint}-{b.key}",
-            pure=False,
-            priority=-2 * order[b.key],
-            resources=resources,
-        )
-        for b in needed
-    }
-    step2 = [
-        client.submit(
-            finish_task,
-            b,
-            [step1[n.key] for n in reach[b.key]],
-            n_classes,
-            str(out),
-            key=f"finish-{fingerprint}-{b.key}",
-            pure=False,
-            priority=-2 * max(order[n.key] for n in reach[b.key]) - 1,
-        )
-        for b in todo
-    ]
+
+    def submit_step1(b: Block) -> Future:
+        layers = scene_layers(b, scenes, footprints, tiling.tile_size, cfg.output.mosaic_rule)
+        return client.submit(
+            predict_task, b, layers, grid, tiling, settings, str(out),
+            key=f"predict-{fingerprint}-{b.key}", pure=False, priority=-2 * order[b.key], resources=resources,
+        )  # fmt: skip
+
+    def submit_step2(b: Block) -> Future:
+        return client.submit(
+            finish_task, b, [step1[n.key] for n in reach[b.key]], n_classes, str(out),
+            key=f"finish-{fingerprint}-{b.key}", pure=False, priority=-2 * max(order[n.key] for n in reach[b.key]) - 1,
+        )  # fmt: skip
+
+    # Step 1 is handed out here, one block per free worker thread, in work order: Dask would
+    # assign every block to a worker at once (a few long tasks are not "root-ish" to its
+    # scheduler), and then the worker that drew the bigger blocks finishes last.
+    queue = deque(needed)
+    step1: dict[str, Future] = {}
+    running: set[Future] = set()
+    unsubmitted = {b.key: b for b in todo}
+    completed = as_completed()
+
+    def top_up() -> None:
+        slots = max(1, sum(client.nthreads().values()))
+        while queue and len(running) < slots:
+            b = queue.popleft()
+            step1[b.key] = submit_step1(b)
+            running.add(step1[b.key])
+            completed.add(step1[b.key])
+        for key in list(unsubmitted):
+            if all(n.key in step1 for n in reach[key]):
+                completed.add(submit_step2(unsubmitted.pop(key)))
+
+    def finished_blocks() -> Iterator[Future]:
+        top_up()
+        for fut in completed:
+            if fut in running:
+                running.discard(fut)
+            else:
+                yield fut
+            top_up()
+
     records: dict[str, dict[str, Any]] = {}
-    for fut in track(as_completed(step2), total=len(step2), description="segmenting blocks"):
+    for fut in track(finished_blocks(), total=len(todo), description="segmenting blocks"):
         rec = fut.result()
         key = rec.pop("block")
         records[key] = rec

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import geopandas as gpd
 import numpy as np
@@ -11,14 +12,16 @@ import rasterio
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 from conftest import run_config
+from rasterio.crs import CRS
 
 from geoseg import mosaic
+from geoseg.grid import OutputGrid
 from geoseg.inference import InferenceSettings
 from geoseg.scenes import open_scene
 from geoseg.segment import TilingSettings
 from geoseg.synth import SceneSpec, write_scene
 from geoseg.tiling import iter_blocks
-from pipelines.segment_scenes import predict_task, run
+from pipelines.segment_scenes import predict_task, run, work_order
 
 
 def read_classes(out):
@@ -42,6 +45,7 @@ def test_class_map_does_not_depend_on_block_size(
     cfg = run_config(
         random_checkpoint, [scene_1000x700[0]], tmp_path, f"output.block_size={block_size}", "output.polygons=false"
     )
+    since = time.time()
     run(cfg, client2)
     got, want = read_classes(tmp_path), read_classes(reference)
     # Bitwise: the same tiles' fixed-point votes, summed exactly (no tolerance needed on CPU).
@@ -55,6 +59,45 @@ def test_class_map_does_not_depend_on_block_size(
     assert 0.9 * 9 * 7 <= tiles <= 9 * 7  # 1000 x 700 px with tile 128 and stride 112
     # the neighbours' partial results are deleted once read
     assert not any((tmp_path / ".geoseg" / "partials").iterdir())
+    # Step 1 is handed out one block per worker thread, in work order: never more blocks on
+    # the workers than they have threads, so no block waits behind another on a busy worker.
+    handed_out, most_at_once = predict_schedule(client2, since)
+    grid = mosaic.read_grid(tmp_path / "mosaic.zarr")
+    blocks = list(iter_blocks(grid.height, grid.width, block_size))
+    assert handed_out == [b.key for b in work_order(blocks, grid, TilingSettings(128, 16, "gaussian", block_size))]
+    assert most_at_once == 2
+
+
+def predict_schedule(client, since: float) -> tuple[list[str], int]:
+    """Blocks in the order the scheduler put their step 1 on a worker, and the most on workers at once."""
+    log = client.run_on_scheduler(
+        lambda dask_scheduler: [
+            (t.key, t.start, t.finish)
+            for t in dask_scheduler.transition_log
+            if t.timestamp >= since and str(t.key).startswith("predict-")
+        ]
+    )
+    handed_out, running, most = [], 0, 0
+    for key, start, finish in log:
+        if finish == "processing":
+            handed_out.append(key.rsplit("-", 1)[1])
+            running += 1
+        elif start == "processing":
+            running -= 1
+        most = max(most, running)
+    return handed_out, most
+
+
+def test_work_order_goes_row_by_row_biggest_block_first():
+    grid = OutputGrid(CRS.from_epsg(32633).to_wkt(), (10.0, 0.0, 0.0, 0.0, -10.0, 0.0), 1000, 700)
+    tiling = TilingSettings(128, 16, "gaussian", 256)
+    blocks = list(iter_blocks(700, 1000, 256))
+    ordered = work_order(blocks, grid, tiling)
+    assert [b.row for b in ordered] == sorted(b.row for b in blocks)
+    owned = [len(r.owned) * len(c.owned) for r, c in (tiling.ownership(b, grid) for b in ordered)]
+    for row in {b.row for b in blocks}:
+        in_row = [n for n, b in zip(owned, ordered, strict=True) if b.row == row]
+        assert in_row == sorted(in_row, reverse=True) and len(set(in_row)) > 1
 
 
 def test_class_map_does_not_depend_on_worker_count(tmp_path, random_checkpoint, scene_1000x700, client1, reference):
