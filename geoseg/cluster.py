@@ -34,13 +34,6 @@ WORKER_ENVIRON = {
     ),
 }
 
-# Give a worker its next block only when it is free of the last one (Dask's default, 1.1,
-# hands each single-threaded worker two blocks at once). Blocks are few and long, so which
-# worker gets the last ones decides when the run ends: greedy assignment with the biggest
-# blocks first left one worker idle 2.3 s less out of 17 (benchmarks/README.md).
-SCHEDULER_CONFIG = {"distributed.scheduler.worker-saturation": 1.0}
-
-
 def torch_threads_per_worker(cfg: ClusterConfig) -> int:
     """Intra-op threads for torch so that workers x threads never oversubscribe the cores."""
     if cfg.address or cfg.jobqueue:
@@ -91,7 +84,7 @@ def dask_client(cfg: ClusterConfig) -> Iterator[Client]:
         finally:
             client.close()
         return
-    with dask.config.set(SCHEDULER_CONFIG | {"distributed.nanny.pre-spawn-environ": WORKER_ENVIRON}):
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": WORKER_ENVIRON}):
         cluster = local_cluster(cfg)
     client = Client(cluster)
     if cfg.dashboard:
