@@ -4,11 +4,15 @@
 
 1. the pipeline (read GeoTIFF -> tiles -> forward -> blend -> argmax -> Zarr) on a Dask
    LocalCluster, after a warm-up run that loads the model in the workers;
-2. forward passes alone over the same number of tiles with the same batch size, on tiles
-   already in memory: the model-bound ceiling, in this process with all the cores as torch
-   threads, and split evenly over the workers with their threads;
+2. the model-bound ceiling: forward passes alone over the same number of tiles with the same
+   batch size, on tiles already in memory, split evenly over the same workers with the same
+   torch threads (one Dask task per worker, all at once); also, for reference, the same passes
+   in this process with all the cores as torch threads;
 3. optionally (--peer) MONAI's sliding_window_inference (gaussian, same model, tile,
    overlap and batch) on the scene already in memory.
+
+Each is run ``--repeat`` times, alternating, and the best of each is kept (medians are
+printed too).
 
 All three run with the workers' allocator settings (the script re-executes itself with
 them). Prints Mpix/s for each, peak RSS of the worker, the overlap cost, and ends with ``ratio=X.XXX``
@@ -31,7 +35,7 @@ import torch
 
 from geoseg.cluster import MALLOC_TUNABLES, WORKER_ENVIRON, dask_client
 from geoseg.config import ClusterConfig, load_config
-from geoseg.inference import InferenceSettings, Predictor
+from geoseg.inference import InferenceSettings, Predictor, fuse_batch_norms
 from geoseg.models.checkpoint import load_checkpoint
 from geoseg.synth import SceneSpec, write_scene
 from pipelines.segment_scenes import run
@@ -78,7 +82,9 @@ def monai_seconds(checkpoint: str, scene: Path, tile: int, overlap: int, batch: 
 
     torch.set_num_threads(threads)
     ckpt = load_checkpoint(checkpoint)
-    model = ckpt.build().to(memory_format=torch.channels_last)  # the same layout geoseg uses
+    model = ckpt.build()
+    fuse_batch_norms(model)  # the same model and layout geoseg runs
+    model = model.to(memory_format=torch.channels_last)
     with rasterio.open(scene) as src:
         image = src.read().astype(np.float32)
     mean = np.asarray(ckpt.mean, np.float32)[:, None, None]
@@ -129,20 +135,19 @@ def main() -> None:
         run(load_config(None, [*overrides, f"inputs=[{str(warm)!r}]", f"out={str(args.work / 'warm_out')!r}"]), client)
         cfg = load_config(None, [*overrides, f"inputs=[{str(scene)!r}]", f"out={str(args.work / 'out')!r}"])
         ckpt_path = load_checkpoint(args.checkpoint).path
-        # The machine is noisy: alternate the two measurements and keep the best of each.
-        pipeline_times, model_times, worker_model_times = [], [], []
+        # The machine is noisy: alternate the measurements and keep the best of each.
+        times: dict[str, list[float]] = {"pipeline": [], "workers": [], "process": [], "monai": []}
         for _ in range(args.repeat):
             start = time.perf_counter()
             result = run(cfg, client)
-            pipeline_times.append(time.perf_counter() - start)
+            times["pipeline"].append(time.perf_counter() - start)
             n_tiles = json.loads(result.manifest.read_text())["summary"]["tiles"]
-            # The model-bound side gets all the cores the workers had together, in this process.
-            model_times.append(model_bound_seconds(ckpt_path, n_tiles, args.tile, args.batch, cores))
-            worker_model_times.append(
-                model_bound_in_workers(client, ckpt_path, n_tiles, args.tile, args.batch, threads)
-            )
+            times["workers"].append(model_bound_in_workers(client, ckpt_path, n_tiles, args.tile, args.batch, threads))
+            times["process"].append(model_bound_seconds(ckpt_path, n_tiles, args.tile, args.batch, cores))
+            if args.peer:
+                times["monai"].append(monai_seconds(ckpt_path, scene, args.tile, args.overlap, args.batch, cores))
         rss = client.run(worker_peak_rss_mb)
-    t_pipeline, t_model, t_worker_model = min(pipeline_times), min(model_times), min(worker_model_times)
+    best = {name: min(runs) for name, runs in times.items() if runs}
     mpix = args.size * args.size / 1e6
     no_overlap_tiles = int(np.ceil(args.size / args.tile) ** 2)
     print(
@@ -153,27 +158,24 @@ def main() -> None:
         f"tiles computed {n_tiles}, without overlap {no_overlap_tiles}, overlap cost {n_tiles / no_overlap_tiles:.3f}"
     )
     print(
-        f"runs: pipeline {', '.join(f'{t:.2f}' for t in pipeline_times)} s; "
-        f"model-bound {', '.join(f'{t:.2f}' for t in model_times)} s"
+        "runs: " + "; ".join(f"{name} {', '.join(f'{t:.2f}' for t in runs)} s" for name, runs in times.items() if runs)
     )
-    print(f"pipeline     {t_pipeline:8.2f} s  {mpix / t_pipeline:7.3f} Mpix/s")
-    print(f"model-bound  {t_model:8.2f} s  {mpix / t_model:7.3f} Mpix/s  (forward passes alone, same tiles)")
-    print(
-        f"model-bound in the workers {t_worker_model:8.2f} s  {mpix / t_worker_model:7.3f} Mpix/s  "
-        f"(same passes split evenly over the workers; this / pipeline = {t_worker_model / t_pipeline:.3f})"
-    )
-    mid_pipeline, mid_model = float(np.median(pipeline_times)), float(np.median(model_times))
-    print(
-        f"medians: pipeline {mid_pipeline:.2f} s, model-bound {mid_model:.2f} s, ratio {mid_model / mid_pipeline:.3f}"
-    )
+    labels = {
+        "pipeline": "pipeline (read, forward, blend, argmax, Zarr)",
+        "workers": "model-bound: forward passes alone, same tiles split evenly over the same workers and threads",
+        "process": f"forward passes alone, same tiles, one process with {cores} torch threads",
+        "monai": "MONAI sliding_window_inference, image in memory",
+    }
+    for name, seconds in best.items():
+        print(f"{seconds:8.2f} s  {mpix / seconds:7.3f} Mpix/s  {labels[name]}")
+    mid = {name: float(np.median(runs)) for name, runs in times.items() if runs}
+    print(f"medians: model-bound / pipeline {mid['workers'] / mid['pipeline']:.3f}", end="")
+    print(f", geoseg / MONAI {mid['pipeline'] / mid['monai']:.3f}" if args.peer else "")
+    print(f"one-process passes / pipeline {best['process'] / best['pipeline']:.3f}")
     print(f"worker peak RSS: {', '.join(f'{v:.0f} MB' for v in rss.values())}")
     if args.peer:
-        t_monai = monai_seconds(ckpt_path, scene, args.tile, args.overlap, args.batch, cores)
-        print(
-            f"MONAI sliding_window_inference {t_monai:8.2f} s  {mpix / t_monai:7.3f} Mpix/s  "
-            f"(image in memory); geoseg/MONAI time ratio {t_pipeline / t_monai:.3f}"
-        )
-    print(f"ratio={t_model / t_pipeline:.3f}")
+        print(f"geoseg/MONAI time ratio {best['pipeline'] / best['monai']:.3f}")
+    print(f"ratio={best['workers'] / best['pipeline']:.3f}")
 
 
 if __name__ == "__main__":

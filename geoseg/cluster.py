@@ -34,6 +34,7 @@ WORKER_ENVIRON = {
     ),
 }
 
+
 def torch_threads_per_worker(cfg: ClusterConfig) -> int:
     """Intra-op threads for torch so that workers x threads never oversubscribe the cores."""
     if cfg.address or cfg.jobqueue:

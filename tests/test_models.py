@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import pickle
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 from conftest import LEGEND, make_random_checkpoint, run_config
 
-from geoseg.inference import InferenceSettings, Predictor
+from geoseg.inference import InferenceSettings, Predictor, fuse_batch_norms
 from geoseg.models import Checkpoint, available_architectures, build_model, load_checkpoint, save_checkpoint
 from geoseg.models.checkpoint import CheckpointError
 from geoseg.models.unet import UNet
@@ -23,6 +24,27 @@ def test_every_architecture_maps_tiles_to_class_logits(arch):
     model = build_model(arch, 4, 7, **SMALL.get(arch, {"encoder_name": "resnet18"})).eval()
     with torch.inference_mode():
         assert model(torch.randn(2, 4, 64, 64)).shape == (2, 7, 64, 64)
+
+
+@pytest.mark.parametrize("arch", ["unet", "smp-unet", "unetplusplus"])
+def test_batch_norms_folded_into_convs_give_the_same_probabilities(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, 4, 7, **SMALL.get(arch, {"encoder_name": "resnet18"}))
+    for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # trained-like statistics
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+        norm.weight.data.uniform_(0.5, 1.5)
+        norm.bias.data.uniform_(-0.5, 0.5)
+    model.eval()
+    folded = copy.deepcopy(model)
+    n = fuse_batch_norms(folded)
+    norms_left = sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert n >= 4 and norms_left == sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) - n
+    x = torch.randn(2, 4, 64, 64)
+    with torch.inference_mode():
+        want, got = torch.softmax(model(x), 1), torch.softmax(folded(x), 1)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert (want.argmax(1) == got.argmax(1)).float().mean() > 0.999
 
 
 def test_classic_unet_has_the_papers_parts():
