@@ -28,6 +28,7 @@ import os
 import resource
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ import torch
 from geoseg.cluster import MALLOC_TUNABLES, WORKER_ENVIRON, dask_client
 from geoseg.config import ClusterConfig, load_config
 from geoseg.inference import InferenceSettings, Predictor, fuse_batch_norms
+from geoseg.models import build_model, save_checkpoint
 from geoseg.models.checkpoint import load_checkpoint
 from geoseg.synth import SceneSpec, write_scene
 from pipelines.segment_scenes import run
@@ -76,6 +78,18 @@ def model_bound_in_workers(client, checkpoint: str, n_tiles: int, tile: int, bat
     return max(client.gather(futures))
 
 
+def random_checkpoint(arch: str, work: Path) -> str:
+    """A checkpoint of ``arch`` with random weights and the demo model's bands, classes and
+    statistics: what a forward pass costs depends on the architecture, not on the weights."""
+    path = work / f"random-{arch}.safetensors"
+    if not path.exists():
+        demo = load_checkpoint("builtin:demo")
+        torch.manual_seed(0)
+        model = build_model(arch, len(demo.bands), demo.n_classes)
+        save_checkpoint(replace(demo, arch=arch, arch_kwargs={}, extra={}, state_dict={}), model, path)
+    return str(path)
+
+
 def monai_seconds(checkpoint: str, scene: Path, tile: int, overlap: int, batch: int, threads: int) -> float:
     import rasterio
     from monai.inferers import sliding_window_inference
@@ -106,6 +120,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="default: one per core")
     parser.add_argument("--checkpoint", default="builtin:demo")
+    parser.add_argument("--arch", help="time this architecture with random weights instead of --checkpoint")
     parser.add_argument("--peer", action="store_true", help="also time MONAI sliding_window_inference")
     parser.add_argument("--repeat", type=int, default=2, help="alternate pipeline and model-bound; keep the best")
     parser.add_argument("--work", type=Path, default=Path("bench_out"))
@@ -116,6 +131,8 @@ def main() -> None:
     scene = args.work / f"scene_{args.size}.tif"
     if not scene.exists():
         write_scene(SceneSpec(args.size, args.size, seed=7), scene)
+    if args.arch:
+        args.checkpoint = random_checkpoint(args.arch, args.work)
     warm = args.work / "warm.tif"
     if not warm.exists():
         write_scene(SceneSpec(300, 300, seed=8), warm)
@@ -152,7 +169,8 @@ def main() -> None:
     no_overlap_tiles = int(np.ceil(args.size / args.tile) ** 2)
     print(
         f"scene {args.size}x{args.size} ({mpix:.1f} Mpix), block {args.block}, tile {args.tile}, overlap "
-        f"{args.overlap}, batch {args.batch}, workers {args.workers} x {threads} torch threads"
+        f"{args.overlap}, batch {args.batch}, workers {args.workers} x {threads} torch threads, "
+        f"model {args.arch or args.checkpoint}"
     )
     print(
         f"tiles computed {n_tiles}, without overlap {no_overlap_tiles}, overlap cost {n_tiles / no_overlap_tiles:.3f}"
