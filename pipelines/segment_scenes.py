@@ -412,6 +412,14 @@ def work_order(blocks: list[Block], grid: OutputGrid, tiling: TilingSettings) ->
     return sorted(blocks, key=lambda b: (b.row, -owned_tiles(b), b.col))
 
 
+def task_slots(client: Client, resources: dict[str, float] | None) -> int:
+    """How many step-1 tasks the cluster runs at once: its threads, or its units of ``resources``."""
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    if not resources:
+        return sum(w["nthreads"] for w in workers)
+    return sum(min(int(w.get("resources", {}).get(r, 0) // need) for r, need in resources.items()) for w in workers)
+
+
 def segment_blocks(
     client: Client,
     blocks: list[Block],
@@ -478,7 +486,7 @@ def segment_blocks(
     completed = as_completed()
 
     def top_up() -> None:
-        slots = max(1, sum(client.nthreads().values()))
+        slots = max(1, task_slots(client, resources))
         while queue and len(running) < slots:
             b = queue.popleft()
             step1[b.key] = submit_step1(b)

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import xarray as xr
 from conftest import make_random_checkpoint, run_cli_args, run_config
-from distributed import Client
+from distributed import Client, LocalCluster
 
-from pipelines.segment_scenes import run
+from pipelines.segment_scenes import run, task_slots
 
 BIN = Path(sys.executable).parent
 
@@ -163,3 +163,14 @@ def test_killed_run_resumes_with_only_the_missing_blocks(tmp_path, slow_checkpoi
     assert manifest["summary"]["reused"] >= done_before
     assert manifest["summary"]["computed"] == 48 - manifest["summary"]["reused"]
     np.testing.assert_array_equal(xr.open_zarr(out / "mosaic.zarr")["classes"].values, reference_mosaic)
+
+
+def test_step_one_is_handed_out_by_threads_or_by_gpus():
+    """One block per worker thread; with ``cluster.gpu_resource``, one per GPU a worker declares."""
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=2, processes=False, resources={"GPU": 1}) as cluster,
+        Client(cluster) as client,
+    ):
+        assert task_slots(client, None) == 4
+        assert task_slots(client, {"GPU": 1}) == 2
+        assert task_slots(client, {"GPU": 2}) == 0  # then the pipeline still hands out one at a time
