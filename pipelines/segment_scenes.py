@@ -435,10 +435,10 @@ def segment_blocks(
 ) -> dict[str, dict[str, Any]]:
     """Step 1 and step 2 of every block in ``todo`` on the cluster; returns their records.
 
-    Step 1 runs for the blocks to do and the blocks whose tiles reach them. Priorities follow
-    :func:`work_order`, and a block's step 2 runs as soon as its last neighbour's step 1 is in,
-    so only about one row of blocks has partial results on disk at any time; a partial is
-    deleted once every block that reads it is finished.
+    Step 1 runs for the blocks to do and the blocks whose tiles reach them, handed out in
+    :func:`work_order` one block per free worker thread (or GPU), and a block's step 2 runs as
+    soon as its last neighbour's step 1 is in, so only about one row of blocks has partial
+    results on disk at any time; a partial is deleted once every block that reads it is finished.
     """
     by_index = {(b.row, b.col): b for b in blocks}
     order = {b.key: n for n, b in enumerate(work_order(blocks, grid, tiling))}
