@@ -17,7 +17,7 @@ import json
 import logging
 import shutil
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -412,12 +412,15 @@ def work_order(blocks: list[Block], grid: OutputGrid, tiling: TilingSettings) ->
     return sorted(blocks, key=lambda b: (b.row, -owned_tiles(b), b.col))
 
 
-def task_slots(client: Client, resources: dict[str, float] | None) -> int:
-    """How many step-1 tasks the cluster runs at once: its threads, or its units of ``resources``."""
-    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+def worker_slots(client: Client, resources: dict[str, float] | None) -> dict[str, int]:
+    """How many step-1 tasks each worker runs at once: its threads, or its units of ``resources``."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
     if not resources:
-        return sum(w["nthreads"] for w in workers)
-    return sum(min(int(w.get("resources", {}).get(r, 0) // need) for r, need in resources.items()) for w in workers)
+        return {addr: w["nthreads"] for addr, w in workers.items()}
+    return {
+        addr: min(int(w.get("resources", {}).get(name, 0) // need) for name, need in resources.items())
+        for addr, w in workers.items()
+    }
 
 
 def segment_blocks(
@@ -463,11 +466,12 @@ def segment_blocks(
     footprints = [grid.window_of(s) for s in scenes]
     resources = {"GPU": 1} if cfg.cluster.gpu_resource else None
 
-    def submit_step1(b: Block) -> Future:
+    def submit_step1(b: Block, worker: str | None) -> Future:
         layers = scene_layers(b, scenes, footprints, tiling.tile_size, cfg.output.mosaic_rule)
         return client.submit(
             predict_task, b, layers, grid, tiling, settings, str(out),
             key=f"predict-{fingerprint}-{b.key}", pure=False, priority=-2 * order[b.key], resources=resources,
+            workers=worker and [worker], allow_other_workers=True,  # elsewhere if that worker is lost
         )  # fmt: skip
 
     def submit_step2(b: Block) -> Future:
@@ -476,21 +480,28 @@ def segment_blocks(
             key=f"finish-{fingerprint}-{b.key}", pure=False, priority=-2 * max(order[n.key] for n in reach[b.key]) - 1,
         )  # fmt: skip
 
-    # Step 1 is handed out here, one block per free worker thread, in work order: Dask would
-    # assign every block to a worker at once (a few long tasks are not "root-ish" to its
-    # scheduler), and then the worker that drew the bigger blocks finishes last.
+    # Step 1 is handed out here, one block per free worker thread, in work order, to the worker
+    # that is free: Dask would place every block on a worker at once (a few long tasks are not
+    # "root-ish" to its scheduler), or queue a new one behind a busy worker's block while another
+    # worker only had short step-2 tasks, and the worker with the most left finishes last.
     queue = deque(needed)
     step1: dict[str, Future] = {}
-    running: set[Future] = set()
+    running: dict[Future, str | None] = {}  # step-1 tasks in flight -> the worker asked to run them
     unsubmitted = {b.key: b for b in todo}
     completed = as_completed()
 
     def top_up() -> None:
-        slots = max(1, task_slots(client, resources))
-        while queue and len(running) < slots:
+        slots = worker_slots(client, resources)
+        busy = Counter(running.values())
+        free: list[str | None] = [w for w, n in slots.items() for _ in range(n - busy[w])]
+        if not any(slots.values()) and not running:
+            free = [None]  # no worker (yet): let the scheduler place one block
+        for worker in free:
+            if not queue:
+                break
             b = queue.popleft()
-            step1[b.key] = submit_step1(b)
-            running.add(step1[b.key])
+            step1[b.key] = submit_step1(b, worker)
+            running[step1[b.key]] = worker
             completed.add(step1[b.key])
         for key in list(unsubmitted):
             if all(n.key in step1 for n in reach[key]):
@@ -500,7 +511,7 @@ def segment_blocks(
         top_up()
         for fut in completed:
             if fut in running:
-                running.discard(fut)
+                del running[fut]
             else:
                 yield fut
             top_up()

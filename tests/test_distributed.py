@@ -17,7 +17,7 @@ import xarray as xr
 from conftest import make_random_checkpoint, run_cli_args, run_config
 from distributed import Client, LocalCluster
 
-from pipelines.segment_scenes import run, task_slots
+from pipelines.segment_scenes import run, worker_slots
 
 BIN = Path(sys.executable).parent
 
@@ -171,6 +171,6 @@ def test_step_one_is_handed_out_by_threads_or_by_gpus():
         LocalCluster(n_workers=2, threads_per_worker=2, processes=False, resources={"GPU": 1}) as cluster,
         Client(cluster) as client,
     ):
-        assert task_slots(client, None) == 4
-        assert task_slots(client, {"GPU": 1}) == 2
-        assert task_slots(client, {"GPU": 2}) == 0  # then the pipeline still hands out one at a time
+        assert sorted(worker_slots(client, None).values()) == [2, 2]
+        assert sorted(worker_slots(client, {"GPU": 1}).values()) == [1, 1]
+        assert sorted(worker_slots(client, {"GPU": 2}).values()) == [0, 0]
