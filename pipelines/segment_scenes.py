@@ -465,6 +465,12 @@ def segment_blocks(
         shutil.rmtree(stale, ignore_errors=True)
     footprints = [grid.window_of(s) for s in scenes]
     resources = {"GPU": 1} if cfg.cluster.gpu_resource else None
+    slots = worker_slots(client, resources)
+    if resources and slots and not any(slots.values()):  # the blocks would wait forever
+        raise RunError(
+            f"cluster.gpu_resource is set, but none of the cluster's {len(slots)} workers declares a GPU: "
+            "start them with `dask worker ... --resources GPU=1`"
+        )
 
     def submit_step1(b: Block, worker: str | None) -> Future:
         layers = scene_layers(b, scenes, footprints, tiling.tile_size, cfg.output.mosaic_rule)

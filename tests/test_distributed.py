@@ -17,7 +17,7 @@ import xarray as xr
 from conftest import make_random_checkpoint, run_cli_args, run_config
 from distributed import Client, LocalCluster
 
-from pipelines.segment_scenes import run, worker_slots
+from pipelines.segment_scenes import RunError, run, worker_slots
 
 BIN = Path(sys.executable).parent
 
@@ -174,3 +174,29 @@ def test_step_one_is_handed_out_by_threads_or_by_gpus():
         assert sorted(worker_slots(client, None).values()) == [2, 2]
         assert sorted(worker_slots(client, {"GPU": 1}).values()) == [1, 1]
         assert sorted(worker_slots(client, {"GPU": 2}).values()) == [0, 0]
+
+
+def test_gpu_resource_without_gpu_workers_is_a_clear_error(tmp_path, random_checkpoint, scene_1000x700):
+    cfg = run_config(random_checkpoint, [scene_1000x700[0]], tmp_path, "cluster.gpu_resource=true")
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=False) as cluster,
+        Client(cluster) as client,
+        pytest.raises(RunError, match=r"gpu_resource is set, but none of the cluster's 1 workers declares a GPU"),
+    ):
+        run(cfg, client)
+
+
+def test_gpu_resource_blocks_run_on_workers_that_declare_one(
+    tmp_path, slow_checkpoint, scene_1000x700, reference_mosaic
+):
+    """Blocks ask for a GPU: on workers declaring ``GPU=1`` (CPU here) the mosaic is the same."""
+    cfg = run_config(
+        slow_checkpoint, [scene_1000x700[0]], tmp_path, "cluster.gpu_resource=true", "output.block_size=256",
+        "output.polygons=false", "model.device=cpu",
+    )  # fmt: skip
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=False, resources={"GPU": 1}) as cluster,
+        Client(cluster) as client,
+    ):
+        assert run(cfg, client).ok
+    np.testing.assert_array_equal(xr.open_zarr(tmp_path / "mosaic.zarr")["classes"].values, reference_mosaic)
