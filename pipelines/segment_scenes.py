@@ -135,9 +135,15 @@ def catalog(paths: list[Path], n_bands: int) -> tuple[list[SceneInfo], dict[str,
     return good, bad
 
 
+# Bumped whenever geoseg computes votes differently (the last bits count: blocks are summed
+# with their neighbours' frames). 2: batch norms folded into the convs.
+NUMERICS = 2
+
+
 def run_fingerprint(cfg: RunConfig, model_sha: str, scenes: list[SceneInfo]) -> str:
     """What determines the mosaic's pixels: a changed one must not be mixed with old blocks."""
     relevant = {
+        "numerics": NUMERICS,
         "model": model_sha,
         "tiling": cfg.tiling.model_dump(),
         "block_size": cfg.output.block_size,
