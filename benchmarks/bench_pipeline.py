@@ -14,7 +14,7 @@
 Each is run ``--repeat`` times, alternating, and the best of each is kept (medians are
 printed too).
 
-All three run with the workers' allocator settings (the script re-executes itself with
+All of them run with the workers' allocator settings (the script re-executes itself with
 them). Prints Mpix/s for each, peak RSS of the worker, the overlap cost, and ends with ``ratio=X.XXX``
 (model-bound time / pipeline time, the best run of each). Scene pixels count the whole grid, nodata included.
 """

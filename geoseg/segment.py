@@ -104,7 +104,7 @@ def read_composite(
             tally = counts.setdefault(scene.path, [0, 0])
             tally[0] += int(scene_valid.sum())
             tally[1] += int(take.sum())
-        if not valid.any():  # the first scene with data: take it whole (its invalid pixels are 0)
+        if not valid.any():  # the first scene with data: take it whole (normalize zeroes its invalid pixels)
             bands, valid = data, scene_valid
         elif take.any():
             np.copyto(bands, data, where=take)

@@ -483,13 +483,19 @@ def segment_blocks(
         return client.submit(
             predict_task, b, layers, grid, tiling, settings, str(out),
             key=f"predict-{fingerprint}-{b.key}", pure=False, priority=-2 * order[b.key], resources=resources,
-            workers=worker and [worker], allow_other_workers=True,  # elsewhere if that worker is lost
+            workers=[worker] if worker else None, allow_other_workers=True,  # elsewhere if that one is lost
         )  # fmt: skip
+
+    # A block's step 2 is submitted with the step 1 of the last block (in work order) reaching it.
+    last_reaching = {b.key: max(reach[b.key], key=lambda n: order[n.key]) for b in todo}
+    step2_after: dict[str, list[Block]] = {}
+    for b in todo:
+        step2_after.setdefault(last_reaching[b.key].key, []).append(b)
 
     def submit_step2(b: Block) -> Future:
         return client.submit(
             finish_task, b, [step1[n.key] for n in reach[b.key]], n_classes, str(out),
-            key=f"finish-{fingerprint}-{b.key}", pure=False, priority=-2 * max(order[n.key] for n in reach[b.key]) - 1,
+            key=f"finish-{fingerprint}-{b.key}", pure=False, priority=-2 * order[last_reaching[b.key].key] - 1,
         )  # fmt: skip
 
     # Step 1 is handed out here, one block per free worker thread, in work order, to the worker
@@ -499,7 +505,6 @@ def segment_blocks(
     queue = deque(needed)
     step1: dict[str, Future] = {}
     running: dict[Future, str | None] = {}  # step-1 tasks in flight -> the worker asked to run them
-    unsubmitted = {b.key: b for b in todo}
     completed = as_completed()
 
     def top_up() -> None:
@@ -515,9 +520,8 @@ def segment_blocks(
             step1[b.key] = submit_step1(b, worker)
             running[step1[b.key]] = worker
             completed.add(step1[b.key])
-        for key in list(unsubmitted):
-            if all(n.key in step1 for n in reach[key]):
-                completed.add(submit_step2(unsubmitted.pop(key)))
+            for finish in step2_after.get(b.key, []):
+                completed.add(submit_step2(finish))
 
     def finished_blocks() -> Iterator[Future]:
         top_up()
