@@ -25,7 +25,7 @@ from typing import Any
 
 import geopandas as gpd
 import numpy as np
-from distributed import Client, Future, as_completed
+from distributed import Client, Future, as_completed, wait
 from rasterio.windows import Window
 
 from geoseg import mosaic, partials, vectorize
@@ -403,6 +403,11 @@ def scene_layers(
     return {f"scene{index[s.path]:05d}": [s] for s in picked}
 
 
+# How often the client looks for free worker threads when no task finishes: workers that join
+# a running job (batch jobs start one by one) get blocks within this time.
+REFILL_S = 1.0
+
+
 def work_order(blocks: list[Block], grid: OutputGrid, tiling: TilingSettings) -> list[Block]:
     """Rows of blocks top to bottom; in a row, the blocks that own the most tiles first.
 
@@ -429,6 +434,29 @@ def worker_slots(client: Client, resources: dict[str, float] | None) -> dict[str
     }
 
 
+def free_slots(
+    client: Client, resources: dict[str, float] | None, running: dict[Future, str | None]
+) -> list[str | None]:
+    """A worker address per step-1 slot free now (see :func:`worker_slots`); ``running`` maps the
+    step-1 tasks in flight to the worker they were given to (None: left to the scheduler).
+
+    With no worker at all (a batch job whose workers have not started) one block may wait at
+    the scheduler: ``[None]``.
+    """
+    slots = worker_slots(client, resources)
+    if not any(slots.values()):
+        return [] if running else [None]
+    busy = Counter(w for w in running.values() if w is not None)
+    unplaced = {f.key for f, w in running.items() if w is None}
+    if unplaced:  # count them where the scheduler put them
+        for worker, keys in client.processing().items():
+            placed = unplaced.intersection(keys)
+            busy[worker] += len(placed)
+            unplaced -= placed
+    free: list[str | None] = [w for w, n in slots.items() for _ in range(n - busy[w])]
+    return free[len(unplaced) :]  # blocks the scheduler has not placed yet will take some
+
+
 def segment_blocks(
     client: Client,
     blocks: list[Block],
@@ -448,6 +476,8 @@ def segment_blocks(
     :func:`work_order` one block per free worker thread (or GPU), and a block's step 2 runs as
     soon as its last neighbour's step 1 is in, so only about one row of blocks has partial
     results on disk at any time; a partial is deleted once every block that reads it is finished.
+    Free threads are looked for whenever a task finishes and every ``REFILL_S`` seconds, so a
+    worker that joins a running job gets its blocks at once.
     """
     by_index = {(b.row, b.col): b for b in blocks}
     order = {b.key: n for n, b in enumerate(work_order(blocks, grid, tiling))}
@@ -483,7 +513,7 @@ def segment_blocks(
         return client.submit(
             predict_task, b, layers, grid, tiling, settings, str(out),
             key=f"predict-{fingerprint}-{b.key}", pure=False, priority=-2 * order[b.key], resources=resources,
-            workers=[worker] if worker else None, allow_other_workers=True,  # elsewhere if that one is lost
+            workers=[worker] if worker else None, allow_other_workers=worker is not None,  # elsewhere if lost
         )  # fmt: skip
 
     # A block's step 2 is submitted with the step 1 of the last block (in work order) reaching it.
@@ -505,31 +535,33 @@ def segment_blocks(
     queue = deque(needed)
     step1: dict[str, Future] = {}
     running: dict[Future, str | None] = {}  # step-1 tasks in flight -> the worker asked to run them
-    completed = as_completed()
+    pending: set[Future] = set()  # step-1 and step-2 tasks not yet reported
 
     def top_up() -> None:
-        slots = worker_slots(client, resources)
-        busy = Counter(running.values())
-        free: list[str | None] = [w for w, n in slots.items() for _ in range(n - busy[w])]
-        if not any(slots.values()) and not running:
-            free = [None]  # no worker (yet): let the scheduler place one block
-        for worker in free:
+        for worker in free_slots(client, resources, running):
             if not queue:
                 break
             b = queue.popleft()
             step1[b.key] = submit_step1(b, worker)
             running[step1[b.key]] = worker
-            completed.add(step1[b.key])
+            pending.add(step1[b.key])
             for finish in step2_after.get(b.key, []):
-                completed.add(submit_step2(finish))
+                pending.add(submit_step2(finish))
 
     def finished_blocks() -> Iterator[Future]:
         top_up()
-        for fut in completed:
-            if fut in running:
-                del running[fut]
-            else:
-                yield fut
+        while pending:
+            try:
+                done = wait(list(pending), timeout=REFILL_S, return_when="FIRST_COMPLETED").done
+            except TimeoutError:  # nothing finished: hand blocks to workers that joined meanwhile
+                top_up()
+                continue
+            for fut in done:
+                pending.discard(fut)
+                if fut in running:  # a step 1: its block is finished by its step 2
+                    del running[fut]
+                else:
+                    yield fut
             top_up()
 
     records: dict[str, dict[str, Any]] = {}

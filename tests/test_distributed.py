@@ -17,6 +17,7 @@ import xarray as xr
 from conftest import make_random_checkpoint, run_cli_args, run_config
 from distributed import Client, LocalCluster
 
+from pipelines import segment_scenes
 from pipelines.segment_scenes import RunError, run, worker_slots
 
 BIN = Path(sys.executable).parent
@@ -200,3 +201,53 @@ def test_gpu_resource_blocks_run_on_workers_that_declare_one(
     ):
         assert run(cfg, client).ok
     np.testing.assert_array_equal(xr.open_zarr(tmp_path / "mosaic.zarr")["classes"].values, reference_mosaic)
+
+
+def test_a_worker_that_joins_a_running_job_gets_blocks_without_waiting_for_one_to_finish(
+    tmp_path, monkeypatch, slow_checkpoint, scene_1000x700, reference_mosaic
+):
+    """Batch jobs start one by one: the run begins with no worker, and the worker that joins
+    fills both its threads at once instead of one until the first block is finished."""
+    monkeypatch.setattr(segment_scenes, "REFILL_S", 0.2)
+    sched_file = tmp_path / "scheduler.json"
+    args = ["scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", str(sched_file)]
+    procs = [_spawn(*args, log=tmp_path / "scheduler.log")]
+    try:
+        deadline = time.time() + 60
+        while not sched_file.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        address = json.loads(sched_file.read_text())["address"]
+        out = tmp_path / "out"
+        cfg = run_config(
+            slow_checkpoint, [scene_1000x700[0]], out, "output.block_size=256", "output.polygons=false",
+            f"cluster.address={address}",
+        )  # fmt: skip
+        outcome = {}
+        thread = threading.Thread(target=lambda: outcome.update(result=run(cfg)))
+        thread.start()
+        with Client(address, timeout="30s") as client:
+            since = time.time()
+            while not client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)):
+                assert time.time() < deadline, "the run never submitted a block"
+                time.sleep(0.1)
+            worker = ["worker", address, "--nthreads", "2", "--no-dashboard", "--host", "127.0.0.1"]
+            procs.append(_spawn(*worker, log=tmp_path / "worker.log"))
+            thread.join(timeout=300)
+            events = client.run_on_scheduler(
+                lambda dask_scheduler: [
+                    (str(t.key), t.start, t.finish)
+                    for t in dask_scheduler.transition_log
+                    if t.timestamp >= since and str(t.key).startswith("predict-")
+                ]
+            )
+        assert outcome["result"].ok
+        first = next(key for key, _, finish in events if finish == "processing")
+        first_done = next(n for n, (key, start, _) in enumerate(events) if key == first and start == "processing")
+        started = [key for key, _, finish in events[:first_done] if finish == "processing"]
+        assert len(started) == 2, f"a second block started only after the first finished: {events}"
+        np.testing.assert_array_equal(xr.open_zarr(out / "mosaic.zarr")["classes"].values, reference_mosaic)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=30)
