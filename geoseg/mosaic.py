@@ -38,47 +38,46 @@ def create_store(
 ) -> None:
     """Create (or replace) a Zarr v3 group of (y, x) arrays chunked by block, georeferenced for rioxarray."""
     t = grid.affine
-    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    epsg = grid.crs.to_epsg()
+    geoseg_attrs = {
+        "crs_wkt": grid.crs_wkt,
+        "epsg": epsg,
+        "transform": list(grid.transform),
+        "width": grid.width,
+        "height": grid.height,
+        **(attrs or {}),
+    }
+    # Attributes go in at creation: each later update rewrites the array's zarr.json.
+    group = zarr.open_group(str(path), mode="w", zarr_format=3, attributes={"geoseg": geoseg_attrs})
     chunks = (min(block_size, grid.height), min(block_size, grid.width))
     for layer in layers:
-        arr = group.create_array(
+        group.create_array(
             layer.name,
             shape=(grid.height, grid.width),
             chunks=chunks,
             dtype=layer.dtype,
             fill_value=layer.fill_value,
             dimension_names=("y", "x"),
+            attributes={"grid_mapping": "spatial_ref", "coordinates": "spatial_ref", **layer.attrs},
         )
-        arr.attrs.update({"grid_mapping": "spatial_ref", "coordinates": "spatial_ref", **layer.attrs})
-    x = group.create_array("x", shape=(grid.width,), dtype="float64", dimension_names=("x",))
-    x[:] = t.c + t.a * (np.arange(grid.width) + 0.5)
-    x.attrs.update({"standard_name": "projection_x_coordinate", "axis": "X"})
-    y = group.create_array("y", shape=(grid.height,), dtype="float64", dimension_names=("y",))
-    y[:] = t.f + t.e * (np.arange(grid.height) + 0.5)
-    y.attrs.update({"standard_name": "projection_y_coordinate", "axis": "Y"})
-    ref = group.create_array("spatial_ref", shape=(), dtype="int64", dimension_names=())
-    ref[...] = 0
-    epsg = grid.crs.to_epsg()
-    ref.attrs.update(
-        {
-            "crs_wkt": grid.crs_wkt,
-            "spatial_ref": grid.crs_wkt,
-            "GeoTransform": " ".join(str(v) for v in (t.c, t.a, t.b, t.f, t.d, t.e)),
-            "epsg": epsg,
-        }
-    )
-    group.attrs.update(
-        {
-            "geoseg": {
-                "crs_wkt": grid.crs_wkt,
-                "epsg": epsg,
-                "transform": list(grid.transform),
-                "width": grid.width,
-                "height": grid.height,
-                **(attrs or {}),
-            }
-        }
-    )
+    axes = {
+        "x": (t.c + t.a * (np.arange(grid.width) + 0.5), "projection_x_coordinate"),
+        "y": (t.f + t.e * (np.arange(grid.height) + 0.5), "projection_y_coordinate"),
+    }
+    for name, (centres, standard_name) in axes.items():
+        group.create_array(
+            name,
+            data=centres,
+            dimension_names=(name,),
+            attributes={"standard_name": standard_name, "axis": name.upper()},
+        )
+    spatial_ref = {
+        "crs_wkt": grid.crs_wkt,
+        "spatial_ref": grid.crs_wkt,
+        "GeoTransform": " ".join(str(v) for v in (t.c, t.a, t.b, t.f, t.d, t.e)),
+        "epsg": epsg,
+    }
+    group.create_array("spatial_ref", data=np.array(0, dtype="int64"), dimension_names=(), attributes=spatial_ref)
     with warnings.catch_warnings():  # consolidated metadata is not in the v3 spec yet; xarray reads it
         warnings.simplefilter("ignore")
         zarr.consolidate_metadata(str(path))

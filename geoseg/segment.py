@@ -137,7 +137,7 @@ def predict_block(
     if own_rows.owned and own_cols.owned:
         batch_size = batch_size or predictor.batch_size(size)
         batch = np.empty((batch_size, len(predictor.ckpt.bands), size, size), dtype=np.float32)
-        pending: list[tuple[int, int, np.ndarray]] = []  # (row0, col0, validity) of the tiles in ``batch``
+        pending: list[tuple[int, int, np.ndarray | None]] = []  # (row0, col0, validity) of the tiles in ``batch``
 
         def flush() -> None:
             votes = predictor.votes(batch[: len(pending)], window)
@@ -154,7 +154,8 @@ def predict_block(
                 if not valid_tile.any():  # all-nodata tiles add nothing: skip the pass
                     continue
                 batch[len(pending)] = bands[:, :, c : c + size]
-                pending.append((tg.origin(i), tg.origin(j), valid_tile))
+                # a fully valid tile adds its window as it is (no masked copy)
+                pending.append((tg.origin(i), tg.origin(j), None if valid_tile.all() else valid_tile))
                 n_tiles += 1
                 if len(pending) == batch_size:
                     flush()
