@@ -538,6 +538,8 @@ def segment_blocks(
     pending: set[Future] = set()  # step-1 and step-2 tasks not yet reported
 
     def top_up() -> None:
+        if not queue:
+            return
         for worker in free_slots(client, resources, running):
             if not queue:
                 break
