@@ -17,6 +17,7 @@ printed too).
 All of them run with the workers' allocator settings (the script re-executes itself with
 them). Prints Mpix/s for each, peak RSS of the worker, the overlap cost, and ends with ``ratio=X.XXX``
 (model-bound time / pipeline time, the best run of each). Scene pixels count the whole grid, nodata included.
+The best pipeline run is also split, from its task stream, into the workers' time in step 1, in step 2 and idle.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from distributed import get_task_stream
 
 from geoseg.cluster import MALLOC_TUNABLES, WORKER_ENVIRON, dask_client
 from geoseg.config import ClusterConfig, load_config
@@ -76,6 +78,17 @@ def model_bound_in_workers(client, checkpoint: str, n_tiles: int, tile: int, bat
         for w, share in zip(workers, shares, strict=True)
     ]
     return max(client.gather(futures))
+
+
+def task_seconds(stream: list[dict]) -> dict[str, float]:
+    """Seconds the workers spent computing each kind of task (``predict``, ``finish``) in a task stream."""
+    seconds: dict[str, float] = {}
+    for task in stream:
+        kind = str(task["key"]).split("-", 1)[0]
+        for span in task["startstops"]:
+            if span["action"] == "compute":
+                seconds[kind] = seconds.get(kind, 0.0) + span["stop"] - span["start"]
+    return seconds
 
 
 def random_checkpoint(arch: str, work: Path) -> str:
@@ -154,10 +167,13 @@ def main() -> None:
         ckpt_path = load_checkpoint(args.checkpoint).path
         # The machine is noisy: alternate the measurements and keep the best of each.
         times: dict[str, list[float]] = {"pipeline": [], "workers": [], "process": [], "monai": []}
+        busy: dict[float, dict[str, float]] = {}  # per pipeline run: seconds of each kind of task
         for _ in range(args.repeat):
-            start = time.perf_counter()
-            result = run(cfg, client)
-            times["pipeline"].append(time.perf_counter() - start)
+            with get_task_stream(client) as stream:
+                start = time.perf_counter()
+                result = run(cfg, client)
+                times["pipeline"].append(time.perf_counter() - start)
+            busy[times["pipeline"][-1]] = task_seconds(stream.data)
             n_tiles = json.loads(result.manifest.read_text())["summary"]["tiles"]
             times["workers"].append(model_bound_in_workers(client, ckpt_path, n_tiles, args.tile, args.batch, threads))
             times["process"].append(model_bound_seconds(ckpt_path, n_tiles, args.tile, args.batch, cores))
@@ -190,6 +206,13 @@ def main() -> None:
     print(f"medians: model-bound / pipeline {mid['workers'] / mid['pipeline']:.3f}", end="")
     print(f", geoseg / MONAI {mid['pipeline'] / mid['monai']:.3f}" if args.peer else "")
     print(f"one-process passes / pipeline {best['process'] / best['pipeline']:.3f}")
+    tasks = busy[best["pipeline"]]
+    capacity = best["pipeline"] * args.workers
+    print(
+        f"best pipeline run, worker time: step 1 {tasks.get('predict', 0) / capacity:.1%}, "
+        f"step 2 {tasks.get('finish', 0) / capacity:.1%}, idle {1 - sum(tasks.values()) / capacity:.1%} "
+        "(start-up, hand-out, the uneven last blocks)"
+    )
     print(f"worker peak RSS: {', '.join(f'{v:.0f} MB' for v in rss.values())}")
     if args.peer:
         print(f"geoseg/MONAI time ratio {best['pipeline'] / best['monai']:.3f}")
