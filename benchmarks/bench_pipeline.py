@@ -167,13 +167,13 @@ def main() -> None:
         ckpt_path = load_checkpoint(args.checkpoint).path
         # The machine is noisy: alternate the measurements and keep the best of each.
         times: dict[str, list[float]] = {"pipeline": [], "workers": [], "process": [], "monai": []}
-        busy: dict[float, dict[str, float]] = {}  # per pipeline run: seconds of each kind of task
+        splits: list[dict[str, float]] = []  # per pipeline run: worker seconds of each kind of task
         for _ in range(args.repeat):
             with get_task_stream(client) as stream:
                 start = time.perf_counter()
                 result = run(cfg, client)
                 times["pipeline"].append(time.perf_counter() - start)
-            busy[times["pipeline"][-1]] = task_seconds(stream.data)
+            splits.append(task_seconds(stream.data))
             n_tiles = json.loads(result.manifest.read_text())["summary"]["tiles"]
             times["workers"].append(model_bound_in_workers(client, ckpt_path, n_tiles, args.tile, args.batch, threads))
             times["process"].append(model_bound_seconds(ckpt_path, n_tiles, args.tile, args.batch, cores))
@@ -206,7 +206,7 @@ def main() -> None:
     print(f"medians: model-bound / pipeline {mid['workers'] / mid['pipeline']:.3f}", end="")
     print(f", geoseg / MONAI {mid['pipeline'] / mid['monai']:.3f}" if args.peer else "")
     print(f"one-process passes / pipeline {best['process'] / best['pipeline']:.3f}")
-    tasks = busy[best["pipeline"]]
+    tasks = splits[int(np.argmin(times["pipeline"]))]
     capacity = best["pipeline"] * args.workers
     print(
         f"best pipeline run, worker time: step 1 {tasks.get('predict', 0) / capacity:.1%}, "

@@ -555,9 +555,8 @@ def segment_blocks(
         while pending:
             try:
                 done = wait(list(pending), timeout=REFILL_S, return_when="FIRST_COMPLETED").done
-            except TimeoutError:  # nothing finished: hand blocks to workers that joined meanwhile
-                top_up()
-                continue
+            except TimeoutError:  # nothing finished, but workers may have joined meanwhile
+                done = set()
             for fut in done:
                 pending.discard(fut)
                 if fut in running:  # a step 1: its block is finished by its step 2

@@ -90,3 +90,14 @@ def run_config(checkpoint: Path, inputs: list[Path], out: Path, *overrides: str)
             *overrides,
         ],
     )
+
+
+def predict_transitions(client, since: float) -> list[tuple[str, str, str]]:
+    """(key, from, to) of every step-1 task's transition on the scheduler since ``since``."""
+    return client.run_on_scheduler(
+        lambda dask_scheduler: [
+            (str(t.key), t.start, t.finish)
+            for t in dask_scheduler.transition_log
+            if t.timestamp >= since and str(t.key).startswith("predict-")
+        ]
+    )

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
-from conftest import make_random_checkpoint, run_cli_args, run_config
+from conftest import make_random_checkpoint, predict_transitions, run_cli_args, run_config
 from distributed import Client, LocalCluster
 
 from pipelines import segment_scenes
@@ -230,13 +230,7 @@ def test_a_worker_that_joins_a_running_job_gets_blocks_without_waiting_for_one_t
             worker = ["worker", address, "--nthreads", "2", "--no-dashboard", "--host", "127.0.0.1"]
             procs.append(_spawn(*worker, log=tmp_path / "worker.log"))
             thread.join(timeout=300)
-            events = client.run_on_scheduler(
-                lambda dask_scheduler: [
-                    (str(t.key), t.start, t.finish)
-                    for t in dask_scheduler.transition_log
-                    if t.timestamp >= since and str(t.key).startswith("predict-")
-                ]
-            )
+            events = predict_transitions(client, since)
         assert outcome["result"].ok
         running = most_before_a_finish = 0
         for _, start, finish in events:

@@ -11,7 +11,7 @@ import pytest
 import rasterio
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
-from conftest import run_config
+from conftest import predict_transitions, run_config
 from rasterio.crs import CRS
 
 from geoseg import mosaic
@@ -70,15 +70,8 @@ def test_class_map_does_not_depend_on_block_size(
 
 def predict_schedule(client, since: float) -> tuple[list[str], int]:
     """Blocks in the order the scheduler put their step 1 on a worker, and the most on workers at once."""
-    log = client.run_on_scheduler(
-        lambda dask_scheduler: [
-            (t.key, t.start, t.finish)
-            for t in dask_scheduler.transition_log
-            if t.timestamp >= since and str(t.key).startswith("predict-")
-        ]
-    )
     handed_out, running, most = [], 0, 0
-    for key, start, finish in log:
+    for key, start, finish in predict_transitions(client, since):
         if finish == "processing":
             handed_out.append(key.rsplit("-", 1)[1])
             running += 1
