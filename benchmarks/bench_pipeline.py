@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from distributed import get_task_stream
 
-from geoseg.cluster import MALLOC_TUNABLES, WORKER_ENVIRON, dask_client
+from geoseg.cluster import dask_client, with_malloc_tunables
 from geoseg.config import ClusterConfig, load_config
 from geoseg.inference import InferenceSettings, Predictor, fuse_batch_norms
 from geoseg.models import build_model, save_checkpoint
@@ -48,8 +48,9 @@ from pipelines.segment_scenes import run
 def with_worker_allocator() -> None:
     """Re-run this script with the workers' malloc settings, so that the model-bound and MONAI
     passes in this process get the same allocator as the pipeline's workers (a fair ratio)."""
-    if MALLOC_TUNABLES not in os.environ.get("GLIBC_TUNABLES", "").split(":"):
-        env = {**os.environ, "GLIBC_TUNABLES": WORKER_ENVIRON["GLIBC_TUNABLES"]}
+    current = os.environ.get("GLIBC_TUNABLES", "")
+    if with_malloc_tunables(current) != current:
+        env = {**os.environ, "GLIBC_TUNABLES": with_malloc_tunables(current)}
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 

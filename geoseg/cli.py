@@ -136,6 +136,15 @@ def _run_pipeline(cfg) -> None:
         raise typer.Exit(1)
 
 
+@app.command("worker-env")
+def worker_env() -> None:
+    """Print the shell exports that make a Dask worker you start yourself run like geoseg's own:
+    eval "$(geoseg worker-env)" before `dask worker ...`."""
+    from geoseg.cluster import worker_exports
+
+    typer.echo("\n".join(worker_exports()))
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Output directory")] = Path("demo_out"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -17,22 +18,57 @@ log = logging.getLogger(__name__)
 
 # Environment of the worker processes a LocalCluster spawns. Dask's default also sets
 # MALLOC_TRIM_THRESHOLD_=65536, which makes torch's CPU forward passes ~1.5x slower (see
-# geoseg.inference.tune_allocator). glibc.malloc.hugetlb=1 backs malloc's large (mmap-ed)
-# chunks with transparent huge pages: a forward pass's activations (33 MB and more for a batch
-# of 8 x 256 px tiles, over glibc's 32 MB ceiling for heap allocations) then fault in 2 MB at a
-# time instead of 4 kB, and forward passes ran 1.4x faster here (benchmarks/README.md). GDAL's
-# block cache is kept small because every strip is read about once, so a cache sized by the
-# machine's RAM only grows with the scene.
-MALLOC_TUNABLES = "glibc.malloc.hugetlb=1"
+# geoseg.inference.tune_allocator). glibc.malloc.hugetlb=1 backs malloc's large chunks with
+# transparent huge pages: they fault in 2 MB at a time instead of 4 kB (forward passes ran 1.4x
+# faster here). glibc.malloc.arena_max=1 puts every thread on the main heap from the start, the
+# only one tune_allocator can keep torch's 32 MB+ activation buffers in: a Dask task thread
+# otherwise has an arena of its own, and its buffers are still mapped and faulted in on every
+# pass (benchmarks/README.md). GDAL's block cache is kept small because every strip is read
+# about once, so a cache sized by the machine's RAM only grows with the scene.
+MALLOC_TUNABLES = ("glibc.malloc.hugetlb=1", "glibc.malloc.arena_max=1")
+
+
+def with_malloc_tunables(tunables: str) -> str:
+    """``tunables`` (a GLIBC_TUNABLES value) with geoseg's malloc settings added; the user's own
+    value of a setting wins."""
+    settings = dict(item.split("=", 1) for item in tunables.split(":") if "=" in item)
+    for item in MALLOC_TUNABLES:
+        name, value = item.split("=", 1)
+        settings.setdefault(name, value)
+    return ":".join(f"{name}={value}" for name, value in settings.items())
+
+
 WORKER_ENVIRON = {
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
     "OPENBLAS_NUM_THREADS": "1",
     "GDAL_CACHEMAX": "64",
-    "GLIBC_TUNABLES": ":".join(
-        dict.fromkeys(filter(None, [*os.environ.get("GLIBC_TUNABLES", "").split(":"), MALLOC_TUNABLES]))
-    ),
+    "GLIBC_TUNABLES": with_malloc_tunables(os.environ.get("GLIBC_TUNABLES", "")),
 }
+
+
+# Dask's own periodic work in each worker of a LocalCluster: the profiler of the event loop
+# (a sample every 10 ms), the loop's latency tick (every 20 ms), the memory monitor (every
+# 100 ms) and the system monitor's disk and network counters (every 500 ms) took 4.6 % of a
+# core in an idle worker here, 0.3 % with these settings (benchmarks/README.md): a core that
+# forward passes share with nothing else. Re-enable the profiler with dask's config if needed.
+WORKER_DASK_CONFIG = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "500ms",
+    "distributed.worker.memory.monitor-interval": "500ms",
+    "distributed.admin.system-monitor.interval": "2s",
+    "distributed.admin.system-monitor.disk": False,
+}
+
+
+def worker_exports() -> list[str]:
+    """Shell lines that give a worker geoseg did not start (a batch job, ``dask worker``) the
+    environment and Dask settings of the workers of its LocalCluster."""
+    dask_env = {
+        "DASK_" + key.upper().replace(".", "__").replace("-", "_"): str(value)
+        for key, value in WORKER_DASK_CONFIG.items()
+    }
+    return [f"export {name}={shlex.quote(value)}" for name, value in {**WORKER_ENVIRON, **dask_env}.items()]
 
 
 def torch_threads_per_worker(cfg: ClusterConfig) -> int:
@@ -59,6 +95,7 @@ def jobqueue_cluster(cfg: ClusterConfig):
         "processes": jq.processes,
         "walltime": jq.walltime,
         "job_extra_directives": jq.job_extra_directives,
+        "job_script_prologue": worker_exports(),
     }
     if jq.queue:
         options["queue"] = jq.queue
@@ -85,7 +122,8 @@ def dask_client(cfg: ClusterConfig) -> Iterator[Client]:
         finally:
             client.close()
         return
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": WORKER_ENVIRON}):
+    # the nannies hand the config of this moment to the workers they start
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": WORKER_ENVIRON, **WORKER_DASK_CONFIG}):
         cluster = local_cluster(cfg)
     client = Client(cluster)
     if cfg.dashboard:

@@ -32,7 +32,8 @@ class InferenceSettings:
     compile: bool = False
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+HEAP_KEEP = 512 * 2**20  # free memory the heap keeps at its top: a block's accumulator and a forward pass's buffers
 
 
 @lru_cache(maxsize=1)
@@ -41,15 +42,20 @@ def tune_allocator() -> bool:
 
     Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also freezes glibc's
     mmap threshold at 128 KiB: every activation buffer is then mapped, faulted in and unmapped
-    again, and forward passes ran ~1.5x slower in workers than in a plain process (measured;
-    see benchmarks/README.md). Raising both thresholds (glibc only) restores the speed; two
-    arenas at most keep what the heap retains bounded (memory must not grow with the scene).
+    again, and forward passes ran ~1.5x slower in workers than in a plain process. Above 32 MB
+    (the highest mmap threshold glibc takes; a batch of 8 x 256 px tiles at 16 channels is
+    32 MB) only turning mmap off keeps a buffer in the heap: the kernel then no longer zeroes
+    every buffer of every pass (a tenth of a pass's time went to page faults). The heap keeps
+    ``HEAP_KEEP`` free at its top, and one arena at most bounds what it retains (memory must
+    not grow with the scene). glibc only; measured in benchmarks/README.md. A thread that had
+    its own arena before this ran keeps it: start workers with ``glibc.malloc.arena_max=1``
+    (geoseg.cluster.MALLOC_TUNABLES) so that task threads use the main heap.
     """
     if sys.platform != "linux":
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        settings = ((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, 32 * 2**20), (_M_TRIM_THRESHOLD, 32 * 2**20))
+        settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, HEAP_KEEP))
         return all(libc.mallopt(option, value) == 1 for option, value in settings)
     except OSError:  # not glibc (musl, ...): nothing to tune
         return False

@@ -167,7 +167,8 @@ def predict_block(
     else:
         classes, confidence = acc.finalize(interior.rows, interior.cols)
     extent = Rect(own_rows.extent, own_cols.extent)
-    frames = [Frame(r, acc.region(r.rows, r.cols)) for r in ring(extent, interior)]
+    # copies, not views: a view would keep the whole accumulator alive as long as Dask holds the result
+    frames = [Frame(r, acc.region(r.rows, r.cols).copy()) for r in ring(extent, interior)]
     return Partial(interior, classes, confidence, frames, n_tiles, counts)
 
 

@@ -24,9 +24,14 @@ BIN = Path(sys.executable).parent
 
 
 def _spawn(*args: str, log: Path) -> subprocess.Popen:
+    """A `dask` command (``args``) in a process of its own, output to ``log``."""
+    return _popen([str(BIN / "dask"), *args], log)
+
+
+def _popen(argv: list[str], log: Path) -> subprocess.Popen:
     # Own session: a kill of the group takes the worker's nanny and its child together.
     return subprocess.Popen(
-        [str(BIN / "dask"), *args],
+        argv,
         stdout=open(log, "w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -245,3 +250,60 @@ def test_a_worker_that_joins_a_running_job_gets_blocks_without_waiting_for_one_t
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
             p.wait(timeout=30)
+
+
+def test_workers_started_with_geoseg_worker_env_keep_forward_pass_buffers(tmp_path):
+    """A `dask worker` started after `eval "$(geoseg worker-env)"` and a worker of geoseg's own
+    LocalCluster reuse a forward pass's buffers; a plain `dask worker` has the kernel map and
+    zero them again on every pass (its task thread gets a malloc arena of its own)."""
+    from geoseg.cluster import dask_client
+    from geoseg.config import ClusterConfig
+
+    # nested: pickled by value, the workers cannot import this test module
+    def _forward_pass_faults(checkpoint: str, tile: int = 256, batches: int = 3) -> dict:
+        """In a worker's task thread: minor page faults of ``batches`` forward passes after a first
+        one, and the settings the worker runs with."""
+        import resource
+
+        import dask
+
+        from geoseg.inference import InferenceSettings, get_predictor
+
+        predictor = get_predictor(InferenceSettings(checkpoint, 8, "cpu", False, 1))
+        tiles = np.zeros((8, len(predictor.ckpt.bands), tile, tile), dtype=np.float32)
+        predictor.probabilities(tiles)  # the heap grows to a pass's working size
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(batches):
+            predictor.probabilities(tiles)
+        return {
+            "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before,
+            "profiler": dask.config.get("distributed.worker.profile.enabled"),
+            "tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        }
+
+    scheduler, sched_file = _start_scheduler(tmp_path)
+    worker = f'"{BIN}/dask" worker --scheduler-file {sched_file} --nthreads 1 --no-dashboard --host 127.0.0.1'
+    tuned = f'eval "$("{sys.executable}" -m geoseg worker-env)" && exec {worker} --name tuned'
+    procs = [scheduler]
+    for name, command in [("tuned", tuned), ("plain", f"exec {worker} --name plain")]:
+        procs.append(_popen(["bash", "-c", command], log=tmp_path / f"{name}.log"))
+    try:
+        with Client(scheduler_file=str(sched_file), timeout="30s") as client:
+            client.wait_for_workers(2, timeout=60)
+            by_name = {info["name"]: addr for addr, info in client.scheduler_info()["workers"].items()}
+            seen = {
+                name: client.submit(_forward_pass_faults, "builtin:demo", workers=[addr], pure=False).result()
+                for name, addr in by_name.items()
+            }
+        with dask_client(ClusterConfig(n_workers=1, dashboard=False)) as client:
+            seen["local"] = client.submit(_forward_pass_faults, "builtin:demo", pure=False).result()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=30)
+    for name in ("tuned", "local"):
+        assert "glibc.malloc.arena_max=1" in seen[name]["tunables"], seen
+        assert seen[name]["profiler"] is False, seen
+        assert seen[name]["faults"] < 100, seen  # the heap keeps the buffers: nothing to fault in
+    assert seen["plain"]["faults"] > 5 * (seen["tuned"]["faults"] + 20), seen  # what the settings avoid

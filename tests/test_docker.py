@@ -35,3 +35,13 @@ def test_compose_runs_a_scheduler_two_workers_and_a_job():
     assert job[:2] == ["geoseg", "run"]
     cfg = load_config(ROOT / job[2], [job[job.index("--set") + 1]])
     assert cfg.cluster.address == "tcp://scheduler:8786"
+
+
+def test_images_start_workers_with_the_settings_of_geoseg_worker_env():
+    from geoseg.cluster import worker_exports
+
+    wanted = {line.removeprefix("export ") for line in worker_exports()}
+    for name in ("Dockerfile.cpu", "Dockerfile.cuda"):
+        text = (ROOT / "docker" / name).read_text().replace("\\\n", " ")
+        env = {item for line in re.findall(r"^ENV (.+)$", text, flags=re.M) for item in line.split()}
+        assert wanted <= env, f"{name} lacks {sorted(wanted - env)}"
