@@ -50,8 +50,8 @@ WORKER_ENVIRON = {
 # Dask's own periodic work in each worker of a LocalCluster: the profiler of the event loop
 # (a sample every 10 ms), the loop's latency tick (every 20 ms), the memory monitor (every
 # 100 ms) and the system monitor's disk and network counters (every 500 ms) took 4.6 % of a
-# core in an idle worker here, 0.3 % with these settings (benchmarks/README.md): a core that
-# forward passes share with nothing else. Re-enable the profiler with dask's config if needed.
+# core in an idle worker here, 0.3 % with these settings (benchmarks/README.md), time taken
+# from the forward passes when every core is busy. Dask's config can turn the profiler back on.
 WORKER_DASK_CONFIG = {
     "distributed.worker.profile.enabled": False,
     "distributed.admin.tick.interval": "500ms",
