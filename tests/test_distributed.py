@@ -307,3 +307,11 @@ def test_workers_started_with_geoseg_worker_env_keep_forward_pass_buffers(tmp_pa
         assert seen[name]["profiler"] is False, seen
         assert seen[name]["faults"] < 100, seen  # the heap keeps the buffers: nothing to fault in
     assert seen["plain"]["faults"] > 5 * (seen["tuned"]["faults"] + 20), seen  # what the settings avoid
+
+
+def test_geoseg_malloc_settings_join_the_users_own_and_leave_theirs_alone():
+    from geoseg.cluster import with_malloc_tunables
+
+    assert with_malloc_tunables("") == "glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1"
+    mine = "glibc.malloc.arena_max=4:glibc.mem.tagging=1"
+    assert with_malloc_tunables(mine) == mine + ":glibc.malloc.hugetlb=1"
