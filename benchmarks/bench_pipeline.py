@@ -169,13 +169,16 @@ def main() -> None:
         # The machine is noisy: alternate the measurements and keep the best of each.
         times: dict[str, list[float]] = {"pipeline": [], "workers": [], "process": [], "monai": []}
         splits: list[dict[str, float]] = []  # per pipeline run: worker seconds of each kind of task
+        forward: list[float] = []  # per pipeline run: worker seconds in forward passes (manifest)
         for _ in range(args.repeat):
             with get_task_stream(client) as stream:
                 start = time.perf_counter()
                 result = run(cfg, client)
                 times["pipeline"].append(time.perf_counter() - start)
             splits.append(task_seconds(stream.data))
-            n_tiles = json.loads(result.manifest.read_text())["summary"]["tiles"]
+            manifest = json.loads(result.manifest.read_text())
+            n_tiles = manifest["summary"]["tiles"]
+            forward.append(manifest["timings"]["forward_s"])
             times["workers"].append(model_bound_in_workers(client, ckpt_path, n_tiles, args.tile, args.batch, threads))
             times["process"].append(model_bound_seconds(ckpt_path, n_tiles, args.tile, args.batch, cores))
             if args.peer:
@@ -207,7 +210,13 @@ def main() -> None:
     print(f"medians: model-bound / pipeline {mid['workers'] / mid['pipeline']:.3f}", end="")
     print(f", geoseg / MONAI {mid['pipeline'] / mid['monai']:.3f}" if args.peer else "")
     print(f"one-process passes / pipeline {best['process'] / best['pipeline']:.3f}")
-    tasks = splits[int(np.argmin(times["pipeline"]))]
+    fastest = int(np.argmin(times["pipeline"]))
+    tasks = splits[fastest]
+    ceiling_share = int(np.ceil(n_tiles / args.workers))  # tiles of the busiest worker in the ceiling
+    print(
+        f"forward passes per tile: {forward[fastest] / n_tiles * 1e3:.1f} ms in the best pipeline run, "
+        f"{best['workers'] / ceiling_share * 1e3:.1f} ms model-bound"
+    )
     capacity = best["pipeline"] * args.workers
     print(
         f"best pipeline run, worker time: step 1 {tasks.get('predict', 0) / capacity:.1%}, "

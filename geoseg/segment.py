@@ -14,6 +14,7 @@ result does not depend on which block adds what, or in which order.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -75,6 +76,7 @@ class Partial:
     confidence: np.ndarray
     frames: list[Frame]
     tiles: int  # forward passes computed
+    forward_s: float = 0.0  # seconds spent in them (model, softmax, weighting)
     # per scene path: [valid pixels read, pixels it filled] (halos included)
     valid_pixels: dict[str, list[int]] = field(default_factory=dict)
 
@@ -134,13 +136,17 @@ def predict_block(
     window = fixed_window(tiling.blend, size, tiling.overlap)
     counts: dict[str, list[int]] = {}
     n_tiles = 0
+    forward_s = 0.0
     if own_rows.owned and own_cols.owned:
         batch_size = batch_size or predictor.batch_size(size)
         batch = np.empty((batch_size, len(predictor.ckpt.bands), size, size), dtype=np.float32)
         pending: list[tuple[int, int, np.ndarray | None]] = []  # (row0, col0, validity) of the tiles in ``batch``
 
         def flush() -> None:
+            nonlocal forward_s
+            start = time.perf_counter()
             votes = predictor.votes(batch[: len(pending)], window)
+            forward_s += time.perf_counter() - start
             for k, (r0, c0, valid_tile) in enumerate(pending):
                 acc.add(votes[k], window, r0, c0, valid_tile)
             pending.clear()
@@ -169,7 +175,7 @@ def predict_block(
     extent = Rect(own_rows.extent, own_cols.extent)
     # copies, not views: a view would keep the whole accumulator alive as long as Dask holds the result
     frames = [Frame(r, acc.region(r.rows, r.cols).copy()) for r in ring(extent, interior)]
-    return Partial(interior, classes, confidence, frames, n_tiles, counts)
+    return Partial(interior, classes, confidence, frames, n_tiles, forward_s, counts)
 
 
 def _strips(

@@ -195,6 +195,7 @@ def predict_task(
         record = {
             "status": "done",
             "tiles": sum(p.tiles for p in results.values()),
+            "forward_s": round(sum(p.forward_s for p in results.values()), 3),
             "predict_s": round(time.perf_counter() - start, 3),
             "scene_valid_pixels": counts,
         }
@@ -233,6 +234,7 @@ def finish_task(block: Block, reaching: list[dict[str, Any]], n_classes: int, ou
         record = {
             "status": "done",
             "tiles": own["tiles"],
+            "forward_s": own.get("forward_s", 0.0),  # absent in partials saved by older versions
             "seconds": round(own["predict_s"] + time.perf_counter() - start, 3),
             "scene_valid_pixels": own["scene_valid_pixels"],
             "histogram": {str(k): int(v) for k, v in enumerate(histogram) if v},
@@ -350,6 +352,17 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
     for key, err in failed_blocks.items():
         log.error("block %s failed: %s", key, err)
 
+    computed = [r for r in block_records.values() if r["status"] == "done" and not r.get("reused")]
+    forward_s = sum(r.get("forward_s", 0.0) for r in computed)
+    task_s = sum(r["seconds"] for r in computed)
+    if task_s:
+        log.info(
+            "forward passes: %.0f %% of the blocks' worker time (%.1f of %.1f s)",
+            100 * forward_s / task_s,
+            forward_s,
+            task_s,
+        )
+
     polygons_path = None
     t_vec = 0.0
     if cfg.output.polygons:
@@ -381,6 +394,9 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
             "tiles": sum(int(r.get("tiles", 0)) for r in block_records.values()),
         },
         "timings": {
+            # worker seconds in forward passes, and their share of the block tasks' time
+            "forward_s": round(forward_s, 3),
+            "model_share": round(forward_s / task_s, 3) if task_s else None,
             "segment_s": round(t_segment, 3),
             "vectorize_s": round(t_vec, 3),
             "total_s": round(time.perf_counter() - t0, 3),

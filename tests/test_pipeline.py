@@ -167,6 +167,10 @@ def test_manifest_records_the_run(reference, scene_1000x700, random_checkpoint):
     assert all(b["status"] == "done" for b in manifest["blocks"].values())
     hist = sum(np.array([int(v) for v in b["histogram"].values()]).sum() for b in manifest["blocks"].values())
     assert hist == 700 * 1000
+    blocks = list(manifest["blocks"].values())
+    assert all(0 < b["forward_s"] < b["seconds"] for b in blocks)  # the passes, within the block's time
+    assert manifest["timings"]["forward_s"] == pytest.approx(sum(b["forward_s"] for b in blocks), abs=1e-3)
+    assert 0 < manifest["timings"]["model_share"] < 1
 
 
 @pytest.fixture(scope="module")
