@@ -49,8 +49,9 @@ def with_worker_allocator() -> None:
     """Re-run this script with the workers' malloc settings, so that the model-bound and MONAI
     passes in this process get the same allocator as the pipeline's workers (a fair ratio)."""
     current = os.environ.get("GLIBC_TUNABLES", "")
-    if with_malloc_tunables(current) != current:
-        env = {**os.environ, "GLIBC_TUNABLES": with_malloc_tunables(current)}
+    wanted = with_malloc_tunables(current)
+    if wanted != current:
+        env = {**os.environ, "GLIBC_TUNABLES": wanted}
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 

@@ -25,15 +25,14 @@ log = logging.getLogger(__name__)
 # otherwise has an arena of its own, and its buffers are still mapped and faulted in on every
 # pass (benchmarks/README.md). GDAL's block cache is kept small because every strip is read
 # about once, so a cache sized by the machine's RAM only grows with the scene.
-MALLOC_TUNABLES = ("glibc.malloc.hugetlb=1", "glibc.malloc.arena_max=1")
+MALLOC_TUNABLES = {"glibc.malloc.hugetlb": "1", "glibc.malloc.arena_max": "1"}
 
 
 def with_malloc_tunables(tunables: str) -> str:
     """``tunables`` (a GLIBC_TUNABLES value) with geoseg's malloc settings added; the user's own
     value of a setting wins."""
     settings = dict(item.split("=", 1) for item in tunables.split(":") if "=" in item)
-    for item in MALLOC_TUNABLES:
-        name, value = item.split("=", 1)
+    for name, value in MALLOC_TUNABLES.items():
         settings.setdefault(name, value)
     return ":".join(f"{name}={value}" for name, value in settings.items())
 

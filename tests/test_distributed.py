@@ -39,6 +39,14 @@ def _popen(argv: list[str], log: Path) -> subprocess.Popen:
     )
 
 
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """Kill each process's group (a worker's nanny and its child together) and reap it."""
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=30)
+
+
 def _start_scheduler(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
     """A `dask scheduler` process on 127.0.0.1; returns it and its scheduler file, once written."""
     sched_file = tmp_path / "scheduler.json"
@@ -79,10 +87,7 @@ def dask_processes(tmp_path):
         client.wait_for_workers(2, timeout=60)
         address = client.scheduler.address
     yield address, workers
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-        p.wait(timeout=30)
+    _stop(procs)
 
 
 @pytest.fixture(scope="module")
@@ -246,10 +251,7 @@ def test_a_worker_that_joins_a_running_job_gets_blocks_without_waiting_for_one_t
         assert most_before_a_finish == 2, f"one thread idled until a block finished: {events}"
         np.testing.assert_array_equal(xr.open_zarr(out / "mosaic.zarr")["classes"].values, reference_mosaic)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait(timeout=30)
+        _stop(procs)
 
 
 def test_workers_started_with_geoseg_worker_env_keep_forward_pass_buffers(tmp_path):
@@ -298,10 +300,7 @@ def test_workers_started_with_geoseg_worker_env_keep_forward_pass_buffers(tmp_pa
         with dask_client(ClusterConfig(n_workers=1, dashboard=False)) as client:
             seen["local"] = client.submit(_forward_pass_faults, "builtin:demo", pure=False).result()
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait(timeout=30)
+        _stop(procs)
     for name in ("tuned", "local"):
         assert "glibc.malloc.arena_max=1" in seen[name]["tunables"], seen
         assert seen[name]["profiler"] is False, seen
