@@ -102,6 +102,9 @@ class ClusterConfig(_Strict):
     jobqueue: JobqueueConfig | None = None
     gpu_resource: bool = False
     """Ask for one ``GPU`` worker resource per block task (start GPU workers with ``--resources GPU=1``)."""
+    read_threads: int = Field(0, ge=0)
+    """Threads per block that read and decode the input ahead of the forward passes; 0: one on
+    CPU (the cores run the model), half the worker's cores (up to 8) on a GPU."""
 
 
 class RunConfig(_Strict):

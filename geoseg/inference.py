@@ -61,9 +61,14 @@ def tune_allocator() -> bool:
         return False
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which batch schedulers set)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def auto_threads() -> int:
     """Intra-op threads for a worker we did not start: its usable cores shared by its task threads."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     try:
         from distributed import get_worker
 

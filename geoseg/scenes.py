@@ -59,6 +59,7 @@ class SceneInfo(RasterGrid):
     dtype: str = ""
     nodata: float | None = None
     acquired: str | None = None  # ISO date-time of acquisition, when known
+    block_rows: int = 0  # height of the file's internal blocks (tiles or strips); 0: unknown
 
 
 def open_scene(path: str | Path, expected_bands: int | None = None) -> SceneInfo:
@@ -81,6 +82,7 @@ def open_scene(path: str | Path, expected_bands: int | None = None) -> SceneInfo
             dtype=src.dtypes[0],
             nodata=src.nodata,
             acquired=acquisition_time(src.tags()),
+            block_rows=src.block_shapes[0][0],
         )
         # A header can be intact while the pixel data is truncated: touch the last block.
         try:

@@ -14,9 +14,11 @@ result does not depend on which block adds what, or in which order.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -28,9 +30,9 @@ from rasterio.windows import Window
 
 from geoseg.blending import NODATA, Accumulator, BlendMode, fixed_window, support
 from geoseg.grid import OutputGrid
-from geoseg.inference import Predictor
-from geoseg.scenes import SceneInfo, read_window
-from geoseg.tiling import AxisOwnership, Block, Rect, Span, TileGrid, axis_ownership, ring
+from geoseg.inference import Predictor, usable_cores
+from geoseg.scenes import SceneInfo, read_window, same_grid
+from geoseg.tiling import AxisOwnership, Block, Rect, Span, TileGrid, axis_ownership, ring, row_bands
 
 
 @dataclass(frozen=True)
@@ -123,12 +125,12 @@ def predict_block(
     tiling: TilingSettings,
     predictor: Predictor,
     batch_size: int | None = None,
+    read_threads: int = 1,
 ) -> Partial:
     """Forward passes over the tiles ``block`` owns; the interior finished, the frame's votes kept.
 
-    The input is read one row of tiles at a time, the next row in a background thread while
-    the model works on the current one (GDAL releases the GIL); each scene is opened once per
-    block so GDAL's cache serves the rows that consecutive strips share.
+    The input is read ahead by ``read_threads`` threads while the model works (GDAL releases the
+    GIL), in bands of whole file blocks, and served one row of tiles at a time (:func:`read_tile_rows`).
     """
     tg, size = tiling.grid, tiling.tile_size
     own_rows, own_cols = tiling.ownership(block, grid)
@@ -152,7 +154,7 @@ def predict_block(
             pending.clear()
 
         read_cols = tg.read_span(own_cols.owned)
-        strips = _strips(scenes, grid, tg, own_rows.owned, read_cols, predictor, counts)
+        strips = read_tile_rows(scenes, grid, tg, own_rows.owned, read_cols, predictor, counts, read_threads)
         for i, (bands, valid) in zip(own_rows.owned, strips, strict=True):
             for j in own_cols.owned:
                 c = tg.origin(j) - read_cols.start
@@ -178,7 +180,7 @@ def predict_block(
     return Partial(interior, classes, confidence, frames, n_tiles, forward_s, counts)
 
 
-def _strips(
+def read_tile_rows(
     scenes: list[SceneInfo],
     grid: OutputGrid,
     tg: TileGrid,
@@ -186,33 +188,124 @@ def _strips(
     cols: Span,
     predictor: Predictor,
     counts: dict[str, list[int]],
+    threads: int = 1,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Normalised bands and validity of each tile row, read one row ahead in the reader thread."""
-    reader = _reader()
-    with ExitStack() as stack:
-        datasets = {s.path: stack.enter_context(rasterio.open(s.path)) for s in scenes}
+    """Normalised bands and validity of each tile row, read ahead by ``threads`` reader threads.
 
-        def read(i: int) -> tuple[np.ndarray, np.ndarray]:
-            rect = Rect(Span(tg.origin(i), tg.origin(i) + tg.tile_size), cols)
-            bands, valid = read_composite(scenes, grid, rect, len(predictor.ckpt.bands), datasets, counts)
-            return predictor.normalize(bands, valid), valid
+    The block's rows are read in bands of whole file blocks (:func:`geoseg.tiling.row_bands`),
+    several at once when there are several threads (GDAL releases the GIL): a GPU decodes
+    nothing and waits for its input, where one thread decodes ~30 Mpix/s. A tile row inside one
+    band is a view of it; one across two is a copy.
+    """
+    height, offset = band_layout(scenes[0], grid, tg.tile_size)
+    todo = deque(row_bands(tg.read_span(tile_rows), height, offset))
+    reader = _BandReader(scenes, grid, cols, predictor)
+    pool = _readers(threads)
+    ahead: deque[Future] = deque()
+    held: list[tuple[Span, np.ndarray, np.ndarray]] = []  # bands read, top to bottom
+    try:
+        for i in tile_rows:
+            rows = Span(tg.origin(i), tg.origin(i) + tg.tile_size)
+            while not held or held[-1][0].stop < rows.stop:
+                while todo and len(ahead) <= threads:
+                    ahead.append(pool.submit(reader.read, todo.popleft()))
+                band, data, valid, band_counts = ahead.popleft().result()
+                held.append((band, data, valid))
+                for path, (n_valid, n_filled) in band_counts.items():
+                    tally = counts.setdefault(path, [0, 0])
+                    tally[0] += n_valid
+                    tally[1] += n_filled
+            held = [h for h in held if h[0].stop > rows.start]  # bands above this row are done
+            yield _rows_of(held, rows)
+    finally:
+        for future in ahead:  # never close the datasets under a read in flight
+            if not future.cancel():
+                future.exception()
+        reader.close()
 
-        ahead = reader.submit(read, tile_rows.start)
-        try:
-            for i in tile_rows:
-                strip = ahead.result()
-                if i + 1 in tile_rows:
-                    ahead = reader.submit(read, i + 1)
-                yield strip
-        finally:
-            ahead.result()  # never close the datasets under a read in flight
+
+def reader_threads(requested: int, predictor: Predictor) -> int:
+    """Reader threads per block: ``requested``, or when 0, one on CPU (the cores run the model)
+    and half the usable cores, up to 8, on a GPU (the cores are free, and the GPU needs input
+    at many times one thread's decoding speed)."""
+    if requested > 0:
+        return requested
+    if predictor.device.type != "cuda":
+        return 1
+    return max(1, min(8, usable_cores() // 2))
 
 
-@lru_cache(maxsize=1)
-def _reader() -> ThreadPoolExecutor:
-    """One read-ahead thread per process, reused by every block (a new thread per block would
-    also mean a new malloc arena, and memory that grows with the number of blocks)."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="geoseg-read")
+def band_layout(scene: SceneInfo, grid: OutputGrid, tile_size: int) -> tuple[int, int]:
+    """Height and first row on the output grid of the bands to read ``scene`` in: whole rows of
+    its file's blocks, at least a tile high. A file of very tall blocks (one strip for the whole
+    file) or of unknown ones, or a scene warped onto the grid, is read a tile's height at a time."""
+    block_rows = scene.block_rows
+    if not 0 < block_rows <= 4 * tile_size or not same_grid(scene, grid.crs, grid.affine):
+        return tile_size, 0
+    return -(-tile_size // block_rows) * block_rows, round(grid.window_of(scene).row_off)
+
+
+class _BandReader:
+    """Reads row bands of a block's columns; each reader thread opens the scenes once per block
+    (a dataset must not be shared between threads; GDAL's block cache is shared by all)."""
+
+    def __init__(self, scenes: list[SceneInfo], grid: OutputGrid, cols: Span, predictor: Predictor) -> None:
+        self.scenes, self.grid, self.cols, self.predictor = scenes, grid, cols, predictor
+        self._local = threading.local()
+        self._stacks: list[ExitStack] = []
+        self._lock = threading.Lock()
+
+    def read(self, rows: Span) -> tuple[Span, np.ndarray, np.ndarray, dict[str, list[int]]]:
+        """The band ``rows``: normalised bands, validity, and each scene's pixel counts (as in
+        :func:`read_composite`)."""
+        counts: dict[str, list[int]] = {}
+        n_bands = len(self.predictor.ckpt.bands)
+        bands, valid = read_composite(self.scenes, self.grid, Rect(rows, self.cols), n_bands, self._datasets(), counts)
+        return rows, self.predictor.normalize(bands, valid), valid, counts
+
+    def _datasets(self) -> dict[str, DatasetReader]:
+        datasets = getattr(self._local, "datasets", None)
+        if datasets is None:
+            stack = ExitStack()
+            with self._lock:
+                self._stacks.append(stack)
+            datasets = {s.path: stack.enter_context(rasterio.open(s.path)) for s in self.scenes}
+            self._local.datasets = datasets
+        return datasets
+
+    def close(self) -> None:
+        """Close every thread's datasets; only once no read is in flight."""
+        for stack in self._stacks:
+            stack.close()
+
+
+def _rows_of(held: list[tuple[Span, np.ndarray, np.ndarray]], rows: Span) -> tuple[np.ndarray, np.ndarray]:
+    """Bands and validity of ``rows`` from the bands that cover them (in order)."""
+    parts = []
+    for band, data, valid in held:
+        lo, hi = max(rows.start, band.start) - band.start, min(rows.stop, band.stop) - band.start
+        if lo < hi:
+            parts.append((data[:, lo:hi], valid[lo:hi]))
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate([p[0] for p in parts], axis=1), np.concatenate([p[1] for p in parts], axis=0)
+
+
+@lru_cache(maxsize=4)
+def _readers(threads: int) -> ThreadPoolExecutor:
+    """The reader threads of this process, reused by every block (a new thread per block would
+    also mean a new malloc arena where arenas are not capped, and memory that grows with the
+    number of blocks)."""
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="geoseg-read", initializer=_hold_gdal_env)
+
+
+_reader_env = threading.local()
+
+
+def _hold_gdal_env() -> None:
+    """Give a reader thread a GDAL environment for its lifetime. rasterio's are per thread, and a
+    dataset opened without one closes the one it made on close: only in the thread that opened it."""
+    _reader_env.env = rasterio.Env().__enter__()
 
 
 def finish_block(

@@ -185,3 +185,21 @@ def overlap_cost(height: int, width: int, block_size: int, grid: TileGrid) -> fl
     )
     baseline = math.ceil(height / grid.tile_size) * math.ceil(width / grid.tile_size)
     return computed / baseline
+
+
+def row_bands(rows: Span, height: int, offset: int = 0) -> list[Span]:
+    """``rows`` cut where ``offset + k * height`` falls inside it (for every integer ``k``).
+
+    With ``height`` a multiple of a file's internal block height and ``offset`` the first row of
+    one of its blocks, each band covers whole rows of blocks: bands read in parallel never decode
+    the same block twice.
+    """
+    if height <= 0:
+        raise ValueError(f"band height must be positive, got {height}")
+    bands = []
+    start = rows.start
+    while start < rows.stop:
+        stop = min(rows.stop, offset + ((start - offset) // height + 1) * height)
+        bands.append(Span(start, stop))
+        start = stop
+    return bands

@@ -36,7 +36,7 @@ from geoseg.inference import InferenceSettings, get_predictor
 from geoseg.models.checkpoint import load_checkpoint
 from geoseg.progress import track
 from geoseg.scenes import SceneError, SceneInfo, open_scene
-from geoseg.segment import TilingSettings, finish_block, most_confident, predict_block
+from geoseg.segment import TilingSettings, finish_block, most_confident, predict_block, reader_threads
 from geoseg.tiling import Block, iter_blocks, reaching_blocks
 from geoseg.vector_io import LayerWriter
 
@@ -174,6 +174,7 @@ def predict_task(
     tiling: TilingSettings,
     settings: InferenceSettings,
     out: str,
+    read_threads: int = 0,
 ) -> dict[str, Any]:
     """A Dask task (step 1): the block's own tiles, saved for itself and its neighbours.
 
@@ -188,7 +189,11 @@ def predict_task(
     start = time.perf_counter()
     try:
         predictor = get_predictor(settings)
-        results = {name: predict_block(block, scenes, grid, tiling, predictor) for name, scenes in layers.items()}
+        readers = reader_threads(read_threads, predictor)
+        results = {
+            name: predict_block(block, scenes, grid, tiling, predictor, read_threads=readers)
+            for name, scenes in layers.items()
+        }
         counts: dict[str, list[int]] = {}
         for partial in results.values():
             counts.update(partial.valid_pixels)
@@ -527,7 +532,7 @@ def segment_blocks(
     def submit_step1(b: Block, worker: str | None) -> Future:
         layers = scene_layers(b, scenes, footprints, tiling.tile_size, cfg.output.mosaic_rule)
         return client.submit(
-            predict_task, b, layers, grid, tiling, settings, str(out),
+            predict_task, b, layers, grid, tiling, settings, str(out), cfg.cluster.read_threads,
             key=f"predict-{fingerprint}-{b.key}", pure=False, priority=-2 * order[b.key], resources=resources,
             workers=[worker] if worker else None, allow_other_workers=worker is not None,  # elsewhere if lost
         )  # fmt: skip

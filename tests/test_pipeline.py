@@ -102,6 +102,36 @@ def test_class_map_does_not_depend_on_worker_count(tmp_path, random_checkpoint, 
     np.testing.assert_array_equal(conf_a, conf_b)
 
 
+@pytest.mark.parametrize(("layout", "threads"), [({}, 3), ({"tiled": False, "blockysize": 7}, 2)])
+def test_class_map_does_not_depend_on_reader_threads_or_file_layout(
+    tmp_path, random_checkpoint, scene_1000x700, client2, reference, layout, threads
+):
+    """Several threads read each block's rows in bands of the file's blocks (256 px tiles, or
+    strips of 7 rows) at once: the same pixels as one thread reading a tile row at a time."""
+    scene = scene_1000x700[0]
+    if layout:  # the same pixels and georeference, stored in strips
+        scene = tmp_path / "striped.tif"
+        with rasterio.open(scene_1000x700[0]) as src:
+            profile = {**src.profile, **layout}
+            profile.pop("blockxsize", None)
+            with rasterio.open(scene, "w", **profile) as dst:
+                dst.write(src.read())
+        assert open_scene(scene).block_rows == 7
+    out = tmp_path / "out"
+    cfg = run_config(
+        random_checkpoint,
+        [scene],
+        out,
+        "output.block_size=256",
+        f"cluster.read_threads={threads}",
+        "output.polygons=false",
+    )
+    assert run(cfg, client2).ok
+    got, want = xr.open_zarr(out / "mosaic.zarr"), xr.open_zarr(reference / "mosaic.zarr")
+    np.testing.assert_array_equal(got["classes"].values, want["classes"].values)
+    np.testing.assert_array_equal(got["confidence"].values, want["confidence"].values)
+
+
 @pytest.mark.parametrize("blend", ["cosine", "trim"])
 def test_other_blend_modes_are_partition_invariant_too(tmp_path, random_checkpoint, scene_1000x700, client2, blend):
     maps = []
@@ -184,7 +214,7 @@ def overlapping_scenes(tmp_path_factory):
 @pytest.mark.parametrize("rule", ["first", "confidence"])
 def test_multi_scene_mosaic_is_partition_invariant(tmp_path, random_checkpoint, overlapping_scenes, client2, rule):
     maps = []
-    for bs in (128, 1024):
+    for bs, readers in ((128, 1), (1024, 2)):  # and whatever the number of reader threads
         out = tmp_path / f"b{bs}"
         cfg = run_config(
             random_checkpoint,
@@ -192,6 +222,7 @@ def test_multi_scene_mosaic_is_partition_invariant(tmp_path, random_checkpoint, 
             out,
             f"output.block_size={bs}",
             f"output.mosaic_rule={rule}",
+            f"cluster.read_threads={readers}",
             "output.polygons=false",
         )
         assert run(cfg, client2).ok

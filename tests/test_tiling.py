@@ -1,8 +1,19 @@
+import itertools
+
 import numpy as np
 import pytest
 
 from geoseg.blending import support
-from geoseg.tiling import Span, TileGrid, axis_ownership, iter_blocks, overlap_cost, reaching_blocks, tile_owner
+from geoseg.tiling import (
+    Span,
+    TileGrid,
+    axis_ownership,
+    iter_blocks,
+    overlap_cost,
+    reaching_blocks,
+    row_bands,
+    tile_owner,
+)
 
 
 @pytest.mark.parametrize(("tile", "overlap"), [(128, 16), (256, 32), (64, 0)])
@@ -40,6 +51,27 @@ def test_read_span_covers_the_tiles():
     grid = TileGrid(128, 16)
     span = grid.read_span(range(2, 5))
     assert span == Span(2 * 112 - 8, 4 * 112 - 8 + 128)
+
+
+def test_row_bands_of_a_block_follow_the_files_block_rows():
+    # a 1024 block's read span with tile 256 / overlap 32, in a file of 256-row blocks
+    assert row_bands(Span(-16, 1136), 256) == [Span(-16, 0)] + [Span(k, k + 256) for k in range(0, 1024, 256)] + [
+        Span(1024, 1136)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("rows", "height", "offset"),
+    [(Span(1104, 2272), 256, 112), (Span(5, 40), 512, 0), (Span(0, 300), 133, 7), (Span(-300, -10), 64, -5)],
+)
+def test_row_bands_cover_the_span_and_cut_only_between_block_rows(rows, height, offset):
+    bands = row_bands(rows, height, offset)
+    assert bands[0].start == rows.start and bands[-1].stop == rows.stop
+    assert all(a.stop == b.start for a, b in itertools.pairwise(bands))  # contiguous, no row twice
+    assert all((b.start - offset) % height == 0 for b in bands[1:])  # cuts on block rows only
+    assert all(0 < b.size <= height for b in bands)
+    # each band lies within one row of blocks: no block is decoded for two bands
+    assert all((b.start - offset) // height == (b.stop - 1 - offset) // height for b in bands)
 
 
 def test_blocks_cover_the_grid_once():
