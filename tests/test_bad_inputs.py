@@ -249,9 +249,11 @@ def test_inputs_from_a_stac_item_collection_and_a_directory(tmp_path, random_che
         expand_inputs([str(tmp_path / "items.json")], "visual")
 
 
-def test_corrupt_tile_inside_a_scene_fails_its_blocks_only(tmp_path, random_checkpoint, client2):
+@pytest.mark.parametrize("readers", [1, 3])
+def test_corrupt_tile_inside_a_scene_fails_its_blocks_only(tmp_path, random_checkpoint, client2, readers):
     """The header and the last block read fine, but one internal tile is garbage: the blocks
-    that need it fail with the file's name, the others are written, and the run says so."""
+    that need it fail with the file's name, the others are written, and the run says so
+    (also when the failing read is one of several in flight in the reader threads)."""
     scene = write_scene(SceneSpec(1536, 1536, seed=5, nodata_border=False), tmp_path / "scene.tif")[0]
     with rasterio.open(scene) as src:
         assert src.block_shapes[0] == (256, 256)
@@ -260,7 +262,8 @@ def test_corrupt_tile_inside_a_scene_fails_its_blocks_only(tmp_path, random_chec
     data[offset : offset + 64] = b"\xff" * 64  # breaks the deflate stream of that tile
     scene.write_bytes(bytes(data))
     out = tmp_path / "out"
-    result = run(run_config(random_checkpoint, [scene], out, "output.block_size=512", "output.polygons=false"), client2)
+    overrides = ["output.block_size=512", f"cluster.read_threads={readers}", "output.polygons=false"]
+    result = run(run_config(random_checkpoint, [scene], out, *overrides), client2)
     assert not result.ok
     manifest = json.loads(result.manifest.read_text())
     failed = {k: v["error"] for k, v in manifest["blocks"].items() if v["status"] != "done"}
