@@ -5,7 +5,9 @@
 Takes the classes and confidence of a real mosaic (run ``bench_pipeline.py`` first, or pass
 any geoseg mosaic), writes them block by block (one chunk per block, as the workers do) with
 each codec and chunk size, then reads them back whole. Times are the best of ``--repeat``;
-the ratios are to geoseg's choice (zarr's default zstd level 0, chunk = block).
+the ratios are to geoseg's choice (zarr's default zstd level 0, chunk = block, every chunk
+stored). The "+ empty check" rows are zarr's default of comparing each chunk with the fill
+value first (``write_empty_chunks=False``), which geoseg turns off.
 """
 
 from __future__ import annotations
@@ -35,17 +37,20 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def measure(arrays: dict[str, np.ndarray], codec, chunk: int, root: Path) -> tuple[float, float, int]:
+def measure(
+    arrays: dict[str, np.ndarray], codec, chunk: int, root: Path, check_empty: bool = False
+) -> tuple[float, float, int]:
     """Seconds to write block by block, seconds to read whole, bytes on disk."""
     shutil.rmtree(root, ignore_errors=True)
     group = zarr.open_group(str(root), mode="w", zarr_format=3)
     h, w = next(iter(arrays.values())).shape
-    targets = {
-        name: group.create_array(
-            name, shape=(h, w), chunks=(chunk, chunk), dtype=a.dtype, compressors=None if codec is None else [codec]
-        )
-        for name, a in arrays.items()
-    }
+    with zarr.config.set({"array.write_empty_chunks": not check_empty}):
+        targets = {
+            name: group.create_array(
+                name, shape=(h, w), chunks=(chunk, chunk), dtype=a.dtype, compressors=None if codec is None else [codec]
+            )
+            for name, a in arrays.items()
+        }
     start = time.perf_counter()
     for r in range(0, h, chunk):
         for c in range(0, w, chunk):
@@ -72,14 +77,16 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for chunk in args.chunks:
-            for name, codec in CODECS.items():
-                runs = [measure(arrays, codec, chunk, Path(tmp) / "m.zarr") for _ in range(args.repeat)]
+            variants = [(name, codec, False) for name, codec in CODECS.items()]
+            variants.append(("zstd-0 + empty check", CODECS["zstd-0 (default)"], True))
+            for name, codec, check_empty in variants:
+                runs = [measure(arrays, codec, chunk, Path(tmp) / "m.zarr", check_empty) for _ in range(args.repeat)]
                 results[(name, chunk)] = (min(r[0] for r in runs), min(r[1] for r in runs), runs[0][2])
     base = results[("zstd-0 (default)", max(args.chunks))]
-    print(f"{'codec':<18} {'chunk':>5} {'write s':>8} {'read s':>7} {'MiB':>7} {'size':>6} {'write':>6} {'read':>6}")
+    print(f"{'codec':<20} {'chunk':>5} {'write s':>8} {'read s':>7} {'MiB':>7} {'size':>6} {'write':>6} {'read':>6}")
     for (name, chunk), (wr, rd, size) in results.items():
         print(
-            f"{name:<18} {chunk:>5} {wr:8.3f} {rd:7.3f} {size / 2**20:7.2f} {size / raw:6.3f} "
+            f"{name:<20} {chunk:>5} {wr:8.3f} {rd:7.3f} {size / 2**20:7.2f} {size / raw:6.3f} "
             f"{wr / base[0]:6.2f} {rd / base[1]:6.2f}"
         )
 
