@@ -141,5 +141,8 @@ def local_cluster(cfg: ClusterConfig) -> LocalCluster:
         processes=True,
         memory_limit=cfg.memory_limit,
         dashboard_address=":0" if cfg.dashboard else None,
+        # without a dashboard the scheduler still serves its health and metrics routes, on
+        # port 8787 unless told: a free port, so that two runs on one machine do not collide
+        scheduler_kwargs=None if cfg.dashboard else {"dashboard_address": ":0"},
         host="127.0.0.1",
     )

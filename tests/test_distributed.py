@@ -314,3 +314,22 @@ def test_geoseg_malloc_settings_join_the_users_own_and_leave_theirs_alone():
     assert with_malloc_tunables("") == "glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1"
     mine = "glibc.malloc.arena_max=4:glibc.mem.tagging=1"
     assert with_malloc_tunables(mine) == mine + ":glibc.malloc.hugetlb=1"
+
+
+def test_a_cluster_without_dashboard_leaves_port_8787_to_others(recwarn):
+    """Another Dask (or a second run) holding 8787 must not make geoseg's scheduler warn or
+    take it: without a dashboard, the scheduler's health routes go on a free port."""
+    import contextlib
+    import socket
+
+    from geoseg.cluster import dask_client
+    from geoseg.config import ClusterConfig
+
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        with contextlib.suppress(OSError):  # held already: the situation under test
+            other.bind(("127.0.0.1", 8787))
+            other.listen()
+        with dask_client(ClusterConfig(n_workers=1, dashboard=False)) as client:
+            assert client.submit(sum, [1, 2]).result() == 3
+    assert not [w for w in recwarn if "8787" in str(w.message)]
