@@ -92,7 +92,7 @@ class Accumulator:
         """Add one tile's ``votes`` (K, T, T) with top-left pixel ``(row0, col0)``; ``window`` is the
         fixed-point window, counted only where ``valid`` (pixels outside the scene stay nodata)."""
         size_r, size_c = votes.shape[1:]
-        dest, src = _clip(self.rows, self.cols, Span(row0, row0 + size_r), Span(col0, col0 + size_c))
+        dest, src = overlap_slices(self.rows, self.cols, Span(row0, row0 + size_r), Span(col0, col0 + size_c))
         if dest is None:
             return
         self.sums[(slice(0, self.n_classes), *dest)] += votes[(slice(None), *src)]
@@ -101,7 +101,7 @@ class Accumulator:
 
     def add_sums(self, sums: np.ndarray, rows: Span, cols: Span) -> None:
         """Add another accumulator's sums ``(K+1, h, w)`` covering ``rows`` x ``cols`` (where they overlap)."""
-        dest, src = _clip(self.rows, self.cols, rows, cols)
+        dest, src = overlap_slices(self.rows, self.cols, rows, cols)
         if dest is not None:
             self.sums[(slice(None), *dest)] += sums[(slice(None), *src)]
 
@@ -119,7 +119,7 @@ class Accumulator:
         return finalize(sums[: self.n_classes], sums[self.n_classes])
 
 
-def _clip(
+def overlap_slices(
     rows: Span, cols: Span, src_rows: Span, src_cols: Span
 ) -> tuple[tuple[slice, slice] | None, tuple[slice, slice]]:
     """Slices of the overlap of ``src`` with ``rows`` x ``cols``: in the destination and in the source."""

@@ -15,7 +15,6 @@ result does not depend on which block adds what, or in which order.
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,8 +28,9 @@ from rasterio.io import DatasetReader
 from rasterio.windows import Window
 
 from geoseg.blending import NODATA, Accumulator, BlendMode, fixed_window, support
+from geoseg.device_blending import DeviceAccumulator
 from geoseg.grid import OutputGrid
-from geoseg.inference import Predictor, usable_cores
+from geoseg.inference import PassTimer, Predictor, usable_cores
 from geoseg.scenes import SceneInfo, read_window, same_grid
 from geoseg.tiling import AxisOwnership, Block, Rect, Span, TileGrid, axis_ownership, ring, row_bands
 
@@ -126,29 +126,37 @@ def predict_block(
     predictor: Predictor,
     batch_size: int | None = None,
     read_threads: int = 1,
+    on_device: bool | None = None,
 ) -> Partial:
     """Forward passes over the tiles ``block`` owns; the interior finished, the frame's votes kept.
 
     The input is read ahead by ``read_threads`` threads while the model works (GDAL releases the
     GIL), in bands of whole file blocks, and served one row of tiles at a time (:func:`read_tile_rows`).
+    The votes are added up on the model's device when ``on_device`` (default: on a GPU, see
+    :mod:`geoseg.device_blending`), on the host otherwise; the result is the same to the bit.
     """
     tg, size = tiling.grid, tiling.tile_size
     own_rows, own_cols = tiling.ownership(block, grid)
-    acc = Accumulator(predictor.n_classes, own_rows.extent, own_cols.extent)
+    if on_device is None:
+        on_device = predictor.device.type == "cuda"
+    acc: Accumulator | DeviceAccumulator
+    if on_device:
+        acc = DeviceAccumulator(predictor.n_classes, own_rows.extent, own_cols.extent, predictor.device)
+    else:
+        acc = Accumulator(predictor.n_classes, own_rows.extent, own_cols.extent)
     window = fixed_window(tiling.blend, size, tiling.overlap)
     counts: dict[str, list[int]] = {}
     n_tiles = 0
-    forward_s = 0.0
+    timer = PassTimer(predictor.device)
     if own_rows.owned and own_cols.owned:
         batch_size = batch_size or predictor.batch_size(size)
         batch = np.empty((batch_size, len(predictor.ckpt.bands), size, size), dtype=np.float32)
         pending: list[tuple[int, int, np.ndarray | None]] = []  # (row0, col0, validity) of the tiles in ``batch``
 
         def flush() -> None:
-            nonlocal forward_s
-            start = time.perf_counter()
-            votes = predictor.votes(batch[: len(pending)], window)
-            forward_s += time.perf_counter() - start
+            tiles = batch[: len(pending)]
+            with timer:
+                votes = predictor.device_votes(tiles, window) if on_device else predictor.votes(tiles, window)
             for k, (r0, c0, valid_tile) in enumerate(pending):
                 acc.add(votes[k], window, r0, c0, valid_tile)
             pending.clear()
@@ -175,9 +183,10 @@ def predict_block(
     else:
         classes, confidence = acc.finalize(interior.rows, interior.cols)
     extent = Rect(own_rows.extent, own_cols.extent)
-    # copies, not views: a view would keep the whole accumulator alive as long as Dask holds the result
-    frames = [Frame(r, acc.region(r.rows, r.cols).copy()) for r in ring(extent, interior)]
-    return Partial(interior, classes, confidence, frames, n_tiles, forward_s, counts)
+    # On the host, copies of the regions, not views: a view would keep the whole accumulator
+    # alive as long as Dask holds the result. From a device they come as copies already.
+    frames = [Frame(r, np.array(acc.region(r.rows, r.cols), copy=not on_device)) for r in ring(extent, interior)]
+    return Partial(interior, classes, confidence, frames, n_tiles, timer.seconds(), counts)
 
 
 def read_tile_rows(

@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
+import torch
 
-from geoseg.blending import FIXED_ONE, NODATA, Accumulator, fixed_votes, fixed_window, window_2d
+from geoseg.blending import FIXED_ONE, NODATA, Accumulator, finalize, fixed_votes, fixed_window, window_2d
+from geoseg.device_blending import DeviceAccumulator, finalize_tensor
 from geoseg.tiling import Span, TileGrid
 
 MODES = ["gaussian", "cosine", "trim"]
@@ -119,3 +121,46 @@ def test_windows_are_symmetric_and_positive_on_support():
     trim = window_2d("trim", 64, 16)
     assert trim[8:56, 8:56].min() == 1 and trim[:8].max() == 0
     assert fixed_window("trim", 64, 16)[8:56, 8:56].min() == FIXED_ONE
+
+
+def test_device_accumulator_is_bitwise_the_host_one():
+    """The torch accumulator (here on the CPU device; a GPU runs the same operations) adds the
+    same integers and makes the same argmax, ties and confidence as the numpy one: tiles
+    clipped at the edges, tiles with invalid pixels, classes that tie, pixels no tile covers."""
+    rng = np.random.default_rng(3)
+    grid, k = TileGrid(64, 16), 4
+    w = fixed_window("gaussian", 64, 16)
+    rows, cols = Span(-8, 150), Span(20, 170)
+    host = Accumulator(k, rows, cols)
+    device = DeviceAccumulator(k, rows, cols, torch.device("cpu"))
+    for i in range(grid.count(150)):
+        for j in range(grid.count(190)):
+            probs = rng.dirichlet(np.ones(k), (64, 64)).transpose(2, 0, 1).astype(np.float32)
+            if (i + j) % 3 == 0:  # exact ties between classes 1 and 2: the lower one wins
+                probs[1] = probs[2] = np.float32(0.4)
+                probs[0] = probs[3] = np.float32(0.1)
+            valid = rng.random((64, 64)) > 0.2 if (i * j) % 4 == 1 else None
+            votes = fixed_votes(probs, w)
+            host.add(votes, w, grid.origin(i), grid.origin(j), valid)
+            device.add(torch.from_numpy(votes), w, grid.origin(i), grid.origin(j), valid)
+    np.testing.assert_array_equal(device.sums.numpy(), host.sums)
+    region = (Span(0, 100), Span(60, 170))
+    np.testing.assert_array_equal(device.region(*region), host.region(*region))
+    classes, confidence = host.finalize(*region)
+    got_classes, got_confidence = device.finalize(*region)
+    np.testing.assert_array_equal(got_classes, classes)
+    np.testing.assert_array_equal(got_confidence, confidence)
+    assert {0, 1, 2, 3, NODATA} <= set(np.unique(host.finalize()[0]))  # ties, invalid pixels: all there
+    np.testing.assert_array_equal(device.finalize()[0], host.finalize()[0])
+
+
+def test_device_confidence_rounds_halves_to_even_like_the_host():
+    """Shares of exactly 12.5 % and 37.5 % (halves after x100) round to 12 and 38 on both."""
+    weight = np.full((1, 2), 8 * 1024, np.int32)
+    votes = np.zeros((3, 1, 2), np.int32)
+    votes[0, 0, 0], votes[1, 0, 0] = 1024, 1024  # best share 1/8 (a tie: class 0)
+    votes[2, 0, 1] = 3 * 1024  # best share 3/8
+    classes, confidence = finalize(votes, weight)
+    assert classes.tolist() == [[0, 2]] and confidence.tolist() == [[12, 38]]
+    got = finalize_tensor(torch.from_numpy(votes), torch.from_numpy(weight))
+    assert got[0].tolist() == [[0, 2]] and got[1].tolist() == [[12, 38]]

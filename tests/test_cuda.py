@@ -28,3 +28,27 @@ def test_automatic_batch_size_fits_free_memory():
     size = predictor.batch_size(256)
     assert 1 <= size <= 256
     predictor.probabilities(np.zeros((size, 4, 256, 256), np.float32))
+
+
+def test_votes_added_on_the_gpu_give_the_host_sums(tmp_path):
+    """On a GPU, a block's votes are added on the device by default; adding the same GPU votes
+    on the host gives the same block to the bit, and the passes are timed on the device."""
+    from geoseg.grid import grid_from_scenes
+    from geoseg.scenes import open_scene
+    from geoseg.segment import TilingSettings, predict_block, reader_threads
+    from geoseg.synth import SceneSpec, write_scene
+    from geoseg.tiling import iter_blocks
+
+    scene = open_scene(write_scene(SceneSpec(700, 600, seed=4), tmp_path / "s.tif")[0])
+    grid = grid_from_scenes([scene])
+    tiling = TilingSettings(256, 32, "gaussian", 512)
+    predictor = Predictor(load_checkpoint("builtin:demo"), InferenceSettings("builtin:demo", device="cuda"))
+    assert reader_threads(0, predictor) >= 1
+    for block in iter_blocks(grid.height, grid.width, 512):
+        device = predict_block(block, [scene], grid, tiling, predictor, read_threads=2)
+        host = predict_block(block, [scene], grid, tiling, predictor, on_device=False)
+        np.testing.assert_array_equal(device.classes, host.classes)
+        np.testing.assert_array_equal(device.confidence, host.confidence)
+        for got, want in zip(device.frames, host.frames, strict=True):
+            np.testing.assert_array_equal(got.sums, want.sums)
+        assert 0 < device.forward_s < 60

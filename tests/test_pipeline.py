@@ -15,10 +15,11 @@ from conftest import predict_transitions, run_config
 from rasterio.crs import CRS
 
 from geoseg import mosaic
-from geoseg.grid import OutputGrid
-from geoseg.inference import InferenceSettings
+from geoseg.grid import OutputGrid, grid_from_scenes
+from geoseg.inference import InferenceSettings, Predictor
+from geoseg.models.checkpoint import load_checkpoint
 from geoseg.scenes import open_scene
-from geoseg.segment import TilingSettings
+from geoseg.segment import TilingSettings, predict_block
 from geoseg.synth import SceneSpec, write_scene
 from geoseg.tiling import iter_blocks
 from pipelines.segment_scenes import predict_task, run, work_order
@@ -281,3 +282,22 @@ def test_rerun_reuses_saved_partial_results(tmp_path, random_checkpoint, scene_1
     assert manifest["blocks"]["1_1"]["seconds"] >= 9999.0  # its step 1 was read back, not run again
     np.testing.assert_array_equal(read_classes(tmp_path), read_classes(reference))
     assert not any((tmp_path / ".geoseg" / "partials").iterdir())
+
+
+def test_votes_added_on_the_model_device_give_the_same_blocks(random_checkpoint, scene_1000x700):
+    """A GPU adds a block's votes where it makes them (geoseg.device_blending); the same code on
+    the CPU device gives each block's interior and frames bitwise as the host accumulator does,
+    at the scene's corner, edges and nodata wedge alike."""
+    scene = open_scene(scene_1000x700[0])
+    grid = grid_from_scenes([scene])
+    tiling = TilingSettings(128, 16, "gaussian", 256)
+    predictor = Predictor(load_checkpoint(str(random_checkpoint)), InferenceSettings(str(random_checkpoint), 8, "cpu"))
+    for block in iter_blocks(grid.height, grid.width, 256):
+        host = predict_block(block, [scene], grid, tiling, predictor, on_device=False)
+        device = predict_block(block, [scene], grid, tiling, predictor, on_device=True)
+        assert device.tiles == host.tiles > 0 and device.interior == host.interior
+        np.testing.assert_array_equal(device.classes, host.classes)
+        np.testing.assert_array_equal(device.confidence, host.confidence)
+        assert [f.rect for f in device.frames] == [f.rect for f in host.frames]
+        for got, want in zip(device.frames, host.frames, strict=True):
+            np.testing.assert_array_equal(got.sums, want.sums)

@@ -11,7 +11,7 @@ from geoseg.grid import OutputGrid
 from geoseg.inference import InferenceSettings, Predictor
 from geoseg.models.checkpoint import load_checkpoint
 from geoseg.scenes import open_scene, read_window
-from geoseg.segment import band_layout, read_tile_rows
+from geoseg.segment import band_layout, read_tile_rows, reader_threads
 from geoseg.tiling import Span, TileGrid
 
 TRANSFORM = from_origin(500_000, 5_200_000, 10, 10)
@@ -117,3 +117,12 @@ def test_tile_rows_read_in_bands_are_the_windows_read_directly(tmp_path, random_
         np.testing.assert_array_equal(valid, want_valid)
         np.testing.assert_array_equal(bands, predictor.normalize(want, want_valid))
     assert not got[0][1][:8].any() and got[0][1][8:].any()  # the halo above the scene is nodata
+
+
+def test_one_reader_thread_on_cpu_unless_asked(random_checkpoint):
+    """On CPU the cores run the model: one reader thread per block, or as many as configured."""
+    predictor = Predictor(
+        load_checkpoint(str(random_checkpoint)), InferenceSettings(str(random_checkpoint), device="cpu")
+    )
+    assert reader_threads(0, predictor) == 1
+    assert reader_threads(3, predictor) == 3
