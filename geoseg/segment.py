@@ -203,10 +203,10 @@ def read_tile_rows(
 
     The block's rows are read in bands of whole file blocks (:func:`geoseg.tiling.row_bands`),
     several at once when there are several threads (GDAL releases the GIL): a GPU decodes
-    nothing and waits for its input, where one thread decodes ~30 Mpix/s. A tile row inside one
-    band is a view of it; one across two is a copy.
+    nothing and waits for its input, where one thread reads ~20 Mpix/s (benchmarks/README.md).
+    A tile row inside one band is a view of it; one across two is a copy.
     """
-    height, offset = band_layout(scenes[0], grid, tg.tile_size)
+    height, offset = band_layout(scenes[0], grid, tg.tile_size) if scenes else (tg.tile_size, 0)
     todo = deque(row_bands(tg.read_span(tile_rows), height, offset))
     reader = _BandReader(scenes, grid, cols, predictor)
     pool = _readers(threads)
