@@ -97,7 +97,7 @@ def read_composite(
     in the window and how many of them it filled; scenes after the window is complete are not read.
     """
     shape = (rect.rows.size, rect.cols.size)
-    bands = np.zeros((n_bands, *shape), dtype=np.float32)
+    bands: np.ndarray | None = None
     valid = np.zeros(shape, dtype=bool)
     window = Window(rect.cols.start, rect.rows.start, rect.cols.size, rect.rows.size)
     for scene in scenes:
@@ -108,13 +108,17 @@ def read_composite(
             tally = counts.setdefault(scene.path, [0, 0])
             tally[0] += int(scene_valid.sum())
             tally[1] += int(take.sum())
-        if not valid.any():  # the first scene with data: take it whole (normalize zeroes its invalid pixels)
+        if (
+            bands is None or not valid.any()
+        ):  # the first scene with data: take it whole (normalize zeroes its invalid pixels)
             bands, valid = data, scene_valid
         elif take.any():
             np.copyto(bands, data, where=take)
             valid |= take
         if valid.all():
             break
+    if bands is None:  # no scene
+        bands = np.zeros((n_bands, *shape), dtype=np.float32)
     return bands, valid
 
 
