@@ -126,3 +126,18 @@ def test_one_reader_thread_on_cpu_unless_asked(random_checkpoint):
     )
     assert reader_threads(0, predictor) == 1
     assert reader_threads(3, predictor) == 3
+
+
+def test_normalize_standardises_valid_pixels_and_zeroes_the_rest(random_checkpoint):
+    predictor = Predictor(
+        load_checkpoint(str(random_checkpoint)), InferenceSettings(str(random_checkpoint), device="cpu")
+    )
+    ckpt = predictor.ckpt
+    raw = np.random.default_rng(1).integers(0, 4000, (len(ckpt.bands), 30, 40)).astype(np.float32)
+    valid = np.ones((30, 40), bool)
+    valid[3:9, 10:20] = False
+    got = predictor.normalize(raw.copy(), valid)
+    mean = np.asarray(ckpt.mean, np.float32)[:, None, None]
+    std = np.asarray(ckpt.std, np.float32)[:, None, None]
+    np.testing.assert_allclose(got[:, valid], ((raw - mean) / std)[:, valid], rtol=1e-5, atol=1e-5)
+    assert (got[:, ~valid] == 0).all()
