@@ -13,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 
-from geoseg.tiling import Span, TileGrid
+from geoseg.tiling import Span, TileGrid, relative_slices
 
 BlendMode = Literal["gaussian", "cosine", "trim"]
 NODATA = 255
@@ -107,11 +107,7 @@ class Accumulator:
 
     def region(self, rows: Span, cols: Span) -> np.ndarray:
         """A view of the sums over ``rows`` x ``cols`` (inside the accumulator)."""
-        return self.sums[
-            :,
-            rows.start - self.rows.start : rows.stop - self.rows.start,
-            cols.start - self.cols.start : cols.stop - self.cols.start,
-        ]
+        return self.sums[(slice(None), *relative_slices(self.rows, self.cols, rows, cols))]
 
     def finalize(self, rows: Span | None = None, cols: Span | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Classes (uint8, 255 nodata) and confidence (uint8 percent) over ``rows`` x ``cols`` (default: all)."""

@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 # faster here). glibc.malloc.arena_max=1 puts every thread on the main heap from the start, the
 # only one tune_allocator can keep torch's 32 MB+ activation buffers in: a Dask task thread
 # otherwise has an arena of its own, and its buffers are still mapped and faulted in on every
-# pass (benchmarks/README.md). GDAL's block cache is kept small because every strip is read
-# about once, so a cache sized by the machine's RAM only grows with the scene.
+# pass (benchmarks/README.md). GDAL's block cache is kept small because every file block is
+# read about once, so a cache sized by the machine's RAM only grows with the scene.
 MALLOC_TUNABLES = {"glibc.malloc.hugetlb": "1", "glibc.malloc.arena_max": "1"}
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from geoseg.blending import NODATA, overlap_slices
-from geoseg.tiling import Span
+from geoseg.tiling import Span, relative_slices
 
 
 class DeviceAccumulator:
@@ -45,24 +45,16 @@ class DeviceAccumulator:
 
     def region(self, rows: Span, cols: Span) -> np.ndarray:
         """A host copy of the sums over ``rows`` x ``cols`` (inside the accumulator)."""
-        part = self.sums[
-            :,
-            rows.start - self.rows.start : rows.stop - self.rows.start,
-            cols.start - self.cols.start : cols.stop - self.cols.start,
-        ]
-        return part.cpu().numpy()
+        return self._over(rows, cols).cpu().numpy()
 
     def finalize(self, rows: Span | None = None, cols: Span | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Classes (uint8, 255 nodata) and confidence (uint8 percent) over ``rows`` x ``cols`` (default: all)."""
-        sums = self.sums
-        if rows is not None and cols is not None:
-            sums = sums[
-                :,
-                rows.start - self.rows.start : rows.stop - self.rows.start,
-                cols.start - self.cols.start : cols.stop - self.cols.start,
-            ]
+        sums = self.sums if rows is None or cols is None else self._over(rows, cols)
         classes, confidence = finalize_tensor(sums[: self.n_classes], sums[self.n_classes])
         return classes.cpu().numpy(), confidence.cpu().numpy()
+
+    def _over(self, rows: Span, cols: Span) -> torch.Tensor:
+        return self.sums[(slice(None), *relative_slices(self.rows, self.cols, rows, cols))]
 
     def _window_tensor(self, window: np.ndarray) -> torch.Tensor:
         """``window`` on the device, copied once: callers pass the same cached array every time."""

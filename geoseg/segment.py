@@ -32,7 +32,7 @@ from geoseg.device_blending import DeviceAccumulator
 from geoseg.grid import OutputGrid
 from geoseg.inference import PassTimer, Predictor, usable_cores
 from geoseg.scenes import SceneInfo, read_window, same_grid
-from geoseg.tiling import AxisOwnership, Block, Rect, Span, TileGrid, axis_ownership, ring, row_bands
+from geoseg.tiling import AxisOwnership, Block, Rect, Span, TileGrid, axis_ownership, relative_slices, ring, row_bands
 
 
 @dataclass(frozen=True)
@@ -331,23 +331,16 @@ def finish_block(
     bounds = Rect(block.rows, block.cols)
     interior = own.interior if own is not None else Rect(Span(0, 0), Span(0, 0))
     if not interior.empty:
-        dest = _local(block, interior)
+        dest = relative_slices(block.rows, block.cols, interior.rows, interior.cols)
         classes[dest], confidence[dest] = own.classes, own.confidence
     frames = [f for p in reaching for f in p.frames]
     for rect in ring(bounds, interior):
         acc = Accumulator(n_classes, rect.rows, rect.cols)
         for frame in frames:
             acc.add_sums(frame.sums, frame.rect.rows, frame.rect.cols)
-        dest = _local(block, rect)
+        dest = relative_slices(block.rows, block.cols, rect.rows, rect.cols)
         classes[dest], confidence[dest] = acc.finalize()
     return classes, confidence
-
-
-def _local(block: Block, rect: Rect) -> tuple[slice, slice]:
-    return (
-        slice(rect.rows.start - block.rows.start, rect.rows.stop - block.rows.start),
-        slice(rect.cols.start - block.cols.start, rect.cols.stop - block.cols.start),
-    )
 
 
 def most_confident(layers: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:

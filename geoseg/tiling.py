@@ -55,6 +55,14 @@ def ring(outer: Rect, inner: Rect) -> list[Rect]:
     return [p for p in parts if not p.empty]
 
 
+def relative_slices(outer_rows: Span, outer_cols: Span, rows: Span, cols: Span) -> tuple[slice, slice]:
+    """Where ``rows`` x ``cols`` (inside the outer window) lie in an array covering ``outer_rows`` x ``outer_cols``."""
+    return (
+        slice(rows.start - outer_rows.start, rows.stop - outer_rows.start),
+        slice(cols.start - outer_cols.start, cols.stop - outer_cols.start),
+    )
+
+
 @dataclass(frozen=True)
 class Block:
     """One output block: a Zarr chunk of the mosaic, and one Dask task."""
