@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -45,8 +47,30 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+_verbose = False
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Failures a user can cause as one line on stderr and exit code 2 (a traceback with --verbose)."""
+    from geoseg.models.checkpoint import CheckpointError
+    from geoseg.runstate import RunError
+
+    try:
+        yield
+    except (ConfigError, RunError, CheckpointError) as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        if _verbose:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        _fail(f"{where}{exc.strerror or exc}")
+
+
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging")] = False) -> None:
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging, tracebacks")] = False) -> None:
+    global _verbose
+    _verbose = verbose
     _setup_logging(verbose)
 
 
@@ -107,13 +131,10 @@ def run(
 
 
 def _run_pipeline(cfg) -> None:
-    from geoseg.models.checkpoint import CheckpointError
-    from pipelines.segment_scenes import RunError, run
+    from pipelines.segment_scenes import run
 
-    try:
+    with _user_errors():
         result = run(cfg)
-    except (RunError, CheckpointError, ConfigError) as exc:
-        _fail(str(exc))
     from geoseg.quicklook import write_quicklook
 
     quicklook = write_quicklook(result.mosaic, result.out / "quicklook.png")
@@ -199,14 +220,11 @@ def export(
 ) -> None:
     """GIS layers of a finished run: classes.tif (COG), polygons, QGIS/SLD styles, quicklook, area report."""
     from pipelines.export_layers import export_run, run_config_of
-    from pipelines.segment_scenes import RunError
 
     fmts = [f.strip() for f in formats.split(",") if f.strip()]
-    try:
+    with _user_errors():
         cfg = run_config_of(out, [*(set_ or []), f"vector.formats={fmts!r}"])
         result = export_run(out, cfg)
-    except (ConfigError, RunError) as exc:
-        _fail(str(exc))
     for name, path in result.files.items():
         log.info("%-12s %s", name, path)
 
@@ -217,21 +235,21 @@ def vectorize(
     set_: SetOption = None,
 ) -> None:
     """Polygonize a finished run's mosaic again (e.g. with another vector.mmu_pixels) into OUT/polygons.gpkg."""
+    from geoseg import runstate
     from geoseg.cluster import dask_client
     from geoseg.mosaic import read_grid, read_legend
     from geoseg.tiling import iter_blocks
-    from pipelines.export_layers import run_config_of
-    from pipelines.segment_scenes import MOSAIC_NAME, RunError, write_polygons
+    from pipelines.export_layers import blocks_with_classes, run_config_of
+    from pipelines.segment_scenes import MOSAIC_NAME, write_polygons
 
-    try:
-        cfg = run_config_of(out, list(set_ or []))
-    except (ConfigError, RunError) as exc:
-        _fail(str(exc))
     out = out.resolve()
-    grid = read_grid(out / MOSAIC_NAME)
-    blocks = list(iter_blocks(grid.height, grid.width, cfg.output.block_size))
-    with dask_client(cfg.cluster) as client:
-        path = write_polygons(client, blocks, grid, out, read_legend(out / MOSAIC_NAME), cfg.vector)
+    with _user_errors():
+        cfg = run_config_of(out, list(set_ or []))
+        manifest = runstate.read_finished_manifest(out)
+        grid = read_grid(out / MOSAIC_NAME)
+        blocks = blocks_with_classes(manifest, list(iter_blocks(grid.height, grid.width, cfg.output.block_size)))
+        with runstate.Lease(out, runstate.new_run_id()), dask_client(cfg.cluster) as client:
+            path = write_polygons(client, blocks, grid, out, read_legend(out / MOSAIC_NAME), cfg.vector)
     log.info("polygons:  %s", path)
 
 
@@ -250,17 +268,14 @@ def change(
     """
     from geoseg.config import load_change_config
     from pipelines.change_detection import run_change, segment_dates
-    from pipelines.segment_scenes import RunError
 
-    try:
+    with _user_errors():
         cfg = load_change_config(config, list(set_ or []))
         if run_a is None or run_b is None:
             if not (cfg.date_a and cfg.date_b):
                 _fail("give two finished runs, or a --config with date_a and date_b scenes")
             run_a, run_b = segment_dates(cfg, out)
         result = run_change(run_a, run_b, out, cfg)
-    except (ConfigError, RunError) as exc:
-        _fail(str(exc))
     valid = int(result.matrix.sum())
     changed = valid - int(result.matrix.trace())
     log.info("changed %d of %d valid pixels (%.2f%%)", changed, valid, 100 * changed / max(valid, 1))
@@ -280,11 +295,9 @@ def train(
     from geoseg.train import load_train_config
     from geoseg.train import train as run_training
 
-    try:
+    with _user_errors():
         cfg = load_train_config(config, list(set_ or []))
         run_training(cfg)
-    except ConfigError as exc:
-        _fail(str(exc))
 
 
 def entrypoint() -> None:  # pragma: no cover - thin wrapper for `python -m geoseg`

@@ -136,12 +136,23 @@ def load_legend(path: Path) -> list[LandCoverClass]:
     return [LandCoverClass(**c) for c in data["classes"]]
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(problem)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"tiling.overlap=64"`` -> (["tiling", "overlap"], 64); the value is parsed as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set expects dotted.key=value, got {text!r}")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: the value is not plain YAML ({yaml_problem(exc)})") from None
+    return key.strip().split("."), value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -158,7 +169,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str) -> str:
     problems = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "<root>"
@@ -178,7 +189,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+            raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         source = str(path)
@@ -190,7 +201,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, source)) from None
+        raise ConfigError(format_validation_error(exc, source)) from None
 
 
 class ChangeConfig(_Strict):
@@ -219,7 +230,7 @@ def load_change_config(path: str | Path | None, overrides: list[str] | None = No
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
         data = data.get("change", data)
         if data.get("run_config"):
             data["run_config"] = str((Path(path).parent / data["run_config"]).resolve())
@@ -227,4 +238,4 @@ def load_change_config(path: str | Path | None, overrides: list[str] | None = No
     try:
         return ChangeConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, str(path or "defaults"))) from None
+        raise ConfigError(format_validation_error(exc, str(path or "defaults"))) from None

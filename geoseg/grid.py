@@ -31,19 +31,24 @@ class OutputGrid(RasterGrid):
 
 
 def grid_from_scenes(scenes: list[SceneInfo]) -> OutputGrid:
-    """The first scene's CRS and pixel grid, extended to cover every scene."""
+    """The first scene's CRS and pixel grid, extended to cover every scene.
+
+    A rotated first scene gives a north-up grid with its pixel size, from its footprint's
+    corner (it is then warped like any scene on another grid)."""
     if not scenes:
         raise ValueError("no usable scene to define the output grid")
     ref = scenes[0]
-    t = ref.affine
-    if t.b or t.d:
-        raise ValueError(f"{ref.path}: rotated geotransforms are not supported")
     west, south, east, north = ref.bounds
+    if ref.rotated:
+        res_x, res_y = ref.pixel_size
+        t = Affine(res_x, 0.0, west, 0.0, -res_y, north)
+    else:
+        t = ref.affine
+        res_x, res_y = t.a, -t.e
     for scene in scenes[1:]:
         w, s, e, n = transform_bounds(scene.crs, ref.crs, *scene.bounds)
         west, south, east, north = min(west, w), min(south, s), max(east, e), max(north, n)
     # Snap outward to the reference scene's pixel lattice so its pixels map 1:1.
-    res_x, res_y = t.a, -t.e
     col0 = math.floor((west - t.c) / res_x + 1e-9)
     col1 = math.ceil((east - t.c) / res_x - 1e-9)
     row0 = math.floor((t.f - north) / res_y + 1e-9)

@@ -3,6 +3,8 @@
 One folder per block, written under a temporary name and renamed into place, so a folder
 that exists is complete: a rerun (or a retried task) reuses it instead of computing the
 block's tiles again. Frames are read memory-mapped: a neighbour reads only the rows it needs.
+Only votes are stored: a layer that computed no tile (no valid pixel) has no folder, and a
+frame only the pixels that got votes (:func:`geoseg.segment.voted_frames`).
 
     PARTIALS/<block key>/record.json          the block's step-1 record (tiles, pixel counts)
     PARTIALS/<block key>/<layer>/meta.json    interior and frame rectangles
@@ -38,6 +40,8 @@ def save_block(folder: Path, layers: dict[str, Partial], record: dict[str, Any])
     tmp = folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     for name, partial in layers.items():
+        if partial.tiles == 0:  # no valid pixel: no votes, and an all-nodata interior (see load_layers)
+            continue
         layer = tmp / name
         layer.mkdir()
         np.save(layer / "classes.npy", partial.classes)

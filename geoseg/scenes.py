@@ -45,9 +45,22 @@ class RasterGrid:
         return Affine(*self.transform[:6])
 
     @property
+    def rotated(self) -> bool:
+        return bool(self.transform[1] or self.transform[3])
+
+    @property
     def bounds(self) -> tuple[float, float, float, float]:
-        """(west, south, east, north) in the grid's CRS."""
-        return rasterio.transform.array_bounds(self.height, self.width, self.affine)
+        """(west, south, east, north) in the grid's CRS; of the four corners where the grid is rotated."""
+        t = self.affine
+        corners = [t * corner for corner in [(0, 0), (self.width, 0), (0, self.height), (self.width, self.height)]]
+        xs, ys = [x for x, _ in corners], [y for _, y in corners]
+        return min(xs), min(ys), max(xs), max(ys)
+
+    @property
+    def pixel_size(self) -> tuple[float, float]:
+        """Width and height of a pixel in CRS units (rotated or not)."""
+        a, b, _, d, e, _ = self.transform
+        return float(np.hypot(a, d)), float(np.hypot(b, e))
 
 
 @dataclass(frozen=True)
@@ -98,6 +111,39 @@ def open_scene(path: str | Path, expected_bands: int | None = None) -> SceneInfo
     if expected_bands is not None and info.count != expected_bands:
         raise SceneError(path, f"has {info.count} bands, the model expects {expected_bands}")
     return info
+
+
+@dataclass(frozen=True)
+class DataCoverage:
+    """Which internal blocks of a tiled GeoTIFF hold data. A sparse file leaves blocks out, and
+    GDAL reads an absent block as nodata: pixels there are invalid without reading them."""
+
+    block_height: int
+    block_width: int
+    present: np.ndarray  # bool, (block rows, block columns) of the file
+
+    def any_in(self, rows: tuple[int, int], cols: tuple[int, int]) -> bool:
+        """Whether any block with data meets the file's pixels ``rows`` x ``cols`` (half-open)."""
+        r0, r1 = max(0, rows[0]) // self.block_height, -(-max(0, rows[1]) // self.block_height)
+        c0, c1 = max(0, cols[0]) // self.block_width, -(-max(0, cols[1]) // self.block_width)
+        return bool(self.present[r0:r1, c0:c1].any())
+
+
+def data_coverage(path: str | Path, max_blocks: int = 4_000_000) -> DataCoverage | None:
+    """The blocks of a sparse GeoTIFF that hold data, from its block offsets (header only; a
+    query costs well under a microsecond). None where every block is there, or where absent
+    blocks would not read as nodata (no nodata value) or the file is no GeoTIFF."""
+    with rasterio.open(path) as src:
+        if src.driver != "GTiff" or src.nodata is None:
+            return None
+        bh, bw = src.block_shapes[0]
+        rows, cols = -(-src.height // bh), -(-src.width // bw)
+        if rows * cols > max_blocks:
+            return None
+        # Band 1 suffices: where its block is absent it is nodata, and a pixel nodata in any band is invalid.
+        offsets = (src.get_tag_item(f"BLOCK_OFFSET_{c}_{r}", "TIFF", bidx=1) for r in range(rows) for c in range(cols))
+        present = np.fromiter((bool(o) for o in offsets), dtype=bool, count=rows * cols).reshape(rows, cols)
+    return None if present.all() else DataCoverage(bh, bw, present)
 
 
 def acquisition_time(tags: dict[str, str]) -> str | None:

@@ -184,13 +184,32 @@ def predict_block(
     interior = Rect(own_rows.interior, own_cols.interior)
     if interior.empty:
         classes = confidence = np.empty((0, 0), dtype=np.uint8)
+    elif n_tiles == 0:  # no valid pixel: nothing to add up
+        classes = np.full((interior.rows.size, interior.cols.size), NODATA, dtype=np.uint8)
+        confidence = np.zeros_like(classes)
     else:
         classes, confidence = acc.finalize(interior.rows, interior.cols)
     extent = Rect(own_rows.extent, own_cols.extent)
-    # On the host, copies of the regions, not views: a view would keep the whole accumulator
-    # alive as long as Dask holds the result. From a device they come as copies already.
-    frames = [Frame(r, np.array(acc.region(r.rows, r.cols), copy=not on_device)) for r in ring(extent, interior)]
+    frames = [] if n_tiles == 0 else voted_frames(acc, ring(extent, interior), copy=not on_device)
     return Partial(interior, classes, confidence, frames, n_tiles, timer.seconds(), counts)
+
+
+def voted_frames(acc: Accumulator | DeviceAccumulator, rects: list[Rect], copy: bool) -> list[Frame]:
+    """The frame's votes, each rectangle cut down to the pixels that have any (none: dropped), so
+    a block with few valid pixels saves little. On the host, copies, not views: a view would keep
+    the whole accumulator alive as long as Dask holds the result (from a device they are copies)."""
+    frames = []
+    for rect in rects:
+        sums = acc.region(rect.rows, rect.cols)
+        weight = np.asarray(sums[-1])
+        rows, cols = np.flatnonzero(weight.any(axis=1)), np.flatnonzero(weight.any(axis=0))
+        if rows.size == 0:
+            continue
+        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        voted = Rect(Span(rect.rows.start + r0, rect.rows.start + r1), Span(rect.cols.start + c0, rect.cols.start + c1))
+        cropped = (r1 - r0, c1 - c0) != weight.shape  # a copy then, not a view of the whole region
+        frames.append(Frame(voted, np.array(sums[:, r0:r1, c0:c1], copy=copy or cropped)))
+    return frames
 
 
 def read_tile_rows(

@@ -19,15 +19,16 @@ from rasterio.enums import Resampling
 from rasterio.transform import Affine
 from rasterio.warp import reproject, transform_bounds
 
-from geoseg import change, mosaic, vectorize
+from geoseg import change, mosaic, runstate, vectorize
 from geoseg.blending import NODATA
 from geoseg.cluster import dask_client
 from geoseg.config import ChangeConfig, VectorConfig
 from geoseg.grid import OutputGrid
 from geoseg.progress import track
+from geoseg.runstate import Lease, RunError, prepare_output
 from geoseg.tiling import Block, Span, iter_blocks
 from geoseg.vector_io import LayerWriter
-from pipelines.segment_scenes import MOSAIC_NAME, STATE_DIR, RunError, prepare_output, stream_polygons
+from pipelines.segment_scenes import MOSAIC_NAME, stream_polygons
 
 log = logging.getLogger(__name__)
 CHANGE_STORE = "change.zarr"
@@ -109,8 +110,7 @@ def change_task(
     mosaic.write_region(Path(out) / CHANGE_STORE, block, arrays)
     matrix = change.transition_matrix(arrays["transition"], n_classes)
     # Written after the region: a block with a marker is complete, a rerun skips it.
-    marker = {"status": "done", "matrix": matrix.tolist()}
-    (Path(out) / STATE_DIR / "blocks" / f"{block.key}.json").write_text(json.dumps(marker))
+    runstate.commit_block(Path(out), block.key, {"status": "done", "matrix": matrix.tolist()})
     return matrix
 
 
@@ -164,13 +164,19 @@ def check_overlap(a: OutputGrid, b: OutputGrid, run_a: Path, run_b: Path) -> Non
 
 
 def run_change(run_a: Path, run_b: Path, out: Path, cfg: ChangeConfig, client: Client | None = None) -> ChangeResult:
-    if client is None:
-        with dask_client(cfg.cluster) as own:
-            return run_change(run_a, run_b, out, cfg, own)
+    """Change between two finished runs into ``out``, held by this run's lease throughout."""
     run_a, run_b, out = Path(run_a).resolve(), Path(run_b).resolve(), Path(out).resolve()
     for r in (run_a, run_b):
-        if not (r / MOSAIC_NAME).exists():
-            raise RunError(f"{r}: not a finished geoseg run (no {MOSAIC_NAME})")
+        runstate.read_finished_manifest(r)
+    runstate.ensure_output_folder(out)
+    with Lease(out, runstate.new_run_id()):
+        if client is not None:
+            return change_runs(run_a, run_b, out, cfg, client)
+        with dask_client(cfg.cluster) as own:
+            return change_runs(run_a, run_b, out, cfg, own)
+
+
+def change_runs(run_a: Path, run_b: Path, out: Path, cfg: ChangeConfig, client: Client) -> ChangeResult:
     legend = mosaic.read_legend(run_a / MOSAIC_NAME)
     if mosaic.read_legend(run_b / MOSAIC_NAME) != legend:
         raise RunError(
@@ -179,7 +185,6 @@ def run_change(run_a: Path, run_b: Path, out: Path, cfg: ChangeConfig, client: C
     grid = mosaic.read_grid(run_a / MOSAIC_NAME)
     check_overlap(grid, mosaic.read_grid(run_b / MOSAIC_NAME), run_a, run_b)
     n = len(legend)
-    out.mkdir(parents=True, exist_ok=True)
     codes_legend = {f * n + t: f"{legend[f]} -> {legend[t]}" for f in range(n) for t in range(n)}
     layers = [
         mosaic.Layer("from_class", "uint8", NODATA, mosaic.class_attrs(legend, "class at the first date")),

@@ -13,13 +13,14 @@ from pathlib import Path
 
 from distributed import Client
 
-from geoseg import export, mosaic
+from geoseg import export, mosaic, runstate
 from geoseg.cluster import dask_client
 from geoseg.config import RunConfig
 from geoseg.quicklook import write_quicklook
-from geoseg.tiling import iter_blocks
+from geoseg.runstate import Lease
+from geoseg.tiling import Block, iter_blocks
 from geoseg.vector_io import LayerWriter, write_flatgeobuf
-from pipelines.segment_scenes import MANIFEST_NAME, MOSAIC_NAME, RunError, stream_polygons
+from pipelines.segment_scenes import MOSAIC_NAME, has_classes, stream_polygons
 
 log = logging.getLogger(__name__)
 SUFFIX = {"gpkg": ".gpkg", "parquet": ".parquet", "fgb": ".fgb"}
@@ -31,32 +32,44 @@ class ExportResult:
 
 
 def run_config_of(out: Path, overrides: list[str]) -> RunConfig:
-    """The config a finished run recorded in its manifest, with ``--set`` overrides applied."""
-    from geoseg.config import ConfigError, apply_overrides
+    """The config a finished run recorded in its manifest, with ``--set`` overrides applied;
+    an unfinished run is a ``RunError`` saying what is missing."""
+    from pydantic import ValidationError
 
-    manifest_path = out / MANIFEST_NAME
-    if not manifest_path.is_file() or not (out / MOSAIC_NAME).exists():
-        raise RunError(f"{out}: not a finished geoseg run (no {MANIFEST_NAME} or {MOSAIC_NAME})")
-    data = json.loads(manifest_path.read_text())["config"]
+    from geoseg.config import ConfigError, apply_overrides, format_validation_error
+
+    data = runstate.read_finished_manifest(out)["config"]
     try:
         return RunConfig.model_validate(apply_overrides(data, overrides))
-    except Exception as exc:
-        raise ConfigError(f"invalid export settings: {exc}") from None
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, "--set")) from None
 
 
 def export_run(out: Path, cfg: RunConfig, client: Client | None = None) -> ExportResult:
-    """Write every layer of a finished run in ``out``."""
-    if client is None:
-        with dask_client(cfg.cluster) as own:
-            return export_run(out, cfg, own)
+    """Write every layer of a finished run in ``out``, holding its lease (no run may write it meanwhile)."""
     out = Path(out).resolve()
+    manifest = runstate.read_finished_manifest(out)
+    with Lease(out, runstate.new_run_id()):
+        if client is not None:
+            return export_layers(out, cfg, client, manifest)
+        with dask_client(cfg.cluster) as own:
+            return export_layers(out, cfg, own, manifest)
+
+
+def blocks_with_classes(manifest: dict, blocks: list[Block]) -> list[Block]:
+    """The blocks a finished run's manifest says hold a class (the others have no polygon)."""
+    records = manifest.get("blocks", {})
+    return [b for b in blocks if has_classes(records.get(b.key))]
+
+
+def export_layers(out: Path, cfg: RunConfig, client: Client, manifest: dict) -> ExportResult:
     mosaic_path = out / MOSAIC_NAME
     grid = mosaic.read_grid(mosaic_path)
     legend = mosaic.read_legend(mosaic_path)
     colors = mosaic.read_colors(mosaic_path) or {k: "#808080" for k in legend}
     result = ExportResult()
     result.files["cog"] = export.write_cog(mosaic_path, out / "classes.tif", legend, colors)
-    blocks = list(iter_blocks(grid.height, grid.width, cfg.output.block_size))
+    blocks = blocks_with_classes(manifest, list(iter_blocks(grid.height, grid.width, cfg.output.block_size)))
     targets: list[tuple[str, str | None]] = [("", None)]
     if cfg.vector.reproject_to:
         targets.append(("_" + cfg.vector.reproject_to.replace(":", "").lower(), cfg.vector.reproject_to))

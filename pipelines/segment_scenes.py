@@ -12,7 +12,6 @@ command again after a crash computes only the missing blocks, reusing saved part
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import logging
 import shutil
@@ -28,14 +27,16 @@ import numpy as np
 from distributed import Client, Future, as_completed, wait
 from rasterio.windows import Window
 
-from geoseg import mosaic, partials, vectorize
+from geoseg import mosaic, partials, runstate, vectorize
+from geoseg.blending import NODATA
 from geoseg.cluster import dask_client, torch_threads_per_worker
 from geoseg.config import RunConfig, VectorConfig
 from geoseg.grid import OutputGrid, grid_from_scenes
 from geoseg.inference import InferenceSettings, get_predictor
-from geoseg.models.checkpoint import load_checkpoint
+from geoseg.models.checkpoint import Checkpoint, load_checkpoint
 from geoseg.progress import track
-from geoseg.scenes import SceneError, SceneInfo, open_scene
+from geoseg.runstate import MANIFEST_NAME, STATE_DIR, Lease, RunError, prepare_output
+from geoseg.scenes import DataCoverage, SceneError, SceneInfo, data_coverage, open_scene, same_grid
 from geoseg.segment import TilingSettings, finish_block, most_confident, predict_block, reader_threads
 from geoseg.tiling import Block, iter_blocks, reaching_blocks
 from geoseg.vector_io import LayerWriter
@@ -44,13 +45,8 @@ log = logging.getLogger(__name__)
 
 MOSAIC_NAME = "mosaic.zarr"
 POLYGONS_NAME = "polygons.gpkg"
-MANIFEST_NAME = "manifest.json"
-STATE_DIR = ".geoseg"
 PARTIALS_DIR = f"{STATE_DIR}/partials"
-
-
-class RunError(RuntimeError):
-    """The run cannot start (no usable scene, conflicting previous output, ...)."""
+__all__ = ["MANIFEST_NAME", "MOSAIC_NAME", "STATE_DIR", "RunError", "prepare_output", "run"]
 
 
 @dataclass
@@ -81,19 +77,28 @@ def stac_assets(path: Path, asset: str) -> list[Path]:
     return hrefs
 
 
-def expand_inputs(inputs: list[str], stac_asset: str = "image") -> list[Path]:
-    """Paths, directories (their .tif/.tiff files), glob patterns and STAC ItemCollection files."""
+def expand_inputs(inputs: list[str], stac_asset: str = "image", empty: dict[str, str] | None = None) -> list[Path]:
+    """Paths, directories (their .tif/.tiff files), glob patterns and STAC ItemCollection files.
+
+    A folder or a pattern that gives no file is named in ``empty`` (if given) with the reason.
+    """
     paths: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.suffix.lower() == ".json" and p.is_file():
-            paths.extend(stac_assets(p, stac_asset))
+            found = stac_assets(p, stac_asset)
+            reason = "no STAC item in it"
         elif p.is_dir():
-            paths.extend(sorted(q for q in p.iterdir() if q.suffix.lower() in {".tif", ".tiff"}))
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in {".tif", ".tiff"})
+            reason = "folder with no .tif/.tiff file"
         elif any(ch in item for ch in "*?["):
-            paths.extend(Path(m) for m in sorted(glob.glob(item)))
+            found = [Path(m) for m in sorted(glob.glob(item))]
+            reason = "pattern that matches no file"
         else:
-            paths.append(p)
+            found, reason = [p], ""
+        if not found and empty is not None:
+            empty[item] = reason
+        paths.extend(found)
     return paths
 
 
@@ -135,36 +140,55 @@ def catalog(paths: list[Path], n_bands: int) -> tuple[list[SceneInfo], dict[str,
     return good, bad
 
 
-# Bumped whenever geoseg computes votes differently (the last bits count: blocks are summed
-# with their neighbours' frames). 2: batch norms folded into the convs.
-NUMERICS = 2
-
-
 def run_fingerprint(cfg: RunConfig, model_sha: str, scenes: list[SceneInfo]) -> str:
     """What determines the mosaic's pixels: a changed one must not be mixed with old blocks."""
-    relevant = {
-        "numerics": NUMERICS,
-        "model": model_sha,
-        "tiling": cfg.tiling.model_dump(),
-        "block_size": cfg.output.block_size,
-        "mosaic_rule": cfg.output.mosaic_rule,
-        "scenes": [s.path for s in scenes],
-    }
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+    return runstate.fingerprint(
+        {
+            "model": model_sha,
+            "tiling": cfg.tiling.model_dump(),
+            "block_size": cfg.output.block_size,
+            "mosaic_rule": cfg.output.mosaic_rule,
+            "scenes": [s.path for s in scenes],
+        }
+    )
 
 
-def scenes_for(block: Block, scenes: list[SceneInfo], footprints: list[Window], margin: int) -> list[SceneInfo]:
-    """The scenes whose footprint reaches the block or its halo."""
-    picked = []
-    for scene, fp in zip(scenes, footprints, strict=True):
-        if (
+@dataclass(frozen=True)
+class Footprint:
+    """Where a scene lands on the output grid, and which parts of it hold data (sparse files)."""
+
+    window: Window
+    coverage: DataCoverage | None = None  # only for a scene on the grid's own lattice
+
+    def reaches(self, block: Block, margin: int) -> bool:
+        """Whether the scene may have a valid pixel in ``block`` widened by ``margin``."""
+        fp = self.window
+        if not (
             fp.col_off < block.cols.stop + margin
             and fp.col_off + fp.width > block.cols.start - margin
             and fp.row_off < block.rows.stop + margin
             and fp.row_off + fp.height > block.rows.start - margin
         ):
-            picked.append(scene)
-    return picked
+            return False
+        if self.coverage is None:
+            return True
+        r0, c0 = round(fp.row_off), round(fp.col_off)
+        rows = (block.rows.start - margin - r0, block.rows.stop + margin - r0)
+        cols = (block.cols.start - margin - c0, block.cols.stop + margin - c0)
+        return self.coverage.any_in(rows, cols)
+
+
+def footprints_on(grid: OutputGrid, scenes: list[SceneInfo]) -> list[Footprint]:
+    """Each scene's footprint on ``grid``, with the blocks a sparse file leaves out where it needs no warping."""
+    return [
+        Footprint(grid.window_of(s), data_coverage(s.path) if same_grid(s, grid.crs, grid.affine) else None)
+        for s in scenes
+    ]
+
+
+def scenes_for(block: Block, scenes: list[SceneInfo], footprints: list[Footprint], margin: int) -> list[SceneInfo]:
+    """The scenes that may have a valid pixel in the block or its halo."""
+    return [scene for scene, fp in zip(scenes, footprints, strict=True) if fp.reaches(block, margin)]
 
 
 def predict_task(
@@ -234,8 +258,9 @@ def finish_task(block: Block, reaching: list[dict[str, Any]], n_classes: int, ou
             classes, confidence = most_confident(results)
         else:  # no scene reaches the block
             classes, confidence = finish_block(block, None, [], n_classes)
-        mosaic.write_block(Path(out) / MOSAIC_NAME, block, classes, confidence)
         histogram = np.bincount(classes.ravel(), minlength=256)
+        if histogram[:NODATA].any():  # an all-nodata block is what the store holds already (fill values)
+            mosaic.write_block(Path(out) / MOSAIC_NAME, block, classes, confidence)
         record = {
             "status": "done",
             "tiles": own["tiles"],
@@ -244,7 +269,7 @@ def finish_task(block: Block, reaching: list[dict[str, Any]], n_classes: int, ou
             "scene_valid_pixels": own["scene_valid_pixels"],
             "histogram": {str(k): int(v) for k, v in enumerate(histogram) if v},
         }
-        (Path(out) / STATE_DIR / "blocks" / f"{block.key}.json").write_text(json.dumps(record))
+        runstate.commit_block(Path(out), block.key, record)
         return {"block": block.key, **record}
     except Exception as exc:
         return {"block": block.key, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
@@ -264,41 +289,36 @@ def polygonize_task(block: Block, out: str, grid: OutputGrid, vector: VectorConf
     return vectorize.polygonize_block(classes, block, grid.affine, grid.height, grid.width, confidence)
 
 
-def prepare_output(out: Path, fingerprint: str, overwrite: bool, store: str = MOSAIC_NAME) -> dict[str, dict[str, Any]]:
-    """Check a previous run in ``out``; return the blocks it finished (to be reused)."""
-    state = out / STATE_DIR
-    stamp = state / "fingerprint"
-    blocks_dir = state / "blocks"
-    if stamp.exists() and not overwrite:
-        previous = stamp.read_text().strip()
-        if previous != fingerprint:
-            raise RunError(
-                f"{out} holds a run with another model, tiling, block size or inputs "
-                f"({previous} != {fingerprint}); use --overwrite or another --out"
-            )
-        if (out / store).exists():
-            return {p.stem: json.loads(p.read_text()) for p in sorted(blocks_dir.glob("*.json"))}
-    for p in blocks_dir.glob("*.json"):
-        p.unlink()
-    shutil.rmtree(out / PARTIALS_DIR, ignore_errors=True)
-    blocks_dir.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(fingerprint)
-    return {}
+@dataclass
+class RunPlan:
+    """What a run will do, worked out from headers alone before any cluster starts or OUT is written."""
+
+    cfg: RunConfig
+    out: Path
+    ckpt: Checkpoint
+    legend: dict[int, str]
+    scenes: list[SceneInfo]
+    failed_scenes: dict[str, str]
+    grid: OutputGrid
+    fingerprint: str
+    tiling: TilingSettings
+    blocks: list[Block]
+    footprints: list[Footprint]
 
 
-def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
-    """Run the whole job; connects to (or starts) the cluster from ``cfg.cluster`` unless given one."""
-    if client is None:
-        with dask_client(cfg.cluster) as own:
-            return run(cfg, own)
-    t0 = time.perf_counter()
+def plan_run(cfg: RunConfig) -> RunPlan:
+    """Check the checkpoint and the inputs, and fix the grid and the blocks: every error a user can
+    cause here comes before a cluster starts (:class:`RunError` or ``CheckpointError``)."""
     out = Path(cfg.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{out}: the output exists and is not a folder")
     ckpt = load_checkpoint(cfg.model.checkpoint)
     legend = {int(c["id"]): c["name"] for c in ckpt.classes}
     if "classes" in cfg.model_fields_set and cfg.class_names() != legend:
         raise RunError(f"{ckpt.path}: the model's classes {legend} do not match the config's {cfg.class_names()}")
-    scenes, failed_scenes = catalog(expand_inputs(cfg.inputs, cfg.stac_asset), len(ckpt.bands))
+    empty_inputs: dict[str, str] = {}
+    scenes, failed_scenes = catalog(expand_inputs(cfg.inputs, cfg.stac_asset, empty_inputs), len(ckpt.bands))
+    failed_scenes = {**empty_inputs, **failed_scenes}
     if not scenes:
         raise RunError(
             "no usable input scene: " + "; ".join(f"{p}: {r}" for p, r in failed_scenes.items())
@@ -309,8 +329,50 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
     scenes = [replace(s, acquired=dates.get(s.path, s.acquired)) for s in scenes]
     grid = grid_from_scenes(scenes)
     scenes = order_scenes(scenes, cfg.output.mosaic_rule)
-    fingerprint = run_fingerprint(cfg, ckpt.sha256, scenes)
-    reused = prepare_output(out, fingerprint, cfg.output.overwrite)
+    tiling = TilingSettings(cfg.tiling.tile_size, cfg.tiling.overlap, cfg.tiling.blend, cfg.output.block_size)
+    return RunPlan(
+        cfg,
+        out,
+        ckpt,
+        legend,
+        scenes,
+        failed_scenes,
+        grid,
+        run_fingerprint(cfg, ckpt.sha256, scenes),
+        tiling,
+        list(iter_blocks(grid.height, grid.width, cfg.output.block_size)),
+        footprints_on(grid, scenes),
+    )
+
+
+def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
+    """Run the whole job; connects to (or starts) the cluster from ``cfg.cluster`` unless given one.
+
+    The run holds OUT's lease from before its first write to the end (a second run on OUT is
+    refused), and its manifest says ``running`` until every block is committed and the polygons
+    are written. A run that fails before committing a block removes the OUT it created.
+    """
+    plan = plan_run(cfg)
+    created = runstate.ensure_output_folder(plan.out)
+    try:
+        with Lease(plan.out, runstate.new_run_id()) as lease:
+            if client is not None:
+                return execute(plan, client, lease)
+            with dask_client(cfg.cluster) as own:
+                return execute(plan, own, lease)
+    except Exception:
+        if created and not runstate.committed_blocks(plan.out):
+            shutil.rmtree(plan.out, ignore_errors=True)
+        raise
+
+
+def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
+    """The run of ``plan`` on ``client``, holding OUT's ``lease``."""
+    t0 = time.perf_counter()
+    cfg, out, ckpt, grid, scenes, legend = plan.cfg, plan.out, plan.ckpt, plan.grid, plan.scenes, plan.legend
+    failed_scenes = dict(plan.failed_scenes)
+    reused = prepare_output(out, plan.fingerprint, cfg.output.overwrite, MOSAIC_NAME)
+    runstate.mark_running(out, lease.run_id, plan.fingerprint, len(plan.blocks))
     mosaic_path = out / MOSAIC_NAME
     if not reused:
         colors = {int(c["id"]): c.get("color", "#808080") for c in ckpt.classes}
@@ -320,9 +382,8 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
             cfg.output.block_size,
             legend,
             colors,
-            attrs={"model_sha256": ckpt.sha256, "fingerprint": fingerprint},
+            attrs={"model_sha256": ckpt.sha256, "fingerprint": plan.fingerprint},
         )
-    tiling = TilingSettings(cfg.tiling.tile_size, cfg.tiling.overlap, cfg.tiling.blend, cfg.output.block_size)
     settings = InferenceSettings(
         str(Path(ckpt.path).resolve()),
         cfg.model.batch_size,
@@ -331,20 +392,23 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
         torch_threads_per_worker(cfg.cluster),
         cfg.model.compile,
     )
-    blocks = list(iter_blocks(grid.height, grid.width, cfg.output.block_size))
-    todo = [b for b in blocks if reused.get(b.key, {}).get("status") != "done"]
+    blocks = plan.blocks
+    margin = plan.tiling.tile_size
+    # Blocks no scene reaches with data (outside every footprint, or where a sparse file has no
+    # block) are nodata already in the store: no task at all.
+    empty = {b.key for b in blocks if not scenes_for(b, scenes, plan.footprints, margin)}
+    todo = [b for b in blocks if reused.get(b.key, {}).get("status") != "done" and b.key not in empty]
     log.info(
-        "%d scenes, grid %d x %d px, %d blocks (%d reused)",
+        "%d scenes, grid %d x %d px, %d blocks (%d reused, %d without data)",
         len(scenes),
         grid.width,
         grid.height,
         len(blocks),
-        len(blocks) - len(todo),
+        len(reused),
+        len(empty),
     )
     block_records = {k: {**v, "reused": True} for k, v in reused.items() if v.get("status") == "done"}
-    block_records.update(
-        segment_blocks(client, blocks, todo, scenes, grid, tiling, settings, out, ckpt.n_classes, cfg, fingerprint)
-    )
+    block_records.update(segment_blocks(client, blocks, todo, empty, plan, settings, lease, ckpt.n_classes))
     t_segment = time.perf_counter() - t0
     failed_blocks = {k: v["error"] for k, v in block_records.items() if v["status"] != "done"}
     unused = []
@@ -356,6 +420,8 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
             failed_scenes[scene] = reason
     for key, err in failed_blocks.items():
         log.error("block %s failed: %s", key, err)
+    if not failed_blocks:  # every reader is done: what a lost worker may have left goes too
+        partials.remove_block(out / PARTIALS_DIR)
 
     computed = [r for r in block_records.values() if r["status"] == "done" and not r.get("reused")]
     forward_s = sum(r.get("forward_s", 0.0) for r in computed)
@@ -372,11 +438,15 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
     t_vec = 0.0
     if cfg.output.polygons:
         t1 = time.perf_counter()
-        polygons_path = write_polygons(client, blocks, grid, out, legend, cfg.vector)
+        with_classes = [b for b in blocks if has_classes(block_records.get(b.key))]
+        polygons_path = write_polygons(client, with_classes, grid, out, legend, cfg.vector)
         t_vec = time.perf_counter() - t1
 
+    lease.check()
     result = RunResult(out, mosaic_path, polygons_path, out / MANIFEST_NAME, failed_scenes, failed_blocks)
     manifest = {
+        "status": runstate.INCOMPLETE if failed_blocks else runstate.FINISHED,
+        "run_id": lease.run_id,
         "geoseg_version": _version(),
         "inputs": list(cfg.inputs),
         "scenes": [
@@ -387,13 +457,14 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
         + [{"path": p, "status": "failed", "error": r} for p, r in failed_scenes.items()],
         "model": {"checkpoint": ckpt.path, "sha256": ckpt.sha256, "arch": ckpt.arch, "bands": ckpt.bands},
         "config": cfg.model_dump(mode="json"),
-        "fingerprint": fingerprint,
+        "fingerprint": plan.fingerprint,
         "grid": {**asdict(grid), "bounds": grid.bounds, "epsg": grid.crs.to_epsg()},
-        "blocks": dict(sorted(block_records.items())),
+        "blocks": dict(sorted(block_records.items())),  # blocks without data are left out: see summary
         "summary": {
             "blocks": len(blocks),
             "computed": len(todo),
-            "reused": len(blocks) - len(todo),
+            "reused": len(reused),
+            "without_data": len(empty),
             "failed_blocks": len(failed_blocks),
             "failed_scenes": len(failed_scenes),
             "tiles": sum(int(r.get("tiles", 0)) for r in block_records.values()),
@@ -408,12 +479,20 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
         },
         "outputs": {"mosaic": str(mosaic_path), "polygons": str(polygons_path) if polygons_path else None},
     }
-    result.manifest.write_text(json.dumps(manifest, indent=2))
+    runstate.write_manifest(out, manifest)
     return result
 
 
+def has_classes(record: dict[str, Any] | None) -> bool:
+    """Whether a block's record says it holds a class (not only nodata); unknown: assume it does."""
+    if record is None or record.get("status") != "done":
+        return False
+    histogram = record.get("histogram")
+    return histogram is None or any(int(k) != NODATA for k in histogram)
+
+
 def scene_layers(
-    block: Block, scenes: list[SceneInfo], footprints: list[Window], margin: int, rule: str
+    block: Block, scenes: list[SceneInfo], footprints: list[Footprint], margin: int, rule: str
 ) -> dict[str, list[SceneInfo]]:
     """The scenes step 1 composites for ``block``: all in one layer, or one layer per scene
     (named by its place in the run's scene order) for the ``confidence`` rule."""
@@ -482,14 +561,11 @@ def segment_blocks(
     client: Client,
     blocks: list[Block],
     todo: list[Block],
-    scenes: list[SceneInfo],
-    grid: OutputGrid,
-    tiling: TilingSettings,
+    empty: set[str],
+    plan: RunPlan,
     settings: InferenceSettings,
-    out: Path,
+    lease: Lease,
     n_classes: int,
-    cfg: RunConfig,
-    fingerprint: str,
 ) -> dict[str, dict[str, Any]]:
     """Step 1 and step 2 of every block in ``todo`` on the cluster; returns their records.
 
@@ -498,8 +574,11 @@ def segment_blocks(
     soon as its last neighbour's step 1 is in, so only about one row of blocks has partial
     results on disk at any time; a partial is deleted once every block that reads it is finished.
     Free threads are looked for whenever a task finishes and every ``REFILL_S`` seconds, so a
-    worker that joins a running job gets its blocks at once.
+    worker that joins a running job gets its blocks at once. Blocks in ``empty`` have no valid
+    pixel within a tile of them: their tiles add no votes anywhere, so they are neither computed
+    nor read. Task keys hold the run's id (runs sharing a scheduler never share a task).
     """
+    scenes, grid, tiling, out, cfg = plan.scenes, plan.grid, plan.tiling, plan.out, plan.cfg
     by_index = {(b.row, b.col): b for b in blocks}
     order = {b.key: n for n, b in enumerate(work_order(blocks, grid, tiling))}
     tg, sup, size = tiling.grid, tiling.support, tiling.block_size
@@ -509,7 +588,7 @@ def segment_blocks(
             by_index[(r, c)]
             for r in reaching_blocks(tg, b.row, size, grid.height, sup)
             for c in reaching_blocks(tg, b.col, size, grid.width, sup)
-            if (r, c) != (b.row, b.col)
+            if (r, c) != (b.row, b.col) and by_index[(r, c)].key not in empty
         ]
         for b in todo
     }
@@ -520,7 +599,8 @@ def segment_blocks(
             readers[n.key] = readers.get(n.key, 0) + 1
     for stale in (out / PARTIALS_DIR).glob("*.tmp-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
-    footprints = [grid.window_of(s) for s in scenes]
+    footprints = plan.footprints
+    tag = f"{plan.fingerprint}-{lease.run_id}"
     resources = {"GPU": 1} if cfg.cluster.gpu_resource else None
     slots = worker_slots(client, resources)
     if resources and slots and not any(slots.values()):  # the blocks would wait forever
@@ -533,7 +613,7 @@ def segment_blocks(
         layers = scene_layers(b, scenes, footprints, tiling.tile_size, cfg.output.mosaic_rule)
         return client.submit(
             predict_task, b, layers, grid, tiling, settings, str(out), cfg.cluster.read_threads,
-            key=f"predict-{fingerprint}-{b.key}", pure=False, priority=-2 * order[b.key], resources=resources,
+            key=f"predict-{tag}-{b.key}", pure=False, priority=-2 * order[b.key], resources=resources,
             workers=[worker] if worker else None, allow_other_workers=worker is not None,  # elsewhere if lost
         )  # fmt: skip
 
@@ -546,7 +626,7 @@ def segment_blocks(
     def submit_step2(b: Block) -> Future:
         return client.submit(
             finish_task, b, [step1[n.key] for n in reach[b.key]], n_classes, str(out),
-            key=f"finish-{fingerprint}-{b.key}", pure=False, priority=-2 * order[last_reaching[b.key].key] - 1,
+            key=f"finish-{tag}-{b.key}", pure=False, priority=-2 * order[last_reaching[b.key].key] - 1,
         )  # fmt: skip
 
     # Step 1 is handed out here, one block per free worker thread, in work order, to the worker
@@ -588,6 +668,7 @@ def segment_blocks(
 
     records: dict[str, dict[str, Any]] = {}
     for fut in track(finished_blocks(), total=len(todo), description="segmenting blocks"):
+        lease.check()
         rec = fut.result()
         key = rec.pop("block")
         records[key] = rec

@@ -129,5 +129,5 @@ def test_quicklook_and_report(exported):
 def test_export_of_a_folder_that_is_not_a_run(tmp_path):
     from pipelines.segment_scenes import RunError
 
-    with pytest.raises(RunError, match="not a finished geoseg run"):
+    with pytest.raises(RunError, match="not a geoseg run"):
         run_config_of(tmp_path, [])

@@ -90,6 +90,8 @@ def save_checkpoint(ckpt: Checkpoint, model: nn.Module, path: str | Path) -> Pat
 def load_checkpoint(spec: str | Path) -> Checkpoint:
     """Read a checkpoint (safetensors, or a weights-only ``.pt`` dict with ``meta``/``state_dict``)."""
     path = resolve_checkpoint_path(str(spec))
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
