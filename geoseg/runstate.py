@@ -141,6 +141,7 @@ class Lease:
         self.release()
 
     def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
             if self._create():
                 break

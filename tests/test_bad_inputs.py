@@ -14,6 +14,7 @@ import xarray as xr
 from conftest import run_config
 from rasterio.transform import from_origin
 
+from geoseg.inference import InferenceSettings
 from geoseg.scenes import SceneError, open_scene
 from geoseg.synth import SceneSpec, write_scene
 from pipelines.segment_scenes import RunError, run
@@ -277,3 +278,93 @@ def test_corrupt_tile_inside_a_scene_fails_its_blocks_only(tmp_path, random_chec
     for key in done:  # the finished blocks are in the mosaic
         r, c = map(int, key.split("_"))
         assert (classes[r * 512 : (r + 1) * 512, c * 512 : (c + 1) * 512] != 255).all()
+
+
+def write_rotated(path, scene, degrees: float = 20.0):
+    """300 x 250 px of ``scene`` under a geotransform rotated by ``degrees``."""
+    from rasterio.transform import Affine
+
+    with rasterio.open(scene) as src:
+        data, profile = src.read(window=rasterio.windows.Window(100, 100, 300, 250)), src.profile
+    profile.update(width=300, height=250, transform=from_origin(503_000, 5_199_000, 10, 10) * Affine.rotation(degrees))
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+    return path
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_a_rotated_geotransform_is_warped_wherever_it_stands_in_the_list(
+    tmp_path, random_checkpoint, scene_1000x700, client2, first
+):
+    rotated = write_rotated(tmp_path / "rotated.tif", scene_1000x700[0])
+    good = write_scene(SceneSpec(200, 200, seed=6, nodata_border=False), tmp_path / "good.tif")[0]
+    inputs = [rotated, good] if first else [good, rotated]
+    result = run(run_config(random_checkpoint, inputs, tmp_path / "out"), client2)
+    assert result.ok, (result.failed_scenes, result.failed_blocks)
+    ds = xr.open_zarr(tmp_path / "out" / "mosaic.zarr")
+    t = ds.rio.transform()
+    assert (t.b, t.d) == (0.0, 0.0) and (t.a, -t.e) == pytest.approx((10.0, 10.0))
+    # the rotated footprint is segmented: about its 300 x 250 pixels are classes on the north-up grid
+    with rasterio.open(rotated) as src:
+        corners = [src.transform * c for c in [(0, 0), (300, 0), (0, 250), (300, 250)]]
+    west, north = min(x for x, _ in corners), max(y for _, y in corners)
+    east, south = max(x for x, _ in corners), min(y for _, y in corners)
+    window = ds["classes"].rio.clip_box(west, south, east, north).values
+    assert 0.9 * 300 * 250 < (window != 255).sum() < 1.1 * 300 * 250 + 200 * 200
+
+
+def write_patch_scene(path, scene, size: int, patch: tuple[int, int, int], sparse: bool) -> None:
+    """A ``size`` px square scene, nodata (0) but for a ``patch`` (row, col, side) of ``scene``'s pixels.
+    Sparse: only the file blocks over the patch are stored; dense: every block is."""
+    row, col, side = patch
+    with rasterio.open(scene) as src:
+        data, crs = src.read(window=rasterio.windows.Window(src.width - side, src.height - side, side, side)), src.crs
+    profile = dict(
+        driver="GTiff", width=size, height=size, count=4, dtype="uint16", nodata=0, crs=crs, tiled=True,
+        blockxsize=256, blockysize=256, transform=from_origin(500_000, 5_200_000, 10, 10), sparse_ok=sparse,
+    )  # fmt: skip
+    with rasterio.open(path, "w", **profile) as dst:
+        if not sparse:
+            dst.write(np.zeros((4, size, size), np.uint16))
+        dst.write(data, window=rasterio.windows.Window(col, row, side, side))
+
+
+def test_blocks_without_data_cost_no_pass_and_leave_no_votes(tmp_path, random_checkpoint, scene_1000x700, client2):
+    """A sparse file's absent blocks are left out before any task; all-nodata blocks of a dense
+    file compute no tile and save no votes. Both give the mosaic of the same pixels."""
+    from pipelines.segment_scenes import footprints_on, plan_run, predict_task
+
+    patch = (1100, 700, 300)
+    outs = {}
+    for sparse in (True, False):
+        scene = tmp_path / f"{'sparse' if sparse else 'dense'}.tif"
+        write_patch_scene(scene, scene_1000x700[0], 2048, patch, sparse)
+        outs[sparse] = tmp_path / f"out_{sparse}"
+        cfg = run_config(random_checkpoint, [scene], outs[sparse], "output.block_size=256")
+        assert run(cfg, client2).ok
+    sparse_file, dense_file = tmp_path / "sparse.tif", tmp_path / "dense.tif"
+    assert sparse_file.stat().st_size < dense_file.stat().st_size / 2
+    classes = {k: xr.open_zarr(v / "mosaic.zarr")["classes"].values for k, v in outs.items()}
+    np.testing.assert_array_equal(classes[True], classes[False])
+    with rasterio.open(sparse_file) as src:
+        assert (classes[True] != 255).sum() == (src.read_masks(1) > 0).sum() > 0.5 * 300 * 300
+    manifests = {k: json.loads((v / "manifest.json").read_text()) for k, v in outs.items()}
+    assert manifests[True]["summary"]["tiles"] == manifests[False]["summary"]["tiles"] <= 4 * 4
+    # the patch is stored in 2 x 2 file blocks (rows 1024-1536, cols 512-1024): with a tile's
+    # margin they reach 4 x 4 blocks of 256 px; the sparse run computed only those
+    assert manifests[True]["summary"]["without_data"] == 64 - 16
+    assert manifests[False]["summary"]["without_data"] == 0
+    # chunks are stored only where there are classes; the rest reads as the fill value
+    stored = list((outs[False] / "mosaic.zarr" / "classes" / "c").rglob("*"))
+    assert 1 <= len([p for p in stored if p.is_file()]) <= 4
+    # a block of the dense file with no valid pixel computes no tile and stores no votes
+    cfg = run_config(random_checkpoint, [dense_file], tmp_path / "probe", "output.block_size=256")
+    plan = plan_run(cfg)
+    far = plan.blocks[0]
+    layers = {"all": plan.scenes}
+    settings = InferenceSettings(str(random_checkpoint), 8, "cpu", False, 1, False)
+    record = predict_task(far, layers, plan.grid, plan.tiling, settings, str(tmp_path / "probe"))
+    assert record["status"] == "done" and record["tiles"] == 0
+    folder = tmp_path / "probe" / ".geoseg" / "partials" / far.key
+    assert [p.name for p in folder.iterdir()] == ["record.json"]
+    assert footprints_on(plan.grid, plan.scenes)[0].coverage is None  # dense: every file block is there

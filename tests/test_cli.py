@@ -108,3 +108,40 @@ def test_vectorize_again_with_a_minimum_mapping_unit(tmp_path, random_checkpoint
     assert len(after) < len(before)
     assert after["area_m2"].min() >= 50 * 100 * 0.999
     assert after["area_m2"].sum() == pytest.approx(before["area_m2"].sum())
+
+
+def assert_one_line_error(res: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit code 2, one line on stderr holding every fragment, no traceback."""
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_an_output_that_is_a_file_or_not_writable_is_one_line(tmp_path, scene_1000x700):
+    repo = Path(__file__).parent.parent
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    res = geoseg(*run_cli_args(scene_1000x700[0], taken), cwd=repo)
+    assert_one_line_error(res, str(taken), "exists and is not a folder")
+    assert taken.read_text() == "keep me"
+    unwritable = Path("/sys/geoseg-test-out")  # sysfs: not even root may create a folder there
+    res = geoseg(*run_cli_args(scene_1000x700[0], unwritable), cwd=repo)
+    assert_one_line_error(res, str(unwritable), "cannot write the output folder")
+
+
+def test_a_yaml_tag_in_set_is_one_line(tmp_path):
+    res = geoseg(
+        "run", "configs/demo.yaml", "--set", "out=!!python/object/apply:os.getcwd []", cwd=Path(__file__).parent.parent
+    )
+    assert_one_line_error(res, "--set", "not plain YAML", "python/object/apply:os.getcwd")
+
+
+def test_a_checkpoint_that_is_a_folder_is_named_as_such(tmp_path, scene_1000x700):
+    res = geoseg(
+        *run_cli_args(scene_1000x700[0], tmp_path / "out", f"model.checkpoint={tmp_path}"),
+        cwd=Path(__file__).parent.parent,
+    )
+    assert_one_line_error(res, str(tmp_path), "is a folder, not a checkpoint file")
+    assert not (tmp_path / "out").exists()  # checked before anything was written, or a cluster started

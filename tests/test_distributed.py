@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,12 +98,18 @@ def slow_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference_mosaic(tmp_path_factory, slow_checkpoint, scene_1000x700, client2):
+def reference_run(tmp_path_factory, slow_checkpoint, scene_1000x700, client2):
+    """A finished run of the slow model, block 128."""
     out = tmp_path_factory.mktemp("dref")
     run(
         run_config(slow_checkpoint, [scene_1000x700[0]], out, "output.block_size=128", "output.polygons=false"), client2
     )
-    return xr.open_zarr(out / "mosaic.zarr")["classes"].values
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_mosaic(reference_run):
+    return xr.open_zarr(reference_run / "mosaic.zarr")["classes"].values
 
 
 def markers(out: Path) -> int:
@@ -147,6 +154,7 @@ def test_sigkill_of_a_worker_mid_run_still_completes(
     thread.join(timeout=300)
     assert outcome["result"].ok
     np.testing.assert_array_equal(xr.open_zarr(out / "mosaic.zarr")["classes"].values, reference_mosaic)
+    assert not (out / ".geoseg" / "partials").exists()  # nor any half-written folder of the lost worker
 
 
 def test_killed_run_resumes_with_only_the_missing_blocks(tmp_path, slow_checkpoint, scene_1000x700, reference_mosaic):
@@ -333,3 +341,94 @@ def test_a_cluster_without_dashboard_leaves_port_8787_to_others(recwarn):
         with dask_client(ClusterConfig(n_workers=1, dashboard=False)) as client:
             assert client.submit(sum, [1, 2]).result() == 3
     assert not [w for w in recwarn if "8787" in str(w.message)]
+
+
+def cli_run(scene: Path, out: Path, checkpoint: Path, *overrides: str) -> list[str]:
+    """The `geoseg run` command line of the slow model at block 128, as a user types it."""
+    settings = [f"model.checkpoint={checkpoint}", "output.block_size=128", "tiling.tile_size=128", "tiling.overlap=16"]
+    return [sys.executable, "-m", "geoseg", *run_cli_args(scene, out, *settings, *overrides)]
+
+
+REPO = Path(__file__).parent.parent
+
+
+def test_two_runs_on_one_scheduler_at_once_each_get_their_own_mosaic(
+    tmp_path, dask_processes, slow_checkpoint, scene_1000x700, reference_mosaic
+):
+    address, _ = dask_processes
+    outs = [tmp_path / "a", tmp_path / "b"]
+    extra = (f"cluster.address={address}", "output.polygons=false")
+    procs = [
+        subprocess.Popen(cli_run(scene_1000x700[0], out, slow_checkpoint, *extra), cwd=REPO, stderr=subprocess.PIPE)
+        for out in outs
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()
+    for out in outs:
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["status"] == "finished" and manifest["summary"]["computed"] == 48
+        np.testing.assert_array_equal(xr.open_zarr(out / "mosaic.zarr")["classes"].values, reference_mosaic)
+    confidence = [xr.open_zarr(out / "mosaic.zarr")["confidence"].values for out in outs]
+    np.testing.assert_array_equal(*confidence)
+    assert (
+        json.loads((outs[0] / "manifest.json").read_text())["run_id"]
+        != json.loads((outs[1] / "manifest.json").read_text())["run_id"]
+    )
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(
+    tmp_path, random_checkpoint, scene_1000x700
+):
+    """A live run holds OUT's lease (here this test process does, as a run would): a second run is
+    refused with one line before it writes anything; once the lease is released it runs."""
+    from geoseg.runstate import Lease
+
+    out = tmp_path / "out"
+    args = cli_run(scene_1000x700[0], out, random_checkpoint, "cluster.n_workers=1", "output.polygons=false")
+    with Lease(out, "first"):
+        res = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and "is in use by another geoseg run" in lines[0] and f"pid {os.getpid()}" in lines[0]
+        assert sorted(p.name for p in out.iterdir()) == [".geoseg"]  # nothing written
+    res = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((out / "manifest.json").read_text())["status"] == "finished"
+
+
+def test_a_killed_overwrite_rerun_is_refused_by_export_change_and_vectorize(
+    tmp_path, slow_checkpoint, scene_1000x700, reference_run
+):
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    geoseg = [sys.executable, "-m", "geoseg"]
+    # the finished run is accepted ...
+    res = subprocess.run([*geoseg, "vectorize", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    # ... a rerun with --overwrite killed half way is not, though the old outputs are still there
+    args = [*cli_run(scene_1000x700[0], out, slow_checkpoint, "cluster.n_workers=1"), "--overwrite"]
+    old_id = json.loads((out / "manifest.json").read_text())["run_id"]
+    proc = subprocess.Popen(
+        args, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+    def rerun_has_committed(n: int) -> bool:
+        return json.loads((out / "manifest.json").read_text())["run_id"] != old_id and markers(out) >= n
+
+    deadline = time.time() + 180
+    while not rerun_has_committed(3) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "running" and manifest["run_id"] != old_id
+    assert (out / "polygons.gpkg").exists()  # the old run's: it must not pass for the new one
+    for command in (["export", str(out)], ["vectorize", str(out)], ["change", str(reference_run), str(out)]):
+        res = subprocess.run([*geoseg, *command, "--out", str(tmp_path / "c")] if command[0] == "change" else
+                             [*geoseg, *command], cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert res.returncode == 2, (command, res.stderr)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"{out}: the run did not finish" in lines[0], (command, res.stderr)
+        assert "of 48 blocks committed" in lines[0]
+    assert not (out / "classes.tif").exists() and not (tmp_path / "c" / "change.zarr").exists()

@@ -1,0 +1,103 @@
+"""A run's hold on its output folder (the lease) and the status its manifest gives: real files, real processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+
+from geoseg import runstate
+from geoseg.runstate import Lease, LeaseHolder, RunError, read_finished_manifest, read_lease
+
+UNWRITABLE = Path("/sys/geoseg-test-out")  # sysfs: not even root may create a folder there
+
+
+def write_holder(out, holder: LeaseHolder) -> None:
+    (out / ".geoseg").mkdir(parents=True, exist_ok=True)
+    (out / ".geoseg" / "lease.json").write_text(json.dumps(asdict(holder)))
+
+
+def test_a_second_run_on_a_held_folder_is_refused_and_may_start_once_it_is_released(tmp_path):
+    with Lease(tmp_path, "first"):
+        with pytest.raises(RunError, match="is in use by another geoseg run") as err:
+            Lease(tmp_path, "second").acquire()
+        assert str(tmp_path) in str(err.value) and "\n" not in str(err.value)
+        assert read_lease(tmp_path).run_id == "first"
+    assert read_lease(tmp_path) is None
+    with Lease(tmp_path, "second"):
+        assert read_lease(tmp_path).run_id == "second"
+
+
+def test_a_lease_left_by_a_process_that_is_gone_is_taken_over_at_once(tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    with Lease(tmp_path, "mine") as mine:
+        me = read_lease(tmp_path)
+    write_holder(tmp_path, replace(me, run_id="killed", pid=int(gone.stdout), heartbeat=time.time()))
+    start = time.time()
+    with Lease(tmp_path, "mine") as mine:
+        assert read_lease(tmp_path).run_id == "mine"
+        mine.check()
+    assert time.time() - start < 5
+
+
+def test_a_holder_on_another_host_is_alive_until_its_heartbeat_is_older_than_the_ttl(tmp_path):
+    with Lease(tmp_path, "probe"):
+        me = read_lease(tmp_path)
+    other = replace(me, run_id="remote", host="another-node", pid=1, heartbeat=time.time() - 5)
+    write_holder(tmp_path, other)
+    with pytest.raises(RunError, match="another-node"):
+        Lease(tmp_path, "mine").acquire()
+    write_holder(tmp_path, replace(other, heartbeat=time.time() - runstate.LEASE_TTL_S - 1))
+    with Lease(tmp_path, "mine"):
+        assert read_lease(tmp_path).run_id == "mine"
+
+
+def test_the_heartbeat_refreshes_the_lease_and_a_run_whose_lease_was_taken_stops(tmp_path):
+    lease = Lease(tmp_path, "mine", heartbeat_s=0.05)
+    lease.acquire()
+    first = read_lease(tmp_path).heartbeat
+    time.sleep(0.3)
+    assert read_lease(tmp_path).heartbeat > first
+    lease.check()
+    write_holder(tmp_path, replace(read_lease(tmp_path), run_id="usurper"))
+    time.sleep(0.3)
+    with pytest.raises(RunError, match="another run took the output folder over"):
+        lease.check()
+    lease.release()
+    assert read_lease(tmp_path).run_id == "usurper"  # not ours to remove
+
+
+def test_only_a_finished_manifest_is_accepted_and_the_error_says_what_is_missing(tmp_path):
+    with pytest.raises(RunError, match="not a geoseg run"):
+        read_finished_manifest(tmp_path)
+    runstate.ensure_output_folder(tmp_path)
+    runstate.prepare_output(tmp_path, "f1", overwrite=False, store="mosaic.zarr")
+    runstate.mark_running(tmp_path, "r1", "f1", n_blocks=16)
+    runstate.commit_block(tmp_path, "0_0", {"status": "done"})
+    with pytest.raises(RunError, match=r"did not finish \(1 of 16 blocks committed\)"):
+        read_finished_manifest(tmp_path)
+    with Lease(tmp_path, "r1"), pytest.raises(RunError, match="a run is still writing it"):
+        read_finished_manifest(tmp_path)
+    failed = {"status": "incomplete", "summary": {"blocks": 16}, "blocks": {"1_0": {"status": "failed", "error": "x"}}}
+    runstate.write_manifest(tmp_path, failed)
+    with pytest.raises(RunError, match="incomplete: 1 of 16 blocks failed"):
+        read_finished_manifest(tmp_path)
+    runstate.write_manifest(tmp_path, {"summary": {"blocks": 16}})
+    with pytest.raises(RunError, match="has no status"):
+        read_finished_manifest(tmp_path)
+    runstate.write_manifest(tmp_path, {"status": "finished", "config": {}})
+    assert read_finished_manifest(tmp_path)["status"] == "finished"
+
+
+def test_an_output_that_is_a_file_or_cannot_be_written_is_one_line(tmp_path):
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(RunError, match="exists and is not a folder"):
+        runstate.ensure_output_folder(tmp_path / "taken")
+    with pytest.raises(RunError, match="cannot write the output folder") as err:
+        runstate.ensure_output_folder(UNWRITABLE)
+    assert "\n" not in str(err.value)
