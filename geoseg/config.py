@@ -39,6 +39,9 @@ class ModelConfig(_Strict):
     """Mixed precision on CUDA (bf16 where supported); ignored on CPU."""
     compile: bool = False
     """torch.compile the model once per worker (slow start, faster passes on GPU)."""
+    torch_threads: int = Field(0, ge=0)
+    """Intra-op threads of each forward pass; 0: the cores shared out over the workers' task
+    threads. Fix it to get bitwise the same confidence on clusters of other shapes."""
 
 
 class TilingConfig(_Strict):

@@ -389,7 +389,7 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
         cfg.model.batch_size,
         cfg.model.device,
         cfg.model.amp,
-        torch_threads_per_worker(cfg.cluster),
+        cfg.model.torch_threads or torch_threads_per_worker(cfg.cluster),
         cfg.model.compile,
     )
     blocks = plan.blocks

@@ -51,6 +51,8 @@ def test_class_map_does_not_depend_on_block_size(
     got, want = read_classes(tmp_path), read_classes(reference)
     # Bitwise: the same tiles' fixed-point votes, summed exactly (no tolerance needed on CPU).
     np.testing.assert_array_equal(got, want)
+    confidence = [xr.open_zarr(out / "mosaic.zarr")["confidence"].values for out in (tmp_path, reference)]
+    np.testing.assert_array_equal(*confidence)
     # and the random model does produce several classes, so the comparison means something
     assert len(np.unique(want[want != 255])) >= 2
     # No tile is computed twice: the many small blocks run as many forward passes as one block,
