@@ -11,6 +11,7 @@ difference. Ends with ``time_s=... peak_out_mb=...`` for the sparse run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -49,10 +50,8 @@ def folder_bytes(path: Path) -> int:
     total = 0
     for root, _, files in os.walk(path):
         for name in files:
-            try:
+            with contextlib.suppress(OSError):  # removed meanwhile
                 total += os.path.getsize(os.path.join(root, name))
-            except OSError:  # removed meanwhile
-                pass
     return total
 
 
