@@ -59,6 +59,8 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except (ConfigError, RunError, CheckpointError) as exc:
+        if _verbose:
+            raise
         _fail(str(exc))
     except OSError as exc:
         if _verbose:
@@ -135,13 +137,10 @@ def _run_pipeline(cfg) -> None:
 
     with _user_errors():
         result = run(cfg)
-    from geoseg.quicklook import write_quicklook
-
-    quicklook = write_quicklook(result.mosaic, result.out / "quicklook.png")
     log.info("mosaic:    %s", result.mosaic)
     if result.polygons:
         log.info("polygons:  %s", result.polygons)
-    log.info("quicklook: %s", quicklook)
+    log.info("quicklook: %s", result.quicklook)
     log.info("manifest:  %s", result.manifest)
     if not result.ok:
         for path, reason in result.failed_scenes.items():
@@ -245,11 +244,13 @@ def vectorize(
     out = out.resolve()
     with _user_errors():
         cfg = run_config_of(out, list(set_ or []))
-        manifest = runstate.read_finished_manifest(out)
-        grid = read_grid(out / MOSAIC_NAME)
-        blocks = blocks_with_classes(manifest, list(iter_blocks(grid.height, grid.width, cfg.output.block_size)))
-        with runstate.Lease(out, runstate.new_run_id()), dask_client(cfg.cluster) as client:
-            path = write_polygons(client, blocks, grid, out, read_legend(out / MOSAIC_NAME), cfg.vector)
+        with runstate.Lease(out, runstate.new_run_id()):
+            manifest = runstate.read_finished_manifest(out)  # again, now that no run can change it
+            grid = read_grid(out / MOSAIC_NAME)
+            size = cfg.output.block_size
+            blocks = blocks_with_classes(manifest, size, list(iter_blocks(grid.height, grid.width, size)))
+            with dask_client(cfg.cluster) as client:
+                path = write_polygons(client, blocks, grid, out, read_legend(out / MOSAIC_NAME), cfg.vector)
     log.info("polygons:  %s", path)
 
 

@@ -15,6 +15,7 @@ beating (or whose process is gone, on the same host) may be replaced.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -24,7 +25,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,12 @@ NUMERICS = 2
 
 class RunError(RuntimeError):
     """The run cannot start or go on (no usable scene, OUT held by another run, ...); one line for the user."""
+
+
+def one_line(message: str, limit: int = 300) -> str:
+    """The first line of a message, cut to ``limit`` characters (worker errors can be long)."""
+    first = message.strip().splitlines()[0] if message.strip() else ""
+    return first if len(first) <= limit else first[: limit - 3] + "..."
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -85,20 +92,34 @@ def ensure_output_folder(out: Path) -> bool:
     return created
 
 
+def local_node() -> str:
+    """This machine and process space: the host name and the PID namespace (containers on one
+    host may share its name, never a PID namespace)."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return f"{socket.gethostname()}:{namespace}"
+
+
 @dataclass(frozen=True)
 class LeaseHolder:
     """What a lease says about the run holding it."""
 
     run_id: str
     host: str
+    node: str  # see local_node
     pid: int
     pid_started: float
     started: str
     heartbeat: float
 
     def alive(self, ttl: float = LEASE_TTL_S) -> bool:
-        if self.host == socket.gethostname():
-            try:  # the same process (a pid may be reused: its start time tells them apart)
+        """Same process space: whether the process is still there (its start time tells a reused
+        pid apart). Elsewhere: whether it beat within ``ttl`` (clocks of hosts are assumed to
+        agree to well within ``ttl``)."""
+        if self.node == local_node():
+            try:
                 return abs(psutil.Process(self.pid).create_time() - self.pid_started) < 1.0
             except psutil.Error:
                 return False
@@ -113,8 +134,10 @@ class Lease:
     """This run's hold on OUT: acquired before anything is written there, kept alive by a
     heartbeat thread, and released at the end. A second run finds it and is refused.
 
-    If another run took the lease over anyway (it judged this one dead), :meth:`check` raises,
-    so this run stops before it writes anything more.
+    A holder judged gone is moved aside by a rename (of two takers only one can move it), and
+    the new lease linked in its place. Should another run take the lease over anyway, the
+    heartbeat notices, :meth:`check` raises and the workers' block commits stop
+    (:func:`holds_lease`), so this run writes nothing more.
     """
 
     def __init__(self, out: Path, run_id: str, heartbeat_s: float = HEARTBEAT_S) -> None:
@@ -124,6 +147,7 @@ class Lease:
         self._me = LeaseHolder(
             run_id,
             socket.gethostname(),
+            local_node(),
             proc.pid,
             proc.create_time(),
             datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -132,6 +156,7 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost_to: LeaseHolder | None = None
+        self.lost_reason = ""
 
     def __enter__(self) -> Lease:
         self.acquire()
@@ -142,45 +167,42 @@ class Lease:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
+        for _ in range(5):
             if self._create():
                 break
-            holder = read_lease(self.out)
+            holder = self._read_settled()
             if holder is not None and holder.alive():
                 raise RunError(
                     f"{self.out} is in use by another geoseg run ({holder.describe()}); "
                     "wait for it to finish, or give another output folder"
                 )
-            if holder is not None:
-                log.warning("%s: taking over from a run that is gone (%s)", self.out, holder.describe())
-            self._write()
-            time.sleep(0.2)  # two takers at once: the last write wins, the other backs off
-            if (current := read_lease(self.out)) is not None and current.run_id == self.run_id:
-                break
+            if self._move_aside(holder):
+                what = holder.describe() if holder else "unreadable lease"
+                log.warning("%s: taking over from a run that is gone (%s)", self.out, what)
         else:
             raise RunError(f"{self.out}: could not take the output folder's lease; another run is starting there")
         self._thread = threading.Thread(target=self._beat, name="geoseg-lease", daemon=True)
         self._thread.start()
 
     def check(self) -> None:
-        """Raise if another run took OUT over."""
-        if self.lost_to is not None:
-            raise RunError(f"{self.out}: another run took the output folder over ({self.lost_to.describe()})")
+        """Raise if this run lost OUT (taken over, or the heartbeat could not be written)."""
+        if self.lost_reason:
+            raise RunError(f"{self.out}: {self.lost_reason}")
 
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        current = read_lease(self.out)
-        if current is not None and current.run_id == self.run_id:
+        if holds_lease(self.out, self.run_id):
             self.path.unlink(missing_ok=True)
 
     def _payload(self) -> str:
-        return json.dumps(asdict(LeaseHolder(**{**asdict(self._me), "heartbeat": time.time()})))
+        return json.dumps(asdict(replace(self._me, heartbeat=time.time())))
 
     def _create(self) -> bool:
         """Create the lease only if there is none: written whole, then linked into place (a link
-        fails where the name exists, so two runs cannot both create it)."""
+        fails where the name exists, so two runs cannot both create it). Where links are not
+        supported (some FUSE mounts), an exclusive create, which readers may see half written."""
         tmp = self.path.with_name(f".{LEASE_NAME}.tmp-{uuid.uuid4().hex[:8]}")
         tmp.write_text(self._payload())
         try:
@@ -188,28 +210,75 @@ class Lease:
             return True
         except FileExistsError:
             return False
+        except OSError:
+            try:
+                with open(self.path, "x") as f:
+                    f.write(self._payload())
+                return True
+            except FileExistsError:
+                return False
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _write(self) -> None:
-        write_atomic(self.path, self._payload())
+    def _read_settled(self) -> LeaseHolder | None:
+        """The lease's holder; a lease that cannot be read may be being written: look again."""
+        for _ in range(10):
+            holder = read_lease(self.out)
+            if holder is not None or not self.path.exists():
+                return holder
+            time.sleep(0.1)
+        return None
+
+    def _move_aside(self, stale: LeaseHolder | None) -> bool:
+        """Rename the lease judged gone out of the way; put it back if what moved was not it (a
+        taker that came first linked a fresh one meanwhile)."""
+        aside = self.path.with_name(f".{LEASE_NAME}.gone-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:  # another taker moved it first
+            return False
+        moved = read_lease_file(aside)
+        if stale is not None and moved is not None and moved.run_id != stale.run_id:
+            with contextlib.suppress(OSError):
+                os.link(aside, self.path)
+        aside.unlink(missing_ok=True)
+        return True
 
     def _beat(self) -> None:
+        failing_since: float | None = None
         while not self._stop.wait(self.heartbeat_s):
-            current = read_lease(self.out)
-            if current is not None and current.run_id != self.run_id:
-                self.lost_to = current
-                log.error("%s: another run took the output folder over (%s)", self.out, current.describe())
-                return
-            self._write()
+            try:
+                current = read_lease(self.out)
+                if current is not None and current.run_id != self.run_id:
+                    self.lost_reason = f"another run took the output folder over ({current.describe()})"
+                    log.error("%s: %s", self.out, self.lost_reason)
+                    return
+                write_atomic(self.path, self._payload())
+                failing_since = None
+            except OSError as exc:  # a passing storage error; a lasting one loses the lease
+                failing_since = failing_since or time.time()
+                if time.time() - failing_since > LEASE_TTL_S / 2:
+                    self.lost_reason = f"the lease could not be renewed ({exc.strerror or exc})"
+                    log.error("%s: %s", self.out, self.lost_reason)
+                    return
+
+
+def read_lease_file(path: Path) -> LeaseHolder | None:
+    try:
+        return LeaseHolder(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def holds_lease(out: Path, run_id: str) -> bool:
+    """Whether run ``run_id`` holds OUT's lease: a block task asks before it commits anything."""
+    holder = read_lease(out)
+    return holder is not None and holder.run_id == run_id
 
 
 def read_lease(out: Path) -> LeaseHolder | None:
     """The holder of OUT's lease, or None if there is none (or it cannot be read)."""
-    try:
-        return LeaseHolder(**json.loads((out / STATE_DIR / LEASE_NAME).read_text()))
-    except (OSError, ValueError, TypeError):
-        return None
+    return read_lease_file(out / STATE_DIR / LEASE_NAME)
 
 
 def prepare_output(out: Path, run_fingerprint: str, overwrite: bool, store: str) -> dict[str, dict[str, Any]]:
@@ -292,9 +361,9 @@ def read_finished_manifest(out: Path) -> dict[str, Any]:
         )
     if status == INCOMPLETE:
         failed = {k: v.get("error", "") for k, v in manifest.get("blocks", {}).items() if v.get("status") == "failed"}
-        first = next(iter(failed.items()), ("?", ""))
+        key, error = next(iter(failed.items()), ("?", ""))
         raise RunError(
             f"{out}: the run is incomplete: {len(failed)} of {total} blocks failed "
-            f"(first: block {first[0]}: {first[1]}); fix the cause and run it again"
+            f"(first: block {key}: {one_line(error)}); fix the cause and run it again"
         )
     raise RunError(f"{out}: {MANIFEST_NAME} has no status (an older geoseg?); run the same command again to finish it")

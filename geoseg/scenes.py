@@ -46,7 +46,9 @@ class RasterGrid:
 
     @property
     def rotated(self) -> bool:
-        return bool(self.transform[1] or self.transform[3])
+        """Whether the grid's axes are turned (terms below a millionth of the pixel size are rounding)."""
+        a, b, _, d, e, _ = self.transform
+        return abs(b) > 1e-6 * abs(e) or abs(d) > 1e-6 * abs(a)
 
     @property
     def bounds(self) -> tuple[float, float, float, float]:
@@ -134,7 +136,9 @@ def data_coverage(path: str | Path, max_blocks: int = 4_000_000) -> DataCoverage
     query costs well under a microsecond). None where every block is there, or where absent
     blocks would not read as nodata (no nodata value) or the file is no GeoTIFF."""
     with rasterio.open(path) as src:
-        if src.driver != "GTiff" or src.nodata is None:
+        # Only where validity comes from the nodata value: an absent block under a mask band
+        # (internal mask, alpha) reads as nodata values that the mask may still call valid.
+        if src.driver != "GTiff" or src.nodata is None or any(f != [MaskFlags.nodata] for f in src.mask_flag_enums):
             return None
         bh, bw = src.block_shapes[0]
         rows, cols = -(-src.height // bh), -(-src.width // bw)

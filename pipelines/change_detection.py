@@ -164,16 +164,23 @@ def check_overlap(a: OutputGrid, b: OutputGrid, run_a: Path, run_b: Path) -> Non
 
 
 def run_change(run_a: Path, run_b: Path, out: Path, cfg: ChangeConfig, client: Client | None = None) -> ChangeResult:
-    """Change between two finished runs into ``out``, held by this run's lease throughout."""
+    """Change between two finished runs into ``out``, held by this run's lease throughout.
+
+    The two runs are not locked (several change jobs may read one run); that each is the same
+    finished run at the end as at the start is checked instead."""
     run_a, run_b, out = Path(run_a).resolve(), Path(run_b).resolve(), Path(out).resolve()
-    for r in (run_a, run_b):
-        runstate.read_finished_manifest(r)
+    before = [runstate.read_finished_manifest(r)["run_id"] for r in (run_a, run_b)]
     runstate.ensure_output_folder(out)
     with Lease(out, runstate.new_run_id()):
         if client is not None:
-            return change_runs(run_a, run_b, out, cfg, client)
-        with dask_client(cfg.cluster) as own:
-            return change_runs(run_a, run_b, out, cfg, own)
+            result = change_runs(run_a, run_b, out, cfg, client)
+        else:
+            with dask_client(cfg.cluster) as own:
+                result = change_runs(run_a, run_b, out, cfg, own)
+    for run, run_id in zip((run_a, run_b), before, strict=True):
+        if runstate.read_finished_manifest(run)["run_id"] != run_id:
+            raise RunError(f"{run}: was run again while the change was computed; compute the change again")
+    return result
 
 
 def change_runs(run_a: Path, run_b: Path, out: Path, cfg: ChangeConfig, client: Client) -> ChangeResult:

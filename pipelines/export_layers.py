@@ -48,16 +48,20 @@ def run_config_of(out: Path, overrides: list[str]) -> RunConfig:
 def export_run(out: Path, cfg: RunConfig, client: Client | None = None) -> ExportResult:
     """Write every layer of a finished run in ``out``, holding its lease (no run may write it meanwhile)."""
     out = Path(out).resolve()
-    manifest = runstate.read_finished_manifest(out)
+    runstate.read_finished_manifest(out)  # before a lease is taken on what is not a run
     with Lease(out, runstate.new_run_id()):
+        manifest = runstate.read_finished_manifest(out)  # again, now that no run can change it
         if client is not None:
             return export_layers(out, cfg, client, manifest)
         with dask_client(cfg.cluster) as own:
             return export_layers(out, cfg, own, manifest)
 
 
-def blocks_with_classes(manifest: dict, blocks: list[Block]) -> list[Block]:
-    """The blocks a finished run's manifest says hold a class (the others have no polygon)."""
+def blocks_with_classes(manifest: dict, block_size: int, blocks: list[Block]) -> list[Block]:
+    """The blocks (of ``block_size``) a finished run's manifest says hold a class: the others have
+    no polygon. Blocks of another size than the run's cannot be told apart: all of them."""
+    if manifest.get("config", {}).get("output", {}).get("block_size") != block_size:
+        return blocks
     records = manifest.get("blocks", {})
     return [b for b in blocks if has_classes(records.get(b.key))]
 
@@ -69,7 +73,8 @@ def export_layers(out: Path, cfg: RunConfig, client: Client, manifest: dict) -> 
     colors = mosaic.read_colors(mosaic_path) or {k: "#808080" for k in legend}
     result = ExportResult()
     result.files["cog"] = export.write_cog(mosaic_path, out / "classes.tif", legend, colors)
-    blocks = blocks_with_classes(manifest, list(iter_blocks(grid.height, grid.width, cfg.output.block_size)))
+    size = cfg.output.block_size
+    blocks = blocks_with_classes(manifest, size, list(iter_blocks(grid.height, grid.width, size)))
     targets: list[tuple[str, str | None]] = [("", None)]
     if cfg.vector.reproject_to:
         targets.append(("_" + cfg.vector.reproject_to.replace(":", "").lower(), cfg.vector.reproject_to))

@@ -35,6 +35,7 @@ from geoseg.grid import OutputGrid, grid_from_scenes
 from geoseg.inference import InferenceSettings, get_predictor
 from geoseg.models.checkpoint import Checkpoint, load_checkpoint
 from geoseg.progress import track
+from geoseg.quicklook import write_quicklook
 from geoseg.runstate import MANIFEST_NAME, STATE_DIR, Lease, RunError, prepare_output
 from geoseg.scenes import DataCoverage, SceneError, SceneInfo, data_coverage, open_scene, same_grid
 from geoseg.segment import TilingSettings, finish_block, most_confident, predict_block, reader_threads
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 MOSAIC_NAME = "mosaic.zarr"
 POLYGONS_NAME = "polygons.gpkg"
+QUICKLOOK_NAME = "quicklook.png"
 PARTIALS_DIR = f"{STATE_DIR}/partials"
 __all__ = ["MANIFEST_NAME", "MOSAIC_NAME", "STATE_DIR", "RunError", "prepare_output", "run"]
 
@@ -57,6 +59,7 @@ class RunResult:
     manifest: Path
     failed_scenes: dict[str, str] = field(default_factory=dict)
     failed_blocks: dict[str, str] = field(default_factory=dict)
+    quicklook: Path | None = None
 
     @property
     def ok(self) -> bool:
@@ -178,10 +181,13 @@ class Footprint:
         return self.coverage.any_in(rows, cols)
 
 
-def footprints_on(grid: OutputGrid, scenes: list[SceneInfo]) -> list[Footprint]:
-    """Each scene's footprint on ``grid``, with the blocks a sparse file leaves out where it needs no warping."""
+def footprints_on(
+    grid: OutputGrid, scenes: list[SceneInfo], coverage: dict[str, DataCoverage | None]
+) -> list[Footprint]:
+    """Each scene's footprint on ``grid``, with the blocks a sparse file stores (``coverage``,
+    from :func:`geoseg.scenes.data_coverage`) where it needs no warping."""
     return [
-        Footprint(grid.window_of(s), data_coverage(s.path) if same_grid(s, grid.crs, grid.affine) else None)
+        Footprint(grid.window_of(s), coverage.get(s.path) if same_grid(s, grid.crs, grid.affine) else None)
         for s in scenes
     ]
 
@@ -234,10 +240,13 @@ def predict_task(
         return {"block": block.key, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
 
 
-def finish_task(block: Block, reaching: list[dict[str, Any]], n_classes: int, out: str) -> dict[str, Any]:
+def finish_task(
+    block: Block, reaching: list[dict[str, Any]], n_classes: int, out: str, run_id: str | None = None
+) -> dict[str, Any]:
     """A Dask task (step 2): add the neighbours' frames, write the block's region, leave a marker.
 
     ``reaching`` are the step-1 records of the blocks whose tiles reach this one, its own first.
+    With ``run_id``, nothing is written unless that run still holds OUT's lease.
     """
     start = time.perf_counter()
     own = reaching[0]
@@ -259,6 +268,8 @@ def finish_task(block: Block, reaching: list[dict[str, Any]], n_classes: int, ou
         else:  # no scene reaches the block
             classes, confidence = finish_block(block, None, [], n_classes)
         histogram = np.bincount(classes.ravel(), minlength=256)
+        if run_id is not None and not runstate.holds_lease(Path(out), run_id):
+            raise RuntimeError("this run no longer holds the output folder's lease; nothing written")
         if histogram[:NODATA].any():  # an all-nodata block is what the store holds already (fill values)
             mosaic.write_block(Path(out) / MOSAIC_NAME, block, classes, confidence)
         record = {
@@ -310,8 +321,6 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     """Check the checkpoint and the inputs, and fix the grid and the blocks: every error a user can
     cause here comes before a cluster starts (:class:`RunError` or ``CheckpointError``)."""
     out = Path(cfg.out).resolve()
-    if out.exists() and not out.is_dir():
-        raise RunError(f"{out}: the output exists and is not a folder")
     ckpt = load_checkpoint(cfg.model.checkpoint)
     legend = {int(c["id"]): c["name"] for c in ckpt.classes}
     if "classes" in cfg.model_fields_set and cfg.class_names() != legend:
@@ -319,6 +328,12 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     empty_inputs: dict[str, str] = {}
     scenes, failed_scenes = catalog(expand_inputs(cfg.inputs, cfg.stac_asset, empty_inputs), len(ckpt.bands))
     failed_scenes = {**empty_inputs, **failed_scenes}
+    coverage = {s.path: data_coverage(s.path) for s in scenes}
+    for path, cov in coverage.items():
+        if cov is not None and not cov.present.any():
+            failed_scenes[path] = "all pixels are nodata (the file stores no data block)"
+            log.error("skipping scene %s: %s", path, failed_scenes[path])
+    scenes = [s for s in scenes if s.path not in failed_scenes]
     if not scenes:
         raise RunError(
             "no usable input scene: " + "; ".join(f"{p}: {r}" for p, r in failed_scenes.items())
@@ -329,6 +344,7 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     scenes = [replace(s, acquired=dates.get(s.path, s.acquired)) for s in scenes]
     grid = grid_from_scenes(scenes)
     scenes = order_scenes(scenes, cfg.output.mosaic_rule)
+    footprints = footprints_on(grid, scenes, coverage)
     tiling = TilingSettings(cfg.tiling.tile_size, cfg.tiling.overlap, cfg.tiling.blend, cfg.output.block_size)
     return RunPlan(
         cfg,
@@ -341,7 +357,7 @@ def plan_run(cfg: RunConfig) -> RunPlan:
         run_fingerprint(cfg, ckpt.sha256, scenes),
         tiling,
         list(iter_blocks(grid.height, grid.width, cfg.output.block_size)),
-        footprints_on(grid, scenes),
+        footprints,
     )
 
 
@@ -354,16 +370,16 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
     """
     plan = plan_run(cfg)
     created = runstate.ensure_output_folder(plan.out)
-    try:
-        with Lease(plan.out, runstate.new_run_id()) as lease:
+    with Lease(plan.out, runstate.new_run_id()) as lease:
+        try:
             if client is not None:
                 return execute(plan, client, lease)
             with dask_client(cfg.cluster) as own:
                 return execute(plan, own, lease)
-    except Exception:
-        if created and not runstate.committed_blocks(plan.out):
-            shutil.rmtree(plan.out, ignore_errors=True)
-        raise
+        except Exception:
+            if created and not runstate.committed_blocks(plan.out):  # still ours: the lease is held
+                shutil.rmtree(plan.out, ignore_errors=True)
+            raise
 
 
 def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
@@ -442,8 +458,9 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
         polygons_path = write_polygons(client, with_classes, grid, out, legend, cfg.vector)
         t_vec = time.perf_counter() - t1
 
+    quicklook = write_quicklook(mosaic_path, out / QUICKLOOK_NAME)
     lease.check()
-    result = RunResult(out, mosaic_path, polygons_path, out / MANIFEST_NAME, failed_scenes, failed_blocks)
+    result = RunResult(out, mosaic_path, polygons_path, out / MANIFEST_NAME, failed_scenes, failed_blocks, quicklook)
     manifest = {
         "status": runstate.INCOMPLETE if failed_blocks else runstate.FINISHED,
         "run_id": lease.run_id,
@@ -477,14 +494,19 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
             "vectorize_s": round(t_vec, 3),
             "total_s": round(time.perf_counter() - t0, 3),
         },
-        "outputs": {"mosaic": str(mosaic_path), "polygons": str(polygons_path) if polygons_path else None},
+        "outputs": {
+            "mosaic": str(mosaic_path),
+            "polygons": str(polygons_path) if polygons_path else None,
+            "quicklook": str(quicklook),
+        },
     }
     runstate.write_manifest(out, manifest)
     return result
 
 
 def has_classes(record: dict[str, Any] | None) -> bool:
-    """Whether a block's record says it holds a class (not only nodata); unknown: assume it does."""
+    """Whether a block's record says it holds a class (not only nodata). No record: a block
+    without data, or a failed one; a record without a histogram: assume it does."""
     if record is None or record.get("status") != "done":
         return False
     histogram = record.get("histogram")
@@ -625,7 +647,7 @@ def segment_blocks(
 
     def submit_step2(b: Block) -> Future:
         return client.submit(
-            finish_task, b, [step1[n.key] for n in reach[b.key]], n_classes, str(out),
+            finish_task, b, [step1[n.key] for n in reach[b.key]], n_classes, str(out), lease.run_id,
             key=f"finish-{tag}-{b.key}", pure=False, priority=-2 * order[last_reaching[b.key].key] - 1,
         )  # fmt: skip
 

@@ -332,7 +332,7 @@ def write_patch_scene(path, scene, size: int, patch: tuple[int, int, int], spars
 def test_blocks_without_data_cost_no_pass_and_leave_no_votes(tmp_path, random_checkpoint, scene_1000x700, client2):
     """A sparse file's absent blocks are left out before any task; all-nodata blocks of a dense
     file compute no tile and save no votes. Both give the mosaic of the same pixels."""
-    from pipelines.segment_scenes import footprints_on, plan_run, predict_task
+    from pipelines.segment_scenes import plan_run, predict_task
 
     patch = (1100, 700, 300)
     outs = {}
@@ -367,4 +367,27 @@ def test_blocks_without_data_cost_no_pass_and_leave_no_votes(tmp_path, random_ch
     assert record["status"] == "done" and record["tiles"] == 0
     folder = tmp_path / "probe" / ".geoseg" / "partials" / far.key
     assert [p.name for p in folder.iterdir()] == ["record.json"]
-    assert footprints_on(plan.grid, plan.scenes)[0].coverage is None  # dense: every file block is there
+    assert plan.footprints[0].coverage is None  # dense: every file block is there
+    assert plan_run(run_config(random_checkpoint, [sparse_file], tmp_path / "p2")).footprints[0].coverage is not None
+
+
+def test_a_sparse_file_with_no_data_block_is_a_named_error_and_a_mask_band_keeps_every_block(
+    tmp_path, random_checkpoint
+):
+    from geoseg.scenes import data_coverage
+
+    profile = dict(
+        driver="GTiff", width=1024, height=1024, count=4, dtype="uint16", nodata=0, crs="EPSG:32633", tiled=True,
+        blockxsize=256, blockysize=256, transform=from_origin(500_000, 5_200_000, 10, 10), sparse_ok=True,
+    )  # fmt: skip
+    nothing = tmp_path / "nothing.tif"
+    with rasterio.open(nothing, "w", **profile):
+        pass
+    with pytest.raises(RunError, match=r"nothing.tif: all pixels are nodata \(the file stores no data block\)"):
+        run(run_config(random_checkpoint, [nothing], tmp_path / "out"))
+    # with a mask band, validity comes from the mask: absent blocks are not known to be invalid
+    masked = tmp_path / "masked.tif"
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(masked, "w", **profile) as dst:
+        dst.write(np.full((4, 256, 256), 7, np.uint16), window=rasterio.windows.Window(0, 0, 256, 256))
+        dst.write_mask(np.full((1024, 1024), 255, np.uint8))
+    assert data_coverage(nothing) is not None and data_coverage(masked) is None

@@ -48,7 +48,7 @@ def test_a_lease_left_by_a_process_that_is_gone_is_taken_over_at_once(tmp_path):
 def test_a_holder_on_another_host_is_alive_until_its_heartbeat_is_older_than_the_ttl(tmp_path):
     with Lease(tmp_path, "probe"):
         me = read_lease(tmp_path)
-    other = replace(me, run_id="remote", host="another-node", pid=1, heartbeat=time.time() - 5)
+    other = replace(me, run_id="remote", host="another-node", node="another-node:1", pid=1, heartbeat=time.time() - 5)
     write_holder(tmp_path, other)
     with pytest.raises(RunError, match="another-node"):
         Lease(tmp_path, "mine").acquire()
@@ -101,3 +101,31 @@ def test_an_output_that_is_a_file_or_cannot_be_written_is_one_line(tmp_path):
     with pytest.raises(RunError, match="cannot write the output folder") as err:
         runstate.ensure_output_folder(UNWRITABLE)
     assert "\n" not in str(err.value)
+
+
+def test_a_run_refused_on_a_new_folder_leaves_the_holders_files_alone(tmp_path, random_checkpoint, scene_1000x700):
+    """Two runs start on a new OUT: the one that loses the lease must not remove what the holder wrote."""
+    from conftest import run_config
+
+    from pipelines.segment_scenes import run
+
+    out = tmp_path / "new"
+    with Lease(out, "holder"):
+        (out / "holders-file").write_text("x")
+        with pytest.raises(RunError, match="is in use"):
+            run(run_config(random_checkpoint, [scene_1000x700[0]], out))
+        assert (out / "holders-file").exists() and read_lease(out).run_id == "holder"
+
+
+def test_a_lease_moved_aside_by_a_late_taker_is_put_back(tmp_path):
+    """A taker that judged an old holder gone, but finds a fresh lease in its place when it moves
+    it aside, puts that lease back and does not take over."""
+    with Lease(tmp_path, "probe"):
+        me = read_lease(tmp_path)
+    stale = replace(me, run_id="stale", pid=2**22 + 7)
+    fresh = Lease(tmp_path, "fresh")
+    fresh.acquire()
+    late = Lease(tmp_path, "late")
+    assert not late._move_aside(stale) or read_lease(tmp_path).run_id == "fresh"
+    assert read_lease(tmp_path).run_id == "fresh"
+    fresh.release()

@@ -57,7 +57,9 @@ class Checkpoint:
         try:
             model.load_state_dict(self.state_dict)
         except RuntimeError as exc:
-            raise CheckpointError(f"{self.path}: weights do not fit architecture {self.arch!r}: {exc}") from None
+            reason = str(exc).strip().splitlines()
+            detail = next((line.strip() for line in reason[1:] if line.strip()), reason[0] if reason else "")
+            raise CheckpointError(f"{self.path}: weights do not fit architecture {self.arch!r}: {detail}") from None
         return model.eval()
 
 
