@@ -177,7 +177,7 @@ def main() -> None:
                 result = run(cfg, client)
                 times["pipeline"].append(time.perf_counter() - start)
             splits.append(task_seconds(stream.data))
-            manifest = json.loads(result.manifest.read_text())
+            manifest = json.loads(Path(result.manifest).read_text())
             n_tiles = manifest["summary"]["tiles"]
             forward.append(manifest["timings"]["forward_s"])
             times["workers"].append(model_bound_in_workers(client, ckpt_path, n_tiles, args.tile, args.batch, threads))

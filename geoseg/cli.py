@@ -113,7 +113,7 @@ def synth(
 def run(
     config: Annotated[Path, typer.Argument(help="Run config (YAML)")],
     input: Annotated[Optional[list[str]], typer.Option("--input", "-i", help="Scene path, directory or glob")] = None,  # noqa: UP045, A002
-    out: Annotated[Optional[Path], typer.Option(help="Output directory")] = None,  # noqa: UP045
+    out: Annotated[Optional[str], typer.Option(help="Output folder or URL prefix (s3://, gs://, az://)")] = None,  # noqa: UP045
     overwrite: Annotated[bool, typer.Option(help="Replace a previous run's outputs in OUT")] = False,
     set_: SetOption = None,
 ) -> None:
@@ -213,7 +213,7 @@ def _log_accuracy(mosaic_path: Path, labels: Path) -> None:
 
 @app.command()
 def export(
-    out: Annotated[Path, typer.Argument(help="Output directory of a finished `geoseg run`")],
+    out: Annotated[str, typer.Argument(help="Output folder or URL of a finished `geoseg run`")],
     formats: Annotated[str, typer.Option(help="Polygon formats, comma-separated: gpkg,parquet,fgb")] = "gpkg",
     set_: SetOption = None,
 ) -> None:
@@ -230,35 +230,36 @@ def export(
 
 @app.command()
 def vectorize(
-    out: Annotated[Path, typer.Argument(help="Output directory of a finished `geoseg run`")],
+    out: Annotated[str, typer.Argument(help="Output folder or URL of a finished `geoseg run`")],
     set_: SetOption = None,
 ) -> None:
     """Polygonize a finished run's mosaic again (e.g. with another vector.mmu_pixels) into OUT/polygons.gpkg."""
-    from geoseg import runstate
+    from geoseg import runstate, storage
     from geoseg.cluster import dask_client
     from geoseg.mosaic import read_grid, read_legend
     from geoseg.tiling import iter_blocks
     from pipelines.export_layers import blocks_with_classes, run_config_of
     from pipelines.segment_scenes import MOSAIC_NAME, write_polygons
 
-    out = out.resolve()
     with _user_errors():
+        out = storage.absolute(out)
         cfg = run_config_of(out, list(set_ or []))
         with runstate.Lease(out, runstate.new_run_id()):
             manifest = runstate.read_finished_manifest(out)  # again, now that no run can change it
-            grid = read_grid(out / MOSAIC_NAME)
+            store = storage.join(out, MOSAIC_NAME)
+            grid = read_grid(store)
             size = cfg.output.block_size
             blocks = blocks_with_classes(manifest, size, list(iter_blocks(grid.height, grid.width, size)))
             with dask_client(cfg.cluster) as client:
-                path = write_polygons(client, blocks, grid, out, read_legend(out / MOSAIC_NAME), cfg.vector)
+                path = write_polygons(client, blocks, grid, out, read_legend(store), cfg.vector)
     log.info("polygons:  %s", path)
 
 
 @app.command()
 def change(
-    run_a: Annotated[Optional[Path], typer.Argument(help="Finished run of the first date")] = None,  # noqa: UP045
-    run_b: Annotated[Optional[Path], typer.Argument(help="Finished run of the second date")] = None,  # noqa: UP045
-    out: Annotated[Path, typer.Option(help="Output directory")] = Path("change_out"),
+    run_a: Annotated[Optional[str], typer.Argument(help="Finished run of the first date")] = None,  # noqa: UP045
+    run_b: Annotated[Optional[str], typer.Argument(help="Finished run of the second date")] = None,  # noqa: UP045
+    out: Annotated[str, typer.Option(help="Output folder or URL prefix")] = "change_out",
     config: Annotated[Optional[Path], typer.Option(help="YAML with change settings (and date_a/date_b scenes)")] = None,  # noqa: UP045
     set_: SetOption = None,
 ) -> None:

@@ -13,9 +13,8 @@ from xml.sax.saxutils import escape
 import numpy as np
 import rasterio
 import rasterio.shutil
-import zarr
 
-from geoseg import mosaic
+from geoseg import mosaic, storage
 from geoseg.blending import NODATA
 from geoseg.grid import OutputGrid
 from geoseg.tiling import iter_blocks
@@ -26,13 +25,13 @@ def hex_to_rgb(color: str) -> tuple[int, int, int]:
 
 
 def write_cog(
-    mosaic_path: Path, path: Path, legend: dict[int, str], colors: dict[int, str], block_size: int = 2048
-) -> Path:
-    """The class mosaic as a Cloud-Optimized GeoTIFF: tiled, deflate, mode overviews, colour table, class names."""
+    mosaic_path: str, path: str, legend: dict[int, str], colors: dict[int, str], block_size: int = 2048
+) -> str:
+    """The class mosaic as a Cloud-Optimized GeoTIFF: tiled, deflate, mode overviews, colour table,
+    class names; built in a local temporary folder and moved (or uploaded) to ``path`` whole."""
     grid = mosaic.read_grid(mosaic_path)
-    classes = zarr.open_array(str(Path(mosaic_path) / mosaic.CLASSES), mode="r")
-    path = Path(path)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+    classes = mosaic.open_array(mosaic_path)
+    with tempfile.TemporaryDirectory(prefix="geoseg-cog-") as tmp, storage.staged(str(path)) as target:
         staging = Path(tmp) / "classes.tif"
         profile = {
             "driver": "GTiff",
@@ -62,7 +61,7 @@ def write_cog(
             )
         rasterio.shutil.copy(
             staging,
-            path,
+            target,
             driver="COG",
             compress="DEFLATE",
             overview_resampling="MODE",
@@ -70,7 +69,7 @@ def write_cog(
             blocksize=512,
             BIGTIFF="IF_SAFER",
         )
-    return path
+    return str(path)
 
 
 def raster_qml(legend: dict[int, str], colors: dict[int, str]) -> str:
@@ -153,10 +152,10 @@ def vector_sld(legend: dict[int, str], colors: dict[int, str], layer: str = "lan
 """
 
 
-def class_histogram(mosaic_path: Path, block_size: int = 2048) -> np.ndarray:
+def class_histogram(mosaic_path: str, block_size: int = 2048) -> np.ndarray:
     """Pixel count per class value (256 bins), read block by block."""
     grid = mosaic.read_grid(mosaic_path)
-    classes = zarr.open_array(str(Path(mosaic_path) / mosaic.CLASSES), mode="r")
+    classes = mosaic.open_array(mosaic_path)
     counts = np.zeros(256, dtype=np.int64)
     for b in iter_blocks(grid.height, grid.width, block_size):
         counts += np.bincount(classes[b.rows.start : b.rows.stop, b.cols.start : b.cols.stop].ravel(), minlength=256)

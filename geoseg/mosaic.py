@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from geoseg import storage
 from geoseg.blending import NODATA
 from geoseg.grid import OutputGrid
 from geoseg.tiling import Block
@@ -48,7 +49,8 @@ def create_store(
         **(attrs or {}),
     }
     # Attributes go in at creation: each later update rewrites the array's zarr.json.
-    group = zarr.open_group(str(path), mode="w", zarr_format=3, attributes={"geoseg": geoseg_attrs})
+    store = storage.zarr_store(str(path))
+    group = zarr.open_group(store, mode="w", zarr_format=3, attributes={"geoseg": geoseg_attrs})
     chunks = (min(block_size, grid.height), min(block_size, grid.width))
     for layer in layers:
         group.create_array(
@@ -80,7 +82,7 @@ def create_store(
     group.create_array("spatial_ref", data=np.array(0, dtype="int64"), dimension_names=(), attributes=spatial_ref)
     with warnings.catch_warnings():  # consolidated metadata is not in the v3 spec yet; xarray reads it
         warnings.simplefilter("ignore")
-        zarr.consolidate_metadata(str(path))
+        zarr.consolidate_metadata(store)
 
 
 def class_attrs(legend: dict[int, str], long_name: str) -> dict[str, Any]:
@@ -122,8 +124,9 @@ def write_region(path: Path, block: Block, arrays: dict[str, np.ndarray]) -> Non
     twice as long as compressing it (benchmarks/README.md).
     """
     region = (slice(block.rows.start, block.rows.stop), slice(block.cols.start, block.cols.stop))
+    store = storage.zarr_store(str(path))
     with zarr.config.set({"array.write_empty_chunks": True}):  # read when an array is opened
-        stored = {name: zarr.open_array(str(Path(path) / name), mode="r+") for name in arrays}
+        stored = {name: zarr.open_array(store, path=name, mode="r+") for name in arrays}
     for name, data in arrays.items():
         stored[name][region] = data
 
@@ -132,21 +135,31 @@ def write_block(path: Path, block: Block, classes: np.ndarray, confidence: np.nd
     write_region(path, block, {CLASSES: classes, CONFIDENCE: confidence})
 
 
-def read_region(path: Path, rows: slice, cols: slice, name: str = CLASSES) -> np.ndarray:
-    return zarr.open_array(str(Path(path) / name), mode="r")[rows, cols]
+def open_array(path: str | Path, name: str = CLASSES) -> zarr.Array:
+    """One array of a store, read-only."""
+    return zarr.open_array(storage.zarr_store(str(path), read_only=True), path=name, mode="r")
+
+
+def read_region(path: str | Path, rows: slice, cols: slice, name: str = CLASSES) -> np.ndarray:
+    return open_array(path, name)[rows, cols]
+
+
+def read_attrs(path: str | Path) -> dict[str, Any]:
+    """geoseg's attributes of a store (georeference, legend, fingerprint)."""
+    return zarr.open_group(storage.zarr_store(str(path), read_only=True), mode="r").attrs["geoseg"]
 
 
 def read_grid(path: Path) -> OutputGrid:
     """The georeference stored with a mosaic."""
-    meta = zarr.open_group(str(path), mode="r").attrs["geoseg"]
+    meta = read_attrs(path)
     return OutputGrid(meta["crs_wkt"], tuple(meta["transform"]), meta["width"], meta["height"])
 
 
 def read_legend(path: Path) -> dict[int, str]:
-    meta = zarr.open_group(str(path), mode="r").attrs["geoseg"]
+    meta = read_attrs(path)
     return {int(k): v for k, v in meta["classes"].items()}
 
 
 def read_colors(path: Path) -> dict[int, str]:
-    meta = zarr.open_group(str(path), mode="r").attrs["geoseg"]
+    meta = read_attrs(path)
     return {int(k): v for k, v in meta.get("colors", {}).items()}

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 
-from geoseg import mosaic
+from geoseg import mosaic, storage
 from geoseg.blending import NODATA
 
 
-def downsample_classes(path: Path, max_size: int) -> np.ndarray:
+def downsample_classes(path: str | Path, max_size: int) -> np.ndarray:
     """Every k-th pixel of the class mosaic so the longer side is at most ``max_size``."""
-    import zarr
-
-    arr = zarr.open_array(str(Path(path) / mosaic.CLASSES), mode="r")
+    arr = mosaic.open_array(path)
     step = max(1, int(np.ceil(max(arr.shape) / max_size)))
     return arr[::step, ::step]
 
@@ -28,7 +27,7 @@ def colorize(classes: np.ndarray, colors: dict[int, str]) -> np.ndarray:
     return lut[classes]
 
 
-def write_quicklook(mosaic_path: Path, png_path: Path, max_size: int = 1024) -> Path:
+def write_quicklook(mosaic_path: str | Path, png_path: str | Path, max_size: int = 1024) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,7 +42,7 @@ def write_quicklook(mosaic_path: Path, png_path: Path, max_size: int = 1024) -> 
     fig, ax = plt.subplots(figsize=(9, 7), dpi=120)
     ax.imshow(colorize(classes, colors), interpolation="nearest")
     ax.set_axis_off()
-    ax.set_title(f"{Path(mosaic_path).parent.name}: land cover")
+    ax.set_title(f"{storage.name(storage.parent(str(mosaic_path)))}: land cover")
     handles = [
         Patch(
             facecolor=colors.get(k, "#808080"),
@@ -55,7 +54,8 @@ def write_quicklook(mosaic_path: Path, png_path: Path, max_size: int = 1024) -> 
     ]
     ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, title="class")
     fig.tight_layout()
-    png_path = Path(png_path)
-    fig.savefig(png_path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
-    return png_path
+    storage.write_bytes(str(png_path), buffer.getvalue())
+    return str(png_path)

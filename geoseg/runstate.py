@@ -7,10 +7,11 @@ committed, and whether it finished.
     OUT/.geoseg/partials/          step-1 results for the neighbours (:mod:`geoseg.partials`)
     OUT/manifest.json              ``status``: "running" from the start, "finished" or "incomplete" at the end
 
-Every file here is written whole under a temporary name and then moved into place, so a reader
-sees an old or a new version, never half of one. The lease needs no file lock (object stores
-have none): it is created only if absent, refreshed by a heartbeat, and a holder that stops
-beating (or whose process is gone, on the same host) may be replaced.
+OUT is a local folder or a URL prefix (:mod:`geoseg.storage`). Every file here is written whole
+(under a temporary name moved into place, or as one object), so a reader sees an old or a new
+version, never half of one. The lease needs no file lock (object stores have none): it is
+created only if absent (a link, or a conditional PUT), refreshed by a heartbeat, and a holder
+that stops beating (or whose process is gone, on the same host) may be replaced.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import socket
 import threading
 import time
@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
+from geoseg import storage
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +61,9 @@ def one_line(message: str, limit: int = 300) -> str:
     return first if len(first) <= limit else first[: limit - 3] + "..."
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """``text`` into ``path`` under a temporary name, then moved into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def state(out: str, *parts: str) -> str:
+    """A location under OUT's state folder."""
+    return storage.join(out, STATE_DIR, *parts)
 
 
 def fingerprint(relevant: dict[str, Any]) -> str:
@@ -77,16 +77,18 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def ensure_output_folder(out: Path) -> bool:
+def ensure_output_folder(out: str) -> bool:
     """Create ``out`` if needed and check that it can be written; returns whether it was created."""
-    if out.exists() and not out.is_dir():
+    if not storage.is_url(out) and Path(out).exists() and not Path(out).is_dir():
         raise RunError(f"{out}: the output exists and is not a folder")
-    created = not out.exists()
     try:
-        (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
-        probe = out / STATE_DIR / f".write-test-{uuid.uuid4().hex[:8]}"
-        probe.write_text("")
-        probe.unlink()
+        created = not storage.is_dir(out)
+        storage.make_dirs(state(out))
+        probe = state(out, f".write-test-{uuid.uuid4().hex[:8]}")
+        storage.write_bytes(probe, b"")
+        storage.delete(probe)
+    except storage.StorageError as exc:
+        raise RunError(f"cannot write the output folder: {exc}") from None
     except OSError as exc:
         raise RunError(f"{out}: cannot write the output folder ({exc.strerror or exc})") from None
     return created
@@ -140,9 +142,9 @@ class Lease:
     (:func:`holds_lease`), so this run writes nothing more.
     """
 
-    def __init__(self, out: Path, run_id: str, heartbeat_s: float = HEARTBEAT_S) -> None:
-        self.out, self.run_id, self.heartbeat_s = out, run_id, heartbeat_s
-        self.path = out / STATE_DIR / LEASE_NAME
+    def __init__(self, out: str | Path, run_id: str, heartbeat_s: float = HEARTBEAT_S) -> None:
+        self.out, self.run_id, self.heartbeat_s = str(out), run_id, heartbeat_s
+        self.path = state(self.out, LEASE_NAME)
         proc = psutil.Process()
         self._me = LeaseHolder(
             run_id,
@@ -166,7 +168,7 @@ class Lease:
         self.release()
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        storage.make_dirs(state(self.out))
         for _ in range(5):
             if self._create():
                 break
@@ -194,53 +196,43 @@ class Lease:
         if self._thread is not None:
             self._thread.join()
         if holds_lease(self.out, self.run_id):
-            self.path.unlink(missing_ok=True)
+            storage.delete(self.path)
 
     def _payload(self) -> str:
         return json.dumps(asdict(replace(self._me, heartbeat=time.time())))
 
     def _create(self) -> bool:
-        """Create the lease only if there is none: written whole, then linked into place (a link
-        fails where the name exists, so two runs cannot both create it). Where links are not
-        supported (some FUSE mounts), an exclusive create, which readers may see half written."""
-        tmp = self.path.with_name(f".{LEASE_NAME}.tmp-{uuid.uuid4().hex[:8]}")
-        tmp.write_text(self._payload())
-        try:
-            os.link(tmp, self.path)
-            return True
-        except FileExistsError:
-            return False
-        except OSError:
-            try:
-                with open(self.path, "x") as f:
-                    f.write(self._payload())
-                return True
-            except FileExistsError:
-                return False
-        finally:
-            tmp.unlink(missing_ok=True)
+        """Create the lease only if there is none (:func:`geoseg.storage.create`: two runs
+        cannot both create it)."""
+        return storage.create(self.path, self._payload().encode())
 
     def _read_settled(self) -> LeaseHolder | None:
         """The lease's holder; a lease that cannot be read may be being written: look again."""
         for _ in range(10):
             holder = read_lease(self.out)
-            if holder is not None or not self.path.exists():
+            if holder is not None or not storage.exists(self.path):
                 return holder
             time.sleep(0.1)
         return None
 
     def _move_aside(self, stale: LeaseHolder | None) -> bool:
-        """Rename the lease judged gone out of the way; put it back if what moved was not it (a
-        taker that came first linked a fresh one meanwhile)."""
-        aside = self.path.with_name(f".{LEASE_NAME}.gone-{uuid.uuid4().hex[:8]}")
+        """Take the lease judged gone out of the way. Locally a rename (of two takers only one
+        can move it), put back if what moved was not it (a taker that came first linked a fresh
+        one meanwhile). An object store has no rename: the object is deleted, and a second
+        taker deleting the first one's fresh lease is caught by the heartbeat (see the class)."""
+        if storage.is_url(self.path):
+            storage.delete(self.path)
+            return True
+        path = Path(self.path)
+        aside = path.with_name(f".{LEASE_NAME}.gone-{uuid.uuid4().hex[:8]}")
         try:
-            os.rename(self.path, aside)
+            os.rename(path, aside)
         except FileNotFoundError:  # another taker moved it first
             return False
-        moved = read_lease_file(aside)
+        moved = read_lease_file(str(aside))
         if stale is not None and moved is not None and moved.run_id != stale.run_id:
             with contextlib.suppress(OSError):
-                os.link(aside, self.path)
+                os.link(aside, path)
         aside.unlink(missing_ok=True)
         return True
 
@@ -253,7 +245,7 @@ class Lease:
                     self.lost_reason = f"another run took the output folder over ({current.describe()})"
                     log.error("%s: %s", self.out, self.lost_reason)
                     return
-                write_atomic(self.path, self._payload())
+                storage.write_text(self.path, self._payload())
                 failing_since = None
             except OSError as exc:  # a passing storage error; a lasting one loses the lease
                 failing_since = failing_since or time.time()
@@ -263,66 +255,63 @@ class Lease:
                     return
 
 
-def read_lease_file(path: Path) -> LeaseHolder | None:
+def read_lease_file(loc: str) -> LeaseHolder | None:
     try:
-        return LeaseHolder(**json.loads(path.read_text()))
+        return LeaseHolder(**json.loads(storage.read_text(loc)))
     except (OSError, ValueError, TypeError):
         return None
 
 
-def holds_lease(out: Path, run_id: str) -> bool:
+def holds_lease(out: str, run_id: str) -> bool:
     """Whether run ``run_id`` holds OUT's lease: a block task asks before it commits anything."""
     holder = read_lease(out)
     return holder is not None and holder.run_id == run_id
 
 
-def read_lease(out: Path) -> LeaseHolder | None:
+def read_lease(out: str | Path) -> LeaseHolder | None:
     """The holder of OUT's lease, or None if there is none (or it cannot be read)."""
-    return read_lease_file(out / STATE_DIR / LEASE_NAME)
+    return read_lease_file(state(str(out), LEASE_NAME))
 
 
-def prepare_output(out: Path, run_fingerprint: str, overwrite: bool, store: str) -> dict[str, dict[str, Any]]:
+def prepare_output(out: str, run_fingerprint: str, overwrite: bool, store: str) -> dict[str, dict[str, Any]]:
     """Check a previous run in ``out`` (held by this run's lease); return the blocks it committed.
 
     Another fingerprint is refused unless ``overwrite``; then, or when the store is missing,
     the old markers and partial results are removed and the run starts afresh.
     """
-    state = out / STATE_DIR
-    stamp = state / "fingerprint"
-    blocks_dir = state / "blocks"
-    if stamp.exists() and not overwrite:
-        previous = stamp.read_text().strip()
+    stamp = state(out, "fingerprint")
+    if storage.exists(stamp) and not overwrite:
+        previous = storage.read_text(stamp).strip()
         if previous != run_fingerprint:
             raise RunError(
                 f"{out} holds a run with another model, tiling, block size or inputs "
                 f"({previous} != {run_fingerprint}); use --overwrite or another --out"
             )
-        if (out / store).exists():
+        if storage.exists(storage.join(out, store, "zarr.json")):
             return committed_blocks(out)
-    for p in blocks_dir.glob("*.json"):
-        p.unlink()
-    shutil.rmtree(state / "partials", ignore_errors=True)
-    blocks_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(stamp, run_fingerprint)
+    storage.delete_tree(state(out, "blocks"))
+    storage.delete_tree(state(out, "partials"))
+    storage.write_text(stamp, run_fingerprint)
     return {}
 
 
-def commit_block(out: Path, key: str, record: dict[str, Any]) -> None:
-    """A block's marker: written after its region, so a marker means the region is complete."""
-    write_atomic(out / STATE_DIR / "blocks" / f"{key}.json", json.dumps(record))
+def commit_block(out: str, key: str, record: dict[str, Any]) -> None:
+    """A block's marker: written (whole) after its region, so a marker means the region is complete."""
+    storage.write_text(state(out, "blocks", f"{key}.json"), json.dumps(record))
 
 
-def committed_blocks(out: Path) -> dict[str, dict[str, Any]]:
-    return {p.stem: json.loads(p.read_text()) for p in sorted((out / STATE_DIR / "blocks").glob("*.json"))}
+def committed_blocks(out: str) -> dict[str, dict[str, Any]]:
+    markers = [loc for loc in storage.list_files(state(out, "blocks")) if loc.endswith(".json")]
+    return {storage.name(loc)[: -len(".json")]: json.loads(storage.read_text(loc)) for loc in markers}
 
 
-def write_manifest(out: Path, manifest: dict[str, Any]) -> Path:
-    path = out / MANIFEST_NAME
-    write_atomic(path, json.dumps(manifest, indent=2))
-    return path
+def write_manifest(out: str, manifest: dict[str, Any]) -> str:
+    loc = storage.join(out, MANIFEST_NAME)
+    storage.write_text(loc, json.dumps(manifest, indent=2))
+    return loc
 
 
-def mark_running(out: Path, run_id: str, run_fingerprint: str, n_blocks: int) -> None:
+def mark_running(out: str, run_id: str, run_fingerprint: str, n_blocks: int) -> None:
     """Replace any earlier manifest at once: an old one must never speak for this run."""
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     write_manifest(
@@ -337,24 +326,27 @@ def mark_running(out: Path, run_id: str, run_fingerprint: str, n_blocks: int) ->
     )
 
 
-def read_finished_manifest(out: Path) -> dict[str, Any]:
+def read_finished_manifest(out: str | Path) -> dict[str, Any]:
     """The manifest of a finished run in ``out``; anything else is a :class:`RunError` saying what is missing."""
-    path = out / MANIFEST_NAME
-    if not path.is_file():
-        raise RunError(f"{out}: not a geoseg run (no {MANIFEST_NAME})")
+    out = str(out)
+    loc = storage.join(out, MANIFEST_NAME)
     try:
-        manifest = json.loads(path.read_text())
+        text = storage.read_text(loc)
+    except OSError:
+        raise RunError(f"{out}: not a geoseg run (no {MANIFEST_NAME})") from None
+    try:
+        manifest = json.loads(text)
     except ValueError as exc:
-        raise RunError(f"{path}: unreadable manifest ({exc})") from None
+        raise RunError(f"{loc}: unreadable manifest ({exc})") from None
     status = manifest.get("status")
     if status == FINISHED:
         return manifest
     total = manifest.get("summary", {}).get("blocks", "?")
-    committed = len(list((out / STATE_DIR / "blocks").glob("*.json")))
     if status == RUNNING:
         holder = read_lease(out)
         if holder is not None and holder.alive():
             raise RunError(f"{out}: a run is still writing it ({holder.describe()}); wait for it to finish")
+        committed = len(storage.list_files(state(out, "blocks")))
         raise RunError(
             f"{out}: the run did not finish ({committed} of {total} blocks committed); "
             "run the same command again to resume it"

@@ -15,6 +15,8 @@ from rasterio.transform import Affine
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
+from geoseg import storage
+
 SUPPORTED_DTYPES = frozenset({"uint8", "uint16", "int16", "uint32", "int32", "float32", "float64"})
 
 
@@ -78,14 +80,21 @@ class SceneInfo(RasterGrid):
 
 
 def open_scene(path: str | Path, expected_bands: int | None = None) -> SceneInfo:
-    """Read and check a scene's header; raise :class:`SceneError` naming the file and the problem."""
-    path = Path(path)
-    if not path.is_file():
+    """Read and check a scene's header (a local file or a URL); raise :class:`SceneError` naming
+    the file and the problem."""
+    path = str(path)
+    if storage.is_url(path):
+        try:
+            if not storage.exists(path):
+                raise SceneError(path, "no such object")
+        except storage.StorageError as exc:
+            raise SceneError(path, exc.reason) from None
+    elif not Path(path).is_file():
         raise SceneError(path, "file not found")
     try:
-        src = rasterio.open(path)
+        src = rasterio.open(storage.gdal_path(path))
     except Exception as exc:
-        raise SceneError(path, f"not a readable raster ({_gdal_message(exc)})") from None
+        raise SceneError(path, f"not a readable raster ({storage.redact(_gdal_message(exc))})") from None
     with src:
         info = SceneInfo(
             path=str(path),
@@ -103,7 +112,8 @@ def open_scene(path: str | Path, expected_bands: int | None = None) -> SceneInfo
         try:
             src.read(1, window=Window(src.width - 1, src.height - 1, 1, 1))
         except Exception as exc:
-            raise SceneError(path, f"cannot read pixel data, truncated or corrupt ({_gdal_message(exc)})") from None
+            reason = storage.redact(_gdal_message(exc))
+            raise SceneError(path, f"cannot read pixel data, truncated or corrupt ({reason})") from None
     if not info.crs_wkt:
         raise SceneError(path, "has no CRS; georeference it first (e.g. gdal_edit.py -a_srs)")
     if info.affine.is_identity:
@@ -135,7 +145,7 @@ def data_coverage(path: str | Path, max_blocks: int = 4_000_000) -> DataCoverage
     """The blocks of a sparse GeoTIFF that hold data, from its block offsets (header only; a
     query costs well under a microsecond). None where every block is there, or where absent
     blocks would not read as nodata (no nodata value) or the file is no GeoTIFF."""
-    with rasterio.open(path) as src:
+    with rasterio.open(storage.gdal_path(path)) as src:
         # Only where validity comes from the nodata value: an absent block under a mask band
         # (internal mask, alpha) reads as nodata values that the mask may still call valid.
         if src.driver != "GTiff" or src.nodata is None or any(f != [MaskFlags.nodata] for f in src.mask_flag_enums):
@@ -192,14 +202,15 @@ def read_window(
     with the open dataset, so rows shared by consecutive windows are decoded once.
     """
     if src is None:
-        with rasterio.open(info.path) as opened:
+        with rasterio.open(storage.gdal_path(info.path)) as opened:
             return read_window(info, crs, transform, window, opened)
     try:
         return _read_window(info, crs, transform, window, src)
     except rasterio.errors.RasterioError as exc:
         rows, cols = window.toranges()
         where = f"rows {rows[0]}..{rows[1]}, cols {cols[0]}..{cols[1]}"
-        raise SceneError(info.path, f"cannot read pixels ({where} of the output grid): {_gdal_message(exc)}") from None
+        reason = storage.redact(_gdal_message(exc))
+        raise SceneError(info.path, f"cannot read pixels ({where} of the output grid): {reason}") from None
 
 
 def _read_window(

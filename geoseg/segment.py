@@ -27,6 +27,7 @@ import rasterio
 from rasterio.io import DatasetReader
 from rasterio.windows import Window
 
+from geoseg import storage
 from geoseg.blending import NODATA, Accumulator, BlendMode, fixed_window, support
 from geoseg.device_blending import DeviceAccumulator
 from geoseg.grid import OutputGrid
@@ -301,7 +302,7 @@ class _BandReader:
             stack = ExitStack()
             with self._lock:
                 self._stacks.append(stack)
-            datasets = {s.path: stack.enter_context(rasterio.open(s.path)) for s in self.scenes}
+            datasets = {s.path: stack.enter_context(rasterio.open(storage.gdal_path(s.path))) for s in self.scenes}
             self._local.datasets = datasets
         return datasets
 

@@ -1,16 +1,22 @@
 """Polygon layers written in batches: GeoPackage and GeoParquet grow as blocks finish.
 
 FlatGeobuf cannot be appended to (its index is built when the file is closed), so it is
-written once at the end from the finished GeoPackage.
+written once at the end from the finished GeoPackage. Where the layer's location is a URL,
+GeoParquet is streamed to the store (a multipart upload), and a GeoPackage is built in a local
+temporary folder and uploaded whole when it is closed.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import geopandas as gpd
 import pyogrio
+
+from geoseg import storage
 
 LAYER = "landcover"
 
@@ -18,19 +24,26 @@ LAYER = "landcover"
 class LayerWriter:
     """Appends GeoDataFrames to one layer file; the format follows the suffix (.gpkg or .parquet)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        if self.path.suffix not in (".gpkg", ".parquet"):
-            raise ValueError(f"{self.path}: batched writing supports .gpkg and .parquet")
-        if self.path.exists():
-            self.path.unlink()
+    def __init__(self, loc: str | Path) -> None:
+        self.loc = str(loc)
+        self.suffix = Path(storage.name(self.loc)).suffix
+        if self.suffix not in (".gpkg", ".parquet"):
+            raise ValueError(f"{self.loc}: batched writing supports .gpkg and .parquet")
+        self._staging: str | None = None
+        if storage.is_url(self.loc):
+            self._staging = tempfile.mkdtemp(prefix="geoseg-layer-")
+            self.path = Path(self._staging) / storage.name(self.loc)
+        else:
+            self.path = Path(self.loc)
+            self.path.unlink(missing_ok=True)
         self.count = 0
         self._parquet = None
+        self._sink = None
 
     def write(self, gdf: gpd.GeoDataFrame) -> None:
         if gdf.empty:
             return
-        if self.path.suffix == ".gpkg":
+        if self.suffix == ".gpkg":
             pyogrio.write_dataframe(gdf, self.path, layer=LAYER, driver="GPKG", append=self.count > 0)
         else:
             self._write_parquet(gdf)
@@ -57,23 +70,29 @@ class LayerWriter:
                 },
             }
             self._schema = table.schema.with_metadata({b"geo": json.dumps(geo).encode()})
-            self._parquet = pq.ParquetWriter(self.path, self._schema)
+            self._sink = storage.open_writer(self.loc)
+            self._parquet = pq.ParquetWriter(self._sink, self._schema)
         self._parquet.write_table(table.cast(self._schema))
 
     def close(self) -> None:
         if self._parquet is not None:
             self._parquet.close()
-            self._parquet = None
-        if self.count == 0 and self.path.suffix == ".gpkg":  # an empty layer still opens in GIS tools
-            pyogrio.write_dataframe(
-                gpd.GeoDataFrame({"class_id": []}, geometry=[], crs=None), self.path, layer=LAYER, driver="GPKG"
-            )
+            self._sink.close()
+            self._parquet = self._sink = None
+        if self.suffix == ".gpkg":
+            if self.count == 0:  # an empty layer still opens in GIS tools
+                pyogrio.write_dataframe(
+                    gpd.GeoDataFrame({"class_id": []}, geometry=[], crs=None), self.path, layer=LAYER, driver="GPKG"
+                )
+            storage.upload(self.path, self.loc)
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
 
 
-def write_flatgeobuf(source: Path, path: Path) -> None:
-    """A FlatGeobuf copy of a finished layer."""
-    path = Path(path)
-    if path.exists():
-        path.unlink()
-    gdf = pyogrio.read_dataframe(source, layer=LAYER)
-    pyogrio.write_dataframe(gdf, path, layer=LAYER, driver="FlatGeobuf")
+def write_flatgeobuf(source: str, loc: str) -> None:
+    """A FlatGeobuf copy of a finished layer (local, or downloaded and uploaded)."""
+    with storage.local_copy(str(source)) as src, storage.staged(str(loc)) as path:
+        path.unlink(missing_ok=True)
+        gdf = pyogrio.read_dataframe(src, layer=LAYER)
+        pyogrio.write_dataframe(gdf, path, layer=LAYER, driver="FlatGeobuf")

@@ -7,11 +7,11 @@ DIR/transitions.{csv,json,png}  the from-to matrix in pixels and km2
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from distributed import Client, as_completed
@@ -19,7 +19,7 @@ from rasterio.enums import Resampling
 from rasterio.transform import Affine
 from rasterio.warp import reproject, transform_bounds
 
-from geoseg import change, mosaic, runstate, vectorize
+from geoseg import change, mosaic, runstate, storage, vectorize
 from geoseg.blending import NODATA
 from geoseg.cluster import dask_client
 from geoseg.config import ChangeConfig, VectorConfig
@@ -37,15 +37,15 @@ ARRAYS = ("from_class", "to_class", "changed", "transition")
 
 @dataclass
 class ChangeResult:
-    store: Path
-    polygons: Path | None
+    store: str
+    polygons: str | None
     matrix: np.ndarray
-    files: dict[str, Path]
+    files: dict[str, str]
     computed: int = 0
     reused: int = 0
 
 
-def read_on_grid(store: Path, target: OutputGrid, rows: Span, cols: Span) -> tuple[np.ndarray, np.ndarray]:
+def read_on_grid(store: str, target: OutputGrid, rows: Span, cols: Span) -> tuple[np.ndarray, np.ndarray]:
     """Classes and confidence of a mosaic for a window of ``target``: sliced if the grids share a lattice,
     else reprojected (nearest). Outside the mosaic: nodata."""
     source = mosaic.read_grid(store)
@@ -99,38 +99,38 @@ def change_task(
     halo = cfg.mmu_pixels if cfg.mmu_pixels > 1 else 0
     rows = Span(max(0, block.rows.start - halo), min(grid.height, block.rows.stop + halo))
     cols = Span(max(0, block.cols.start - halo), min(grid.width, block.cols.stop + halo))
-    a_cls, a_conf = read_on_grid(Path(run_a) / MOSAIC_NAME, grid, rows, cols)
-    b_cls, b_conf = read_on_grid(Path(run_b) / MOSAIC_NAME, grid, rows, cols)
+    a_cls, a_conf = read_on_grid(storage.join(run_a, MOSAIC_NAME), grid, rows, cols)
+    b_cls, b_conf = read_on_grid(storage.join(run_b, MOSAIC_NAME), grid, rows, cols)
     result = change.detect_change(a_cls, b_cls, a_conf, b_conf, n_classes, cfg.min_confidence, cfg.mmu_pixels)
     inner = (
         slice(block.rows.start - rows.start, block.rows.stop - rows.start),
         slice(block.cols.start - cols.start, block.cols.stop - cols.start),
     )
     arrays = {name: getattr(result, name)[inner] for name in ARRAYS}
-    mosaic.write_region(Path(out) / CHANGE_STORE, block, arrays)
+    mosaic.write_region(storage.join(out, CHANGE_STORE), block, arrays)
     matrix = change.transition_matrix(arrays["transition"], n_classes)
     # Written after the region: a block with a marker is complete, a rerun skips it.
-    runstate.commit_block(Path(out), block.key, {"status": "done", "matrix": matrix.tolist()})
+    runstate.commit_block(out, block.key, {"status": "done", "matrix": matrix.tolist()})
     return matrix
 
 
 def change_polygon_task(block: Block, out: str, grid: OutputGrid, vector: VectorConfig) -> vectorize.BlockPolygons:
     rows, cols = slice(block.rows.start, block.rows.stop), slice(block.cols.start, block.cols.stop)
-    store = Path(out) / CHANGE_STORE
+    store = storage.join(out, CHANGE_STORE)
     transition = mosaic.read_region(store, rows, cols, "transition")
     changed = mosaic.read_region(store, rows, cols, "changed")
     codes = np.where(changed == 1, transition, NODATA).astype(np.uint8)
     return vectorize.polygonize_block(codes, block, grid.affine, grid.height, grid.width)
 
 
-def segment_dates(cfg: ChangeConfig, out: Path) -> tuple[Path, Path]:
+def segment_dates(cfg: ChangeConfig, out: str) -> tuple[str, str]:
     """Segment ``date_a`` and ``date_b`` into ``out/date_a`` and ``out/date_b`` with one run config."""
     from geoseg.config import load_config
     from pipelines.segment_scenes import run
 
     runs = []
     for name, scenes in (("date_a", cfg.date_a), ("date_b", cfg.date_b)):
-        run_cfg = load_config(cfg.run_config, [f"inputs={list(scenes)!r}", f"out={str(Path(out) / name)!r}"])
+        run_cfg = load_config(cfg.run_config, [f"inputs={list(scenes)!r}", f"out={storage.join(out, name)!r}"])
         result = run(run_cfg)
         if not result.ok:
             raise RunError(f"segmenting {name} failed: {result.failed_scenes or result.failed_blocks}")
@@ -138,15 +138,12 @@ def segment_dates(cfg: ChangeConfig, out: Path) -> tuple[Path, Path]:
     return runs[0], runs[1]
 
 
-def change_fingerprint(run_a: Path, run_b: Path, cfg: ChangeConfig) -> str:
+def change_fingerprint(run_a: str, run_b: str, cfg: ChangeConfig) -> str:
     """What determines the change pixels: both mosaics (by their own fingerprints) and the settings."""
     import hashlib
 
-    import zarr
-
-    def mosaic_id(run: Path) -> str:
-        meta = zarr.open_group(str(run / MOSAIC_NAME), mode="r").attrs["geoseg"]
-        return meta.get("fingerprint", str(run))
+    def mosaic_id(run: str) -> str:
+        return mosaic.read_attrs(storage.join(run, MOSAIC_NAME)).get("fingerprint", run)
 
     relevant = {
         "a": mosaic_id(run_a),
@@ -156,19 +153,19 @@ def change_fingerprint(run_a: Path, run_b: Path, cfg: ChangeConfig) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def check_overlap(a: OutputGrid, b: OutputGrid, run_a: Path, run_b: Path) -> None:
+def check_overlap(a: OutputGrid, b: OutputGrid, run_a: str, run_b: str) -> None:
     aw, as_, ae, an = a.bounds
     bw, bs, be, bn = transform_bounds(b.crs, a.crs, *b.bounds)
     if bw >= ae or be <= aw or bs >= an or bn <= as_:
         raise RunError(f"{run_a} and {run_b} do not overlap: nothing to compare")
 
 
-def run_change(run_a: Path, run_b: Path, out: Path, cfg: ChangeConfig, client: Client | None = None) -> ChangeResult:
+def run_change(run_a: str, run_b: str, out: str, cfg: ChangeConfig, client: Client | None = None) -> ChangeResult:
     """Change between two finished runs into ``out``, held by this run's lease throughout.
 
     The two runs are not locked (several change jobs may read one run); that each is the same
     finished run at the end as at the start is checked instead."""
-    run_a, run_b, out = Path(run_a).resolve(), Path(run_b).resolve(), Path(out).resolve()
+    run_a, run_b, out = (storage.absolute(loc) for loc in (run_a, run_b, out))
     before = [runstate.read_finished_manifest(r)["run_id"] for r in (run_a, run_b)]
     runstate.ensure_output_folder(out)
     with Lease(out, runstate.new_run_id()):
@@ -183,14 +180,13 @@ def run_change(run_a: Path, run_b: Path, out: Path, cfg: ChangeConfig, client: C
     return result
 
 
-def change_runs(run_a: Path, run_b: Path, out: Path, cfg: ChangeConfig, client: Client) -> ChangeResult:
-    legend = mosaic.read_legend(run_a / MOSAIC_NAME)
-    if mosaic.read_legend(run_b / MOSAIC_NAME) != legend:
-        raise RunError(
-            f"{run_a} and {run_b} use different classes: {legend} vs {mosaic.read_legend(run_b / MOSAIC_NAME)}"
-        )
-    grid = mosaic.read_grid(run_a / MOSAIC_NAME)
-    check_overlap(grid, mosaic.read_grid(run_b / MOSAIC_NAME), run_a, run_b)
+def change_runs(run_a: str, run_b: str, out: str, cfg: ChangeConfig, client: Client) -> ChangeResult:
+    store_a, store_b = storage.join(run_a, MOSAIC_NAME), storage.join(run_b, MOSAIC_NAME)
+    legend = mosaic.read_legend(store_a)
+    if mosaic.read_legend(store_b) != legend:
+        raise RunError(f"{run_a} and {run_b} use different classes: {legend} vs {mosaic.read_legend(store_b)}")
+    grid = mosaic.read_grid(store_a)
+    check_overlap(grid, mosaic.read_grid(store_b), run_a, run_b)
     n = len(legend)
     codes_legend = {f * n + t: f"{legend[f]} -> {legend[t]}" for f in range(n) for t in range(n)}
     layers = [
@@ -199,7 +195,7 @@ def change_runs(run_a: Path, run_b: Path, out: Path, cfg: ChangeConfig, client: 
         mosaic.Layer("changed", "uint8", NODATA, {"long_name": "changed (1) or not (0)", "nodata": NODATA}),
         mosaic.Layer("transition", "uint8", NODATA, {"long_name": f"from_class * {n} + to_class", "nodata": NODATA}),
     ]
-    store = out / CHANGE_STORE
+    store = storage.join(out, CHANGE_STORE)
     fingerprint = change_fingerprint(run_a, run_b, cfg)
     reused = prepare_output(out, fingerprint, cfg.overwrite, CHANGE_STORE)
     if not reused:
@@ -233,7 +229,7 @@ def change_runs(run_a: Path, run_b: Path, out: Path, cfg: ChangeConfig, client: 
     files = write_matrix(matrix, legend, vectorize.pixel_area_m2(grid), out)
     polygons = None
     if cfg.polygons:
-        polygons = out / "change_polygons.gpkg"
+        polygons = storage.join(out, "change_polygons.gpkg")
 
         def with_dates(gdf):
             codes = gdf["class_id"].astype(int)
@@ -259,7 +255,7 @@ def change_runs(run_a: Path, run_b: Path, out: Path, cfg: ChangeConfig, client: 
     return ChangeResult(store, polygons, matrix, files, computed=len(todo), reused=len(blocks) - len(todo))
 
 
-def write_matrix(matrix: np.ndarray, legend: dict[int, str], pixel_m2: float, out: Path) -> dict[str, Path]:
+def write_matrix(matrix: np.ndarray, legend: dict[int, str], pixel_m2: float, out: str) -> dict[str, str]:
     names = [legend[k] for k in sorted(legend)]
     km2 = matrix * pixel_m2 / 1e6
     lines = ["unit,from \\ to," + ",".join(names)]
@@ -267,7 +263,8 @@ def write_matrix(matrix: np.ndarray, legend: dict[int, str], pixel_m2: float, ou
         for name, row in zip(names, m, strict=True):
             cells = ",".join(str(int(v)) if unit == "pixels" else f"{v:.6f}" for v in row)
             lines.append(f"{unit},{name},{cells}")
-    (out / "transitions.csv").write_text("\n".join(lines) + "\n")
+    files = {ext: storage.join(out, f"transitions.{ext}") for ext in ("csv", "json", "png")}
+    storage.write_text(files["csv"], "\n".join(lines) + "\n")
     changed = int(matrix.sum() - np.trace(matrix))
     doc = {
         "classes": names,
@@ -278,12 +275,12 @@ def write_matrix(matrix: np.ndarray, legend: dict[int, str], pixel_m2: float, ou
         "changed_km2": changed * pixel_m2 / 1e6,
         "pixel_area_m2": pixel_m2,
     }
-    (out / "transitions.json").write_text(json.dumps(doc, indent=2))
-    plot_matrix(matrix, names, out / "transitions.png")
-    return {"csv": out / "transitions.csv", "json": out / "transitions.json", "png": out / "transitions.png"}
+    storage.write_text(files["json"], json.dumps(doc, indent=2))
+    plot_matrix(matrix, names, files["png"])
+    return files
 
 
-def plot_matrix(matrix: np.ndarray, names: list[str], path: Path) -> None:
+def plot_matrix(matrix: np.ndarray, names: list[str], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -303,5 +300,7 @@ def plot_matrix(matrix: np.ndarray, names: list[str], path: Path) -> None:
     ax.set_title("land-cover transitions (pixels; diagonal = unchanged)")
     fig.colorbar(im, ax=ax, shrink=0.8, label="pixels")
     fig.tight_layout()
-    fig.savefig(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
+    storage.write_bytes(path, buffer.getvalue())

@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from distributed import Client
 
-from geoseg import export, mosaic, runstate
+from geoseg import export, mosaic, runstate, storage
 from geoseg.cluster import dask_client
 from geoseg.config import RunConfig
 from geoseg.quicklook import write_quicklook
@@ -28,10 +27,10 @@ SUFFIX = {"gpkg": ".gpkg", "parquet": ".parquet", "fgb": ".fgb"}
 
 @dataclass
 class ExportResult:
-    files: dict[str, Path] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
 
 
-def run_config_of(out: Path, overrides: list[str]) -> RunConfig:
+def run_config_of(out: str, overrides: list[str]) -> RunConfig:
     """The config a finished run recorded in its manifest, with ``--set`` overrides applied;
     an unfinished run is a ``RunError`` saying what is missing."""
     from pydantic import ValidationError
@@ -45,9 +44,9 @@ def run_config_of(out: Path, overrides: list[str]) -> RunConfig:
         raise ConfigError(format_validation_error(exc, "--set")) from None
 
 
-def export_run(out: Path, cfg: RunConfig, client: Client | None = None) -> ExportResult:
+def export_run(out: str, cfg: RunConfig, client: Client | None = None) -> ExportResult:
     """Write every layer of a finished run in ``out``, holding its lease (no run may write it meanwhile)."""
-    out = Path(out).resolve()
+    out = storage.absolute(out)
     runstate.read_finished_manifest(out)  # before a lease is taken on what is not a run
     with Lease(out, runstate.new_run_id()):
         manifest = runstate.read_finished_manifest(out)  # again, now that no run can change it
@@ -66,13 +65,16 @@ def blocks_with_classes(manifest: dict, block_size: int, blocks: list[Block]) ->
     return [b for b in blocks if has_classes(records.get(b.key))]
 
 
-def export_layers(out: Path, cfg: RunConfig, client: Client, manifest: dict) -> ExportResult:
-    mosaic_path = out / MOSAIC_NAME
+def export_layers(out: str, cfg: RunConfig, client: Client, manifest: dict) -> ExportResult:
+    def at(name: str) -> str:
+        return storage.join(out, name)
+
+    mosaic_path = at(MOSAIC_NAME)
     grid = mosaic.read_grid(mosaic_path)
     legend = mosaic.read_legend(mosaic_path)
     colors = mosaic.read_colors(mosaic_path) or {k: "#808080" for k in legend}
     result = ExportResult()
-    result.files["cog"] = export.write_cog(mosaic_path, out / "classes.tif", legend, colors)
+    result.files["cog"] = export.write_cog(mosaic_path, at("classes.tif"), legend, colors)
     size = cfg.output.block_size
     blocks = blocks_with_classes(manifest, size, list(iter_blocks(grid.height, grid.width, size)))
     targets: list[tuple[str, str | None]] = [("", None)]
@@ -82,22 +84,26 @@ def export_layers(out: Path, cfg: RunConfig, client: Client, manifest: dict) -> 
     for tag, crs in targets:
         # FlatGeobuf cannot grow: it is converted from the GeoPackage at the end.
         for suffix in {".gpkg"} | {SUFFIX[f] for f in cfg.vector.formats if f == "parquet"}:
-            writers.append((LayerWriter(out / f"polygons{tag}{suffix}"), crs))
+            writers.append((LayerWriter(at(f"polygons{tag}{suffix}")), crs))
     count = stream_polygons(client, blocks, grid, out, legend, writers, cfg.vector)
     for tag, _ in targets:
         if "fgb" in cfg.vector.formats:
-            write_flatgeobuf(out / f"polygons{tag}.gpkg", out / f"polygons{tag}.fgb")
+            write_flatgeobuf(at(f"polygons{tag}.gpkg"), at(f"polygons{tag}.fgb"))
         for fmt in cfg.vector.formats:
-            result.files[f"{fmt}{tag}"] = out / f"polygons{tag}{SUFFIX[fmt]}"
-    (out / "classes.qml").write_text(export.raster_qml(legend, colors))
-    (out / "polygons.qml").write_text(export.vector_qml(legend, colors))
-    (out / "polygons.sld").write_text(export.vector_sld(legend, colors))
-    result.files.update(qml_raster=out / "classes.qml", qml_vector=out / "polygons.qml", sld=out / "polygons.sld")
-    result.files["quicklook"] = write_quicklook(mosaic_path, out / "quicklook.png")
+            result.files[f"{fmt}{tag}"] = at(f"polygons{tag}{SUFFIX[fmt]}")
+    styles = {
+        "qml_raster": ("classes.qml", export.raster_qml(legend, colors)),
+        "qml_vector": ("polygons.qml", export.vector_qml(legend, colors)),
+        "sld": ("polygons.sld", export.vector_sld(legend, colors)),
+    }
+    for key, (name, text) in styles.items():
+        storage.write_text(at(name), text)
+        result.files[key] = at(name)
+    result.files["quicklook"] = write_quicklook(mosaic_path, at("quicklook.png"))
     report = export.area_report(export.class_histogram(mosaic_path), grid, legend)
     report["polygons"] = count
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(export.report_markdown(report, f"Land cover of {out.name}"))
-    result.files.update(report_json=out / "report.json", report_md=out / "report.md")
+    storage.write_text(at("report.json"), json.dumps(report, indent=2))
+    storage.write_text(at("report.md"), export.report_markdown(report, f"Land cover of {storage.name(out)}"))
+    result.files.update(report_json=at("report.json"), report_md=at("report.md"))
     log.info("%d polygons; layers in %s", count, out)
     return result

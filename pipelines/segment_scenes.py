@@ -11,10 +11,7 @@ command again after a crash computes only the missing blocks, reusing saved part
 
 from __future__ import annotations
 
-import glob
-import json
 import logging
-import shutil
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -27,8 +24,9 @@ import numpy as np
 from distributed import Client, Future, as_completed, wait
 from rasterio.windows import Window
 
-from geoseg import mosaic, partials, runstate, vectorize
+from geoseg import mosaic, partials, runstate, storage, vectorize
 from geoseg.blending import NODATA
+from geoseg.catalog import catalog, expand_inputs, input_dates, order_scenes
 from geoseg.cluster import dask_client, torch_threads_per_worker
 from geoseg.config import RunConfig, VectorConfig
 from geoseg.grid import OutputGrid, grid_from_scenes
@@ -37,7 +35,7 @@ from geoseg.models.checkpoint import Checkpoint, load_checkpoint
 from geoseg.progress import track
 from geoseg.quicklook import write_quicklook
 from geoseg.runstate import MANIFEST_NAME, STATE_DIR, Lease, RunError, prepare_output
-from geoseg.scenes import DataCoverage, SceneError, SceneInfo, data_coverage, open_scene, same_grid
+from geoseg.scenes import DataCoverage, SceneInfo, data_coverage, same_grid
 from geoseg.segment import TilingSettings, finish_block, most_confident, predict_block, reader_threads
 from geoseg.tiling import Block, iter_blocks, reaching_blocks
 from geoseg.vector_io import LayerWriter
@@ -53,94 +51,17 @@ __all__ = ["MANIFEST_NAME", "MOSAIC_NAME", "STATE_DIR", "RunError", "prepare_out
 
 @dataclass
 class RunResult:
-    out: Path
-    mosaic: Path
-    polygons: Path | None
-    manifest: Path
+    out: str
+    mosaic: str
+    polygons: str | None
+    manifest: str
     failed_scenes: dict[str, str] = field(default_factory=dict)
     failed_blocks: dict[str, str] = field(default_factory=dict)
-    quicklook: Path | None = None
+    quicklook: str | None = None
 
     @property
     def ok(self) -> bool:
         return not self.failed_scenes and not self.failed_blocks
-
-
-def stac_assets(path: Path, asset: str) -> list[Path]:
-    """The ``asset`` of every item in a local STAC ItemCollection (relative hrefs from the file's folder)."""
-    doc = json.loads(path.read_text())
-    items = doc.get("features", [doc] if doc.get("type") == "Feature" else [])
-    hrefs = []
-    for item in items:
-        assets = item.get("assets", {})
-        if asset not in assets:
-            raise RunError(f"{path}: item {item.get('id')!r} has no asset {asset!r} (has: {', '.join(assets)})")
-        href = assets[asset]["href"].removeprefix("file://")
-        hrefs.append(path.parent / href if not Path(href).is_absolute() else Path(href))
-    return hrefs
-
-
-def expand_inputs(inputs: list[str], stac_asset: str = "image", empty: dict[str, str] | None = None) -> list[Path]:
-    """Paths, directories (their .tif/.tiff files), glob patterns and STAC ItemCollection files.
-
-    A folder or a pattern that gives no file is named in ``empty`` (if given) with the reason.
-    """
-    paths: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.suffix.lower() == ".json" and p.is_file():
-            found = stac_assets(p, stac_asset)
-            reason = "no STAC item in it"
-        elif p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() in {".tif", ".tiff"})
-            reason = "folder with no .tif/.tiff file"
-        elif any(ch in item for ch in "*?["):
-            found = [Path(m) for m in sorted(glob.glob(item))]
-            reason = "pattern that matches no file"
-        else:
-            found, reason = [p], ""
-        if not found and empty is not None:
-            empty[item] = reason
-        paths.extend(found)
-    return paths
-
-
-def input_dates(inputs: list[str], asset: str) -> dict[str, str]:
-    """Acquisition times that STAC items give for their assets (``properties.datetime``)."""
-    dates: dict[str, str] = {}
-    for item in inputs:
-        p = Path(item)
-        if p.suffix.lower() != ".json" or not p.is_file():
-            continue
-        doc = json.loads(p.read_text())
-        for feature in doc.get("features", [doc] if doc.get("type") == "Feature" else []):
-            when = feature.get("properties", {}).get("datetime")
-            href = feature.get("assets", {}).get(asset, {}).get("href")
-            if when and href:
-                href = href.removeprefix("file://")
-                dates[str(p.parent / href if not Path(href).is_absolute() else Path(href))] = when
-    return dates
-
-
-def order_scenes(scenes: list[SceneInfo], rule: str) -> list[SceneInfo]:
-    """The order in which scenes fill a pixel: newest acquisition first (undated last) for
-    ``latest``, input order otherwise."""
-    if rule != "latest":
-        return list(scenes)
-    dated = sorted((s for s in scenes if s.acquired), key=lambda s: s.acquired, reverse=True)
-    return dated + [s for s in scenes if not s.acquired]
-
-
-def catalog(paths: list[Path], n_bands: int) -> tuple[list[SceneInfo], dict[str, str]]:
-    """Open every header; bad scenes are reported, not fatal."""
-    good, bad = [], {}
-    for path in paths:
-        try:
-            good.append(open_scene(path, expected_bands=n_bands))
-        except SceneError as exc:
-            log.error("skipping scene %s", exc)
-            bad[str(path)] = exc.reason
-    return good, bad
 
 
 def run_fingerprint(cfg: RunConfig, model_sha: str, scenes: list[SceneInfo]) -> str:
@@ -212,7 +133,7 @@ def predict_task(
     one per scene for the ``confidence`` rule). A block saved by an earlier attempt is reused.
     Errors are returned, not raised: one bad block must not sink the run.
     """
-    folder = Path(out) / PARTIALS_DIR / block.key
+    folder = storage.join(out, PARTIALS_DIR, block.key)
     record = partials.load_record(folder)
     if record is not None:
         return {"block": block.key, **record}
@@ -256,9 +177,9 @@ def finish_task(
             reason = failed[0]["error"]
             which = "" if failed[0]["block"] == block.key else f"block {failed[0]['block']}, which reaches it, failed: "
             raise RuntimeError(which + reason)
-        root = Path(out) / PARTIALS_DIR
-        own_layers = partials.load_layers(root / block.key)
-        others = [partials.load_layers(root / r["block"], interior=False) for r in reaching[1:]]
+        root = storage.join(out, PARTIALS_DIR)
+        own_layers = partials.load_layers(storage.join(root, block.key))
+        others = [partials.load_layers(storage.join(root, r["block"]), interior=False) for r in reaching[1:]]
         results = []
         for name in sorted({name for layers in [own_layers, *others] for name in layers}):
             sources = [layers[name] for layers in [own_layers, *others] if name in layers]
@@ -268,10 +189,10 @@ def finish_task(
         else:  # no scene reaches the block
             classes, confidence = finish_block(block, None, [], n_classes)
         histogram = np.bincount(classes.ravel(), minlength=256)
-        if run_id is not None and not runstate.holds_lease(Path(out), run_id):
+        if run_id is not None and not runstate.holds_lease(out, run_id):
             raise RuntimeError("this run no longer holds the output folder's lease; nothing written")
         if histogram[:NODATA].any():  # an all-nodata block is what the store holds already (fill values)
-            mosaic.write_block(Path(out) / MOSAIC_NAME, block, classes, confidence)
+            mosaic.write_block(storage.join(out, MOSAIC_NAME), block, classes, confidence)
         record = {
             "status": "done",
             "tiles": own["tiles"],
@@ -280,7 +201,7 @@ def finish_task(
             "scene_valid_pixels": own["scene_valid_pixels"],
             "histogram": {str(k): int(v) for k, v in enumerate(histogram) if v},
         }
-        runstate.commit_block(Path(out), block.key, record)
+        runstate.commit_block(out, block.key, record)
         return {"block": block.key, **record}
     except Exception as exc:
         return {"block": block.key, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
@@ -291,12 +212,13 @@ def polygonize_task(block: Block, out: str, grid: OutputGrid, vector: VectorConf
     halo = vectorize.sieve_halo(vector.mmu_pixels) + vectorize.sieve_halo(vector.fill_holes_pixels)
     r0, r1 = max(0, block.rows.start - halo), min(grid.height, block.rows.stop + halo)
     c0, c1 = max(0, block.cols.start - halo), min(grid.width, block.cols.stop + halo)
-    classes = mosaic.read_region(Path(out) / MOSAIC_NAME, slice(r0, r1), slice(c0, c1))
+    store = storage.join(out, MOSAIC_NAME)
+    classes = mosaic.read_region(store, slice(r0, r1), slice(c0, c1))
     inner = (slice(block.rows.start - r0, block.rows.stop - r0), slice(block.cols.start - c0, block.cols.stop - c0))
     classes = vectorize.sieve(classes, vector.mmu_pixels)
     classes = vectorize.sieve(classes, vector.fill_holes_pixels, enclosed_only=True)[inner]
     rows, cols = slice(block.rows.start, block.rows.stop), slice(block.cols.start, block.cols.stop)
-    confidence = mosaic.read_region(Path(out) / MOSAIC_NAME, rows, cols, mosaic.CONFIDENCE)
+    confidence = mosaic.read_region(store, rows, cols, mosaic.CONFIDENCE)
     return vectorize.polygonize_block(classes, block, grid.affine, grid.height, grid.width, confidence)
 
 
@@ -305,7 +227,7 @@ class RunPlan:
     """What a run will do, worked out from headers alone before any cluster starts or OUT is written."""
 
     cfg: RunConfig
-    out: Path
+    out: str
     ckpt: Checkpoint
     legend: dict[int, str]
     scenes: list[SceneInfo]
@@ -320,7 +242,12 @@ class RunPlan:
 def plan_run(cfg: RunConfig) -> RunPlan:
     """Check the checkpoint and the inputs, and fix the grid and the blocks: every error a user can
     cause here comes before a cluster starts (:class:`RunError` or ``CheckpointError``)."""
-    out = Path(cfg.out).resolve()
+    try:
+        out = storage.absolute(cfg.out)
+    except storage.StorageError as exc:
+        raise RunError(str(exc)) from None
+    if storage.is_url(out) and storage.scheme(out) in storage.READ_ONLY:
+        raise RunError(f"{out}: {storage.scheme(out)} locations are read-only; give a writable --out")
     ckpt = load_checkpoint(cfg.model.checkpoint)
     legend = {int(c["id"]): c["name"] for c in ckpt.classes}
     if "classes" in cfg.model_fields_set and cfg.class_names() != legend:
@@ -378,7 +305,7 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
                 return execute(plan, own, lease)
         except Exception:
             if created and not runstate.committed_blocks(plan.out):  # still ours: the lease is held
-                shutil.rmtree(plan.out, ignore_errors=True)
+                storage.delete_tree(plan.out)
             raise
 
 
@@ -389,7 +316,7 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
     failed_scenes = dict(plan.failed_scenes)
     reused = prepare_output(out, plan.fingerprint, cfg.output.overwrite, MOSAIC_NAME)
     runstate.mark_running(out, lease.run_id, plan.fingerprint, len(plan.blocks))
-    mosaic_path = out / MOSAIC_NAME
+    mosaic_path = storage.join(out, MOSAIC_NAME)
     if not reused:
         colors = {int(c["id"]): c.get("color", "#808080") for c in ckpt.classes}
         mosaic.create_mosaic(
@@ -401,7 +328,7 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
             attrs={"model_sha256": ckpt.sha256, "fingerprint": plan.fingerprint},
         )
     settings = InferenceSettings(
-        str(Path(ckpt.path).resolve()),
+        ckpt.path if storage.is_url(ckpt.path) else str(Path(ckpt.path).resolve()),
         cfg.model.batch_size,
         cfg.model.device,
         cfg.model.amp,
@@ -437,7 +364,7 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
     for key, err in failed_blocks.items():
         log.error("block %s failed: %s", key, err)
     if not failed_blocks:  # every reader is done: what a lost worker may have left goes too
-        partials.remove_block(out / PARTIALS_DIR)
+        partials.remove_block(storage.join(out, PARTIALS_DIR))
 
     computed = [r for r in block_records.values() if r["status"] == "done" and not r.get("reused")]
     forward_s = sum(r.get("forward_s", 0.0) for r in computed)
@@ -458,9 +385,10 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
         polygons_path = write_polygons(client, with_classes, grid, out, legend, cfg.vector)
         t_vec = time.perf_counter() - t1
 
-    quicklook = write_quicklook(mosaic_path, out / QUICKLOOK_NAME)
+    quicklook = write_quicklook(mosaic_path, storage.join(out, QUICKLOOK_NAME))
     lease.check()
-    result = RunResult(out, mosaic_path, polygons_path, out / MANIFEST_NAME, failed_scenes, failed_blocks, quicklook)
+    manifest_loc = storage.join(out, MANIFEST_NAME)
+    result = RunResult(out, mosaic_path, polygons_path, manifest_loc, failed_scenes, failed_blocks, quicklook)
     manifest = {
         "status": runstate.INCOMPLETE if failed_blocks else runstate.FINISHED,
         "run_id": lease.run_id,
@@ -619,8 +547,6 @@ def segment_blocks(
     for b in todo:
         for n in reach[b.key]:
             readers[n.key] = readers.get(n.key, 0) + 1
-    for stale in (out / PARTIALS_DIR).glob("*.tmp-*"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
     footprints = plan.footprints
     tag = f"{plan.fingerprint}-{lease.run_id}"
     resources = {"GPU": 1} if cfg.cluster.gpu_resource else None
@@ -699,7 +625,7 @@ def segment_blocks(
             readers[n.key] -= 1
             if readers[n.key] == 0:
                 step1.pop(n.key).release()
-                partials.remove_block(out / PARTIALS_DIR / n.key)
+                partials.remove_block(storage.join(out, PARTIALS_DIR, n.key))
     return records
 
 
@@ -707,7 +633,7 @@ def stream_polygons(
     client: Client,
     blocks: list[Block],
     grid: OutputGrid,
-    out: Path,
+    out: str,
     legend: dict[int, str],
     writers: list[tuple[LayerWriter, str | None]],
     vector: VectorConfig,
@@ -779,12 +705,12 @@ def write_polygons(
     client: Client,
     blocks: list[Block],
     grid: OutputGrid,
-    out: Path,
+    out: str,
     legend: dict[int, str],
     vector: VectorConfig,
-) -> Path:
+) -> str:
     """The run's polygons as one GeoPackage layer."""
-    path = out / POLYGONS_NAME
+    path = storage.join(out, POLYGONS_NAME)
     count = stream_polygons(client, blocks, grid, out, legend, [(LayerWriter(path), None)], vector)
     log.info("%d polygons -> %s", count, path)
     return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,7 +159,7 @@ def test_unsupported_dtype_is_named(tmp_path):
 
 
 def test_latest_acquisition_wins_where_scenes_overlap(tmp_path, random_checkpoint, client2):
-    from pipelines.segment_scenes import order_scenes
+    from geoseg.catalog import order_scenes
 
     old = write_scene(SceneSpec(200, 150, seed=1, nodata_border=False), tmp_path / "old.tif")[0]
     new = write_scene(SceneSpec(200, 150, seed=2, nodata_border=False), tmp_path / "new.tif")[0]
@@ -229,7 +230,7 @@ def test_rerun_reuses_finished_blocks_and_refuses_a_changed_config(
 
 
 def test_inputs_from_a_stac_item_collection_and_a_directory(tmp_path, random_checkpoint, scene_1000x700, client2):
-    from pipelines.segment_scenes import expand_inputs
+    from geoseg.catalog import expand_inputs
 
     d = tmp_path / "scenes"
     a = write_scene(SceneSpec(64, 64, seed=1), d / "a.tif")[0]
@@ -243,9 +244,9 @@ def test_inputs_from_a_stac_item_collection_and_a_directory(tmp_path, random_che
         ],
     }
     (tmp_path / "items.json").write_text(json.dumps(items))
-    assert expand_inputs([str(tmp_path / "items.json")]) == [b, a]
-    assert expand_inputs([str(d)]) == [a, b]
-    assert expand_inputs([str(d / "*.tif")]) == [a, b]
+    assert expand_inputs([str(tmp_path / "items.json")]) == [str(b), str(a)]
+    assert expand_inputs([str(d)]) == [str(a), str(b)]
+    assert expand_inputs([str(d / "*.tif")]) == [str(a), str(b)]
     with pytest.raises(RunError, match="has no asset 'visual'"):
         expand_inputs([str(tmp_path / "items.json")], "visual")
 
@@ -266,7 +267,7 @@ def test_corrupt_tile_inside_a_scene_fails_its_blocks_only(tmp_path, random_chec
     overrides = ["output.block_size=512", f"cluster.read_threads={readers}", "output.polygons=false"]
     result = run(run_config(random_checkpoint, [scene], out, *overrides), client2)
     assert not result.ok
-    manifest = json.loads(result.manifest.read_text())
+    manifest = json.loads(Path(result.manifest).read_text())
     failed = {k: v["error"] for k, v in manifest["blocks"].items() if v["status"] != "done"}
     # block 0_0 owns the tiles over the broken one; the blocks its tiles reach fail with it
     assert set(failed) == {"0_0", "0_1", "1_0", "1_1"}

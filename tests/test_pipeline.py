@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
@@ -279,7 +280,7 @@ def test_rerun_reuses_saved_partial_results(tmp_path, random_checkpoint, scene_1
     saved = tmp_path / ".geoseg" / "partials" / "1_1" / "record.json"
     saved.write_text(json.dumps({**json.loads(saved.read_text()), "predict_s": 9999.0}))  # a mark to find
     result = run(cfg, client2)
-    manifest = json.loads(result.manifest.read_text())
+    manifest = json.loads(Path(result.manifest).read_text())
     assert manifest["summary"]["computed"] == 1
     assert manifest["blocks"]["1_1"]["seconds"] >= 9999.0  # its step 1 was read back, not run again
     np.testing.assert_array_equal(read_classes(tmp_path), read_classes(reference))

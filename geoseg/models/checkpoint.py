@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from geoseg import storage
 from geoseg.models.registry import build_model
 
 FORMAT_VERSION = 1
@@ -64,12 +65,17 @@ class Checkpoint:
 
 
 def resolve_checkpoint_path(spec: str) -> Path:
-    """``builtin:NAME`` -> the file shipped in the package; anything else is a path."""
+    """``builtin:NAME`` -> the file shipped in the package; a URL -> a local copy; anything else is a path."""
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
         if name not in BUILTIN:
             raise CheckpointError(f"{spec}: no such built-in model (have: {', '.join(BUILTIN)})")
         return BUILTIN[name]
+    if storage.is_url(spec):
+        try:
+            return storage.cached_copy(spec)
+        except storage.StorageError as exc:
+            raise CheckpointError(f"{spec}: cannot fetch the checkpoint ({exc.reason})") from None
     return Path(spec).expanduser()
 
 
@@ -118,8 +124,9 @@ def load_checkpoint(spec: str | Path) -> Checkpoint:
     version = meta.pop("format_version", None)
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {version} is not supported (expected {FORMAT_VERSION})")
+    where = str(spec) if storage.is_url(str(spec)) else str(path)  # a URL is named as the user gave it
     try:
-        ckpt = Checkpoint(**meta, state_dict=state, path=str(path), sha256=file_sha256(path))
+        ckpt = Checkpoint(**meta, state_dict=state, path=where, sha256=file_sha256(path))
     except TypeError as exc:
         raise CheckpointError(f"{path}: malformed metadata ({exc})") from None
     if len(ckpt.mean) != len(ckpt.bands) or len(ckpt.std) != len(ckpt.bands):

@@ -1,0 +1,108 @@
+"""Inputs to scenes: paths, folders, URL prefixes, glob patterns and STAC items, then their headers.
+
+Every input is a location (:mod:`geoseg.storage`): a local path or a URL. An asset's href in a
+STAC item is resolved against the item's own location, so an item collection in a bucket names
+its COGs relatively.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from geoseg import storage
+from geoseg.runstate import RunError
+from geoseg.scenes import SceneError, SceneInfo, open_scene
+
+log = logging.getLogger(__name__)
+
+SCENE_SUFFIXES = (".tif", ".tiff")
+
+
+def stac_items(loc: str) -> list[dict[str, Any]]:
+    """The items of a STAC Item or ItemCollection document."""
+    try:
+        doc = json.loads(storage.read_text(loc))
+    except ValueError as exc:
+        raise RunError(f"{loc}: not a STAC document ({exc})") from None
+    return doc.get("features", [doc] if doc.get("type") == "Feature" else [])
+
+
+def stac_assets(loc: str, asset: str) -> list[str]:
+    """The ``asset`` of every item of a STAC Item or ItemCollection, as locations."""
+    hrefs = []
+    for item in stac_items(loc):
+        assets = item.get("assets", {})
+        if asset not in assets:
+            raise RunError(f"{loc}: item {item.get('id')!r} has no asset {asset!r} (has: {', '.join(assets)})")
+        hrefs.append(storage.resolve_href(loc, assets[asset]["href"]))
+    return hrefs
+
+
+def _is_pattern(loc: str) -> bool:
+    return any(ch in loc for ch in "*?[")
+
+
+def expand_inputs(inputs: list[str], stac_asset: str = "image", empty: dict[str, str] | None = None) -> list[str]:
+    """Paths and URLs, folders and URL prefixes (their .tif/.tiff files; a prefix's at any depth),
+    glob patterns and STAC Item(Collection) files.
+
+    A folder, prefix or pattern that gives no file is named in ``empty`` (if given) with the reason.
+    """
+    found_all: list[str] = []
+    for item in inputs:
+        item = str(item)
+        remote = storage.is_url(item)
+        if item.lower().endswith(".json") and not _is_pattern(item) and (remote or storage.exists(item)):
+            found, reason = stac_assets(item, stac_asset), "no STAC item in it"
+        elif _is_pattern(item):
+            found, reason = storage.glob(item), "pattern that matches no file"
+        elif remote and (item.endswith("/") or not item.lower().endswith(SCENE_SUFFIXES)):
+            found = [loc for loc in storage.list_files(item.rstrip("/") + "/") if loc.lower().endswith(SCENE_SUFFIXES)]
+            reason = "prefix with no .tif/.tiff object"
+        elif not remote and storage.is_dir(item):
+            found = sorted(str(p) for p in Path(item).iterdir() if p.suffix.lower() in SCENE_SUFFIXES)
+            reason = "folder with no .tif/.tiff file"
+        else:
+            found, reason = [item], ""
+        if not found and empty is not None:
+            empty[item] = reason
+        found_all.extend(found)
+    return found_all
+
+
+def input_dates(inputs: list[str], asset: str) -> dict[str, str]:
+    """Acquisition times that STAC items give for their assets (``properties.datetime``)."""
+    dates: dict[str, str] = {}
+    for item in inputs:
+        if not str(item).lower().endswith(".json") or _is_pattern(str(item)):
+            continue
+        for feature in stac_items(str(item)):
+            when = feature.get("properties", {}).get("datetime")
+            href = feature.get("assets", {}).get(asset, {}).get("href")
+            if when and href:
+                dates[storage.resolve_href(str(item), href)] = when
+    return dates
+
+
+def order_scenes(scenes: list[SceneInfo], rule: str) -> list[SceneInfo]:
+    """The order in which scenes fill a pixel: newest acquisition first (undated last) for
+    ``latest``, input order otherwise."""
+    if rule != "latest":
+        return list(scenes)
+    dated = sorted((s for s in scenes if s.acquired), key=lambda s: s.acquired, reverse=True)
+    return dated + [s for s in scenes if not s.acquired]
+
+
+def catalog(locations: list[str], n_bands: int) -> tuple[list[SceneInfo], dict[str, str]]:
+    """Open every header; bad scenes are reported (location -> reason), not fatal."""
+    good, bad = [], {}
+    for loc in locations:
+        try:
+            good.append(open_scene(loc, expected_bands=n_bands))
+        except SceneError as exc:
+            log.error("skipping scene %s", exc)
+            bad[str(loc)] = exc.reason
+    return good, bad

@@ -1,0 +1,476 @@
+"""Locations: a local path or a URL, and the one place that reads, writes and lists them.
+
+    /data/run, run              local paths (through the OS: atomic renames, memory maps)
+    s3://bucket/prefix          Amazon S3 and S3-compatible stores (MinIO, Ceph, ...)
+    gs://bucket/prefix          Google Cloud Storage
+    az://container/prefix       Azure Blob Storage (also abfs://, abfss://)
+    http(s)://host/path         read-only
+
+URLs go through obstore (the Rust object_store crate): on the loopback S3 server it put and
+got small objects 3x faster than s3fs, large ones as fast (benchmarks/README.md), and it
+writes an object only if absent (``create``), which the run's lease needs. Credentials and
+endpoints come from the cloud tools' own environment variables (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``, ``AWS_ENDPOINT_URL``, ``GOOGLE_APPLICATION_CREDENTIALS``,
+``AZURE_STORAGE_ACCOUNT_NAME``/``AZURE_STORAGE_ACCOUNT_KEY``, ...), read by obstore and by GDAL;
+:func:`gdal_settings` translates what GDAL does not take as is (``AWS_ENDPOINT_URL``).
+
+On an object store, an object is written whole or not at all; where a local writer renames a
+finished file into place, the remote one writes the object that commits a result last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import glob as local_glob
+import io
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+# URL scheme -> GDAL virtual file system prefix
+GDAL_PREFIX = {
+    "s3": "/vsis3/",
+    "gs": "/vsigs/",
+    "gcs": "/vsigs/",
+    "az": "/vsiaz/",
+    "azure": "/vsiaz/",
+    "abfs": "/vsiadls/",
+    "abfss": "/vsiadls/",
+    "http": "/vsicurl/",
+    "https": "/vsicurl/",
+}
+READ_ONLY = frozenset({"http", "https"})
+SECRET_VARIABLES = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AZURE_STORAGE_ACCOUNT_KEY",
+    "AZURE_STORAGE_SAS_TOKEN",
+    "AZURE_STORAGE_CONNECTION_STRING",
+)
+
+
+class StorageError(OSError):
+    """A location that cannot be read or written; the message names it and the reason."""
+
+    def __init__(self, message: str, loc: str = "", reason: str = "") -> None:
+        super().__init__(message)
+        self.loc, self.reason = loc, reason or message
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def scheme(loc: str) -> str:
+    """The URL scheme of ``loc`` ('' for a local path; a Windows drive letter is no scheme)."""
+    head, sep, _ = str(loc).partition("://")
+    return head.lower() if sep and len(head) > 1 else ""
+
+
+def is_url(loc: str | Path) -> bool:
+    return scheme(str(loc)) in GDAL_PREFIX
+
+
+def absolute(loc: str | Path) -> str:
+    """A location that means the same from any working directory: URLs as given (no trailing
+    slash), local paths resolved."""
+    text = str(loc)
+    if is_url(text):
+        return text.rstrip("/")
+    if scheme(text):
+        raise StorageError(f"{text}: unsupported URL scheme {scheme(text)!r} (use s3, gs, az, abfs, http or https)")
+    return str(Path(text).expanduser().resolve())
+
+
+def join(loc: str | Path, *parts: str) -> str:
+    text = str(loc)
+    if is_url(text):
+        return "/".join([text.rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(text, *parts))
+
+
+def name(loc: str) -> str:
+    return loc.rstrip("/").rsplit("/", 1)[-1] if is_url(loc) else Path(loc).name
+
+
+def parent(loc: str) -> str:
+    return loc.rstrip("/").rsplit("/", 1)[0] if is_url(loc) else str(Path(loc).parent)
+
+
+def resolve_href(base: str, href: str) -> str:
+    """``href`` (from a STAC item at ``base``) as a location: absolute hrefs as they are,
+    relative ones against the item's own location."""
+    if is_url(href) or href.startswith("/"):
+        return href
+    href = href.removeprefix("file://")
+    if is_url(base):
+        return urljoin(base, href)
+    return str((Path(base).parent / href).resolve())
+
+
+def redact(text: str) -> str:
+    """``text`` without secrets: the values of the credential variables, and URL query strings
+    (signed URLs carry their signature there)."""
+    for variable in SECRET_VARIABLES:
+        value = os.environ.get(variable)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return re.sub(r"(https?://[^\s?'\"]+)\?[^\s'\"]*", r"\1?***", text)
+
+
+# ---------------------------------------------------------------- object stores
+
+
+def _client_options() -> dict[str, Any]:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3") or ""
+    return {"allow_http": True} if endpoint.startswith("http://") else {}
+
+
+@lru_cache(maxsize=64)
+def _store(root: str):
+    """The obstore store of a bucket or container (``s3://bucket``) or of an HTTP server."""
+    from obstore.store import from_url
+
+    if scheme(root) in READ_ONLY:
+        return from_url(root, client_options={"allow_http": True})
+    return from_url(root, client_options=_client_options())
+
+
+def _split(loc: str) -> tuple[Any, str]:
+    """The store holding ``loc`` and the key within it."""
+    parts = urlsplit(loc)
+    root = f"{parts.scheme}://{parts.netloc}"
+    return _store(root), parts.path.lstrip("/")
+
+
+def _remote_error(loc: str, exc: BaseException) -> StorageError:
+    """One line naming the location and the reason, whatever obstore raised."""
+    kind = type(exc).__name__
+    text = str(exc)
+    if isinstance(exc, FileNotFoundError) or kind == "NotFoundError" or "404" in text:
+        reason = "no such object"
+    elif kind in ("PermissionDeniedError", "UnauthenticatedError") or "403" in text or "AccessDenied" in text:
+        reason = "access denied"
+    elif "connect" in text.lower() or "dns" in text.lower():
+        reason = "endpoint unreachable"
+    else:
+        reason = text.strip().splitlines()[0] if text.strip() else kind
+    reason = redact(reason)
+    return StorageError(f"{loc}: {reason}", loc, reason)
+
+
+def _writable(loc: str) -> None:
+    if scheme(loc) in READ_ONLY:
+        raise StorageError(f"{loc}: {scheme(loc)} locations are read-only")
+
+
+# ---------------------------------------------------------------- reading
+
+
+def exists(loc: str) -> bool:
+    if not is_url(loc):
+        return Path(loc).exists()
+    import obstore
+
+    store, key = _split(loc)
+    try:
+        obstore.head(store, key)
+        return True
+    except FileNotFoundError:
+        return False
+    except Exception as exc:
+        if "404" in str(exc):
+            return False
+        raise _remote_error(loc, exc) from None
+
+
+def is_dir(loc: str) -> bool:
+    """A local folder, or a URL prefix with at least one object under it."""
+    if not is_url(loc):
+        return Path(loc).is_dir()
+    return bool(list_files(loc.rstrip("/") + "/", limit=1))
+
+
+def read_bytes(loc: str) -> bytes:
+    if not is_url(loc):
+        try:
+            return Path(loc).read_bytes()
+        except OSError as exc:
+            raise StorageError(f"{loc}: {exc.strerror or exc}") from None
+    import obstore
+
+    store, key = _split(loc)
+    try:
+        return bytes(obstore.get(store, key).bytes())
+    except Exception as exc:
+        raise _remote_error(loc, exc) from None
+
+
+def read_text(loc: str) -> str:
+    return read_bytes(loc).decode()
+
+
+def list_files(prefix: str, limit: int | None = None) -> list[str]:
+    """Locations of the files under a folder or URL prefix, recursively, sorted."""
+    if not is_url(prefix):
+        root = Path(prefix)
+        return sorted(str(p) for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+    import obstore
+
+    store, key = _split(prefix)
+    base = prefix[: len(prefix) - len(key)] if key else prefix.rstrip("/") + "/"
+    found: list[str] = []
+    try:
+        for batch in obstore.list(store, key or None):
+            found.extend(base + item["path"][len(key) :] if key else base + item["path"] for item in batch)
+            if limit is not None and len(found) >= limit:
+                break
+    except Exception as exc:
+        raise _remote_error(prefix, exc) from None
+    return sorted(found)
+
+
+def glob(pattern: str) -> list[str]:
+    """Files matching a glob pattern (``*``, ``?``, ``[...]``), local or under a URL prefix."""
+    if not is_url(pattern):
+        return sorted(local_glob.glob(pattern))
+    head = re.split(r"[*?\[]", pattern, maxsplit=1)[0]
+    prefix = head.rsplit("/", 1)[0] + "/"
+    return [loc for loc in list_files(prefix) if fnmatch.fnmatchcase(loc, pattern)]
+
+
+@contextlib.contextmanager
+def local_copy(loc: str, suffix: str = "") -> Iterator[Path]:
+    """``loc`` as a local file for the length of the block (a download for a URL)."""
+    if not is_url(loc):
+        yield Path(loc)
+        return
+    with tempfile.TemporaryDirectory(prefix="geoseg-") as tmp:
+        path = Path(tmp) / (name(loc) or f"object{suffix}")
+        path.write_bytes(read_bytes(loc))
+        yield path
+
+
+def cached_copy(loc: str) -> Path:
+    """A local copy of a URL kept across calls in this machine's temporary folder, fetched again
+    when the object changes (its size or time differ): a worker loads a checkpoint once."""
+    import hashlib
+
+    import obstore
+
+    store, key = _split(loc)
+    try:
+        meta = obstore.head(store, key)
+    except Exception as exc:
+        raise _remote_error(loc, exc) from None
+    tag = f"{loc}|{meta['size']}|{meta['last_modified']}|{meta.get('e_tag')}"
+    folder = Path(tempfile.gettempdir()) / "geoseg-cache"
+    path = folder / f"{hashlib.sha256(tag.encode()).hexdigest()[:16]}-{name(loc)}"
+    if not path.is_file():
+        write_bytes(str(path), read_bytes(loc))
+    return path
+
+
+# ---------------------------------------------------------------- writing
+
+
+def make_dirs(loc: str) -> None:
+    """Create a local folder (and its parents); a URL prefix needs none."""
+    if is_url(loc):
+        _writable(loc)
+    else:
+        Path(loc).mkdir(parents=True, exist_ok=True)
+
+
+def write_bytes(loc: str, data: bytes) -> None:
+    """Write ``loc`` whole: locally under a temporary name moved into place, remotely as one object."""
+    if not is_url(loc):
+        path = Path(loc)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return
+    import obstore
+
+    _writable(loc)
+    store, key = _split(loc)
+    try:
+        obstore.put(store, key, data)
+    except Exception as exc:
+        raise _remote_error(loc, exc) from None
+
+
+def write_text(loc: str, text: str) -> None:
+    write_bytes(loc, text.encode())
+
+
+def create(loc: str, data: bytes) -> bool:
+    """Write ``loc`` only if it does not exist; whether this call created it. Two callers at
+    once: exactly one gets True (a local link, or a conditional PUT)."""
+    if not is_url(loc):
+        path = Path(loc)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.write_bytes(data)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links (some FUSE mounts): an exclusive create
+            try:
+                with open(path, "xb") as f:
+                    f.write(data)
+                return True
+            except FileExistsError:
+                return False
+        finally:
+            tmp.unlink(missing_ok=True)
+    import obstore
+
+    _writable(loc)
+    store, key = _split(loc)
+    try:
+        obstore.put(store, key, data, mode="create")
+        return True
+    except Exception as exc:
+        if type(exc).__name__ == "AlreadyExistsError" or "precondition" in str(exc).lower():
+            return False
+        raise _remote_error(loc, exc) from None
+
+
+def delete(loc: str) -> None:
+    """Remove a file or object; a missing one is not an error."""
+    if not is_url(loc):
+        Path(loc).unlink(missing_ok=True)
+        return
+    import obstore
+
+    store, key = _split(loc)
+    with contextlib.suppress(FileNotFoundError):
+        obstore.delete(store, key)
+
+
+def delete_tree(loc: str) -> None:
+    """Remove a folder or every object under a URL prefix; a missing one is not an error."""
+    if not is_url(loc):
+        shutil.rmtree(loc, ignore_errors=True)
+        return
+    import obstore
+
+    keys = [_split(f)[1] for f in list_files(loc.rstrip("/") + "/")]
+    if keys:
+        store, _ = _split(loc)
+        obstore.delete(store, keys)
+
+
+def upload(path: Path, loc: str) -> None:
+    """Copy a finished local file to ``loc`` (a plain copy where ``loc`` is local)."""
+    if not is_url(loc):
+        if Path(loc).resolve() != Path(path).resolve():
+            Path(loc).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, loc)
+        return
+    write_bytes(loc, Path(path).read_bytes())
+
+
+@contextlib.contextmanager
+def staged(loc: str) -> Iterator[Path]:
+    """A local path to write ``loc`` at: the place itself when local, else a temporary file
+    uploaded whole when the block ends without an error (GeoPackage, COG: formats written in place)."""
+    if not is_url(loc):
+        Path(loc).parent.mkdir(parents=True, exist_ok=True)
+        yield Path(loc)
+        return
+    _writable(loc)
+    with tempfile.TemporaryDirectory(prefix="geoseg-") as tmp:
+        path = Path(tmp) / name(loc)
+        yield path
+        upload(path, loc)
+
+
+def open_writer(loc: str) -> io.RawIOBase | Any:
+    """A binary file to stream ``loc`` into (a multipart upload for a URL); close it to finish."""
+    if not is_url(loc):
+        Path(loc).parent.mkdir(parents=True, exist_ok=True)
+        return open(loc, "wb")  # noqa: SIM115  (the caller closes it)
+    import obstore
+
+    _writable(loc)
+    store, key = _split(loc)
+    return obstore.open_writer(store, key)
+
+
+# ---------------------------------------------------------------- other libraries' views
+
+
+def zarr_store(loc: str, read_only: bool = False):
+    """What zarr opens for ``loc``: the path itself, or zarr's store over obstore."""
+    if not is_url(loc):
+        return str(loc)
+    from zarr.storage import ObjectStore
+
+    if not read_only:
+        _writable(loc)
+    return ObjectStore(_store(loc.rstrip("/")), read_only=read_only)
+
+
+def storage_options(loc: str) -> dict[str, Any]:
+    """fsspec's options for ``loc`` (what xarray, geopandas and pyarrow take), from the environment."""
+    if scheme(loc) != "s3":
+        return {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+
+
+def gdal_path(loc: str | Path) -> str:
+    """``loc`` as GDAL opens it: /vsis3/, /vsigs/, /vsiaz/, /vsiadls/ or /vsicurl/ for URLs."""
+    text = str(loc)
+    kind = scheme(text)
+    if kind not in GDAL_PREFIX:
+        return text
+    if kind in READ_ONLY:
+        return GDAL_PREFIX[kind] + text
+    return GDAL_PREFIX[kind] + text.split("://", 1)[1]
+
+
+def gdal_settings(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """GDAL configuration for cloud reads, from the environment the cloud tools use. GDAL reads
+    the credentials itself, but not ``AWS_ENDPOINT_URL``: it becomes ``AWS_S3_ENDPOINT`` (host and
+    port), ``AWS_HTTPS`` and path-style addressing. Reads of COGs: no directory listing on open,
+    merged and multiplexed range requests."""
+    env = os.environ if environ is None else environ
+    settings = {
+        "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+        "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
+        "GDAL_HTTP_MULTIPLEX": "YES",
+        "VSI_CACHE": "TRUE",
+        "GDAL_HTTP_MAX_RETRY": "3",
+        "GDAL_HTTP_RETRY_DELAY": "1",
+    }
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if endpoint and "AWS_S3_ENDPOINT" not in env:
+        parts = urlsplit(endpoint)
+        settings["AWS_S3_ENDPOINT"] = parts.netloc + parts.path.rstrip("/")
+        settings["AWS_HTTPS"] = "NO" if parts.scheme == "http" else "YES"
+        settings["AWS_VIRTUAL_HOSTING"] = "FALSE"
+    if env.get("AWS_REGION") and "AWS_DEFAULT_REGION" not in env:
+        settings["AWS_DEFAULT_REGION"] = env["AWS_REGION"]
+    return {k: v for k, v in settings.items() if k not in env}
+
+
+def export_gdal_settings() -> None:
+    """Put :func:`gdal_settings` into this process's environment, where GDAL reads its
+    configuration (and where the worker processes geoseg starts find it)."""
+    os.environ.update(gdal_settings())
+
+
+export_gdal_settings()
