@@ -30,6 +30,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -130,7 +131,14 @@ def redact(text: str) -> str:
 
 def _client_options() -> dict[str, Any]:
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3") or ""
-    return {"allow_http": True} if endpoint.startswith("http://") else {}
+    # An endpoint that does not answer is reported within seconds, not after minutes of retries.
+    options: dict[str, Any] = {"connect_timeout": "10s"}
+    if endpoint.startswith("http://"):
+        options["allow_http"] = True
+    return options
+
+
+RETRIES = {"max_retries": 3, "retry_timeout": timedelta(seconds=60)}
 
 
 @lru_cache(maxsize=64)
@@ -138,9 +146,8 @@ def _store(root: str):
     """The obstore store of a bucket or container (``s3://bucket``) or of an HTTP server."""
     from obstore.store import from_url
 
-    if scheme(root) in READ_ONLY:
-        return from_url(root, client_options={"allow_http": True})
-    return from_url(root, client_options=_client_options())
+    options = {**_client_options(), "allow_http": True} if scheme(root) in READ_ONLY else _client_options()
+    return from_url(root, client_options=options, retry_config=RETRIES)
 
 
 def _split(loc: str) -> tuple[Any, str]:
@@ -225,11 +232,12 @@ def list_files(prefix: str, limit: int | None = None) -> list[str]:
     import obstore
 
     store, key = _split(prefix)
-    base = prefix[: len(prefix) - len(key)] if key else prefix.rstrip("/") + "/"
+    parts = urlsplit(prefix)
+    root = f"{parts.scheme}://{parts.netloc}/"
     found: list[str] = []
     try:
         for batch in obstore.list(store, key or None):
-            found.extend(base + item["path"][len(key) :] if key else base + item["path"] for item in batch)
+            found.extend(root + item["path"] for item in batch)
             if limit is not None and len(found) >= limit:
                 break
     except Exception as exc:

@@ -1,16 +1,42 @@
-"""Shared fixtures: real GeoTIFFs on disk, real checkpoints, a real Dask LocalCluster."""
+"""Shared fixtures: real GeoTIFFs on disk, real checkpoints, a real Dask LocalCluster, and a real
+S3-compatible server (moto's server mode) on 127.0.0.1."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
-import pytest
-import torch
-from distributed import Client, LocalCluster
 
-from geoseg.config import load_config
-from geoseg.models import Checkpoint, build_model, save_checkpoint
-from geoseg.synth import BAND_NAMES, SceneSpec, write_scene
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The S3 server's address and credentials go into the environment before anything imports
+# geoseg (which derives GDAL's settings from it) or starts a Dask worker (which inherits it).
+S3_PORT = _free_port()
+S3_ENDPOINT = f"http://127.0.0.1:{S3_PORT}"
+S3_SECRET = "geoseg-test-secret-5b1f"  # must never show up in a log, an error or a manifest
+os.environ.update(
+    AWS_ACCESS_KEY_ID="geoseg-test-key",
+    AWS_SECRET_ACCESS_KEY=S3_SECRET,
+    AWS_REGION="us-east-1",
+    AWS_ENDPOINT_URL=S3_ENDPOINT,
+)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from distributed import Client, LocalCluster  # noqa: E402
+
+from geoseg.config import load_config  # noqa: E402
+from geoseg.models import Checkpoint, build_model, save_checkpoint  # noqa: E402
+from geoseg.synth import BAND_NAMES, SceneSpec, write_scene  # noqa: E402
 
 LEGEND = [
     {"id": 0, "name": "water", "color": "#1f78b4"},
@@ -101,3 +127,37 @@ def predict_transitions(client, since: float) -> list[tuple[str, str, str]]:
             if t.timestamp >= since and str(t.key).startswith("predict-")
         ]
     )
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 (the endpoint the environment names); yields its URL."""
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "w") as sink:  # the server keeps its own handle
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(S3_PORT)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(S3_ENDPOINT, timeout=2)
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"moto_server did not start: {log.read_text()}") from None
+            time.sleep(0.2)
+    yield S3_ENDPOINT
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def bucket(s3_server) -> str:
+    """A fresh bucket on the loopback S3 server; yields ``s3://NAME``."""
+    import boto3
+
+    name = f"geoseg-{os.getpid()}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return f"s3://{name}"

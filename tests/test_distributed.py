@@ -24,19 +24,20 @@ from pipelines.segment_scenes import RunError, run, worker_slots
 BIN = Path(sys.executable).parent
 
 
-def _spawn(*args: str, log: Path) -> subprocess.Popen:
+def _spawn(*args: str, log: Path, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
     """A `dask` command (``args``) in a process of its own, output to ``log``."""
-    return _popen([str(BIN / "dask"), *args], log)
+    return _popen([str(BIN / "dask"), *args], log, cwd, env)
 
 
-def _popen(argv: list[str], log: Path) -> subprocess.Popen:
+def _popen(argv: list[str], log: Path, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
     # Own session: a kill of the group takes the worker's nanny and its child together.
     return subprocess.Popen(
         argv,
         stdout=open(log, "w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        cwd=cwd,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
     )
 
 

@@ -1,0 +1,220 @@
+"""Scenes, checkpoint and outputs on an S3-compatible store (moto's server on 127.0.0.1), with no
+disk shared between the workers: the results must be those of the same run on local disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio.shutil
+import rioxarray  # noqa: F401  (registers .rio)
+import xarray as xr
+from conftest import S3_ENDPOINT, S3_SECRET, run_cli_args, run_config
+from distributed import Client
+from test_distributed import _spawn, _start_scheduler, _stop
+
+from geoseg import storage
+from pipelines.segment_scenes import run
+
+REPO = Path(__file__).parent.parent
+BLOCK = "output.block_size=256"
+
+
+def put(path: Path, url: str, public: bool = False) -> str:
+    """Upload a local file as the object ``url`` (readable anonymously over HTTP if ``public``)."""
+    bucket, key = url.removeprefix("s3://").split("/", 1)
+    extra = {"ACL": "public-read"} if public else {}
+    boto3.client("s3", endpoint_url=S3_ENDPOINT).put_object(Bucket=bucket, Key=key, Body=path.read_bytes(), **extra)
+    return url
+
+
+@pytest.fixture(scope="module")
+def remote(bucket, scene_1000x700, random_checkpoint):
+    """The test scene (a COG) and the checkpoint in the bucket."""
+    cog = scene_1000x700[0].with_name("scene_cog.tif")
+    rasterio.shutil.copy(scene_1000x700[0], cog, driver="COG")
+    return {
+        "scene": put(scene_1000x700[0], f"{bucket}/scenes/scene.tif", public=True),
+        "cog": put(cog, f"{bucket}/scenes/cog/scene.tif"),
+        "checkpoint": put(random_checkpoint, f"{bucket}/models/random.safetensors"),
+        "bucket": bucket,
+    }
+
+
+@pytest.fixture(scope="module")
+def local_reference(tmp_path_factory, random_checkpoint, scene_1000x700, client2):
+    out = tmp_path_factory.mktemp("local_ref")
+    assert run(run_config(random_checkpoint, [scene_1000x700[0]], out, BLOCK), client2).ok
+    return out
+
+
+def mosaic_of(out: str) -> xr.Dataset:
+    return xr.open_zarr(storage.join(out, "mosaic.zarr"), storage_options=storage.storage_options(out))
+
+
+def area_per_class(gdf: gpd.GeoDataFrame) -> dict[int, float]:
+    return {int(k): round(float(v), 3) for k, v in gdf.groupby("class_id")["area_m2"].sum().items()}
+
+
+@pytest.fixture
+def isolated_workers(tmp_path):
+    """A `dask scheduler` and two `dask worker` processes, each worker started in an empty folder
+    of its own, with a local directory and a temporary folder of its own: no disk in common."""
+    scheduler, sched_file = _start_scheduler(tmp_path)
+    procs = [scheduler]
+    for i in range(2):
+        home = tmp_path / f"worker{i}"
+        (home / "tmp").mkdir(parents=True)
+        env_args = ["--local-directory", str(home / "dask"), "--nthreads", "1", "--no-dashboard"]
+        procs.append(
+            _spawn(
+                "worker",
+                "--scheduler-file",
+                str(sched_file),
+                "--host",
+                "127.0.0.1",
+                "--name",
+                f"w{i}",
+                *env_args,
+                log=tmp_path / f"worker{i}.log",
+                cwd=home,
+                env={"TMPDIR": str(home / "tmp")},
+            )  # fmt: skip
+        )
+    with Client(scheduler_file=str(sched_file), timeout="30s") as client:
+        client.wait_for_workers(2, timeout=60)
+        address = client.scheduler.address
+    yield address
+    _stop(procs)
+
+
+def test_a_run_with_only_s3_urls_on_isolated_workers_equals_the_local_run(
+    isolated_workers, remote, local_reference, caplog
+):
+    out = f"{remote['bucket']}/runs/distributed"
+    cfg = run_config(
+        Path("unused"), [], Path("unused"), BLOCK, f"cluster.address={isolated_workers}",
+        f"model.checkpoint={remote['checkpoint']}", f"inputs=[{remote['cog']!r}]", f"out={out!r}",
+    )  # fmt: skip
+    result = run(cfg)
+    assert result.ok, (result.failed_scenes, result.failed_blocks)
+    got, want = mosaic_of(out), xr.open_zarr(local_reference / "mosaic.zarr")
+    assert got.rio.crs == want.rio.crs and got.rio.transform() == want.rio.transform()
+    np.testing.assert_array_equal(got["classes"].values, want["classes"].values)
+    np.testing.assert_array_equal(got["confidence"].values, want["confidence"].values)
+    with storage.local_copy(f"{out}/polygons.gpkg") as gpkg:
+        polygons = gpd.read_file(gpkg)
+    reference = gpd.read_file(local_reference / "polygons.gpkg")
+    assert len(polygons) == len(reference) > 0
+    assert area_per_class(polygons) == area_per_class(reference)
+    manifest = json.loads(storage.read_text(f"{out}/manifest.json"))
+    assert manifest["status"] == "finished" and manifest["inputs"] == [remote["cog"]]
+    assert manifest["scenes"][0]["path"] == remote["cog"] and manifest["model"]["checkpoint"] == remote["checkpoint"]
+    assert storage.exists(f"{out}/quicklook.png")
+    assert not storage.list_files(f"{out}/.geoseg/partials/")  # read by the neighbours, then removed
+    assert S3_SECRET not in json.dumps(manifest) and S3_SECRET not in caplog.text
+
+
+def test_a_scene_over_plain_http_range_requests(tmp_path, remote, local_reference, random_checkpoint, client2):
+    url = f"{S3_ENDPOINT}/{remote['scene'].removeprefix('s3://')}"
+    result = run(run_config(random_checkpoint, [url], tmp_path / "out", BLOCK, "output.polygons=false"), client2)
+    assert result.ok
+    np.testing.assert_array_equal(
+        xr.open_zarr(tmp_path / "out" / "mosaic.zarr")["classes"].values,
+        xr.open_zarr(local_reference / "mosaic.zarr")["classes"].values,
+    )
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["scenes"][0]["path"] == url
+
+
+def test_a_client_killed_at_a_random_block_on_s3_resumes_to_the_same_mosaic(remote, local_reference):
+    out = f"{remote['bucket']}/runs/killed"
+    args = [sys.executable, "-m", "geoseg"]
+    args += run_cli_args(remote["cog"], out, f"model.checkpoint={remote['checkpoint']}", "output.block_size=128")  # type: ignore[arg-type]
+    args += ["--set", "tiling.tile_size=128", "--set", "tiling.overlap=16", "--set", "cluster.n_workers=1"]
+    proc = subprocess.Popen(
+        args, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    kill_after = random.Random(7).randint(3, 24)
+    deadline = time.time() + 180
+    while len(storage.list_files(f"{out}/.geoseg/blocks/")) < kill_after and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    committed = len(storage.list_files(f"{out}/.geoseg/blocks/"))
+    assert committed >= kill_after
+    res = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    manifest = json.loads(storage.read_text(f"{out}/manifest.json"))
+    assert manifest["status"] == "finished" and manifest["summary"]["reused"] >= committed
+    assert manifest["summary"]["computed"] == 48 - manifest["summary"]["reused"]
+    # block 128 against the reference's 256: partition invariance holds on the store too
+    np.testing.assert_array_equal(
+        mosaic_of(out)["classes"].values, xr.open_zarr(local_reference / "mosaic.zarr")["classes"].values
+    )
+    assert S3_SECRET not in res.stdout + res.stderr
+
+
+def test_bad_remote_inputs_are_named_and_the_good_scene_completes(
+    tmp_path, remote, scene_1000x700, random_checkpoint, client2, caplog
+):
+    bucket = remote["bucket"]
+    text = tmp_path / "notes.tif"
+    text.write_text("not a raster\n")
+    cog = scene_1000x700[0].with_name("scene_cog.tif")
+    truncated = tmp_path / "truncated.tif"
+    truncated.write_bytes(cog.read_bytes()[: int(cog.stat().st_size * 0.6)])
+    bad = {
+        f"{bucket}/scenes/missing.tif": "no such object",
+        put(text, f"{bucket}/bad/notes.tif"): "not a readable raster",
+        put(truncated, f"{bucket}/bad/truncated.tif"): "cannot read pixel data",
+        f"{S3_ENDPOINT}/{bucket.removeprefix('s3://')}/scenes/cog/scene.tif": "access denied",  # not public
+    }
+    out = f"{bucket}/runs/bad-inputs"
+    cfg = run_config(random_checkpoint, [], Path("unused"), BLOCK, f"inputs={[remote['cog'], *bad]!r}", f"out={out!r}")
+    result = run(cfg, client2)
+    assert set(result.failed_scenes) == set(bad)
+    for url, reason in bad.items():
+        assert reason in result.failed_scenes[url], (url, result.failed_scenes[url])
+    assert not result.failed_blocks
+    manifest = json.loads(storage.read_text(f"{out}/manifest.json"))
+    assert manifest["status"] == "finished"
+    assert {s["path"] for s in manifest["scenes"] if s["status"] == "failed"} == set(bad)
+    assert S3_SECRET not in json.dumps(manifest) and S3_SECRET not in caplog.text
+
+
+def test_an_unreachable_endpoint_is_one_line_naming_the_url(tmp_path, remote):
+    dead = f"http://127.0.0.1:{_closed_port()}"
+    env = {**os.environ, "AWS_ENDPOINT_URL": dead, "PYTHONWARNINGS": "ignore"}
+    env.pop("AWS_S3_ENDPOINT", None)  # derived from the endpoint at start-up
+    args = [sys.executable, "-m", "geoseg", *run_cli_args(remote["cog"], tmp_path / "out", BLOCK)]
+    res = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and remote["cog"] in lines[0] and "endpoint unreachable" in lines[0], res.stderr
+    assert S3_SECRET not in res.stdout + res.stderr
+
+
+def test_an_http_output_is_refused_and_an_s3_out_is_not_a_local_folder(tmp_path, remote, random_checkpoint):
+    from geoseg.runstate import RunError
+
+    with pytest.raises(RunError, match="read-only"):
+        run(run_config(random_checkpoint, [remote["cog"]], Path("unused"), f"out={S3_ENDPOINT + '/x/run'!r}"))
+    assert not Path("s3:").exists() and not (REPO / "s3:").exists()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
