@@ -1,0 +1,186 @@
+"""Object storage against local disk, side by side, on a loopback S3 server (moto's server mode).
+
+    python benchmarks/bench_storage.py [--size 4096] [--repeat 2] [--workers 2]
+
+1. The storage library: obstore against fsspec/s3fs, 200 small objects (markers, records) and
+   5 x 8 MB (partial results) put and got, alternating.
+2. Reads: every block's tile rows of the same COG (deflate, 512 px tiles) from local disk and
+   from the S3 server through GDAL's /vsis3/, with 1 and 2 reader threads (as bench_reads.py).
+3. End to end: ``geoseg run`` of the same scene with input and OUT local, and with input and
+   OUT on the S3 server (LocalCluster, demo model), alternating; best of ``--repeat``.
+
+Ends with ``ratio=X``: the S3 run's time over the local run's (goal: at most 1.10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Set once, before geoseg is imported; Dask's worker processes import this module again and
+# must keep the parent's server.
+os.environ.setdefault("GEOSEG_BENCH_S3_PORT", str(free_port()))
+PORT = int(os.environ["GEOSEG_BENCH_S3_PORT"])
+ENDPOINT = f"http://127.0.0.1:{PORT}"
+os.environ.update(
+    AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1", AWS_ENDPOINT_URL=ENDPOINT
+)
+
+import numpy as np  # noqa: E402
+import rasterio.shutil  # noqa: E402
+
+from geoseg import storage  # noqa: E402
+from geoseg.config import load_config  # noqa: E402
+from geoseg.grid import grid_from_scenes  # noqa: E402
+from geoseg.inference import InferenceSettings, Predictor  # noqa: E402
+from geoseg.models.checkpoint import load_checkpoint  # noqa: E402
+from geoseg.scenes import open_scene  # noqa: E402
+from geoseg.segment import TilingSettings, read_tile_rows  # noqa: E402
+from geoseg.synth import SceneSpec, write_scene  # noqa: E402
+from geoseg.tiling import iter_blocks  # noqa: E402
+from pipelines.segment_scenes import run  # noqa: E402
+
+
+def start_server(log: Path) -> subprocess.Popen:
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(PORT)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(ENDPOINT, timeout=2)
+            return proc
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit("moto_server did not start")
+
+
+def backends(bucket: str, repeat: int) -> None:
+    import obstore
+    import s3fs
+    from obstore.store import from_url
+
+    fs = s3fs.S3FileSystem()
+    store = from_url(f"s3://{bucket}", client_options={"allow_http": True})
+    small, big = b"x" * 300, np.random.default_rng(0).integers(0, 255, 8 << 20, dtype=np.uint8).tobytes()
+    ops = {
+        "fsspec/s3fs": (lambda k, d: fs.pipe_file(f"{bucket}/{k}", d), lambda k: fs.cat_file(f"{bucket}/{k}")),
+        "obstore": (lambda k, d: obstore.put(store, k, d), lambda k: bytes(obstore.get(store, k).bytes())),
+    }
+    best: dict[str, list[float]] = {name: [np.inf, np.inf] for name in ops}
+    for _ in range(repeat):
+        for name, (put, get) in ops.items():
+            t0 = time.perf_counter()
+            for i in range(200):
+                put(f"small/{i}.json", small)
+            for i in range(200):
+                get(f"small/{i}.json")
+            t1 = time.perf_counter()
+            for i in range(5):
+                put(f"big/{i}.npy", big)
+            for i in range(5):
+                get(f"big/{i}.npy")
+            t2 = time.perf_counter()
+            best[name] = [min(best[name][0], t1 - t0), min(best[name][1], t2 - t1)]
+    for name, (s, b) in best.items():
+        print(f"{name:12s} 200 small put+get {s:5.2f} s   5 x 8 MB put+get {b:5.2f} s")
+    print(f"small objects: obstore {best['fsspec/s3fs'][0] / best['obstore'][0]:.1f}x faster")
+
+
+def reads(local: Path, url: str, repeat: int, block: int = 1024) -> None:
+    """Each S3 pass reads a copy of its own: GDAL's cache of range requests (per process) would
+    otherwise serve the later passes from memory."""
+    predictor = Predictor(load_checkpoint("builtin:demo"), InferenceSettings("builtin:demo", device="cpu"))
+    tiling = TilingSettings(256, 32, "gaussian", block)
+    runs: dict[tuple[str, int], float] = {}
+    data = local.read_bytes()
+    for k in range(repeat):
+        for where, loc in (("local", str(local)), ("s3", url)):
+            if where == "s3":
+                loc = url.replace(".tif", f"_{k}.tif")
+                storage.write_bytes(loc, data)
+            scene = open_scene(loc)
+            grid = grid_from_scenes([scene])
+            for threads in (1, 2):
+                if where == "s3":  # a cold copy for each thread count too
+                    loc = url.replace(".tif", f"_{k}_{threads}.tif")
+                    storage.write_bytes(loc, data)
+                    scene = open_scene(loc)
+                start = time.perf_counter()
+                for b in iter_blocks(grid.height, grid.width, block):
+                    rows, cols = tiling.ownership(b, grid)
+                    span = tiling.grid.read_span(cols.owned)
+                    for _ in read_tile_rows([scene], grid, tiling.grid, rows.owned, span, predictor, {}, threads):
+                        pass
+                key = (where, threads)
+                runs[key] = min(runs.get(key, np.inf), time.perf_counter() - start)
+    mpix = grid.width * grid.height / 1e6
+    for (where, threads), seconds in runs.items():
+        print(f"reads {where:5s} {threads} thread(s): {seconds:6.2f} s  {mpix / seconds:6.1f} Mpix/s")
+    settings = {k: v for k, v in os.environ.items() if k in storage.gdal_settings({}) or k.startswith("AWS_S3")}
+    print("GDAL settings:", " ".join(f"{k}={v}" for k, v in sorted(settings.items())))
+
+
+def end_to_end(local: Path, url: str, work: Path, bucket: str, repeat: int, workers: int) -> float:
+    times: dict[str, float] = {}
+    for k in range(repeat):
+        for where, scene, out in (
+            ("local", str(local), str(work / f"run{k}")),
+            ("s3", url, f"s3://{bucket}/runs/run{k}"),
+        ):
+            cfg = load_config(
+                Path("configs/demo.yaml"),
+                [f"inputs=[{scene!r}]", f"out={out!r}", f"cluster.n_workers={workers}", "cluster.dashboard=false"],
+            )
+            start = time.perf_counter()
+            assert run(cfg).ok
+            times[where] = min(times.get(where, np.inf), time.perf_counter() - start)
+            print(f"run {k} {where:5s} {time.perf_counter() - start:6.2f} s")
+    print(f"best: local {times['local']:.2f} s, s3 {times['s3']:.2f} s")
+    return times["s3"] / times["local"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench_storage_") as tmp:
+        work = Path(tmp)
+        server = start_server(work / "moto.log")
+        try:
+            import boto3
+
+            boto3.client("s3", endpoint_url=ENDPOINT).create_bucket(Bucket="bench")
+            backends("bench", args.repeat)
+            scene = write_scene(SceneSpec(args.size, args.size, seed=7), work / "scene.tif")[0]
+            cog = work / "scene_cog.tif"
+            rasterio.shutil.copy(scene, cog, driver="COG", compress="DEFLATE", blocksize=512)
+            url = "s3://bench/scenes/scene_cog.tif"
+            storage.write_bytes(url, cog.read_bytes())
+            reads(cog, url, args.repeat)
+            ratio = end_to_end(cog, url, work, "bench", args.repeat, args.workers)
+        finally:
+            server.terminate()
+    print(f"ratio={ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()
