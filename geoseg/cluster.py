@@ -11,7 +11,6 @@ from contextlib import contextmanager
 import dask
 from distributed import Client, LocalCluster
 
-from geoseg import storage
 from geoseg.config import ClusterConfig, ConfigError
 
 log = logging.getLogger(__name__)
@@ -68,12 +67,9 @@ def worker_exports() -> list[str]:
         "DASK_" + key.upper().replace(".", "__").replace("-", "_"): str(value)
         for key, value in WORKER_DASK_CONFIG.items()
     }
-    # GDAL's settings for cloud reads, derived from this environment's endpoint (never a credential:
-    # workers take theirs from their own environment).
-    endpoint = {k: v for k, v in os.environ.items() if k.startswith(("AWS_ENDPOINT_URL", "AWS_REGION"))}
-    gdal = storage.gdal_settings(endpoint)
-    exports = {**WORKER_ENVIRON, **dask_env, **gdal}
-    return [f"export {name}={shlex.quote(value)}" for name, value in exports.items()]
+    # GDAL's settings for cloud reads need no export: geoseg.storage derives them in every
+    # process that imports geoseg (a worker does with its first task), from its own environment.
+    return [f"export {name}={shlex.quote(value)}" for name, value in {**WORKER_ENVIRON, **dask_env}.items()]
 
 
 def torch_threads_per_worker(cfg: ClusterConfig) -> int:
