@@ -414,7 +414,31 @@ def open_writer(loc: str) -> io.RawIOBase | Any:
 
     _writable(loc)
     store, key = _split(loc)
-    return obstore.open_writer(store, key)
+    return _ObjectWriter(obstore.open_writer(store, key))
+
+
+class _ObjectWriter(io.RawIOBase):
+    """obstore's streaming writer as a Python binary file (pyarrow asks ``closed`` and ``tell``)."""
+
+    def __init__(self, writer: Any) -> None:
+        self._writer, self._position = writer, 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        chunk = bytes(data)
+        self._writer.write(chunk)
+        self._position += len(chunk)
+        return len(chunk)
+
+    def tell(self) -> int:
+        return self._position
+
+    def close(self) -> None:
+        if not self.closed:
+            self._writer.close()
+        super().close()
 
 
 # ---------------------------------------------------------------- other libraries' views

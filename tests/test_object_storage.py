@@ -218,3 +218,28 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_export_and_change_of_runs_on_s3_write_their_layers_to_the_store(remote, local_reference, client2):
+    from geoseg.config import ChangeConfig
+    from pipelines.change_detection import run_change
+    from pipelines.export_layers import export_run, run_config_of
+
+    out = f"{remote['bucket']}/runs/for-export"
+    cfg = run_config(
+        Path("unused"), [], Path("unused"), BLOCK, f"model.checkpoint={remote['checkpoint']}",
+        f"inputs=[{remote['cog']!r}]", f"out={out!r}",
+    )  # fmt: skip
+    assert run(cfg, client2).ok
+    result = export_run(out, run_config_of(out, ["vector.formats=['gpkg', 'parquet', 'fgb']"]), client2)
+    for name in ("classes.tif", "polygons.gpkg", "polygons.parquet", "polygons.fgb", "classes.qml", "report.json"):
+        assert storage.exists(f"{out}/{name}"), name
+    assert result.files["cog"] == f"{out}/classes.tif"
+    with storage.local_copy(f"{out}/classes.tif") as cog, rasterio.open(cog) as src:
+        np.testing.assert_array_equal(src.read(1), xr.open_zarr(local_reference / "mosaic.zarr")["classes"].values)
+    with storage.local_copy(f"{out}/polygons.parquet") as parquet:
+        assert len(gpd.read_parquet(parquet)) == len(gpd.read_file(local_reference / "polygons.gpkg"))
+    change_out = f"{remote['bucket']}/runs/change"
+    changed = run_change(str(local_reference), out, change_out, ChangeConfig(), client2)
+    assert int(changed.matrix.sum() - np.trace(changed.matrix)) == 0  # the same classes on both dates
+    assert storage.exists(f"{change_out}/change.zarr/zarr.json") and storage.exists(f"{change_out}/transitions.png")
