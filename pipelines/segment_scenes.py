@@ -456,6 +456,9 @@ def scene_layers(
 # How often the client looks for free worker threads when no task finishes: workers that join
 # a running job (batch jobs start one by one) get blocks within this time.
 REFILL_S = 1.0
+# Hand step 1 out one block per free worker thread (True), or submit every block at once with
+# its priority and let Dask's scheduler place them (False; measured in benchmarks/bench_handout.py).
+OWN_HAND_OUT = True
 
 
 def work_order(blocks: list[Block], grid: OutputGrid, tiling: TilingSettings) -> list[Block]:
@@ -589,7 +592,9 @@ def segment_blocks(
     def top_up() -> None:
         if not queue:
             return
-        for worker in free_slots(client, resources, running):
+        # OWN_HAND_OUT off (benchmarks/bench_handout.py): every block at once, placed by Dask.
+        slots = free_slots(client, resources, running) if OWN_HAND_OUT else [None] * len(queue)
+        for worker in slots:
             if not queue:
                 break
             b = queue.popleft()
