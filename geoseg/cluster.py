@@ -60,6 +60,12 @@ WORKER_DASK_CONFIG = {
 }
 
 
+# The scheduler of a LocalCluster gives a worker thread one queued step 1 at a time (Dask's
+# default, 1.1, lets a block wait behind another on a busy worker while a thread elsewhere frees
+# up). On a scheduler of your own: DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION=1.0.
+SCHEDULER_DASK_CONFIG = {"distributed.scheduler.worker-saturation": 1.0}
+
+
 def worker_exports() -> list[str]:
     """Shell lines that give a worker geoseg did not start (a batch job, ``dask worker``) the
     environment and Dask settings of the workers of its LocalCluster."""
@@ -124,7 +130,8 @@ def dask_client(cfg: ClusterConfig) -> Iterator[Client]:
             client.close()
         return
     # the nannies hand the config of this moment to the workers they start
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": WORKER_ENVIRON, **WORKER_DASK_CONFIG}):
+    settings = {"distributed.nanny.pre-spawn-environ": WORKER_ENVIRON, **WORKER_DASK_CONFIG, **SCHEDULER_DASK_CONFIG}
+    with dask.config.set(settings):
         cluster = local_cluster(cfg)
     client = Client(cluster)
     if cfg.dashboard:

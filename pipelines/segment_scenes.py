@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import dask
 import geopandas as gpd
 import numpy as np
-from distributed import Client, Future, as_completed, wait
+from dask.delayed import Delayed, delayed
+from distributed import Client, as_completed
 from rasterio.windows import Window
 
 from geoseg import mosaic, partials, runstate, storage, vectorize
@@ -453,14 +454,6 @@ def scene_layers(
     return {f"scene{index[s.path]:05d}": [s] for s in picked}
 
 
-# How often the client looks for free worker threads when no task finishes: workers that join
-# a running job (batch jobs start one by one) get blocks within this time.
-REFILL_S = 1.0
-# Hand step 1 out one block per free worker thread (True), or submit every block at once with
-# its priority and let Dask's scheduler place them (False; measured in benchmarks/bench_handout.py).
-OWN_HAND_OUT = True
-
-
 def work_order(blocks: list[Block], grid: OutputGrid, tiling: TilingSettings) -> list[Block]:
     """Rows of blocks top to bottom; in a row, the blocks that own the most tiles first.
 
@@ -487,27 +480,32 @@ def worker_slots(client: Client, resources: dict[str, float] | None) -> dict[str
     }
 
 
-def free_slots(
-    client: Client, resources: dict[str, float] | None, running: dict[Future, str | None]
-) -> list[str | None]:
-    """A worker address per step-1 slot free now (see :func:`worker_slots`); ``running`` maps the
-    step-1 tasks in flight to the worker they were given to (None: left to the scheduler).
-
-    With no worker at all (a batch job whose workers have not started) one block may wait at
-    the scheduler: ``[None]``.
-    """
-    slots = worker_slots(client, resources)
-    if not any(slots.values()):
-        return [] if running else [None]
-    busy = Counter(w for w in running.values() if w is not None)
-    unplaced = {f.key for f, w in running.items() if w is None}
-    if unplaced:  # count them where the scheduler put them
-        for worker, keys in client.processing().items():
-            placed = unplaced.intersection(keys)
-            busy[worker] += len(placed)
-            unplaced -= placed
-    free: list[str | None] = [w for w, n in slots.items() for _ in range(n - busy[w])]
-    return free[len(unplaced) :]  # blocks the scheduler has not placed yet will take some
+def block_graph(
+    needed: list[Block],
+    todo: list[Block],
+    reach: dict[str, list[Block]],
+    order: dict[str, int],
+    resources: dict[str, float] | None,
+    step1_args: Callable[[Block], tuple],
+    step2_args: Callable[[Block], tuple],
+    tag: str,
+) -> list[Delayed]:
+    """The two steps of the blocks as a Dask graph (built here, run by the caller): step 1 of
+    each block in ``needed`` with its place in :func:`work_order` as priority, and step 2 of each
+    block in ``todo`` right after the last step 1 it needs. Returns the step-2 tasks."""
+    step1 = {}
+    for b in needed:
+        with dask.annotate(priority=-2 * order[b.key], **({"resources": resources} if resources else {})):
+            step1[b.key] = delayed(predict_task, pure=False)(*step1_args(b), dask_key_name=f"predict-{tag}-{b.key}")
+    step2 = []
+    for b in todo:
+        last = max(order[n.key] for n in reach[b.key])
+        with dask.annotate(priority=-2 * last - 1):
+            sources = [step1[n.key] for n in reach[b.key]]
+            step2.append(
+                delayed(finish_task, pure=False)(b, sources, *step2_args(b), dask_key_name=f"finish-{tag}-{b.key}")
+            )
+    return step2
 
 
 def segment_blocks(
@@ -522,12 +520,13 @@ def segment_blocks(
 ) -> dict[str, dict[str, Any]]:
     """Step 1 and step 2 of every block in ``todo`` on the cluster; returns their records.
 
-    Step 1 runs for the blocks to do and the blocks whose tiles reach them, handed out in
-    :func:`work_order` one block per free worker thread (or GPU), and a block's step 2 runs as
-    soon as its last neighbour's step 1 is in, so only about one row of blocks has partial
-    results on disk at any time; a partial is deleted once every block that reads it is finished.
-    Free threads are looked for whenever a task finishes and every ``REFILL_S`` seconds, so a
-    worker that joins a running job gets its blocks at once. Blocks in ``empty`` have no valid
+    Every task is submitted at once and Dask places them: step 1 for the blocks to do and the
+    blocks whose tiles reach them, with priorities in :func:`work_order`, and each block's step 2
+    right after the last step 1 it needs, so only about one row of blocks has partial results
+    in the store at any time; a partial is deleted once every block that reads it is finished.
+    Dask's queuing hands step 1 to worker threads as they free up, and to workers that join a
+    running job at once (an own hand-out loop was no more than 2 % faster at 32 blocks per worker
+    thread: benchmarks/README.md). Blocks in ``empty`` have no valid
     pixel within a tile of them: their tiles add no votes anywhere, so they are neither computed
     nor read. Task keys hold the run's id (runs sharing a scheduler never share a task).
     """
@@ -560,67 +559,19 @@ def segment_blocks(
             "start them with `dask worker ... --resources GPU=1`"
         )
 
-    def submit_step1(b: Block, worker: str | None) -> Future:
-        layers = scene_layers(b, scenes, footprints, tiling.tile_size, cfg.output.mosaic_rule)
-        return client.submit(
-            predict_task, b, layers, grid, tiling, settings, str(out), cfg.cluster.read_threads,
-            key=f"predict-{tag}-{b.key}", pure=False, priority=-2 * order[b.key], resources=resources,
-            workers=[worker] if worker else None, allow_other_workers=worker is not None,  # elsewhere if lost
-        )  # fmt: skip
-
-    # A block's step 2 is submitted with the step 1 of the last block (in work order) reaching it.
-    last_reaching = {b.key: max(reach[b.key], key=lambda n: order[n.key]) for b in todo}
-    step2_after: dict[str, list[Block]] = {}
-    for b in todo:
-        step2_after.setdefault(last_reaching[b.key].key, []).append(b)
-
-    def submit_step2(b: Block) -> Future:
-        return client.submit(
-            finish_task, b, [step1[n.key] for n in reach[b.key]], n_classes, str(out), lease.run_id,
-            key=f"finish-{tag}-{b.key}", pure=False, priority=-2 * order[last_reaching[b.key].key] - 1,
-        )  # fmt: skip
-
-    # Step 1 is handed out here, one block per free worker thread, in work order, to the worker
-    # that is free: Dask would place every block on a worker at once (a few long tasks are not
-    # "root-ish" to its scheduler), or queue a new one behind a busy worker's block while another
-    # worker only had short step-2 tasks, and the worker with the most left finishes last.
-    queue = deque(needed)
-    step1: dict[str, Future] = {}
-    running: dict[Future, str | None] = {}  # step-1 tasks in flight -> the worker asked to run them
-    pending: set[Future] = set()  # step-1 and step-2 tasks not yet reported
-
-    def top_up() -> None:
-        if not queue:
-            return
-        # OWN_HAND_OUT off (benchmarks/bench_handout.py): every block at once, placed by Dask.
-        slots = free_slots(client, resources, running) if OWN_HAND_OUT else [None] * len(queue)
-        for worker in slots:
-            if not queue:
-                break
-            b = queue.popleft()
-            step1[b.key] = submit_step1(b, worker)
-            running[step1[b.key]] = worker
-            pending.add(step1[b.key])
-            for finish in step2_after.get(b.key, []):
-                pending.add(submit_step2(finish))
-
-    def finished_blocks() -> Iterator[Future]:
-        top_up()
-        while pending:
-            try:
-                done = wait(list(pending), timeout=REFILL_S, return_when="FIRST_COMPLETED").done
-            except TimeoutError:  # nothing finished, but workers may have joined meanwhile
-                done = set()
-            for fut in done:
-                pending.discard(fut)
-                if fut in running:  # a step 1: its block is finished by its step 2
-                    del running[fut]
-                else:
-                    yield fut
-            top_up()
+    graph = block_graph(
+        needed, todo, reach, order, resources,
+        lambda b: (b, scene_layers(b, scenes, footprints, tiling.tile_size, cfg.output.mosaic_rule), grid, tiling,
+                   settings, str(out), cfg.cluster.read_threads),
+        lambda b: (n_classes, str(out), lease.run_id),
+        tag,
+    )  # fmt: skip
+    # One submission: the scheduler sees every step 1 at once and queues them (it assigns the
+    # first few of a group submitted task by task before it knows the group is large).
+    step2 = client.compute(graph, optimize_graph=False)
 
     records: dict[str, dict[str, Any]] = {}
-    for fut in track(finished_blocks(), total=len(todo), description="segmenting blocks"):
+    for fut in track(as_completed(step2), total=len(todo), description="segmenting blocks"):
         lease.check()
         rec = fut.result()
         key = rec.pop("block")
@@ -629,7 +580,6 @@ def segment_blocks(
         for n in reach[key]:
             readers[n.key] -= 1
             if readers[n.key] == 0:
-                step1.pop(n.key).release()
                 partials.remove_block(storage.join(out, PARTIALS_DIR, n.key))
     return records
 

@@ -79,10 +79,13 @@ def scene_1000x700(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _local_client(n_workers: int):
-    with (
-        LocalCluster(n_workers=n_workers, threads_per_worker=1, dashboard_address=":0", host="127.0.0.1") as cluster,
-        Client(cluster) as client,
-    ):
+    import dask
+
+    from geoseg.cluster import SCHEDULER_DASK_CONFIG
+
+    with dask.config.set(SCHEDULER_DASK_CONFIG):  # the scheduler geoseg's own LocalCluster has
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, dashboard_address=":0", host="127.0.0.1")
+    with cluster, Client(cluster) as client:
         yield client
 
 

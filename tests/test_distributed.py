@@ -18,7 +18,6 @@ import xarray as xr
 from conftest import make_random_checkpoint, predict_transitions, run_cli_args, run_config
 from distributed import Client, LocalCluster
 
-from pipelines import segment_scenes
 from pipelines.segment_scenes import RunError, run, worker_slots
 
 BIN = Path(sys.executable).parent
@@ -226,8 +225,8 @@ def test_a_worker_that_joins_a_running_job_gets_blocks_without_waiting_for_one_t
     tmp_path, monkeypatch, slow_checkpoint, scene_1000x700, reference_mosaic
 ):
     """Batch jobs start one by one: the run begins with no worker, and the worker that joins
-    fills both its threads at once instead of one until the first block is finished."""
-    monkeypatch.setattr(segment_scenes, "REFILL_S", 0.2)
+    fills both its threads at once (Dask's queue) instead of one until the first block is finished."""
+    monkeypatch.setenv("DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION", "1.0")  # as the README advises
     scheduler, sched_file = _start_scheduler(tmp_path)
     procs = [scheduler]
     try:
