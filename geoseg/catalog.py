@@ -42,7 +42,9 @@ def stac_assets(loc: str, asset: str) -> list[str]:
 
 
 def _is_pattern(loc: str) -> bool:
-    return any(ch in loc for ch in "*?[")
+    """Whether ``loc`` is a glob pattern (in an http(s) URL a "?" starts the query, as in a signed URL)."""
+    wildcards = "*[" if storage.scheme(loc) in storage.READ_ONLY else "*?["
+    return any(ch in loc for ch in wildcards)
 
 
 def expand_inputs(inputs: list[str], stac_asset: str = "image", empty: dict[str, str] | None = None) -> list[str]:

@@ -97,4 +97,6 @@ def load_layers(folder: str, interior: bool = True) -> dict[str, Partial]:
 
 
 def remove_block(folder: str) -> None:
+    """Uncommit a block (its record first), then remove the rest: never a record without its layers."""
+    storage.delete(storage.join(folder, RECORD))
     storage.delete_tree(folder)

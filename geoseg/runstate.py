@@ -173,6 +173,11 @@ class Lease:
             if self._create():
                 break
             holder = self._read_settled()
+            if holder is None and storage.exists(self.path):  # a passing error must not evict a live run
+                raise RunError(
+                    f"{self.path}: the lease of the output folder cannot be read; "
+                    "if no run is writing there, delete it and start again"
+                )
             if holder is not None and holder.alive():
                 raise RunError(
                     f"{self.out} is in use by another geoseg run ({holder.describe()}); "

@@ -92,7 +92,7 @@ def open_scene(path: str | Path, expected_bands: int | None = None) -> SceneInfo
     elif not Path(path).is_file():
         raise SceneError(path, "file not found")
     try:
-        src = rasterio.open(storage.gdal_path(path))
+        src = storage.open_raster(path)
     except Exception as exc:
         raise SceneError(path, f"not a readable raster ({storage.redact(_gdal_message(exc))})") from None
     with src:
@@ -145,7 +145,7 @@ def data_coverage(path: str | Path, max_blocks: int = 4_000_000) -> DataCoverage
     """The blocks of a sparse GeoTIFF that hold data, from its block offsets (header only; a
     query costs well under a microsecond). None where every block is there, or where absent
     blocks would not read as nodata (no nodata value) or the file is no GeoTIFF."""
-    with rasterio.open(storage.gdal_path(path)) as src:
+    with storage.open_raster(path) as src:
         # Only where validity comes from the nodata value: an absent block under a mask band
         # (internal mask, alpha) reads as nodata values that the mask may still call valid.
         if src.driver != "GTiff" or src.nodata is None or any(f != [MaskFlags.nodata] for f in src.mask_flag_enums):
@@ -202,7 +202,7 @@ def read_window(
     with the open dataset, so rows shared by consecutive windows are decoded once.
     """
     if src is None:
-        with rasterio.open(storage.gdal_path(info.path)) as opened:
+        with storage.open_raster(info.path) as opened:
             return read_window(info, crs, transform, window, opened)
     try:
         return _read_window(info, crs, transform, window, src)

@@ -302,7 +302,7 @@ class _BandReader:
             stack = ExitStack()
             with self._lock:
                 self._stacks.append(stack)
-            datasets = {s.path: stack.enter_context(rasterio.open(storage.gdal_path(s.path))) for s in self.scenes}
+            datasets = {s.path: stack.enter_context(storage.open_raster(s.path)) for s in self.scenes}
             self._local.datasets = datasets
         return datasets
 

@@ -25,6 +25,7 @@ import fnmatch
 import glob as local_glob
 import io
 import os
+import posixpath
 import re
 import shutil
 import tempfile
@@ -34,7 +35,7 @@ from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
 # URL scheme -> GDAL virtual file system prefix
 GDAL_PREFIX = {
@@ -53,8 +54,11 @@ SECRET_VARIABLES = (
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
     "AZURE_STORAGE_ACCOUNT_KEY",
+    "AZURE_STORAGE_ACCESS_KEY",
     "AZURE_STORAGE_SAS_TOKEN",
     "AZURE_STORAGE_CONNECTION_STRING",
+    "AZURE_CLIENT_SECRET",
+    "GOOGLE_SERVICE_ACCOUNT_KEY",
 )
 
 
@@ -108,12 +112,16 @@ def parent(loc: str) -> str:
 def resolve_href(base: str, href: str) -> str:
     """``href`` (from a STAC item at ``base``) as a location: absolute hrefs as they are,
     relative ones against the item's own location."""
-    if is_url(href) or href.startswith("/"):
+    if is_url(href):
         return href
     href = href.removeprefix("file://")
-    if is_url(base):
-        return urljoin(base, href)
-    return str((Path(base).parent / href).resolve())
+    if not is_url(base):
+        return href if href.startswith("/") else str((Path(base).parent / href).resolve())
+    parts = urlsplit(base)
+    # An href from "/" starts at the bucket or host; a relative one at the item's folder (by hand:
+    # urljoin resolves the http schemes only).
+    relative = posixpath.normpath(posixpath.join(posixpath.dirname(parts.path), href))
+    return f"{parts.scheme}://{parts.netloc}{href if href.startswith('/') else relative}"
 
 
 def redact(text: str) -> str:
@@ -123,14 +131,15 @@ def redact(text: str) -> str:
         value = os.environ.get(variable)
         if value and len(value) >= 4:
             text = text.replace(value, "***")
-    return re.sub(r"(https?://[^\s?'\"]+)\?[^\s'\"]*", r"\1?***", text)
+    text = re.sub(r"(https?://[^\s?'\"]+)\?[^\s'\"]*", r"\1?***", text)
+    return re.sub(r"(\w+://)[^/\s@:]+:[^/\s@]+@", r"\1***@", text)  # user:password@host
 
 
 # ---------------------------------------------------------------- object stores
 
 
 def _client_options() -> dict[str, Any]:
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3") or ""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
     # An endpoint that does not answer is reported within seconds, not after minutes of retries.
     options: dict[str, Any] = {"connect_timeout": "10s"}
     if endpoint.startswith("http://"):
@@ -153,6 +162,8 @@ def _store(root: str):
 def _split(loc: str) -> tuple[Any, str]:
     """The store holding ``loc`` and the key within it."""
     parts = urlsplit(loc)
+    if parts.scheme in READ_ONLY and parts.query:  # a signed URL: the store is the whole URL
+        return _store(loc), ""
     root = f"{parts.scheme}://{parts.netloc}"
     return _store(root), parts.path.lstrip("/")
 
@@ -251,7 +262,8 @@ def glob(pattern: str) -> list[str]:
         return sorted(local_glob.glob(pattern))
     head = re.split(r"[*?\[]", pattern, maxsplit=1)[0]
     prefix = head.rsplit("/", 1)[0] + "/"
-    return [loc for loc in list_files(prefix) if fnmatch.fnmatchcase(loc, pattern)]
+    depth = pattern.count("/")  # as a local glob: a wildcard does not cross a "/"
+    return [loc for loc in list_files(prefix) if loc.count("/") == depth and fnmatch.fnmatchcase(loc, pattern)]
 
 
 @contextlib.contextmanager
@@ -363,8 +375,12 @@ def delete(loc: str) -> None:
     import obstore
 
     store, key = _split(loc)
-    with contextlib.suppress(FileNotFoundError):
+    try:
         obstore.delete(store, key)
+    except FileNotFoundError:
+        pass
+    except Exception as exc:
+        raise _remote_error(loc, exc) from None
 
 
 def delete_tree(loc: str) -> None:
@@ -377,7 +393,10 @@ def delete_tree(loc: str) -> None:
     keys = [_split(f)[1] for f in list_files(loc.rstrip("/") + "/")]
     if keys:
         store, _ = _split(loc)
-        obstore.delete(store, keys)
+        try:
+            obstore.delete(store, keys)
+        except Exception as exc:
+            raise _remote_error(loc, exc) from None
 
 
 def upload(path: Path, loc: str) -> None:
@@ -428,7 +447,10 @@ class _ObjectWriter(io.RawIOBase):
 
     def write(self, data: Any) -> int:
         chunk = bytes(data)
-        self._writer.write(chunk)
+        try:
+            self._writer.write(chunk)
+        except Exception as exc:
+            raise _remote_error("stream", exc) from None
         self._position += len(chunk)
         return len(chunk)
 
@@ -459,7 +481,7 @@ def storage_options(loc: str) -> dict[str, Any]:
     """fsspec's options for ``loc`` (what xarray, geopandas and pyarrow take), from the environment."""
     if scheme(loc) != "s3":
         return {}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
 
 
@@ -471,7 +493,11 @@ def gdal_path(loc: str | Path) -> str:
         return text
     if kind in READ_ONLY:
         return GDAL_PREFIX[kind] + text
-    return GDAL_PREFIX[kind] + text.split("://", 1)[1]
+    rest = text.split("://", 1)[1]
+    if kind in ("abfs", "abfss"):  # container@account.dfs.core.windows.net/path -> container/path
+        container, _, tail = rest.partition("/")
+        rest = container.split("@", 1)[0] + "/" + tail
+    return GDAL_PREFIX[kind] + rest
 
 
 def gdal_settings(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -481,10 +507,8 @@ def gdal_settings(environ: dict[str, str] | None = None) -> dict[str, str]:
     merged and multiplexed range requests of 2 MB, a 256 MB cache of them per process."""
     env = os.environ if environ is None else environ
     settings = {
-        "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
         "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
         "GDAL_HTTP_MULTIPLEX": "YES",
-        "VSI_CACHE": "TRUE",
         "GDAL_HTTP_MAX_RETRY": "3",
         "GDAL_HTTP_RETRY_DELAY": "1",
         # Bands of whole file blocks are read: larger range requests, and a cache that keeps the
@@ -500,7 +524,31 @@ def gdal_settings(environ: dict[str, str] | None = None) -> dict[str, str]:
         settings["AWS_VIRTUAL_HOSTING"] = "FALSE"
     if env.get("AWS_REGION") and "AWS_DEFAULT_REGION" not in env:
         settings["AWS_DEFAULT_REGION"] = env["AWS_REGION"]
+    # obstore's (and Azure's tools') names for the account, GDAL's own
+    for theirs, gdals in (
+        ("AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT"),
+        ("AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_ACCESS_KEY"),
+    ):
+        if env.get(theirs) and gdals not in env:
+            settings[gdals] = env[theirs]
     return {k: v for k, v in settings.items() if k not in env}
+
+
+# Given to GDAL only while a URL is opened: for a local file they would hide its sidecars
+# (.tfw, .msk, .ovr, .aux.xml) and change how it is cached.
+REMOTE_OPEN_OPTIONS = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "VSI_CACHE": "TRUE"}
+
+
+def open_raster(loc: str | Path):
+    """``rasterio.open`` of a location: a URL through GDAL's network file systems, with the
+    options for opening COGs over a network."""
+    import rasterio
+
+    text = str(loc)
+    if not is_url(text):
+        return rasterio.open(text)
+    with rasterio.Env(**REMOTE_OPEN_OPTIONS):
+        return rasterio.open(gdal_path(text))
 
 
 def export_gdal_settings() -> None:

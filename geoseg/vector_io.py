@@ -31,6 +31,7 @@ class LayerWriter:
             raise ValueError(f"{self.loc}: batched writing supports .gpkg and .parquet")
         self._staging: str | None = None
         if storage.is_url(self.loc):
+            storage.delete(self.loc)  # an older layer must not outlive an empty new one
             self._staging = tempfile.mkdtemp(prefix="geoseg-layer-")
             self.path = Path(self._staging) / storage.name(self.loc)
         else:

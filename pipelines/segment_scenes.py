@@ -305,7 +305,8 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
             with dask_client(cfg.cluster) as own:
                 return execute(plan, own, lease)
         except Exception:
-            if created and not runstate.committed_blocks(plan.out):  # still ours: the lease is held
+            # still ours (the lease is held): nothing of value is lost
+            if created and not lease.lost_reason and not runstate.committed_blocks(plan.out):
                 storage.delete_tree(plan.out)
             raise
 
@@ -525,8 +526,9 @@ def segment_blocks(
     right after the last step 1 it needs, so only about one row of blocks has partial results
     in the store at any time; a partial is deleted once every block that reads it is finished.
     Dask's queuing hands step 1 to worker threads as they free up, and to workers that join a
-    running job at once (an own hand-out loop was no more than 2 % faster at 32 blocks per worker
-    thread: benchmarks/README.md). Blocks in ``empty`` have no valid
+    running job at once. It does not queue tasks that ask for a GPU resource: it places those
+    on the GPU workers there are. An own hand-out loop was no more than 2 % faster at 32 blocks
+    per worker thread (benchmarks/README.md). Blocks in ``empty`` have no valid
     pixel within a tile of them: their tiles add no votes anywhere, so they are neither computed
     nor read. Task keys hold the run's id (runs sharing a scheduler never share a task).
     """

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import boto3
@@ -243,3 +244,36 @@ def test_export_and_change_of_runs_on_s3_write_their_layers_to_the_store(remote,
     changed = run_change(str(local_reference), out, change_out, ChangeConfig(), client2)
     assert int(changed.matrix.sum() - np.trace(changed.matrix)) == 0  # the same classes on both dates
     assert storage.exists(f"{change_out}/change.zarr/zarr.json") and storage.exists(f"{change_out}/transitions.png")
+
+
+def test_a_stac_collection_in_the_bucket_names_its_cogs_relatively_and_globs_stay_in_their_folder(remote):
+    from geoseg.catalog import expand_inputs
+
+    bucket = remote["bucket"]
+    items = {
+        "type": "FeatureCollection",
+        "features": [
+            {"type": "Feature", "id": "a", "assets": {"image": {"href": "../scenes/cog/scene.tif"}}},
+            {"type": "Feature", "id": "b", "assets": {"image": {"href": "/scenes/scene.tif"}}},
+        ],
+    }
+    storage.write_text(f"{bucket}/stac/items.json", json.dumps(items))
+    assert expand_inputs([f"{bucket}/stac/items.json"]) == [remote["cog"], remote["scene"]]
+    assert expand_inputs([f"{bucket}/scenes/*.tif"]) == [remote["scene"]]  # not scenes/cog/scene.tif
+    assert expand_inputs([f"{bucket}/scenes/"]) == [remote["cog"], remote["scene"]]  # a prefix: at any depth
+    empty: dict[str, str] = {}
+    assert expand_inputs([f"{bucket}/nothing/*.tif", f"{bucket}/nothing/"], empty=empty) == []
+    assert set(empty.values()) == {"pattern that matches no file", "prefix with no .tif/.tiff object"}
+
+
+def test_local_sidecar_files_are_still_read(tmp_path):
+    """GDAL's settings for network opens (no directory listing) must not hide a local file's sidecars."""
+    path = tmp_path / "plain.tif"
+    with warnings.catch_warnings():  # written without a transform: the .tfw gives it
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        dst = rasterio.open(path, "w", driver="GTiff", width=8, height=8, count=1, dtype="uint8")
+    with dst:
+        dst.write(np.ones((1, 8, 8), np.uint8))
+    path.with_suffix(".tfw").write_text("10\n0\n0\n-10\n500005\n5199995\n")
+    with storage.open_raster(path) as src:
+        assert (src.transform.c, src.transform.f) == (500000.0, 5200000.0)
