@@ -32,6 +32,7 @@ from geoseg.cluster import dask_client, torch_threads_per_worker
 from geoseg.config import RunConfig, VectorConfig
 from geoseg.grid import OutputGrid, grid_from_scenes
 from geoseg.inference import InferenceSettings, get_predictor
+from geoseg.manifest import BlockRecord, ModelRecord, RunManifest, SceneRecord, Summary, Timings
 from geoseg.models.checkpoint import Checkpoint, load_checkpoint
 from geoseg.progress import track
 from geoseg.quicklook import write_quicklook
@@ -391,46 +392,41 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
     lease.check()
     manifest_loc = storage.join(out, MANIFEST_NAME)
     result = RunResult(out, mosaic_path, polygons_path, manifest_loc, failed_scenes, failed_blocks, quicklook)
-    manifest = {
-        "status": runstate.INCOMPLETE if failed_blocks else runstate.FINISHED,
-        "run_id": lease.run_id,
-        "geoseg_version": _version(),
-        "inputs": list(cfg.inputs),
-        "scenes": [
-            {"path": s.path, "status": "unused" if s.path in unused else "ok", "acquired": s.acquired}
+    manifest = RunManifest(
+        status=runstate.INCOMPLETE if failed_blocks else runstate.FINISHED,
+        run_id=lease.run_id,
+        geoseg_version=_version(),
+        inputs=list(cfg.inputs),
+        scenes=[
+            SceneRecord(path=s.path, status="unused" if s.path in unused else "ok", acquired=s.acquired)
             for s in scenes
             if s.path not in failed_scenes
         ]
-        + [{"path": p, "status": "failed", "error": r} for p, r in failed_scenes.items()],
-        "model": {"checkpoint": ckpt.path, "sha256": ckpt.sha256, "arch": ckpt.arch, "bands": ckpt.bands},
-        "config": cfg.model_dump(mode="json"),
-        "fingerprint": plan.fingerprint,
-        "grid": {**asdict(grid), "bounds": grid.bounds, "epsg": grid.crs.to_epsg()},
-        "blocks": dict(sorted(block_records.items())),  # blocks without data are left out: see summary
-        "summary": {
-            "blocks": len(blocks),
-            "computed": len(todo),
-            "reused": len(reused),
-            "without_data": len(empty),
-            "failed_blocks": len(failed_blocks),
-            "failed_scenes": len(failed_scenes),
-            "tiles": sum(int(r.get("tiles", 0)) for r in block_records.values()),
-        },
-        "timings": {
-            # worker seconds in forward passes, and their share of the block tasks' time
-            "forward_s": round(forward_s, 3),
-            "model_share": round(forward_s / task_s, 3) if task_s else None,
-            "segment_s": round(t_segment, 3),
-            "vectorize_s": round(t_vec, 3),
-            "total_s": round(time.perf_counter() - t0, 3),
-        },
-        "outputs": {
-            "mosaic": str(mosaic_path),
-            "polygons": str(polygons_path) if polygons_path else None,
-            "quicklook": str(quicklook),
-        },
-    }
-    runstate.write_manifest(out, manifest)
+        + [SceneRecord(path=p, status="failed", error=r) for p, r in failed_scenes.items()],
+        model=ModelRecord(checkpoint=ckpt.path, sha256=ckpt.sha256, arch=ckpt.arch, bands=ckpt.bands),
+        config=cfg.model_dump(mode="json"),
+        fingerprint=plan.fingerprint,
+        grid={**asdict(grid), "bounds": grid.bounds, "epsg": grid.crs.to_epsg()},
+        blocks={k: BlockRecord.model_validate(v) for k, v in sorted(block_records.items())},
+        summary=Summary(
+            blocks=len(blocks),
+            computed=len(todo),
+            reused=len(reused),
+            without_data=len(empty),
+            failed_blocks=len(failed_blocks),
+            failed_scenes=len(failed_scenes),
+            tiles=sum(int(r.get("tiles", 0)) for r in block_records.values()),
+        ),
+        timings=Timings(
+            forward_s=round(forward_s, 3),
+            model_share=round(forward_s / task_s, 3) if task_s else None,
+            segment_s=round(t_segment, 3),
+            vectorize_s=round(t_vec, 3),
+            total_s=round(time.perf_counter() - t0, 3),
+        ),
+        outputs={"mosaic": mosaic_path, "polygons": polygons_path, "quicklook": quicklook},
+    )
+    runstate.write_manifest(out, manifest.model_dump(mode="json"))
     return result
 
 
