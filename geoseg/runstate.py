@@ -137,7 +137,8 @@ class Lease:
     heartbeat thread, and released at the end. A second run finds it and is refused.
 
     A holder judged gone is moved aside by a rename (of two takers only one can move it), and
-    the new lease linked in its place. Should another run take the lease over anyway, the
+    the new lease linked in its place; on an object store it is overwritten only if it is still
+    the version judged gone (If-Match). Should another run take the lease over anyway, the
     heartbeat notices, :meth:`check` raises and the workers' block commits stop
     (:func:`holds_lease`), so this run writes nothing more.
     """
@@ -183,6 +184,10 @@ class Lease:
                     f"{self.out} is in use by another geoseg run ({holder.describe()}); "
                     "wait for it to finish, or give another output folder"
                 )
+            if storage.is_url(self.path):
+                if self._replace_stale(holder):
+                    break
+                continue
             if self._move_aside(holder):
                 what = holder.describe() if holder else "unreadable lease"
                 log.warning("%s: taking over from a run that is gone (%s)", self.out, what)
@@ -220,14 +225,22 @@ class Lease:
             time.sleep(0.1)
         return None
 
+    def _replace_stale(self, stale: LeaseHolder | None) -> bool:
+        """On an object store: overwrite the lease judged gone only if it is still that one (a
+        conditional PUT on the version just read): of two takers, one succeeds."""
+        try:
+            data, version = storage.read_versioned(self.path)
+        except storage.StorageError:
+            return False  # gone meanwhile: create it again
+        current = _holder(data)
+        if version is None or (current.run_id if current else None) != (stale.run_id if stale else None):
+            return False  # changed since it was judged: judge again
+        return storage.replace_if(self.path, self._payload().encode(), version)
+
     def _move_aside(self, stale: LeaseHolder | None) -> bool:
-        """Take the lease judged gone out of the way. Locally a rename (of two takers only one
+        """Locally, take the lease judged gone out of the way by a rename (of two takers only one
         can move it), put back if what moved was not it (a taker that came first linked a fresh
-        one meanwhile). An object store has no rename: the object is deleted, and a second
-        taker deleting the first one's fresh lease is caught by the heartbeat (see the class)."""
-        if storage.is_url(self.path):
-            storage.delete(self.path)
-            return True
+        one meanwhile)."""
         path = Path(self.path)
         aside = path.with_name(f".{LEASE_NAME}.gone-{uuid.uuid4().hex[:8]}")
         try:
@@ -245,12 +258,16 @@ class Lease:
         failing_since: float | None = None
         while not self._stop.wait(self.heartbeat_s):
             try:
-                current = read_lease(self.out)
+                data, version = storage.read_versioned(self.path)
+                current = _holder(data)
                 if current is not None and current.run_id != self.run_id:
                     self.lost_reason = f"another run took the output folder over ({current.describe()})"
                     log.error("%s: %s", self.out, self.lost_reason)
                     return
-                storage.write_text(self.path, self._payload())
+                if version is None:
+                    storage.write_text(self.path, self._payload())
+                else:  # only over our own lease: a taker's write in between wins, seen next beat
+                    storage.replace_if(self.path, self._payload().encode(), version)
                 failing_since = None
             except OSError as exc:  # a passing storage error; a lasting one loses the lease
                 failing_since = failing_since or time.time()
@@ -260,10 +277,17 @@ class Lease:
                     return
 
 
+def _holder(data: bytes) -> LeaseHolder | None:
+    try:
+        return LeaseHolder(**json.loads(data))
+    except (ValueError, TypeError):
+        return None
+
+
 def read_lease_file(loc: str) -> LeaseHolder | None:
     try:
-        return LeaseHolder(**json.loads(storage.read_text(loc)))
-    except (OSError, ValueError, TypeError):
+        return _holder(storage.read_bytes(loc))
+    except OSError:
         return None
 
 

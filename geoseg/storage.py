@@ -367,6 +367,36 @@ def create(loc: str, data: bytes) -> bool:
         raise _remote_error(loc, exc) from None
 
 
+def read_versioned(loc: str) -> tuple[bytes, str | None]:
+    """An object's bytes and its version tag (ETag), for :func:`replace_if`; a local file has no tag."""
+    if not is_url(loc):
+        return read_bytes(loc), None
+    import obstore
+
+    store, key = _split(loc)
+    try:
+        result = obstore.get(store, key)
+        return bytes(result.bytes()), result.meta.get("e_tag")
+    except Exception as exc:
+        raise _remote_error(loc, exc) from None
+
+
+def replace_if(loc: str, data: bytes, version: str) -> bool:
+    """Overwrite the object ``loc`` only if it is still at ``version`` (a conditional PUT,
+    If-Match); whether this call replaced it. Two callers with the same version: one succeeds."""
+    import obstore
+
+    _writable(loc)
+    store, key = _split(loc)
+    try:
+        obstore.put(store, key, data, mode={"e_tag": version})
+        return True
+    except Exception as exc:
+        if type(exc).__name__ in ("PreconditionError", "NotFoundError") or isinstance(exc, FileNotFoundError):
+            return False
+        raise _remote_error(loc, exc) from None
+
+
 def delete(loc: str) -> None:
     """Remove a file or object; a missing one is not an error."""
     if not is_url(loc):

@@ -277,3 +277,28 @@ def test_local_sidecar_files_are_still_read(tmp_path):
     path.with_suffix(".tfw").write_text("10\n0\n0\n-10\n500005\n5199995\n")
     with storage.open_raster(path) as src:
         assert (src.transform.c, src.transform.f) == (500000.0, 5200000.0)
+
+
+def test_the_lease_on_a_store_refuses_a_second_run_and_only_one_taker_replaces_a_stale_one(remote):
+    from dataclasses import asdict, replace
+
+    from geoseg.runstate import Lease, RunError, read_lease
+
+    out = f"{remote['bucket']}/runs/leased"
+    with Lease(out, "first", heartbeat_s=0.1):
+        with pytest.raises(RunError, match="is in use by another geoseg run"):
+            Lease(out, "second").acquire()
+        first = read_lease(out).heartbeat
+        time.sleep(0.5)
+        assert read_lease(out).heartbeat > first  # the heartbeat renews it on the store
+        holder = read_lease(out)
+    assert read_lease(out) is None
+    stale = replace(holder, run_id="gone", node="elsewhere:1", heartbeat=time.time() - 3600)
+    storage.write_text(f"{out}/.geoseg/lease.json", json.dumps(asdict(stale)))
+    a, b = Lease(out, "a"), Lease(out, "b")
+    assert a._replace_stale(stale)  # a overwrites the version it judged gone ...
+    assert not b._replace_stale(stale)  # ... b, judging the same, finds it changed
+    assert read_lease(out).run_id == "a"
+    b_lease = Lease(out, "b")
+    with pytest.raises(RunError, match="is in use"):  # a's lease is fresh: b is refused
+        b_lease.acquire()
