@@ -17,13 +17,14 @@ from pathlib import Path
 from rasterio.crs import CRS
 
 from geoseg import mosaic
+from geoseg.blocks import MOSAIC_NAME
 from geoseg.cluster import dask_client
 from geoseg.config import ClusterConfig, VectorConfig
 from geoseg.grid import OutputGrid
 from geoseg.synth import SceneSpec, make_labels
 from geoseg.tiling import iter_blocks
 from geoseg.vector_io import LayerWriter
-from pipelines.segment_scenes import MOSAIC_NAME, stream_polygons
+from pipelines.segment_scenes import stream_polygons
 
 LEGEND = {i: n for i, n in enumerate(["water", "forest", "grassland", "cropland", "built-up", "bare soil", "road"])}
 

@@ -235,11 +235,12 @@ def vectorize(
 ) -> None:
     """Polygonize a finished run's mosaic again (e.g. with another vector.mmu_pixels) into OUT/polygons.gpkg."""
     from geoseg import runstate, storage
+    from geoseg.blocks import MOSAIC_NAME
     from geoseg.cluster import dask_client
     from geoseg.mosaic import read_grid, read_legend
     from geoseg.tiling import iter_blocks
     from pipelines.export_layers import blocks_with_classes, run_config_of
-    from pipelines.segment_scenes import MOSAIC_NAME, write_polygons
+    from pipelines.segment_scenes import write_polygons
 
     with _user_errors():
         out = storage.absolute(out)

@@ -21,6 +21,7 @@ from rasterio.warp import reproject, transform_bounds
 
 from geoseg import change, mosaic, runstate, storage, vectorize
 from geoseg.blending import NODATA
+from geoseg.blocks import MOSAIC_NAME
 from geoseg.cluster import dask_client
 from geoseg.config import ChangeConfig, VectorConfig
 from geoseg.grid import OutputGrid
@@ -28,7 +29,7 @@ from geoseg.progress import track
 from geoseg.runstate import Lease, RunError, prepare_output
 from geoseg.tiling import Block, Span, iter_blocks
 from geoseg.vector_io import LayerWriter
-from pipelines.segment_scenes import MOSAIC_NAME, stream_polygons
+from pipelines.segment_scenes import stream_polygons
 
 log = logging.getLogger(__name__)
 CHANGE_STORE = "change.zarr"

@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from distributed import Client
 
 from geoseg import export, mosaic, runstate, storage
+from geoseg.blocks import MOSAIC_NAME, has_classes
 from geoseg.cluster import dask_client
 from geoseg.config import RunConfig
 from geoseg.quicklook import write_quicklook
 from geoseg.runstate import Lease
 from geoseg.tiling import Block, iter_blocks
 from geoseg.vector_io import LayerWriter, write_flatgeobuf
-from pipelines.segment_scenes import MOSAIC_NAME, has_classes, stream_polygons
+from pipelines.segment_scenes import stream_polygons
 
 log = logging.getLogger(__name__)
 SUFFIX = {"gpkg": ".gpkg", "parquet": ".parquet", "fgb": ".fgb"}

@@ -333,7 +333,8 @@ def write_patch_scene(path, scene, size: int, patch: tuple[int, int, int], spars
 def test_blocks_without_data_cost_no_pass_and_leave_no_votes(tmp_path, random_checkpoint, scene_1000x700, client2):
     """A sparse file's absent blocks are left out before any task; all-nodata blocks of a dense
     file compute no tile and save no votes. Both give the mosaic of the same pixels."""
-    from pipelines.segment_scenes import plan_run, predict_task
+    from geoseg.blocks import predict_task
+    from pipelines.segment_scenes import plan_run
 
     patch = (1100, 700, 300)
     outs = {}

@@ -1,0 +1,244 @@
+"""The block tasks of a segmentation run, and the Dask graph of them (run by the caller).
+
+    step 1, predict_task: the tiles a block owns -> votes, saved under OUT/.geoseg/partials
+    step 2, finish_task:  its own and its neighbours' votes -> classes, confidence -> store, marker
+    polygonize_task:      a finished block -> polygons (pieces cut by block edges kept apart)
+
+Which scenes a block reads comes from their footprints on the output grid, down to the blocks a
+sparse file stores: a block no scene reaches with data gets no task at all. Each task takes and
+returns plain values, and meets the others only through the run's store (no shared disk).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import numpy as np
+from dask.delayed import Delayed, delayed
+from rasterio.windows import Window
+
+from geoseg import mosaic, partials, runstate, storage, vectorize
+from geoseg.blending import NODATA
+from geoseg.config import VectorConfig
+from geoseg.grid import OutputGrid
+from geoseg.inference import InferenceSettings, get_predictor
+from geoseg.runstate import STATE_DIR
+from geoseg.scenes import DataCoverage, SceneInfo, same_grid
+from geoseg.segment import TilingSettings, finish_block, most_confident, predict_block, reader_threads
+from geoseg.tiling import Block
+
+MOSAIC_NAME = "mosaic.zarr"
+PARTIALS_DIR = f"{STATE_DIR}/partials"
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Where a scene lands on the output grid, and which parts of it hold data (sparse files)."""
+
+    window: Window
+    coverage: DataCoverage | None = None  # only for a scene on the grid's own lattice
+
+    def reaches(self, block: Block, margin: int) -> bool:
+        """Whether the scene may have a valid pixel in ``block`` widened by ``margin``."""
+        fp = self.window
+        if not (
+            fp.col_off < block.cols.stop + margin
+            and fp.col_off + fp.width > block.cols.start - margin
+            and fp.row_off < block.rows.stop + margin
+            and fp.row_off + fp.height > block.rows.start - margin
+        ):
+            return False
+        if self.coverage is None:
+            return True
+        r0, c0 = round(fp.row_off), round(fp.col_off)
+        rows = (block.rows.start - margin - r0, block.rows.stop + margin - r0)
+        cols = (block.cols.start - margin - c0, block.cols.stop + margin - c0)
+        return self.coverage.any_in(rows, cols)
+
+
+def footprints_on(
+    grid: OutputGrid, scenes: list[SceneInfo], coverage: dict[str, DataCoverage | None]
+) -> list[Footprint]:
+    """Each scene's footprint on ``grid``, with the blocks a sparse file stores (``coverage``,
+    from :func:`geoseg.scenes.data_coverage`) where it needs no warping."""
+    return [
+        Footprint(grid.window_of(s), coverage.get(s.path) if same_grid(s, grid.crs, grid.affine) else None)
+        for s in scenes
+    ]
+
+
+def scenes_for(block: Block, scenes: list[SceneInfo], footprints: list[Footprint], margin: int) -> list[SceneInfo]:
+    """The scenes that may have a valid pixel in the block or its halo."""
+    return [scene for scene, fp in zip(scenes, footprints, strict=True) if fp.reaches(block, margin)]
+
+
+def predict_task(
+    block: Block,
+    layers: dict[str, list[SceneInfo]],
+    grid: OutputGrid,
+    tiling: TilingSettings,
+    settings: InferenceSettings,
+    out: str,
+    read_threads: int = 0,
+) -> dict[str, Any]:
+    """A Dask task (step 1): the block's own tiles, saved for itself and its neighbours.
+
+    ``layers`` maps a layer name to the scenes composited in it (one layer with all scenes, or
+    one per scene for the ``confidence`` rule). A block saved by an earlier attempt is reused.
+    Errors are returned, not raised: one bad block must not sink the run.
+    """
+    folder = storage.join(out, PARTIALS_DIR, block.key)
+    record = partials.load_record(folder)
+    if record is not None:
+        return {"block": block.key, **record}
+    start = time.perf_counter()
+    try:
+        predictor = get_predictor(settings)
+        readers = reader_threads(read_threads, predictor)
+        results = {
+            name: predict_block(block, scenes, grid, tiling, predictor, read_threads=readers)
+            for name, scenes in layers.items()
+        }
+        counts: dict[str, list[int]] = {}
+        for partial in results.values():
+            counts.update(partial.valid_pixels)
+        record = {
+            "status": "done",
+            "tiles": sum(p.tiles for p in results.values()),
+            "forward_s": round(sum(p.forward_s for p in results.values()), 3),
+            "predict_s": round(time.perf_counter() - start, 3),
+            "scene_valid_pixels": counts,
+        }
+        partials.save_block(folder, results, record)
+        return {"block": block.key, **record}
+    except Exception as exc:
+        return {"block": block.key, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+
+
+def finish_task(
+    block: Block, reaching: list[dict[str, Any]], n_classes: int, out: str, run_id: str | None = None
+) -> dict[str, Any]:
+    """A Dask task (step 2): add the neighbours' frames, write the block's region, leave a marker.
+
+    ``reaching`` are the step-1 records of the blocks whose tiles reach this one, its own first.
+    With ``run_id``, nothing is written unless that run still holds OUT's lease.
+    """
+    start = time.perf_counter()
+    own = reaching[0]
+    try:
+        failed = [r for r in reaching if r["status"] != "done"]
+        if failed:
+            reason = failed[0]["error"]
+            which = "" if failed[0]["block"] == block.key else f"block {failed[0]['block']}, which reaches it, failed: "
+            raise RuntimeError(which + reason)
+        root = storage.join(out, PARTIALS_DIR)
+        own_layers = partials.load_layers(storage.join(root, block.key))
+        others = [partials.load_layers(storage.join(root, r["block"]), interior=False) for r in reaching[1:]]
+        results = []
+        for name in sorted({name for layers in [own_layers, *others] for name in layers}):
+            sources = [layers[name] for layers in [own_layers, *others] if name in layers]
+            results.append(finish_block(block, own_layers.get(name), sources, n_classes))
+        if results:
+            classes, confidence = most_confident(results)
+        else:  # no scene reaches the block
+            classes, confidence = finish_block(block, None, [], n_classes)
+        histogram = np.bincount(classes.ravel(), minlength=256)
+        if run_id is not None and not runstate.holds_lease(out, run_id):
+            raise RuntimeError("this run no longer holds the output folder's lease; nothing written")
+        if histogram[:NODATA].any():  # an all-nodata block is what the store holds already (fill values)
+            mosaic.write_block(storage.join(out, MOSAIC_NAME), block, classes, confidence)
+        record = {
+            "status": "done",
+            "tiles": own["tiles"],
+            "forward_s": own.get("forward_s", 0.0),  # absent in partials saved by older versions
+            "seconds": round(own["predict_s"] + time.perf_counter() - start, 3),
+            "scene_valid_pixels": own["scene_valid_pixels"],
+            "histogram": {str(k): int(v) for k, v in enumerate(histogram) if v},
+        }
+        runstate.commit_block(out, block.key, record)
+        return {"block": block.key, **record}
+    except Exception as exc:
+        return {"block": block.key, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+
+
+def polygonize_task(block: Block, out: str, grid: OutputGrid, vector: VectorConfig) -> vectorize.BlockPolygons:
+    """A Dask task: polygons of one block, sieved with a halo wide enough to match the whole mosaic."""
+    halo = vectorize.sieve_halo(vector.mmu_pixels) + vectorize.sieve_halo(vector.fill_holes_pixels)
+    r0, r1 = max(0, block.rows.start - halo), min(grid.height, block.rows.stop + halo)
+    c0, c1 = max(0, block.cols.start - halo), min(grid.width, block.cols.stop + halo)
+    store = storage.join(out, MOSAIC_NAME)
+    classes = mosaic.read_region(store, slice(r0, r1), slice(c0, c1))
+    inner = (slice(block.rows.start - r0, block.rows.stop - r0), slice(block.cols.start - c0, block.cols.stop - c0))
+    classes = vectorize.sieve(classes, vector.mmu_pixels)
+    classes = vectorize.sieve(classes, vector.fill_holes_pixels, enclosed_only=True)[inner]
+    rows, cols = slice(block.rows.start, block.rows.stop), slice(block.cols.start, block.cols.stop)
+    confidence = mosaic.read_region(store, rows, cols, mosaic.CONFIDENCE)
+    return vectorize.polygonize_block(classes, block, grid.affine, grid.height, grid.width, confidence)
+
+
+def has_classes(record: dict[str, Any] | None) -> bool:
+    """Whether a block's record says it holds a class (not only nodata). No record: a block
+    without data, or a failed one; a record without a histogram: assume it does."""
+    if record is None or record.get("status") != "done":
+        return False
+    histogram = record.get("histogram")
+    return histogram is None or any(int(k) != NODATA for k in histogram)
+
+
+def scene_layers(
+    block: Block, scenes: list[SceneInfo], footprints: list[Footprint], margin: int, rule: str
+) -> dict[str, list[SceneInfo]]:
+    """The scenes step 1 composites for ``block``: all in one layer, or one layer per scene
+    (named by its place in the run's scene order) for the ``confidence`` rule."""
+    picked = scenes_for(block, scenes, footprints, margin)
+    if rule != "confidence":
+        return {"all": picked} if picked else {}
+    index = {s.path: k for k, s in enumerate(scenes)}
+    return {f"scene{index[s.path]:05d}": [s] for s in picked}
+
+
+def work_order(blocks: list[Block], grid: OutputGrid, tiling: TilingSettings) -> list[Block]:
+    """Rows of blocks top to bottom; in a row, the blocks that own the most tiles first.
+
+    Rows in order keep about one row of partial results on disk; biggest first in a row is the
+    longest-processing-time rule, so the last blocks handed out are the short ones and the
+    workers finish together.
+    """
+
+    def owned_tiles(b: Block) -> int:
+        rows, cols = tiling.ownership(b, grid)
+        return len(rows.owned) * len(cols.owned)
+
+    return sorted(blocks, key=lambda b: (b.row, -owned_tiles(b), b.col))
+
+
+def block_graph(
+    needed: list[Block],
+    todo: list[Block],
+    reach: dict[str, list[Block]],
+    order: dict[str, int],
+    resources: dict[str, float] | None,
+    step1_args: Callable[[Block], tuple],
+    step2_args: Callable[[Block], tuple],
+    tag: str,
+) -> list[Delayed]:
+    """The two steps of the blocks as a Dask graph (built here, run by the caller): step 1 of
+    each block in ``needed`` with its place in :func:`work_order` as priority, and step 2 of each
+    block in ``todo`` right after the last step 1 it needs. Returns the step-2 tasks."""
+    step1 = {}
+    for b in needed:
+        with dask.annotate(priority=-2 * order[b.key], **({"resources": resources} if resources else {})):
+            step1[b.key] = delayed(predict_task, pure=False)(*step1_args(b), dask_key_name=f"predict-{tag}-{b.key}")
+    step2 = []
+    for b in todo:
+        last = max(order[n.key] for n in reach[b.key])
+        with dask.annotate(priority=-2 * last - 1):
+            sources = [step1[n.key] for n in reach[b.key]]
+            step2.append(
+                delayed(finish_task, pure=False)(b, sources, *step2_args(b), dask_key_name=f"finish-{tag}-{b.key}")
+            )
+    return step2
