@@ -24,8 +24,10 @@ LAYER = "landcover"
 class LayerWriter:
     """Appends GeoDataFrames to one layer file; the format follows the suffix (.gpkg or .parquet)."""
 
-    def __init__(self, loc: str | Path) -> None:
-        self.loc = str(loc)
+    def __init__(self, loc: str | Path, crs: str | None = None) -> None:
+        """``crs`` (WKT or a code) is given to the layer should no polygon come: an empty layer
+        still says where it is."""
+        self.loc, self.crs = str(loc), crs
         self.suffix = Path(storage.name(self.loc)).suffix
         if self.suffix not in (".gpkg", ".parquet"):
             raise ValueError(f"{self.loc}: batched writing supports .gpkg and .parquet")
@@ -83,7 +85,7 @@ class LayerWriter:
         if self.suffix == ".gpkg":
             if self.count == 0:  # an empty layer still opens in GIS tools
                 pyogrio.write_dataframe(
-                    gpd.GeoDataFrame({"class_id": []}, geometry=[], crs=None), self.path, layer=LAYER, driver="GPKG"
+                    gpd.GeoDataFrame({"class_id": []}, geometry=[], crs=self.crs), self.path, layer=LAYER, driver="GPKG"
                 )
             storage.upload(self.path, self.loc)
         if self._staging is not None:

@@ -247,7 +247,7 @@ def change_runs(run_a: str, run_b: str, out: str, cfg: ChangeConfig, client: Cli
             grid,
             out,
             codes_legend,
-            [(LayerWriter(polygons), None)],
+            [(LayerWriter(polygons, grid.crs_wkt), None)],
             VectorConfig(),
             task=change_polygon_task,
             finish=with_dates,

@@ -85,7 +85,7 @@ def export_layers(out: str, cfg: RunConfig, client: Client, manifest: dict) -> E
     for tag, crs in targets:
         # FlatGeobuf cannot grow: it is converted from the GeoPackage at the end.
         for suffix in {".gpkg"} | {SUFFIX[f] for f in cfg.vector.formats if f == "parquet"}:
-            writers.append((LayerWriter(at(f"polygons{tag}{suffix}")), crs))
+            writers.append((LayerWriter(at(f"polygons{tag}{suffix}"), crs or grid.crs_wkt), crs))
     count = stream_polygons(client, blocks, grid, out, legend, writers, cfg.vector)
     for tag, _ in targets:
         if "fgb" in cfg.vector.formats:

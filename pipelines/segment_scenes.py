@@ -461,7 +461,7 @@ def write_polygons(
 ) -> str:
     """The run's polygons as one GeoPackage layer."""
     path = storage.join(out, POLYGONS_NAME)
-    count = stream_polygons(client, blocks, grid, out, legend, [(LayerWriter(path), None)], vector)
+    count = stream_polygons(client, blocks, grid, out, legend, [(LayerWriter(path, grid.crs_wkt), None)], vector)
     log.info("%d polygons -> %s", count, path)
     return path
 

@@ -244,6 +244,9 @@ def test_export_and_change_of_runs_on_s3_write_their_layers_to_the_store(remote,
     changed = run_change(str(local_reference), out, change_out, ChangeConfig(), client2)
     assert int(changed.matrix.sum() - np.trace(changed.matrix)) == 0  # the same classes on both dates
     assert storage.exists(f"{change_out}/change.zarr/zarr.json") and storage.exists(f"{change_out}/transitions.png")
+    with storage.local_copy(f"{change_out}/change_polygons.gpkg") as gpkg:
+        empty = gpd.read_file(gpkg)
+    assert len(empty) == 0 and empty.crs.to_epsg() == 32633  # no change, but the layer says where it is
 
 
 def test_a_stac_collection_in_the_bucket_names_its_cogs_relatively_and_globs_stay_in_their_folder(remote):
