@@ -221,24 +221,25 @@ def block_graph(
     todo: list[Block],
     reach: dict[str, list[Block]],
     order: dict[str, int],
-    resources: dict[str, float] | None,
-    step1_args: Callable[[Block], tuple],
-    step2_args: Callable[[Block], tuple],
+    layers: dict[str, dict[str, list[SceneInfo]]],
+    predict: Callable[..., dict[str, Any]],
+    finish: Callable[..., dict[str, Any]],
     tag: str,
+    resources: dict[str, float] | None = None,
 ) -> list[Delayed]:
     """The two steps of the blocks as a Dask graph (built here, run by the caller): step 1 of
     each block in ``needed`` with its place in :func:`work_order` as priority, and step 2 of each
-    block in ``todo`` right after the last step 1 it needs. Returns the step-2 tasks."""
+    block in ``todo`` right after the last step 1 it needs. ``predict(block, layers)`` and
+    ``finish(block, reaching)`` are :func:`predict_task` and :func:`finish_task` with the run's
+    other arguments bound. Returns the step-2 tasks."""
     step1 = {}
     for b in needed:
         with dask.annotate(priority=-2 * order[b.key], **({"resources": resources} if resources else {})):
-            step1[b.key] = delayed(predict_task, pure=False)(*step1_args(b), dask_key_name=f"predict-{tag}-{b.key}")
+            step1[b.key] = delayed(predict, pure=False)(b, layers[b.key], dask_key_name=f"predict-{tag}-{b.key}")
     step2 = []
     for b in todo:
         last = max(order[n.key] for n in reach[b.key])
         with dask.annotate(priority=-2 * last - 1):
             sources = [step1[n.key] for n in reach[b.key]]
-            step2.append(
-                delayed(finish_task, pure=False)(b, sources, *step2_args(b), dask_key_name=f"finish-{tag}-{b.key}")
-            )
+            step2.append(delayed(finish, pure=False)(b, sources, dask_key_name=f"finish-{tag}-{b.key}"))
     return step2

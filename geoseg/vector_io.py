@@ -73,14 +73,16 @@ class LayerWriter:
                 },
             }
             self._schema = table.schema.with_metadata({b"geo": json.dumps(geo).encode()})
-            self._sink = storage.open_writer(self.loc)
-            self._parquet = pq.ParquetWriter(self._sink, self._schema)
+            # straight to the file where local (Arrow's own I/O), a stream where a URL
+            self._sink = storage.open_writer(self.loc) if storage.is_url(self.loc) else None
+            self._parquet = pq.ParquetWriter(self._sink or self.path, self._schema)
         self._parquet.write_table(table.cast(self._schema))
 
     def close(self) -> None:
         if self._parquet is not None:
             self._parquet.close()
-            self._sink.close()
+            if self._sink is not None:
+                self._sink.close()
             self._parquet = self._sink = None
         if self.suffix == ".gpkg":
             if self.count == 0:  # an empty layer still opens in GIS tools

@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import geopandas as gpd
@@ -28,11 +28,12 @@ from geoseg.blocks import (
     PARTIALS_DIR,
     Footprint,
     block_graph,
+    finish_task,
     footprints_on,
     has_classes,
     polygonize_task,
+    predict_task,
     scene_layers,
-    scenes_for,
     work_order,
 )
 from geoseg.catalog import catalog, expand_inputs, input_dates, order_scenes
@@ -109,7 +110,7 @@ def plan_run(cfg: RunConfig) -> RunPlan:
         out = storage.absolute(cfg.out)
     except storage.StorageError as exc:
         raise RunError(str(exc)) from None
-    if storage.is_url(out) and storage.scheme(out) in storage.READ_ONLY:
+    if storage.scheme(out) in storage.READ_ONLY:
         raise RunError(f"{out}: {storage.scheme(out)} locations are read-only; give a writable --out")
     ckpt = load_checkpoint(cfg.model.checkpoint)
     legend = {int(c["id"]): c["name"] for c in ckpt.classes}
@@ -192,7 +193,7 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
             attrs={"model_sha256": ckpt.sha256, "fingerprint": plan.fingerprint},
         )
     settings = InferenceSettings(
-        ckpt.path if storage.is_url(ckpt.path) else str(Path(ckpt.path).resolve()),
+        storage.absolute(ckpt.path),
         cfg.model.batch_size,
         cfg.model.device,
         cfg.model.amp,
@@ -200,10 +201,12 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
         cfg.model.compile,
     )
     blocks = plan.blocks
-    margin = plan.tiling.tile_size
+    layers = {
+        b.key: scene_layers(b, scenes, plan.footprints, plan.tiling.tile_size, cfg.output.mosaic_rule) for b in blocks
+    }
     # Blocks no scene reaches with data (outside every footprint, or where a sparse file has no
     # block) are nodata already in the store: no task at all.
-    empty = {b.key for b in blocks if not scenes_for(b, scenes, plan.footprints, margin)}
+    empty = {key for key, scene_sets in layers.items() if not scene_sets}
     todo = [b for b in blocks if reused.get(b.key, {}).get("status") != "done" and b.key not in empty]
     log.info(
         "%d scenes, grid %d x %d px, %d blocks (%d reused, %d without data)",
@@ -215,7 +218,7 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
         len(empty),
     )
     block_records = {k: {**v, "reused": True} for k, v in reused.items() if v.get("status") == "done"}
-    block_records.update(segment_blocks(client, blocks, todo, empty, plan, settings, lease, ckpt.n_classes))
+    block_records.update(segment_blocks(client, blocks, todo, layers, plan, settings, lease, ckpt.n_classes))
     t_segment = time.perf_counter() - t0
     failed_blocks = {k: v["error"] for k, v in block_records.items() if v["status"] != "done"}
     unused = []
@@ -306,7 +309,7 @@ def segment_blocks(
     client: Client,
     blocks: list[Block],
     todo: list[Block],
-    empty: set[str],
+    layers: dict[str, dict[str, list[SceneInfo]]],
     plan: RunPlan,
     settings: InferenceSettings,
     lease: Lease,
@@ -321,11 +324,13 @@ def segment_blocks(
     Dask's queuing hands step 1 to worker threads as they free up, and to workers that join a
     running job at once. It does not queue tasks that ask for a GPU resource: it places those
     on the GPU workers there are. An own hand-out loop was no more than 2 % faster at 32 blocks
-    per worker thread (benchmarks/README.md). Blocks in ``empty`` have no valid
-    pixel within a tile of them: their tiles add no votes anywhere, so they are neither computed
-    nor read. Task keys hold the run's id (runs sharing a scheduler never share a task).
+    per worker thread (benchmarks/README.md). ``layers`` are the scenes each block composites
+    (:func:`geoseg.blocks.scene_layers`); a block without any has no valid pixel within a tile
+    of it: its tiles add no votes anywhere, so it is neither computed nor read. Task keys hold
+    the run's id (runs sharing a scheduler never share a task).
     """
-    scenes, grid, tiling, out, cfg = plan.scenes, plan.grid, plan.tiling, plan.out, plan.cfg
+    grid, tiling, out, cfg = plan.grid, plan.tiling, plan.out, plan.cfg
+    empty = {key for key, scene_sets in layers.items() if not scene_sets}
     by_index = {(b.row, b.col): b for b in blocks}
     order = {b.key: n for n, b in enumerate(work_order(blocks, grid, tiling))}
     tg, sup, size = tiling.grid, tiling.support, tiling.block_size
@@ -344,7 +349,6 @@ def segment_blocks(
     for b in todo:
         for n in reach[b.key]:
             readers[n.key] = readers.get(n.key, 0) + 1
-    footprints = plan.footprints
     tag = f"{plan.fingerprint}-{lease.run_id}"
     resources = {"GPU": 1} if cfg.cluster.gpu_resource else None
     slots = worker_slots(client, resources)
@@ -354,13 +358,11 @@ def segment_blocks(
             "start them with `dask worker ... --resources GPU=1`"
         )
 
-    graph = block_graph(
-        needed, todo, reach, order, resources,
-        lambda b: (b, scene_layers(b, scenes, footprints, tiling.tile_size, cfg.output.mosaic_rule), grid, tiling,
-                   settings, str(out), cfg.cluster.read_threads),
-        lambda b: (n_classes, str(out), lease.run_id),
-        tag,
-    )  # fmt: skip
+    predict = partial(
+        predict_task, grid=grid, tiling=tiling, settings=settings, out=str(out), read_threads=cfg.cluster.read_threads
+    )
+    finish = partial(finish_task, n_classes=n_classes, out=str(out), run_id=lease.run_id)
+    graph = block_graph(needed, todo, reach, order, layers, predict, finish, tag, resources)
     # One submission: the scheduler sees every step 1 at once and queues them (it assigns the
     # first few of a group submitted task by task before it knows the group is large).
     step2 = client.compute(graph, optimize_graph=False)
