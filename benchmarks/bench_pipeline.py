@@ -1,13 +1,16 @@
 """End-to-end pipeline throughput beside the model-bound throughput, measured in one run.
 
     python benchmarks/bench_pipeline.py [--size 4096] [--workers CORES] [--block 2048] [--peer]
+        [--device cuda [--no-amp] [--compile] [--threads-per-worker 2]]
 
 1. the pipeline (read GeoTIFF -> tiles -> forward -> blend -> argmax -> Zarr) on a Dask
    LocalCluster, after a warm-up run that loads the model in the workers;
 2. the model-bound ceiling: forward passes alone over the same number of tiles with the same
    batch size, on tiles already in memory, split evenly over the same workers with the same
-   torch threads (one Dask task per worker, all at once); also, for reference, the same passes
-   in this process with all the cores as torch threads;
+   torch threads (one Dask task per worker, all at once), with the workers' own model (compiled
+   once where ``--compile``); also, on CPU and for reference, the same passes in this process
+   with all the cores as torch threads. On a GPU the passes leave their votes on the device,
+   as the pipeline's do, and the time is taken after the device has finished;
 3. optionally (--peer) MONAI's sliding_window_inference (gaussian, same model, tile,
    overlap and batch) on the scene already in memory.
 
@@ -38,7 +41,9 @@ from distributed import get_task_stream
 
 from geoseg.cluster import dask_client, with_malloc_tunables
 from geoseg.config import ClusterConfig, load_config
-from geoseg.inference import InferenceSettings, Predictor, fuse_batch_norms
+from geoseg import storage
+from geoseg.blending import fixed_window
+from geoseg.inference import InferenceSettings, Predictor, fuse_batch_norms, get_predictor
 from geoseg.models import build_model, save_checkpoint
 from geoseg.models.checkpoint import load_checkpoint
 from geoseg.synth import SceneSpec, write_scene
@@ -59,27 +64,45 @@ def worker_peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def model_bound_seconds(checkpoint: str, n_tiles: int, tile: int, batch: int, threads: int) -> float:
-    predictor = Predictor(load_checkpoint(checkpoint), InferenceSettings(checkpoint, batch, "cpu", False, threads))
-    rng = np.random.default_rng(0)
-    tiles = rng.standard_normal((batch, 4, tile, tile)).astype(np.float32)
-    predictor.probabilities(tiles[:1])  # warm-up
+def model_bound_seconds(settings: InferenceSettings, n_tiles: int, tile: int, overlap: int) -> float:
+    """Forward passes over ``n_tiles`` random tiles with ``settings`` (the pipeline's own, so that
+    a worker reuses its model, compiled or not), timed until the device has finished."""
+    predictor = get_predictor(settings)
+    batch = predictor.batch_size(tile)
+    tiles = np.random.default_rng(0).standard_normal((batch, 4, tile, tile)).astype(np.float32)
+    window = fixed_window("gaussian", tile, overlap)
+    cuda = predictor.device.type == "cuda"
+
+    def passes(count: int) -> None:
+        for done in range(0, count, batch):
+            part = tiles[: min(batch, count - done)]
+            if cuda:  # the votes stay on the device, as in the pipeline
+                predictor.device_votes(part, window)
+            else:
+                predictor.probabilities(part)
+        if cuda:
+            torch.cuda.synchronize(predictor.device)
+
+    passes(batch)  # warm-up (and, where compiled, the compilation for this shape)
     start = time.perf_counter()
-    for done in range(0, n_tiles, batch):
-        predictor.probabilities(tiles[: min(batch, n_tiles - done)])
+    passes(n_tiles)
     return time.perf_counter() - start
 
 
-def model_bound_in_workers(client, checkpoint: str, n_tiles: int, tile: int, batch: int, threads: int) -> float:
+def model_bound_in_workers(client, settings: InferenceSettings, n_tiles: int, tile: int, overlap: int) -> float:
     """The same forward passes split evenly over the workers, one Dask task each, all at once:
     the ceiling with the workers' own processes and threads (the slowest worker's time)."""
     workers = sorted(client.scheduler_info()["workers"])
     shares = [len(part) for part in np.array_split(np.arange(n_tiles), len(workers))]
     futures = [
-        client.submit(model_bound_seconds, checkpoint, share, tile, batch, threads, workers=[w], pure=False)
+        client.submit(model_bound_seconds, settings, share, tile, overlap, workers=[w], pure=False)
         for w, share in zip(workers, shares, strict=True)
     ]
     return max(client.gather(futures))
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
 
 
 def task_seconds(stream: list[dict]) -> dict[str, float]:
@@ -134,6 +157,10 @@ def main() -> None:
     parser.add_argument("--overlap", type=int, default=32)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="default: one per core")
+    parser.add_argument("--threads-per-worker", type=int, default=1)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision (CUDA)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model in each worker")
     parser.add_argument("--checkpoint", default="builtin:demo")
     parser.add_argument("--arch", help="time this architecture with random weights instead of --checkpoint")
     parser.add_argument("--peer", action="store_true", help="also time MONAI sliding_window_inference")
@@ -152,8 +179,12 @@ def main() -> None:
     if not warm.exists():
         write_scene(SceneSpec(300, 300, seed=8), warm)
     cores = os.cpu_count() or 1
-    threads = max(1, cores // args.workers)
+    threads = max(1, cores // (args.workers * args.threads_per_worker))
     overrides = [
+        f"model.device={args.device}",
+        f"model.amp={str(args.amp).lower()}",
+        f"model.compile={str(args.compile).lower()}",
+        f"cluster.threads_per_worker={args.threads_per_worker}",
         f"model.checkpoint={args.checkpoint}",
         f"model.batch_size={args.batch}",
         f"tiling.tile_size={args.tile}",
@@ -163,10 +194,16 @@ def main() -> None:
         "output.overwrite=true",
         f"cluster.n_workers={args.workers}",
     ]
-    with dask_client(ClusterConfig(n_workers=args.workers, dashboard=False)) as client:
+    cluster = ClusterConfig(n_workers=args.workers, threads_per_worker=args.threads_per_worker, dashboard=False)
+    with dask_client(cluster) as client:
         run(load_config(None, [*overrides, f"inputs=[{str(warm)!r}]", f"out={str(args.work / 'warm_out')!r}"]), client)
         cfg = load_config(None, [*overrides, f"inputs=[{str(scene)!r}]", f"out={str(args.work / 'out')!r}"])
         ckpt_path = load_checkpoint(args.checkpoint).path
+        # the pipeline's own settings: the workers' model (compiled where asked) is reused
+        settings = InferenceSettings(
+            storage.absolute(ckpt_path), args.batch, args.device, args.amp, threads, args.compile
+        )
+        on_cpu = InferenceSettings(ckpt_path, args.batch, "cpu", False, cores)
         # The machine is noisy: alternate the measurements and keep the best of each.
         times: dict[str, list[float]] = {"pipeline": [], "workers": [], "process": [], "monai": []}
         splits: list[dict[str, float]] = []  # per pipeline run: worker seconds of each kind of task
@@ -180,8 +217,9 @@ def main() -> None:
             manifest = json.loads(Path(result.manifest).read_text())
             n_tiles = manifest["summary"]["tiles"]
             forward.append(manifest["timings"]["forward_s"])
-            times["workers"].append(model_bound_in_workers(client, ckpt_path, n_tiles, args.tile, args.batch, threads))
-            times["process"].append(model_bound_seconds(ckpt_path, n_tiles, args.tile, args.batch, cores))
+            times["workers"].append(model_bound_in_workers(client, settings, n_tiles, args.tile, args.overlap))
+            if args.device == "cpu":
+                times["process"].append(model_bound_seconds(on_cpu, n_tiles, args.tile, args.overlap))
             if args.peer:
                 times["monai"].append(monai_seconds(ckpt_path, scene, args.tile, args.overlap, args.batch, cores))
         rss = client.run(worker_peak_rss_mb)
@@ -191,7 +229,8 @@ def main() -> None:
     print(
         f"scene {args.size}x{args.size} ({mpix:.1f} Mpix), block {args.block}, tile {args.tile}, overlap "
         f"{args.overlap}, batch {args.batch}, workers {args.workers} x {threads} torch threads, "
-        f"model {args.arch or args.checkpoint}"
+        f"model {args.arch or args.checkpoint}, device {device_name(args.device)}, amp {args.amp and args.device == 'cuda'}, "
+        f"compile {args.compile}"
     )
     print(
         f"tiles computed {n_tiles}, without overlap {no_overlap_tiles}, overlap cost {n_tiles / no_overlap_tiles:.3f}"
@@ -210,7 +249,8 @@ def main() -> None:
     mid = {name: float(np.median(runs)) for name, runs in times.items() if runs}
     print(f"medians: model-bound / pipeline {mid['workers'] / mid['pipeline']:.3f}", end="")
     print(f", geoseg / MONAI {mid['pipeline'] / mid['monai']:.3f}" if args.peer else "")
-    print(f"one-process passes / pipeline {best['process'] / best['pipeline']:.3f}")
+    if "process" in best:
+        print(f"one-process passes / pipeline {best['process'] / best['pipeline']:.3f}")
     fastest = int(np.argmin(times["pipeline"]))
     tasks = splits[fastest]
     ceiling_share = int(np.ceil(n_tiles / args.workers))  # tiles of the busiest worker in the ceiling
@@ -218,7 +258,7 @@ def main() -> None:
         f"forward passes per tile: {forward[fastest] / n_tiles * 1e3:.1f} ms in the best pipeline run, "
         f"{best['workers'] / ceiling_share * 1e3:.1f} ms model-bound"
     )
-    capacity = best["pipeline"] * args.workers
+    capacity = best["pipeline"] * args.workers * args.threads_per_worker  # task threads x time
     print(
         f"best pipeline run, worker time: step 1 {tasks.get('predict', 0) / capacity:.1%}, "
         f"step 2 {tasks.get('finish', 0) / capacity:.1%}, idle {1 - sum(tasks.values()) / capacity:.1%} "

@@ -1,6 +1,6 @@
 """Vectorize throughput (Mpix/s, polygons/s) of a large class mosaic, one worker vs two.
 
-    python benchmarks/bench_vectorize.py [--size 4096] [--block 1024] [--mmu 9]
+    python benchmarks/bench_vectorize.py [--size 4096] [--block 1024] [--mmu 9] [--format gpkg|parquet]
 
 The mosaic is written straight from the synthetic label generator (no model involved), so
 the figure is the vectorize stage's alone: per-block polygonize on the workers, then the
@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--block", type=int, default=1024)
     parser.add_argument("--mmu", type=int, default=0)
+    parser.add_argument("--format", choices=["gpkg", "parquet"], default="gpkg")
     parser.add_argument("--work", type=Path, default=Path("bench_out") / "vectorize")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -55,7 +56,7 @@ def main() -> None:
     for workers in (1, 2):
         with dask_client(ClusterConfig(n_workers=workers, dashboard=False)) as client:
             start = time.perf_counter()
-            writer = LayerWriter(args.work / "polygons.gpkg")
+            writer = LayerWriter(args.work / f"polygons.{args.format}")
             count = stream_polygons(
                 client, blocks, grid, args.work, LEGEND, [(writer, None)], VectorConfig(mmu_pixels=args.mmu)
             )

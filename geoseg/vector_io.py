@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 
 import geopandas as gpd
-import pyogrio
 
 from geoseg import storage
 
@@ -47,6 +46,8 @@ class LayerWriter:
         if gdf.empty:
             return
         if self.suffix == ".gpkg":
+            import pyogrio  # GeoPackage and FlatGeobuf only: GeoParquet needs no GDAL
+
             pyogrio.write_dataframe(gdf, self.path, layer=LAYER, driver="GPKG", append=self.count > 0)
         else:
             self._write_parquet(gdf)
@@ -85,6 +86,8 @@ class LayerWriter:
                 self._sink.close()
             self._parquet = self._sink = None
         if self.suffix == ".gpkg":
+            import pyogrio
+
             if self.count == 0:  # an empty layer still opens in GIS tools
                 pyogrio.write_dataframe(
                     gpd.GeoDataFrame({"class_id": []}, geometry=[], crs=self.crs), self.path, layer=LAYER, driver="GPKG"
@@ -97,6 +100,8 @@ class LayerWriter:
 
 def write_flatgeobuf(source: str, loc: str) -> None:
     """A FlatGeobuf copy of a finished layer (local, or downloaded and uploaded)."""
+    import pyogrio
+
     with storage.local_copy(str(source)) as src, storage.staged(str(loc)) as path:
         path.unlink(missing_ok=True)
         gdf = pyogrio.read_dataframe(src, layer=LAYER)
