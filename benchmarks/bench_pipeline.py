@@ -39,11 +39,11 @@ import numpy as np
 import torch
 from distributed import get_task_stream
 
-from geoseg.cluster import dask_client, with_malloc_tunables
-from geoseg.config import ClusterConfig, load_config
 from geoseg import storage
 from geoseg.blending import fixed_window
-from geoseg.inference import InferenceSettings, Predictor, fuse_batch_norms, get_predictor
+from geoseg.cluster import dask_client, with_malloc_tunables
+from geoseg.config import ClusterConfig, load_config
+from geoseg.inference import InferenceSettings, fuse_batch_norms, get_predictor
 from geoseg.models import build_model, save_checkpoint
 from geoseg.models.checkpoint import load_checkpoint
 from geoseg.synth import SceneSpec, write_scene
@@ -229,8 +229,8 @@ def main() -> None:
     print(
         f"scene {args.size}x{args.size} ({mpix:.1f} Mpix), block {args.block}, tile {args.tile}, overlap "
         f"{args.overlap}, batch {args.batch}, workers {args.workers} x {threads} torch threads, "
-        f"model {args.arch or args.checkpoint}, device {device_name(args.device)}, amp {args.amp and args.device == 'cuda'}, "
-        f"compile {args.compile}"
+        f"model {args.arch or args.checkpoint}, device {device_name(args.device)}, "
+        f"amp {args.amp and args.device == 'cuda'}, compile {args.compile}"
     )
     print(
         f"tiles computed {n_tiles}, without overlap {no_overlap_tiles}, overlap cost {n_tiles / no_overlap_tiles:.3f}"
