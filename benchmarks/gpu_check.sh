@@ -53,7 +53,7 @@ step pipeline_amp 150 $python "${pipeline[@]}" --amp
 step pipeline_fp32 120 $python "${pipeline[@]}" --no-amp
 step pipeline_compile 240 $python "${pipeline[@]}" --amp --compile
 step reads 90 $python benchmarks/bench_reads.py --size "$size" --block "$block" --threads 1 "$readers" --repeat 2
-step vectorize 120 $python benchmarks/bench_vectorize.py --size "$((size / 2))" --block "$((block / 2))" --format parquet
+step vectorize 120 $python benchmarks/bench_vectorize.py --size "$((size / 2))" --block "$((block / 2))" --format parquet --repeat 1 --memory-sizes
 
 echo "=== summary ($device)"
 for name in pipeline_amp pipeline_fp32 pipeline_compile; do
@@ -61,6 +61,6 @@ for name in pipeline_amp pipeline_fp32 pipeline_compile; do
     grep -E "^scene |pipeline \(read|model-bound:|ratio=" "$logs/$name.log" | sed 's/^/    /'
 done
 echo "reads:" && grep -E "thread|speedup=" "$logs/reads.log" | sed 's/^/    /'
-echo "vectorize:" && grep -E "worker\(s\)" "$logs/vectorize.log" | sed 's/^/    /'
+echo "vectorize:" && grep -E "Mpix/s|ratio=" "$logs/vectorize.log" | sed 's/^/    /'
 echo "gpu_check: exit $status"
 exit "$status"

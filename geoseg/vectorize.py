@@ -20,7 +20,6 @@ from rasterio.crs import CRS
 from rasterio.features import shapes
 from rasterio.transform import Affine
 from scipy import ndimage
-from shapely.geometry import shape
 
 from geoseg.blending import NODATA
 from geoseg.tiling import Block
@@ -128,30 +127,115 @@ def polygonize_block(
     width: int,
     confidence: np.ndarray | None = None,
 ) -> BlockPolygons:
-    """Polygons of a block's class array, split by whether they touch an interior block edge."""
+    """Polygons of a block's class array, split by whether they touch an interior block edge.
+
+    GDAL polygonizes the classes in pixel coordinates; everything after is vectorised over all
+    vertices at once. Each polygon's pixel count and confidence sum come from its rings and a
+    summed-area table (:func:`ring_sums`), so no region labelling is needed, and its vertices
+    are mapped to the CRS from *mosaic* pixel coordinates, so that neighbouring blocks give the
+    same floats for the vertices they share.
+    """
     out = BlockPolygons()
-    if not (classes != NODATA).any():
+    valid = classes != NODATA
+    if not valid.any():
         return out
-    block_transform = transform @ Affine.translation(block.cols.start, block.rows.start)
-    west, north = transform @ (block.cols.start, block.rows.start)
-    east, south = transform @ (block.cols.stop, block.rows.stop)
-    tol = 0.25 * min(abs(transform.a), abs(transform.e))
-    regions, region_class, sizes = label_regions(classes)
-    conf = confidence if confidence is not None else np.zeros(classes.shape, dtype=np.uint8)
-    conf_sums = np.bincount(regions.ravel(), weights=conf.ravel().astype(np.float64), minlength=len(sizes))
-    for geom, rid in shapes(regions, mask=regions > 0, connectivity=4, transform=block_transform):
-        rid = int(rid)
-        poly = shape(geom)
-        minx, miny, maxx, maxy = poly.bounds  # north-up grid: west < east, south < north
-        touches = (
-            (block.cols.start > 0 and abs(minx - west) < tol)
-            or (block.cols.stop < width and abs(maxx - east) < tol)
-            or (block.rows.start > 0 and abs(maxy - north) < tol)
-            or (block.rows.stop < height and abs(miny - south) < tol)
-        )
-        piece = Piece(int(region_class[rid]), poly, int(sizes[rid]), float(conf_sums[rid]))
-        (out.edge if touches else out.final).append(piece)
+    values, ring_xy, ring_offsets, polygon_offsets = polygon_rings(classes, valid)
+    rows, cols = classes.shape
+    table = summed_area(confidence) if confidence is not None else np.zeros((rows + 1, cols + 1), np.int64)
+    areas, sums = ring_sums(ring_xy, ring_offsets, table)
+    pixels, conf_sums = polygon_totals(areas, polygon_offsets), polygon_totals(sums, polygon_offsets)
+    # The block edges its neighbours share (the mosaic's own edges are nobody's).
+    edge_cols = [c for c, inner in ((0, block.cols.start > 0), (cols, block.cols.stop < width)) if inner]
+    edge_rows = [r for r, inner in ((0, block.rows.start > 0), (rows, block.rows.stop < height)) if inner]
+    # a shell's bounds are its polygon's (holes lie inside): compared in pixels, exactly
+    shells = ring_offsets[polygon_offsets[:-1]]
+    x, y = ring_xy[:, 0], ring_xy[:, 1]
+    touches = np.zeros(len(values), dtype=bool)
+    for reduce, side in ((np.minimum, 0), (np.maximum, 1)):
+        touches |= np.isin(reduce.reduceat(x, shells), [c for c in edge_cols if (c > 0) == side])
+        touches |= np.isin(reduce.reduceat(y, shells), [r for r in edge_rows if (r > 0) == side])
+    # A vertex at every pixel corner along a shared edge: both sides then have the same vertices
+    # there, and the merge is a coverage union (see merge_edge_polygons).
+    ring_xy, ring_offsets = vertices_along(ring_xy, ring_offsets, edge_cols, edge_rows)
+    x, y = ring_xy[:, 0] + block.cols.start, ring_xy[:, 1] + block.rows.start
+    world = np.column_stack(transform * (x, y))  # from mosaic pixels: the same floats in every block
+    geometries = shapely.from_ragged_array(shapely.GeometryType.POLYGON, world, (ring_offsets, polygon_offsets))
+    for k, geometry in enumerate(geometries):
+        piece = Piece(int(values[k]), geometry, int(pixels[k]), float(conf_sums[k]))
+        (out.edge if touches[k] else out.final).append(piece)
     return out
+
+
+def polygon_rings(classes: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """4-connected regions of equal class as polygons in pixel coordinates (column, row), in
+    shapely's ragged layout: each polygon's class, all ring vertices (int64, rings closed),
+    ring offsets into the vertices and polygon offsets into the rings."""
+    values, rings, rings_per_polygon = [], [], []
+    for geom, value in shapes(classes, mask=valid, connectivity=4):
+        values.append(value)
+        rings.extend(geom["coordinates"])
+        rings_per_polygon.append(len(geom["coordinates"]))
+    arrays = [np.asarray(ring, dtype=np.float64) for ring in rings]
+    ring_offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+    np.cumsum([len(a) for a in arrays], out=ring_offsets[1:])
+    polygon_offsets = np.zeros(len(values) + 1, dtype=np.int64)
+    np.cumsum(rings_per_polygon, out=polygon_offsets[1:])
+    ring_xy = np.concatenate(arrays).astype(np.int64)  # pixel corners: whole numbers
+    return np.asarray(values, dtype=np.int64), ring_xy, ring_offsets, polygon_offsets
+
+
+def vertices_along(
+    ring_xy: np.ndarray, ring_offsets: np.ndarray, edge_cols: list[int], edge_rows: list[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rings with a vertex added at every pixel corner of their edges that lie on the columns
+    ``edge_cols`` or the rows ``edge_rows``; the new vertices and ring offsets."""
+    x, y = ring_xy[:, 0], ring_xy[:, 1]
+    dx, dy = np.zeros_like(x), np.zeros_like(y)
+    dx[:-1], dy[:-1] = x[1:] - x[:-1], y[1:] - y[:-1]
+    last = ring_offsets[1:] - 1  # a ring's closing vertex starts no edge
+    dx[last] = dy[last] = 0
+    on_edge = ((dx == 0) & np.isin(x, edge_cols)) | ((dy == 0) & np.isin(y, edge_rows))
+    extra = np.where(on_edge, np.abs(dx) + np.abs(dy) - 1, 0)
+    extra[last] = 0
+    if not extra.any():
+        return ring_xy, ring_offsets
+    counts = 1 + extra
+    ends = np.cumsum(counts)
+    source = np.repeat(np.arange(len(x)), counts)
+    step = np.arange(ends[-1]) - np.repeat(ends - counts, counts)  # 0 at the original vertex
+    dense = np.column_stack((x[source] + step * np.sign(dx)[source], y[source] + step * np.sign(dy)[source]))
+    return dense, np.concatenate([[0], ends])[ring_offsets]
+
+
+def summed_area(values: np.ndarray) -> np.ndarray:
+    """``table[r, c]`` = sum of ``values[:r, :c]`` (int64, one row and column more than ``values``)."""
+    table = np.zeros((values.shape[0] + 1, values.shape[1] + 1), dtype=np.int64)
+    np.cumsum(values, axis=0, dtype=np.int64, out=table[1:, 1:])
+    np.cumsum(table[1:, 1:], axis=1, out=table[1:, 1:])
+    return table
+
+
+def ring_sums(ring_xy: np.ndarray, ring_offsets: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels each ring encloses, and the sum over them of the raster behind ``table`` (:func:`summed_area`).
+
+    The discrete Green's theorem on a pixel-edged ring: an edge at column ``x`` from row ``y0``
+    to ``y1`` adds ``x * (y1 - y0)`` pixels and ``table[y1, x] - table[y0, x]`` (whole rows of
+    pixels left of it); horizontal edges add nothing. A ring's edges add up to plus or minus
+    what it encloses, the sign being its orientation.
+    """
+    x, y = ring_xy[:-1, 0], ring_xy[:-1, 1]
+    y_next = ring_xy[1:, 1].copy()
+    y_next[ring_offsets[1:-1] - 1] = y[ring_offsets[1:-1] - 1]  # no edge from one ring into the next
+    starts = ring_offsets[:-1]
+    signed_areas = np.add.reduceat(x * (y_next - y), starts)
+    sums = np.add.reduceat(table[y_next, x] - table[y, x], starts) * np.sign(signed_areas)
+    return np.abs(signed_areas), sums
+
+
+def polygon_totals(per_ring: np.ndarray, polygon_offsets: np.ndarray) -> np.ndarray:
+    """Per polygon: its shell's total less its holes' (the first ring of each polygon is its shell)."""
+    shells = per_ring[polygon_offsets[:-1]]
+    return 2 * shells - np.add.reduceat(per_ring, polygon_offsets[:-1])
 
 
 def merge_edge_polygons(pieces: Iterable[Piece]) -> list[Piece]:
@@ -162,8 +246,10 @@ def merge_edge_polygons(pieces: Iterable[Piece]) -> list[Piece]:
     merged: list[Piece] = []
     for value in sorted(by_class):
         group = by_class[value]
-        # union_all leaves the former block boundary's vertices in straight edges: simplify(0) drops them.
-        parts = shapely.get_parts(shapely.simplify(shapely.union_all([p.geometry for p in group]), 0))
+        # The pieces of a class share their vertices along block edges (polygonize_block), so
+        # they form a coverage: its union is linear-time. simplify(0) drops the vertices left
+        # in straight edges where block edges were.
+        parts = shapely.get_parts(shapely.simplify(shapely.coverage_union_all([p.geometry for p in group]), 0))
         # Each piece lies in exactly one part: find it by a point inside the piece.
         tree = shapely.STRtree(parts)
         inner = shapely.point_on_surface([p.geometry for p in group])
@@ -172,6 +258,34 @@ def merge_edge_polygons(pieces: Iterable[Piece]) -> list[Piece]:
         conf = np.bincount(part_idx, weights=[group[i].confidence_sum for i in piece_idx], minlength=len(parts))
         merged.extend(Piece(value, part, int(pixels[k]), float(conf[k])) for k, part in enumerate(parts))
     return merged
+
+
+def edge_pieces(part: BlockPolygons, groups: int, group: int) -> list[Piece]:
+    """The pieces of ``part`` cut by block edges whose class falls in ``group`` (of ``groups``)."""
+    return [p for p in part.edge if p.class_id % groups == group]
+
+
+def polygon_layer(
+    pieces: list[Piece], crs: str, legend: dict[int, str], simplify_tolerance: float = 0.0
+) -> gpd.GeoDataFrame:
+    """Pieces as rows of the polygon layer (:func:`to_geodataframe`), simplified as a coverage if asked."""
+    gdf = to_geodataframe(pieces, crs, legend)
+    if simplify_tolerance > 0 and len(gdf):
+        # Edges on this batch's outline stay exact, so batches still fit together.
+        gdf = simplify_coverage(gdf, simplify_tolerance)
+    return gdf
+
+
+def final_layer(part: BlockPolygons, crs: str, legend: dict[int, str], simplify_tolerance: float) -> gpd.GeoDataFrame:
+    """The rows of a block's finished polygons."""
+    return polygon_layer(part.final, crs, legend, simplify_tolerance)
+
+
+def merged_layer(
+    crs: str, legend: dict[int, str], simplify_tolerance: float, *pieces: list[Piece]
+) -> gpd.GeoDataFrame:
+    """The rows of the polygons that edge ``pieces`` (lists, one per block) merge into."""
+    return polygon_layer(merge_edge_polygons(p for part in pieces for p in part), crs, legend, simplify_tolerance)
 
 
 def areas_m2(geoms: gpd.GeoSeries) -> np.ndarray:

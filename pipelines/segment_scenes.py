@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 POLYGONS_NAME = "polygons.gpkg"
 QUICKLOOK_NAME = "quicklook.png"
+MERGE_GROUPS = 8  # tasks that merge the pieces cut by block edges, classes shared out by id
 __all__ = ["MANIFEST_NAME", "MOSAIC_NAME", "STATE_DIR", "RunError", "prepare_output", "run"]
 
 
@@ -394,41 +395,50 @@ def stream_polygons(
 ) -> int:
     """Polygonize per block on the workers and write polygons as blocks finish; returns the polygon count.
 
-    A block's finished polygons are written at once, in block order (so reruns give the same
-    file); only pieces cut by block edges stay in memory until the merge at the end. Each
-    writer gets the polygons in the mosaic CRS, or reprojected to the CRS paired with it.
-    ``task(block, out, grid, vector)`` polygonizes a block (default: the class mosaic's);
-    ``finish`` adapts each batch's columns before it is written.
+    All the work is the workers': each block's polygons, their rows, and the merge of the
+    pieces cut by block edges (one task per group of classes: two per worker thread, up to
+    ``MERGE_GROUPS``). The
+    client only writes: a block's finished polygons at once, in block order (so reruns give
+    the same file), then the merged ones group by group. Each writer gets the polygons in the
+    mosaic CRS, or reprojected to the CRS paired with it. ``task(block, out, grid, vector)``
+    polygonizes a block (default: the class mosaic's); ``finish`` adapts each batch's columns
+    before it is written.
     """
     stamp = time.time_ns()
     task = task or polygonize_task
-    futures = [client.submit(task, b, str(out), grid, vector, key=f"polygonize-{b.key}-{stamp}") for b in blocks]
-    order = {fut.key: i for i, fut in enumerate(futures)}
-    ready: dict[int, vectorize.BlockPolygons] = {}
-    next_block = 0
-    edge: list[vectorize.Piece] = []
+    crs, tolerance = grid.crs_wkt, vector.simplify_tolerance
+    parts = [client.submit(task, b, str(out), grid, vector, key=f"polygonize-{b.key}-{stamp}") for b in blocks]
+    finals = [
+        client.submit(vectorize.final_layer, part, crs, legend, tolerance, key=f"polygons-{b.key}-{stamp}")
+        for b, part in zip(blocks, parts, strict=True)
+    ]
+    threads = sum(client.nthreads().values())
+    groups = max(1, min(len(legend), 2 * threads, MERGE_GROUPS))
+    merged = []
+    for g in range(groups):
+        pieces = [
+            client.submit(vectorize.edge_pieces, part, groups, g, key=f"edge-pieces-{g}-{b.key}-{stamp}")
+            for b, part in zip(blocks, parts, strict=True)
+        ]
+        merged.append(
+            client.submit(vectorize.merged_layer, crs, legend, tolerance, *pieces, key=f"merged-polygons-{g}-{stamp}")
+        )
+    del parts  # the workers drop each block's pieces once nothing needs them
+    order = {fut.key: i for i, fut in enumerate(finals + merged)}
+    ready: dict[int, gpd.GeoDataFrame] = {}
+    next_layer = 0
     count = 0
-
-    def emit(pieces: list[vectorize.Piece]) -> int:
-        gdf = vectorize.to_geodataframe(pieces, grid.crs_wkt, legend)
-        if vector.simplify_tolerance > 0 and len(gdf):
-            # Edges on this batch's outline stay exact, so batches still fit together.
-            gdf = vectorize.simplify_coverage(gdf, vector.simplify_tolerance)
-        if finish is not None:
-            gdf = finish(gdf)
-        for writer, crs in writers:
-            writer.write(gdf if crs is None else gdf.to_crs(crs))
-        return len(gdf)
-
-    for fut in track(as_completed(futures), total=len(futures), description="vectorizing blocks"):
+    for fut in track(as_completed(finals + merged), total=len(order), description="vectorizing blocks"):
         ready[order[fut.key]] = fut.result()
         fut.release()
-        while next_block in ready:
-            part = ready.pop(next_block)
-            next_block += 1
-            edge.extend(part.edge)
-            count += emit(part.final)
-    count += emit(vectorize.merge_edge_polygons(edge))
+        while next_layer in ready:
+            gdf = ready.pop(next_layer)
+            next_layer += 1
+            if finish is not None:
+                gdf = finish(gdf)
+            for writer, to_crs in writers:
+                writer.write(gdf if to_crs is None else gdf.to_crs(to_crs))
+            count += len(gdf)
     for writer, _ in writers:
         writer.close()
     return count
