@@ -281,9 +281,7 @@ def final_layer(part: BlockPolygons, crs: str, legend: dict[int, str], simplify_
     return polygon_layer(part.final, crs, legend, simplify_tolerance)
 
 
-def merged_layer(
-    crs: str, legend: dict[int, str], simplify_tolerance: float, *pieces: list[Piece]
-) -> gpd.GeoDataFrame:
+def merged_layer(crs: str, legend: dict[int, str], simplify_tolerance: float, *pieces: list[Piece]) -> gpd.GeoDataFrame:
     """The rows of the polygons that edge ``pieces`` (lists, one per block) merge into."""
     return polygon_layer(merge_edge_polygons(p for part in pieces for p in part), crs, legend, simplify_tolerance)
 
