@@ -396,8 +396,7 @@ def stream_polygons(
     """Polygonize per block on the workers and write polygons as blocks finish; returns the polygon count.
 
     All the work is the workers': each block's polygons, their rows, and the merge of the
-    pieces cut by block edges (one task per group of classes: two per worker thread, up to
-    ``MERGE_GROUPS``). The
+    pieces cut by block edges (one task per group of classes, ``MERGE_GROUPS`` at most). The
     client only writes: a block's finished polygons at once, in block order (so reruns give
     the same file), then the merged ones group by group. Each writer gets the polygons in the
     mosaic CRS, or reprojected to the CRS paired with it. ``task(block, out, grid, vector)``
@@ -412,8 +411,8 @@ def stream_polygons(
         client.submit(vectorize.final_layer, part, crs, legend, tolerance, key=f"polygons-{b.key}-{stamp}")
         for b, part in zip(blocks, parts, strict=True)
     ]
-    threads = sum(client.nthreads().values())
-    groups = max(1, min(len(legend), 2 * threads, MERGE_GROUPS))
+    # fixed, not from the cluster's size: with simplification, a group is simplified as a batch
+    groups = max(1, min(len(legend), MERGE_GROUPS))
     merged = []
     for g in range(groups):
         pieces = [
