@@ -43,7 +43,7 @@ class BlockPolygons:
     """Polygons of one block: ``final`` ones are done, ``edge`` ones wait for the merge."""
 
     final: list[Piece] = field(default_factory=list)
-    edge: list[Piece] = field(default_factory=list)
+    edge: list[Piece] = field(default_factory=list)  # in mosaic pixel coordinates until the merge
 
 
 def label_regions(classes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -157,13 +157,18 @@ def polygonize_block(
     # A vertex at every pixel corner along a shared edge: both sides then have the same vertices
     # there, and the merge is a coverage union (see merge_edge_polygons).
     ring_xy, ring_offsets = vertices_along(ring_xy, ring_offsets, edge_cols, edge_rows)
-    x, y = ring_xy[:, 0] + block.cols.start, ring_xy[:, 1] + block.rows.start
-    world = np.column_stack(transform * (x, y))  # from mosaic pixels: the same floats in every block
-    geometries = shapely.from_ragged_array(shapely.GeometryType.POLYGON, world, (ring_offsets, polygon_offsets))
+    mosaic_xy = (ring_xy + [block.cols.start, block.rows.start]).astype(np.float64)
+    geometries = shapely.from_ragged_array(shapely.GeometryType.POLYGON, mosaic_xy, (ring_offsets, polygon_offsets))
+    geometries[~touches] = to_crs(geometries[~touches], transform)
     for k, geometry in enumerate(geometries):
         piece = Piece(int(values[k]), geometry, int(pixels[k]), float(conf_sums[k]))
         (out.edge if touches[k] else out.final).append(piece)
     return out
+
+
+def to_crs(geometries: np.ndarray, transform: Affine) -> np.ndarray:
+    """Geometries in mosaic pixel coordinates (column, row) mapped by the mosaic's ``transform``."""
+    return shapely.transform(geometries, lambda xy: np.column_stack(transform * (xy[:, 0], xy[:, 1])))
 
 
 def polygon_rings(classes: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -238,8 +243,12 @@ def polygon_totals(per_ring: np.ndarray, polygon_offsets: np.ndarray) -> np.ndar
     return 2 * shells - np.add.reduceat(per_ring, polygon_offsets[:-1])
 
 
-def merge_edge_polygons(pieces: Iterable[Piece]) -> list[Piece]:
-    """Union same-class pieces that share an edge across block boundaries; attributes add up."""
+def merge_edge_polygons(pieces: Iterable[Piece], transform: Affine) -> list[Piece]:
+    """Union same-class pieces that share an edge across block boundaries; attributes add up.
+
+    The pieces are in mosaic pixel coordinates (:func:`polygonize_block`), where the vertices
+    the union leaves in straight edges are exactly collinear whatever the transform; the
+    merged polygons are mapped by ``transform`` at the end."""
     by_class: dict[int, list[Piece]] = defaultdict(list)
     for piece in pieces:
         by_class[piece.class_id].append(piece)
@@ -256,7 +265,8 @@ def merge_edge_polygons(pieces: Iterable[Piece]) -> list[Piece]:
         piece_idx, part_idx = tree.query(inner, predicate="within")
         pixels = np.bincount(part_idx, weights=[group[i].pixels for i in piece_idx], minlength=len(parts))
         conf = np.bincount(part_idx, weights=[group[i].confidence_sum for i in piece_idx], minlength=len(parts))
-        merged.extend(Piece(value, part, int(pixels[k]), float(conf[k])) for k, part in enumerate(parts))
+        world = to_crs(parts, transform)
+        merged.extend(Piece(value, part, int(pixels[k]), float(conf[k])) for k, part in enumerate(world))
     return merged
 
 
@@ -281,9 +291,12 @@ def final_layer(part: BlockPolygons, crs: str, legend: dict[int, str], simplify_
     return polygon_layer(part.final, crs, legend, simplify_tolerance)
 
 
-def merged_layer(crs: str, legend: dict[int, str], simplify_tolerance: float, *pieces: list[Piece]) -> gpd.GeoDataFrame:
+def merged_layer(
+    transform: Affine, crs: str, legend: dict[int, str], simplify_tolerance: float, *pieces: list[Piece]
+) -> gpd.GeoDataFrame:
     """The rows of the polygons that edge ``pieces`` (lists, one per block) merge into."""
-    return polygon_layer(merge_edge_polygons(p for part in pieces for p in part), crs, legend, simplify_tolerance)
+    merged = merge_edge_polygons((p for part in pieces for p in part), transform)
+    return polygon_layer(merged, crs, legend, simplify_tolerance)
 
 
 def areas_m2(geoms: gpd.GeoSeries) -> np.ndarray:

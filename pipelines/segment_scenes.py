@@ -420,7 +420,9 @@ def stream_polygons(
             for b, part in zip(blocks, parts, strict=True)
         ]
         merged.append(
-            client.submit(vectorize.merged_layer, crs, legend, tolerance, *pieces, key=f"merged-polygons-{g}-{stamp}")
+            client.submit(
+                vectorize.merged_layer, grid.affine, crs, legend, tolerance, *pieces, key=f"merged-polygons-{g}-{stamp}"
+            )
         )
     del parts  # the workers drop each block's pieces once nothing needs them
     order = {fut.key: i for i, fut in enumerate(finals + merged)}
