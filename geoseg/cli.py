@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from geoseg import storage
 from geoseg.config import ConfigError, load_config
 
 app = typer.Typer(
@@ -129,6 +130,8 @@ def run(
         cfg = load_config(config, overrides)
     except ConfigError as exc:
         _fail(str(exc))
+    if "out" not in cfg.model_fields_set:  # neither --out nor the config: say where it goes
+        typer.echo(f"note: no --out given and {config} sets no `out`: writing to {storage.absolute(cfg.out)}", err=True)
     _run_pipeline(cfg)
 
 

@@ -145,3 +145,15 @@ def test_a_checkpoint_that_is_a_folder_is_named_as_such(tmp_path, scene_1000x700
     )
     assert_one_line_error(res, str(tmp_path), "is a folder, not a checkpoint file")
     assert not (tmp_path / "out").exists()  # checked before anything was written, or a cluster started
+
+
+def test_run_without_out_says_where_it_writes(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("inputs: [missing.tif]\ncluster: {n_workers: 1}\n")
+    res = geoseg("run", str(config), cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 2, res.stderr
+    assert "no --out given" in lines[0] and str(config) in lines[0] and str(tmp_path / "out") in lines[0]
+    assert "missing.tif" in lines[1]
+    assert not (tmp_path / "out").exists()  # nothing left behind by a failed run
