@@ -69,7 +69,23 @@ def write_cog(
             blocksize=512,
             BIGTIFF="IF_SAFER",
         )
+    # GTiff keeps category names in GDAL's auxiliary file (PAM): a GIS without the .qml then
+    # shows names, not 0..6
+    storage.write_text(storage.join(storage.parent(str(path)), storage.name(str(path)) + ".aux.xml"), pam_xml(legend))
     return str(path)
+
+
+def pam_xml(legend: dict[int, str]) -> str:
+    """GDAL's auxiliary XML for band 1: the class names as category names (indexed by value)."""
+    names = [escape(legend.get(value, "")) for value in range(max(legend, default=-1) + 1)]
+    categories = "".join(f"      <Category>{name}</Category>\n" for name in names)
+    return (
+        "<PAMDataset>\n"
+        '  <PAMRasterBand band="1">\n'
+        f"    <CategoryNames>\n{categories}    </CategoryNames>\n"
+        "  </PAMRasterBand>\n"
+        "</PAMDataset>\n"
+    )
 
 
 def raster_qml(legend: dict[int, str], colors: dict[int, str]) -> str:

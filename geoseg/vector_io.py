@@ -1,5 +1,8 @@
 """Polygon layers written in batches: GeoPackage and GeoParquet grow as blocks finish.
 
+GeoParquet is version 1.1, with a ``bbox`` covering column; its row groups follow the blocks'
+order, so a reader's spatial filter skips most of them.
+
 FlatGeobuf cannot be appended to (its index is built when the file is closed), so it is
 written once at the end from the finished GeoPackage. Where the layer's location is a URL,
 GeoParquet is streamed to the store (a multipart upload), and a GeoPackage is built in a local
@@ -19,6 +22,7 @@ import pandas as pd
 from geoseg import storage
 
 LAYER = "landcover"
+BBOX_FIELDS = ["xmin", "ymin", "xmax", "ymax"]
 BATCH_ROWS = 4096  # rows held before a write: a GeoPackage append costs ~10 ms whatever its size
 
 
@@ -74,17 +78,23 @@ class LayerWriter:
         import shapely
 
         column = gdf.geometry.name
+        geometries = gdf.geometry.to_numpy()
         table = pa.Table.from_pandas(gdf.drop(columns=column), preserve_index=False)
-        table = table.append_column(column, pa.array(shapely.to_wkb(gdf.geometry.to_numpy()), type=pa.binary()))
+        table = table.append_column(column, pa.array(shapely.to_wkb(geometries), type=pa.binary()))
+        # GeoParquet 1.1's bbox covering: readers filter row groups (block order: compact) by it
+        bounds = shapely.bounds(geometries)
+        corners = [pa.array(bounds[:, k]) for k in range(4)]
+        table = table.append_column("bbox", pa.StructArray.from_arrays(corners, names=BBOX_FIELDS))
         if self._parquet is None:
-            geo = {  # GeoParquet 1.0 metadata; no bbox, as batches come one by one
-                "version": "1.0.0",
+            geo = {  # no overall bbox: the batches come one by one
+                "version": "1.1.0",
                 "primary_column": column,
                 "columns": {
                     column: {
                         "encoding": "WKB",
                         "geometry_types": ["Polygon"],
                         "crs": gdf.crs.to_json_dict() if gdf.crs else None,
+                        "covering": {"bbox": {name: ["bbox", name] for name in BBOX_FIELDS}},
                     }
                 },
             }

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import xml.etree.ElementTree as ET
 
 import geopandas as gpd
@@ -84,6 +86,16 @@ def test_polygons_are_valid_non_overlapping_and_match_the_sieved_raster(exported
     # holes below the threshold were filled (simplification may shave a ring by up to half)
     rings = [Polygon(r).area for geom in gdf.geometry for r in geom.interiors]
     assert rings and min(rings) > 0.5 * HOLES * 100
+
+
+@pytest.mark.skipif(shutil.which("gdalinfo") is None, reason="gdalinfo (Debian's gdal-bin) not installed")
+def test_gdalinfo_lists_the_class_names_as_categories(exported):
+    out, _ = exported
+    info = subprocess.run(["gdalinfo", str(out / "classes.tif")], capture_output=True, text=True, check=True).stdout
+    listed = info[info.index("Categories:") :].splitlines()[1 : 1 + len(NAMES)]
+    assert [line.strip() for line in listed] == [f"{k}: {name}" for k, name in enumerate(NAMES)]
+    with rasterio.open(out / "classes.tif") as src:  # rasterio's own GDAL reads the same file
+        assert src.overviews(1) and src.colormap(1)[0][:3] == (0x1F, 0x78, 0xB4)
 
 
 def test_all_formats_and_the_reprojected_copy(exported):

@@ -30,3 +30,41 @@ def test_rows_held_between_writes_reach_the_file_in_order(tmp_path, monkeypatch,
     assert got.crs.to_epsg() == 32633
     assert got.geometry.area.sum() == pytest.approx(21.0)
     assert writer.count == 21
+
+
+def test_geoparquet_is_1_1_with_a_bbox_covering_that_filters(tmp_path, monkeypatch):
+    import json
+
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(vector_io, "BATCH_ROWS", 10)  # one row group per batch of 10
+    writer = LayerWriter(tmp_path / "layer.parquet", "EPSG:32633")
+    for row in range(5):  # five bands of the mosaic, top to bottom, in block order
+        boxes = [
+            shapely.box(500_000 + 10 * c, 5_000_000 - 10 * row, 500_010 + 10 * c, 5_000_010 - 10 * row)
+            for c in range(10)
+        ]
+        writer.write(gpd.GeoDataFrame({"class_id": [row] * 10}, geometry=boxes, crs=32633))
+    writer.close()
+    file = pq.ParquetFile(tmp_path / "layer.parquet")
+    geo = json.loads(file.schema_arrow.metadata[b"geo"])
+    assert geo["version"] == "1.1.0"
+    covering = geo["columns"]["geometry"]["covering"]["bbox"]
+    assert covering == {
+        "xmin": ["bbox", "xmin"],
+        "ymin": ["bbox", "ymin"],
+        "xmax": ["bbox", "xmax"],
+        "ymax": ["bbox", "ymax"],
+    }
+    assert file.num_row_groups == 5
+    table = file.read()
+    assert table.column("bbox").to_pylist()[12] == {
+        "xmin": 500_020.0,
+        "ymin": 4_999_990.0,
+        "xmax": 500_030.0,
+        "ymax": 5_000_000.0,
+    }
+    # a spatial filter through the covering column returns the one band it touches
+    band = gpd.read_parquet(tmp_path / "layer.parquet", bbox=(500_001, 4_999_971, 500_099, 4_999_979))
+    assert sorted(set(band["class_id"])) == [3]
+    assert len(gpd.read_parquet(tmp_path / "layer.parquet")) == 50
