@@ -65,6 +65,9 @@ class OutputConfig(_Strict):
     first), or the scene whose prediction is most confident (each scene is segmented on its own)."""
     polygons: bool = True
     overwrite: bool = False
+    zarr_format: Literal[2, 3] = 3
+    """Zarr v3 (zstd), or v2, which GDAL (so QGIS) opens: the GDAL of rasterio's wheels (3.10)
+    refuses v3 arrays; GDAL reads v2 from 3.4 on."""
 
 
 class VectorConfig(_Strict):

@@ -1,8 +1,12 @@
-"""The Zarr v3 mosaic: created once with its georeference, then written one block region at a time.
+"""The Zarr mosaic: created once with its georeference, then written one block region at a time.
 
-The layout is the one xarray and rioxarray understand: arrays with ``dimension_names``
-(y, x), pixel-centre coordinates, and a scalar ``spatial_ref`` variable carrying the CRS
-as WKT and the GDAL geotransform, referenced by each array's ``grid_mapping``.
+The layout is the one xarray and rioxarray understand: (y, x) arrays, pixel-centre
+coordinates, and a scalar ``spatial_ref`` variable carrying the CRS as WKT and the GDAL
+geotransform, referenced by each array's ``grid_mapping``. Zarr v3 by default (dimension
+names in the metadata, zstd); Zarr v2 on request, which GDAL's Zarr driver opens from 3.4 on
+(the ``_ARRAY_DIMENSIONS`` attribute xarray uses, GDAL's ``_CRS`` attribute, and zstd, which
+the GDAL of rasterio's wheels and Debian's both carry). GDAL 3.10 refuses Zarr v3 arrays
+("Unsupported codec: bytes").
 """
 
 from __future__ import annotations
@@ -34,10 +38,19 @@ class Layer:
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
+ZARR_V2_COMPRESSOR = {"id": "zstd", "level": 0}  # v3's default codec, in v2's terms
+
+
 def create_store(
-    path: Path, grid: OutputGrid, block_size: int, layers: list[Layer], attrs: dict[str, Any] | None = None
+    path: Path,
+    grid: OutputGrid,
+    block_size: int,
+    layers: list[Layer],
+    attrs: dict[str, Any] | None = None,
+    zarr_format: int = 3,
 ) -> None:
-    """Create (or replace) a Zarr v3 group of (y, x) arrays chunked by block, georeferenced for rioxarray."""
+    """Create (or replace) a Zarr group of (y, x) arrays chunked by block, georeferenced for
+    rioxarray (and, in Zarr v2, for GDAL)."""
     t = grid.affine
     epsg = grid.crs.to_epsg()
     geoseg_attrs = {
@@ -50,28 +63,45 @@ def create_store(
     }
     # Attributes go in at creation: each later update rewrites the array's zarr.json.
     store = storage.zarr_store(str(path))
-    group = zarr.open_group(store, mode="w", zarr_format=3, attributes={"geoseg": geoseg_attrs})
+    group = zarr.open_group(store, mode="w", zarr_format=zarr_format, attributes={"geoseg": geoseg_attrs})
     chunks = (min(block_size, grid.height), min(block_size, grid.width))
+
+    def dims(*names: str) -> dict[str, Any]:
+        """How each format names an array's dimensions (v2: xarray's attribute)."""
+        if zarr_format == 2:
+            return {"compressors": ZARR_V2_COMPRESSOR, "attributes": {"_ARRAY_DIMENSIONS": list(names)}}
+        return {"dimension_names": names, "attributes": {}}
+
+    crs_for_gdal = {"_CRS": {"wkt": grid.crs_wkt}} if zarr_format == 2 else {}
     for layer in layers:
+        spec = dims("y", "x")
         group.create_array(
             layer.name,
             shape=(grid.height, grid.width),
             chunks=chunks,
             dtype=layer.dtype,
             fill_value=layer.fill_value,
-            dimension_names=("y", "x"),
-            attributes={"grid_mapping": "spatial_ref", "coordinates": "spatial_ref", **layer.attrs},
+            compressors=spec.get("compressors", "auto"),
+            dimension_names=spec.get("dimension_names"),
+            attributes={
+                **spec["attributes"],
+                "grid_mapping": "spatial_ref",
+                "coordinates": "spatial_ref",
+                **crs_for_gdal,
+                **layer.attrs,
+            },
         )
     axes = {
         "x": (t.c + t.a * (np.arange(grid.width) + 0.5), "projection_x_coordinate"),
         "y": (t.f + t.e * (np.arange(grid.height) + 0.5), "projection_y_coordinate"),
     }
     for name, (centres, standard_name) in axes.items():
+        spec = dims(name)
         group.create_array(
             name,
             data=centres,
-            dimension_names=(name,),
-            attributes={"standard_name": standard_name, "axis": name.upper()},
+            dimension_names=spec.get("dimension_names"),
+            attributes={**spec["attributes"], "standard_name": standard_name, "axis": name.upper()},
         )
     spatial_ref = {
         "crs_wkt": grid.crs_wkt,
@@ -79,7 +109,13 @@ def create_store(
         "GeoTransform": " ".join(str(v) for v in (t.c, t.a, t.b, t.f, t.d, t.e)),
         "epsg": epsg,
     }
-    group.create_array("spatial_ref", data=np.array(0, dtype="int64"), dimension_names=(), attributes=spatial_ref)
+    spec = dims()
+    group.create_array(
+        "spatial_ref",
+        data=np.array(0, dtype="int64"),
+        dimension_names=spec.get("dimension_names"),
+        attributes={**spec["attributes"], **spatial_ref},
+    )
     with warnings.catch_warnings():  # consolidated metadata is not in the v3 spec yet; xarray reads it
         warnings.simplefilter("ignore")
         zarr.consolidate_metadata(store)
@@ -102,6 +138,7 @@ def create_mosaic(
     legend: dict[int, str],
     colors: dict[int, str] | None = None,
     attrs: dict[str, Any] | None = None,
+    zarr_format: int = 3,
 ) -> None:
     """Create (or replace) the class mosaic; pixels are written by ``write_block``."""
     layers = [
@@ -113,7 +150,7 @@ def create_mosaic(
         "colors": {str(k): v for k, v in (colors or {}).items()},
         **(attrs or {}),
     }
-    create_store(path, grid, block_size, layers, meta)
+    create_store(path, grid, block_size, layers, meta, zarr_format)
 
 
 def write_region(path: Path, block: Block, arrays: dict[str, np.ndarray]) -> None:

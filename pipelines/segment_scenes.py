@@ -83,6 +83,7 @@ def run_fingerprint(cfg: RunConfig, model_sha: str, scenes: list[SceneInfo]) -> 
             "block_size": cfg.output.block_size,
             "mosaic_rule": cfg.output.mosaic_rule,
             "scenes": [s.path for s in scenes],
+            **({"zarr_format": 2} if cfg.output.zarr_format == 2 else {}),  # v3 runs keep their old fingerprint
         }
     )
 
@@ -192,6 +193,7 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
             legend,
             colors,
             attrs={"model_sha256": ckpt.sha256, "fingerprint": plan.fingerprint},
+            zarr_format=cfg.output.zarr_format,
         )
     settings = InferenceSettings(
         storage.absolute(ckpt.path),

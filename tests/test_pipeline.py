@@ -177,6 +177,22 @@ def test_georeference_matches_the_input(reference, scene_1000x700):
     assert ds["classes"].rio.crs.to_epsg() == 32633
 
 
+def test_a_zarr_v2_mosaic_opens_in_gdal_with_the_inputs_georeference(
+    tmp_path, random_checkpoint, scene_1000x700, client2, reference
+):
+    cfg = run_config(random_checkpoint, [scene_1000x700[0]], tmp_path, "output.block_size=512", "output.zarr_format=2")
+    assert run(cfg, client2).ok
+    store = tmp_path / "mosaic.zarr"
+    assert (store / "classes" / ".zarray").exists() and not (store / "zarr.json").exists()
+    with rasterio.open(scene_1000x700[0]) as src, rasterio.open(f'ZARR:"{store}":/classes') as zarr_v2:
+        assert zarr_v2.crs == src.crs
+        assert zarr_v2.transform == src.transform
+        assert zarr_v2.nodata == 255
+        np.testing.assert_array_equal(zarr_v2.read(1), read_classes(reference))  # bitwise the v3 mosaic
+    ds = xr.open_zarr(store)  # and xarray/rioxarray as before
+    assert ds.rio.crs.to_epsg() == 32633 and ds["confidence"].dims == ("y", "x")
+
+
 def test_nodata_stays_nodata(reference, scene_1000x700):
     classes = read_classes(reference)
     with rasterio.open(scene_1000x700[0]) as src:
