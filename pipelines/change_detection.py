@@ -19,7 +19,7 @@ from rasterio.enums import Resampling
 from rasterio.transform import Affine
 from rasterio.warp import reproject, transform_bounds
 
-from geoseg import change, mosaic, runstate, storage, vectorize
+from geoseg import change, mosaic, runstate, stac_item, storage, vectorize
 from geoseg.blending import NODATA
 from geoseg.blocks import MOSAIC_NAME
 from geoseg.cluster import dask_client
@@ -253,7 +253,37 @@ def change_runs(run_a: str, run_b: str, out: str, cfg: ChangeConfig, client: Cli
             finish=with_dates,
         )
         log.info("%d change polygons -> %s", count, polygons)
+    files["item"] = write_change_item(out, run_a, run_b, grid, codes_legend, [store, polygons, *files.values()])
     return ChangeResult(store, polygons, matrix, files, computed=len(todo), reused=len(blocks) - len(todo))
+
+
+def write_change_item(
+    out: str, run_a: str, run_b: str, grid: OutputGrid, codes_legend: dict[int, str], outputs: list[str | None]
+) -> str:
+    """The change's STAC Item: the two runs' scenes give its time span, the first run its model."""
+    a, b = (runstate.read_finished_manifest(r) for r in (run_a, run_b))
+    record = {
+        "grid": {
+            "crs_wkt": grid.crs_wkt,
+            "transform": list(grid.transform),
+            "width": grid.width,
+            "height": grid.height,
+        },
+        "scenes": [*a.get("scenes", []), *b.get("scenes", [])],
+        "model": a.get("model", {}),
+        "geoseg_version": a.get("geoseg_version", "unknown"),
+        "run_id": None,
+        "status": "finished",
+    }
+    item = stac_item.run_item(
+        out,
+        record,
+        codes_legend,
+        {},
+        [storage.name(loc) for loc in outputs if loc],
+        lineage=f"land-cover change from {run_a} to {run_b}: transition = from_class * K + to_class",
+    )
+    return stac_item.write_item(out, item)
 
 
 def write_matrix(matrix: np.ndarray, legend: dict[int, str], pixel_m2: float, out: str) -> dict[str, str]:

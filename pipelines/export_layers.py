@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from distributed import Client
 
-from geoseg import export, mosaic, runstate, storage
+from geoseg import export, mosaic, runstate, stac_item, storage
 from geoseg.blocks import MOSAIC_NAME, has_classes
 from geoseg.cluster import dask_client
 from geoseg.config import RunConfig
@@ -106,5 +106,8 @@ def export_layers(out: str, cfg: RunConfig, client: Client, manifest: dict) -> E
     storage.write_text(at("report.json"), json.dumps(report, indent=2))
     storage.write_text(at("report.md"), export.report_markdown(report, f"Land cover of {storage.name(out)}"))
     result.files.update(report_json=at("report.json"), report_md=at("report.md"))
+    # the gpkg a FlatGeobuf was converted from is an output too
+    names = sorted({storage.name(loc) for loc in result.files.values()} | {f"polygons{t}.gpkg" for t, _ in targets})
+    result.files["item"] = stac_item.add_assets(out, manifest, legend, colors, names)
     log.info("%d polygons; layers in %s", count, out)
     return result

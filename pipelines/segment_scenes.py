@@ -22,7 +22,7 @@ from typing import Any
 import geopandas as gpd
 from distributed import Client, as_completed
 
-from geoseg import mosaic, partials, runstate, storage, vectorize
+from geoseg import mosaic, partials, runstate, stac_item, storage, vectorize
 from geoseg.blocks import (
     MOSAIC_NAME,
     PARTIALS_DIR,
@@ -293,7 +293,15 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
         ),
         outputs={"mosaic": mosaic_path, "polygons": polygons_path, "quicklook": quicklook},
     )
-    runstate.write_manifest(out, manifest.model_dump(mode="json"))
+    record = manifest.model_dump(mode="json")
+    runstate.write_manifest(out, record)
+    outputs = [mosaic_path, polygons_path, quicklook, manifest_loc]
+    stac_item.write_item(
+        out,
+        stac_item.run_item(
+            out, record, legend, mosaic.read_colors(mosaic_path), [storage.name(loc) for loc in outputs if loc]
+        ),
+    )
     return result
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
@@ -187,3 +190,18 @@ def test_two_scene_sets_in_one_go_from_the_cli(tmp_path):
     doc = json.loads((tmp_path / "out" / "transitions.json").read_text())
     valid = (xr.open_zarr(tmp_path / "out" / "change.zarr")["transition"].values != 255).sum()
     assert doc["valid_pixels"] == valid and doc["changed_pixels"] > 0
+
+
+def test_the_change_has_a_stac_item_with_its_outputs(two_dates, tmp_path):
+    d, result, _ = two_dates
+    item = json.loads((d / "change" / "item.json").read_text())
+    (tmp_path / "core.json").write_text(json.dumps({**item, "stac_extensions": []}))
+    rustac = str(Path(sys.executable).parent / "rustac")
+    assert subprocess.run([rustac, "validate", str(tmp_path / "core.json")], capture_output=True).returncode == 0
+    assert {"change.zarr", "change_polygons.gpkg", "transitions.csv", "transitions.json"} <= set(item["assets"])
+    for asset in item["assets"].values():
+        assert (d / "change" / asset["href"]).exists(), asset["href"]
+    transitions = item["assets"]["change_polygons.gpkg"]["classification:classes"]
+    assert len(transitions) == 49 and transitions[1]["description"] == "water -> forest"
+    assert item["properties"]["proj:shape"] == [600, 800]
+    assert "land-cover change from" in item["properties"]["processing:lineage"]

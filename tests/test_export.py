@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
@@ -14,6 +16,8 @@ import rasterio
 import xarray as xr
 from conftest import run_config
 from PIL import Image
+from rasterio.crs import CRS
+from rasterio.warp import transform_bounds
 from shapely.geometry import Polygon
 
 from geoseg.synth import SceneSpec, write_scene
@@ -143,3 +147,61 @@ def test_export_of_a_folder_that_is_not_a_run(tmp_path):
 
     with pytest.raises(RunError, match="not a geoseg run"):
         run_config_of(tmp_path, [])
+
+
+def test_the_run_item_validates_and_describes_every_output(exported, tmp_path):
+    out, _ = exported
+    item = json.loads((out / "item.json").read_text())
+    # the STAC core schema, offline: rustac on a copy without the extensions' schema URLs
+    rustac = str(Path(sys.executable).parent / "rustac")
+    (tmp_path / "core.json").write_text(json.dumps({**item, "stac_extensions": []}))
+    assert subprocess.run([rustac, "validate", str(tmp_path / "core.json")], capture_output=True).returncode == 0
+    (tmp_path / "broken.json").write_text(json.dumps({**item, "stac_extensions": [], "bbox": "everywhere"}))
+    assert subprocess.run([rustac, "validate", str(tmp_path / "broken.json")], capture_output=True).returncode != 0
+    expected = {"mosaic.zarr", "classes.tif", "polygons.gpkg", "polygons.parquet", "polygons.fgb", "quicklook.png"}
+    assert expected | {"manifest.json", "report.json", "polygons_epsg4326.gpkg"} <= set(item["assets"])
+    for asset in item["assets"].values():
+        assert asset["href"].startswith("./") and (out / asset["href"]).exists(), asset["href"]
+    assert item["assets"]["classes.tif"]["type"] == "image/tiff; application=geotiff; profile=cloud-optimized"
+    assert item["assets"]["quicklook.png"]["roles"] == ["overview", "visual"]
+    for name in ("mosaic.zarr", "classes.tif", "polygons.parquet"):
+        classes = item["assets"][name]["classification:classes"]
+        assert [(c["value"], c["description"]) for c in classes] == list(enumerate(NAMES))
+    assert item["assets"]["mosaic.zarr"]["classification:classes"][0]["color_hint"] == "1F78B4"
+    with rasterio.open(out.parent / "scene.tif") as src:
+        west, south, east, north = transform_bounds(src.crs, "EPSG:4326", *src.bounds)
+        assert item["properties"]["proj:code"] == f"EPSG:{src.crs.to_epsg()}"
+        assert item["properties"]["proj:shape"] == [src.height, src.width]
+        assert item["properties"]["proj:transform"] == list(src.transform)[:6]
+    bbox = item["bbox"]
+    tol = 1e-6  # degrees (0.1 m): the outline is written to 7 decimals
+    assert bbox[0] - tol <= west < east <= bbox[2] + tol and bbox[1] - tol <= south < north <= bbox[3] + tol
+    assert bbox[2] - bbox[0] < 1.001 * (east - west)  # covers the scene, not much more
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert item["properties"]["geoseg:model"]["sha256"] == manifest["model"]["sha256"]
+    assert item["properties"]["processing:software"] == {"geoseg": manifest["geoseg_version"]}
+
+
+def test_the_item_takes_its_dates_from_the_inputs():
+    from geoseg.stac_item import run_item
+
+    manifest = {
+        "grid": {
+            "crs_wkt": CRS.from_epsg(32633).to_wkt(),
+            "transform": [10, 0, 500000, 0, -10, 5200000],
+            "width": 100,
+            "height": 50,
+        },
+        "scenes": [
+            {"path": "a.tif", "status": "ok", "acquired": "2026-06-01T10:00:00"},
+            {"path": "b.tif", "status": "ok", "acquired": "2026-06-11T10:00:00"},
+            {"path": "c.tif", "status": "ok"},
+        ],
+    }
+    item = run_item("runs/june", manifest, {0: "water"}, {}, ["mosaic.zarr"]).to_dict()
+    assert item["id"] == "june"
+    props = item["properties"]
+    assert props["datetime"] is None
+    assert (props["start_datetime"], props["end_datetime"]) == ("2026-06-01T10:00:00Z", "2026-06-11T10:00:00Z")
+    manifest["scenes"] = manifest["scenes"][:1]
+    assert run_item("runs/june", manifest, {}, {}, []).to_dict()["properties"]["datetime"] == "2026-06-01T10:00:00Z"
