@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 import zarr
+from rasterio.transform import Affine
 
-from geoseg import storage
+from geoseg import overviews, storage
 from geoseg.blending import NODATA
 from geoseg.grid import OutputGrid
 from geoseg.tiling import Block
@@ -39,6 +40,49 @@ class Layer:
 
 
 ZARR_V2_COMPRESSOR = {"id": "zstd", "level": 0}  # v3's default codec, in v2's terms
+OVERVIEWS = "overviews"  # OVERVIEWS/<factor>/{classes,confidence}
+
+# The GeoZarr conventions (zarr-conventions, being standardised), registered as they ask.
+CONVENTIONS = {
+    "spatial": {
+        "schema_url": "https://raw.githubusercontent.com/zarr-conventions/spatial/refs/tags/v1/schema.json",
+        "spec_url": "https://github.com/zarr-conventions/spatial/blob/v1/README.md",
+        "uuid": "689b58e2-cf7b-45e0-9fff-9cfc0883d6b4",
+        "name": "spatial",
+        "description": "Spatial coordinate information",
+    },
+    "proj": {
+        "schema_url": "https://raw.githubusercontent.com/zarr-conventions/geo-proj/refs/tags/v1/schema.json",
+        "spec_url": "https://github.com/zarr-conventions/geo-proj/blob/v1/README.md",
+        "uuid": "f17cb550-5864-4468-aeb7-f3180cfb622f",
+        "name": "proj",
+        "description": "Coordinate reference system information for geospatial data",
+    },
+    "multiscales": {
+        "schema_url": "https://raw.githubusercontent.com/zarr-conventions/multiscales/refs/tags/v0.1/schema.json",
+        "spec_url": "https://github.com/zarr-conventions/multiscales/blob/v0.1/README.md",
+        "uuid": "d35379db-88df-4056-af3a-620245f8e347",
+        "name": "multiscales",
+        "description": "Multiscale layout of zarr datasets",
+    },
+}
+
+
+def geozarr_attrs(grid: OutputGrid, factor: int = 1) -> dict[str, Any]:
+    """The ``spatial:`` and ``proj:`` attributes of the grid, or of its overview level ``factor``."""
+    t = grid.affine * Affine.scale(factor)
+    height, width = -(-grid.height // factor), -(-grid.width // factor)
+    epsg = grid.crs.to_epsg()
+    return {
+        "spatial:dimensions": ["y", "x"],
+        "spatial:transform_type": "affine",
+        "spatial:transform": [t.a, t.b, t.c, t.d, t.e, t.f],
+        "spatial:shape": [height, width],
+        "spatial:bbox": list(grid.bounds),
+        "spatial:registration": "pixel",
+        **({"proj:code": f"EPSG:{epsg}"} if epsg else {}),
+        "proj:wkt2": grid.crs_wkt,
+    }
 
 
 def create_store(
@@ -48,9 +92,11 @@ def create_store(
     layers: list[Layer],
     attrs: dict[str, Any] | None = None,
     zarr_format: int = 3,
+    levels: list[int] | None = None,
 ) -> None:
     """Create (or replace) a Zarr group of (y, x) arrays chunked by block, georeferenced for
-    rioxarray (and, in Zarr v2, for GDAL)."""
+    rioxarray (and, in Zarr v2, for GDAL), with the GeoZarr ``spatial:``/``proj:`` attributes;
+    ``levels`` are the factors of overview levels (``OVERVIEWS/<factor>``, see :mod:`geoseg.overviews`)."""
     t = grid.affine
     epsg = grid.crs.to_epsg()
     geoseg_attrs = {
@@ -63,7 +109,34 @@ def create_store(
     }
     # Attributes go in at creation: each later update rewrites the array's zarr.json.
     store = storage.zarr_store(str(path))
-    group = zarr.open_group(store, mode="w", zarr_format=zarr_format, attributes={"geoseg": geoseg_attrs})
+    levels = levels or []
+    geoseg_attrs["overviews"] = levels
+    root_attrs: dict[str, Any] = {
+        "geoseg": geoseg_attrs,
+        "zarr_conventions": [CONVENTIONS[name] for name in ("spatial", "proj", *(["multiscales"] if levels else []))],
+        **geozarr_attrs(grid),
+    }
+    if levels:
+        # level 0 stays at the root (where xarray finds it); the layout names each level's classes
+        root_attrs["multiscales"] = {
+            "layout": [
+                {"asset": CLASSES, "transform": {"scale": [1.0, 1.0]}},
+                *(
+                    {
+                        "asset": f"{OVERVIEWS}/{f}/{CLASSES}",
+                        "derived_from": CLASSES,
+                        "transform": {"scale": [float(f), float(f)]},
+                        "resampling_method": "mode",
+                        "spatial:transform": geozarr_attrs(grid, f)["spatial:transform"],
+                        "spatial:shape": geozarr_attrs(grid, f)["spatial:shape"],
+                    }
+                    for f in levels
+                ),
+            ],
+            "resampling_method": "mode",
+            "geoseg:confidence": "beside the classes of each level, the mean over the valid pixels",
+        }
+    group = zarr.open_group(store, mode="w", zarr_format=zarr_format, attributes=root_attrs)
     chunks = (min(block_size, grid.height), min(block_size, grid.width))
 
     def dims(*names: str) -> dict[str, Any]:
@@ -87,10 +160,28 @@ def create_store(
                 **spec["attributes"],
                 "grid_mapping": "spatial_ref",
                 "coordinates": "spatial_ref",
+                "spatial:dimensions": ["y", "x"],
                 **crs_for_gdal,
                 **layer.attrs,
             },
         )
+    for f in levels:
+        level = group.create_group(
+            f"{OVERVIEWS}/{f}",
+            attributes={"zarr_conventions": root_attrs["zarr_conventions"][:2], **geozarr_attrs(grid, f)},
+        )
+        for layer in layers:
+            spec = dims("y", "x")
+            level.create_array(
+                layer.name,
+                shape=tuple(geozarr_attrs(grid, f)["spatial:shape"]),
+                chunks=(max(1, chunks[0] // f), max(1, chunks[1] // f)),
+                dtype=layer.dtype,
+                fill_value=layer.fill_value,
+                compressors=spec.get("compressors", "auto"),
+                dimension_names=spec.get("dimension_names"),
+                attributes={**spec["attributes"], "spatial:dimensions": ["y", "x"], **layer.attrs},
+            )
     axes = {
         "x": (t.c + t.a * (np.arange(grid.width) + 0.5), "projection_x_coordinate"),
         "y": (t.f + t.e * (np.arange(grid.height) + 0.5), "projection_y_coordinate"),
@@ -150,7 +241,8 @@ def create_mosaic(
         "colors": {str(k): v for k, v in (colors or {}).items()},
         **(attrs or {}),
     }
-    create_store(path, grid, block_size, layers, meta, zarr_format)
+    levels = overviews.overview_factors(grid.height, grid.width, block_size)
+    create_store(path, grid, block_size, layers, meta, zarr_format, levels)
 
 
 def write_region(path: Path, block: Block, arrays: dict[str, np.ndarray]) -> None:
@@ -169,7 +261,16 @@ def write_region(path: Path, block: Block, arrays: dict[str, np.ndarray]) -> Non
 
 
 def write_block(path: Path, block: Block, classes: np.ndarray, confidence: np.ndarray) -> None:
+    """A block of the class mosaic, then the block's windows of every overview level (one chunk each)."""
     write_region(path, block, {CLASSES: classes, CONFIDENCE: confidence})
+    store = storage.zarr_store(str(path))
+    factors = zarr.open_group(store, mode="r").attrs["geoseg"].get("overviews", [])
+    for f, (level_classes, level_confidence) in overviews.levels(classes, confidence, factors).items():
+        rows = slice(block.rows.start // f, block.rows.start // f + level_classes.shape[0])
+        cols = slice(block.cols.start // f, block.cols.start // f + level_classes.shape[1])
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            for name, data in ((CLASSES, level_classes), (CONFIDENCE, level_confidence)):
+                zarr.open_array(store, path=f"{OVERVIEWS}/{f}/{name}", mode="r+")[rows, cols] = data
 
 
 def open_array(path: str | Path, name: str = CLASSES) -> zarr.Array:

@@ -193,6 +193,36 @@ def test_a_zarr_v2_mosaic_opens_in_gdal_with_the_inputs_georeference(
     assert ds.rio.crs.to_epsg() == 32633 and ds["confidence"].dims == ("y", "x")
 
 
+def test_geozarr_attributes_and_overviews_written_with_the_blocks(
+    tmp_path, random_checkpoint, scene_1000x700, client2, reference
+):
+    import zarr
+
+    from geoseg.overviews import downsample
+
+    cfg = run_config(random_checkpoint, [scene_1000x700[0]], tmp_path, "output.block_size=256")
+    assert run(cfg, client2).ok
+    root = zarr.open_group(str(tmp_path / "mosaic.zarr"), mode="r")
+    with rasterio.open(scene_1000x700[0]) as src:
+        assert root.attrs["proj:code"] == "EPSG:32633"
+        assert root.attrs["spatial:transform"] == list(src.transform)[:6]
+        assert root.attrs["spatial:shape"] == [700, 1000]
+        assert root.attrs["spatial:bbox"] == pytest.approx(list(src.bounds))
+    assert {c["name"] for c in root.attrs["zarr_conventions"]} == {"spatial", "proj", "multiscales"}
+    layout = root.attrs["multiscales"]["layout"]
+    assert [entry["asset"] for entry in layout] == ["classes", "overviews/2/classes", "overviews/4/classes"]
+    ref = zarr.open_group(str(reference / "mosaic.zarr"), mode="r")
+    whole = ref["classes"][:], ref["confidence"][:]
+    for entry in layout[1:]:
+        factor = int(entry["transform"]["scale"][0])
+        level_classes, level_confidence = downsample(*whole, factor)  # of the whole mosaic, in one piece
+        np.testing.assert_array_equal(root[entry["asset"]][:], level_classes)
+        np.testing.assert_array_equal(root[f"overviews/{factor}/confidence"][:], level_confidence)
+        assert entry["spatial:shape"] == list(level_classes.shape)
+        assert entry["spatial:transform"][0] == 10.0 * factor
+    assert (root["overviews/4/classes"][:] != 255).mean() > 0.5  # written, not left at the fill value
+
+
 def test_nodata_stays_nodata(reference, scene_1000x700):
     classes = read_classes(reference)
     with rasterio.open(scene_1000x700[0]) as src:
