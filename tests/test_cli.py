@@ -108,6 +108,10 @@ def test_vectorize_again_with_a_minimum_mapping_unit(tmp_path, random_checkpoint
     assert len(after) < len(before)
     assert after["area_m2"].min() >= 50 * 100 * 0.999
     assert after["area_m2"].sum() == pytest.approx(before["area_m2"].sum())
+    # every command that takes --set reports a bad key or value in one line, as `run` does
+    for command, item in (("export", "vector.mmu_pixel=9"), ("vectorize", "vector.mmu_pixels=lots")):
+        assert_one_line_error(geoseg(command, str(out), "--set", item), item.split("=")[0])
+    assert_one_line_error(geoseg("change", str(out), str(out), "--set", "min_confidence=high"), "min_confidence")
 
 
 def assert_one_line_error(res: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -157,3 +161,37 @@ def test_run_without_out_says_where_it_writes(tmp_path):
     assert "no --out given" in lines[0] and str(config) in lines[0] and str(tmp_path / "out") in lines[0]
     assert "missing.tif" in lines[1]
     assert not (tmp_path / "out").exists()  # nothing left behind by a failed run
+
+
+def test_a_glob_or_folder_that_matches_nothing_is_named(tmp_path):
+    repo = Path(__file__).parent.parent
+    pattern = str(tmp_path / "scenes" / "*.tif")
+    assert_one_line_error(
+        geoseg("run", "configs/demo.yaml", "--input", pattern, "--out", str(tmp_path / "o"), cwd=repo), pattern
+    )
+    (tmp_path / "empty").mkdir()
+    res = geoseg("run", "configs/demo.yaml", "--input", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), cwd=repo)
+    assert_one_line_error(res, str(tmp_path / "empty"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_inputs_and_checkpoint_are_checked_before_any_cluster(tmp_path, scene_1000x700):
+    """With a scheduler address nothing listens on, a bad input or checkpoint is still what is
+    reported: they are checked before a cluster is reached."""
+    repo = Path(__file__).parent.parent
+    nowhere = "cluster.address=tcp://127.0.0.1:9"
+    missing = tmp_path / "missing.tif"
+    res = geoseg(*run_cli_args(missing, tmp_path / "o", nowhere), cwd=repo)
+    assert_one_line_error(res, str(missing), "file not found")
+    res = geoseg(*run_cli_args(scene_1000x700[0], tmp_path / "o", nowhere, f"model.checkpoint={missing}"), cwd=repo)
+    assert_one_line_error(res, str(missing))
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_run_that_fails_before_its_first_block_removes_the_out_it_created(tmp_path, scene_1000x700):
+    repo = Path(__file__).parent.parent
+    out = tmp_path / "o"
+    res = geoseg(*run_cli_args(scene_1000x700[0], out, "cluster.address=tcp://127.0.0.1:9"), cwd=repo)
+    assert res.returncode != 0
+    assert "127.0.0.1:9" in res.stderr and "Traceback" not in res.stderr
+    assert not out.exists()
