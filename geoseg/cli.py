@@ -39,7 +39,7 @@ def _setup_logging(verbose: bool) -> None:
         handlers=[RichHandler(show_path=False, rich_tracebacks=False, console=None)],
         force=True,
     )
-    for noisy in ("distributed", "rasterio", "fiona", "pyogrio", "matplotlib", "PIL"):
+    for noisy in ("distributed", "rasterio", "fiona", "pyogrio", "matplotlib", "PIL", "numexpr"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -157,6 +157,30 @@ def _run_pipeline(cfg) -> None:
             result.manifest,
         )
         raise typer.Exit(1)
+
+
+@app.command()
+def view(
+    out: Annotated[str, typer.Argument(help="Output folder or URL of a finished `geoseg run` or `geoseg change`")],
+    host: Annotated[str, typer.Option(help="Address to listen on (the default: this machine only)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: any free one)")] = 8000,
+) -> None:
+    """Serve a run's layers on a web map: classes, confidence, polygons, legend (Ctrl-C stops)."""
+    from geoseg import runstate
+    from geoseg.maptiles import CHANGE_STORE
+    from geoseg.view import ViewServer
+
+    with _user_errors():
+        if not storage.exists(storage.join(out, CHANGE_STORE)):
+            runstate.read_finished_manifest(out)  # a run that did not finish is refused in one line
+        server = ViewServer(out, host, port)
+    typer.echo(f"geoseg view: {server.url}/ (Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 @app.command("worker-env")

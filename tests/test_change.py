@@ -205,3 +205,39 @@ def test_the_change_has_a_stac_item_with_its_outputs(two_dates, tmp_path):
     assert len(transitions) == 49 and transitions[1]["description"] == "water -> forest"
     assert item["properties"]["proj:shape"] == [600, 800]
     assert "land-cover change from" in item["properties"]["processing:lineage"]
+
+
+def test_the_view_of_a_change_shows_the_transitions_and_both_dates(two_dates):
+    import io
+    import threading
+    import urllib.request
+
+    from PIL import Image
+
+    from geoseg.maptiles import WEB_MERCATOR
+    from geoseg.view import ViewServer
+
+    d, _, truth = two_dates
+    server = ViewServer(str(d / "change"), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+
+        def get(path: str) -> bytes:
+            with urllib.request.urlopen(server.url + path, timeout=30) as response:
+                return response.read()
+
+        described = json.loads(get("/run.json"))
+        assert described["kind"] == "change"
+        assert [layer["name"] for layer in described["layers"]] == ["transition", "from_class", "to_class"]
+        tilejson = json.loads(get("/transition/tilejson.json"))
+        west, south, east, north = tilejson["bounds"]
+        t = WEB_MERCATOR.tile((west + east) / 2, (south + north) / 2, tilejson["maxzoom"] - 2)
+        drawn = {}
+        for layer in ("transition", "from_class", "to_class"):
+            rgba = np.asarray(Image.open(io.BytesIO(get(f"/{layer}/tiles/{t.z}/{t.x}/{t.y}.png"))))
+            drawn[layer] = (rgba[..., 3] == 255).mean()
+        assert drawn["from_class"] > 0.5 and drawn["to_class"] > 0.5  # both dates, whole
+        assert 0 < drawn["transition"] < 0.5 * drawn["from_class"]  # only what changed
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,0 +1,138 @@
+"""``geoseg view``: a small web server that shows a finished run on a map.
+
+Routes (nothing else is served; every other path, ``..`` included, is a 404):
+
+    /                                   the map page (MapLibre GL JS, vendored: nothing from outside)
+    /static/<file>                      the page's script, style and the vendored library
+    /run.json                           name, kind, extent and layers of the run
+    /legend.json                        names, colours and area per class
+    /<layer>/tilejson.json              TileJSON 3.0 of a raster layer
+    /<layer>/tiles/<z>/<x>/<y>.png      a 256 px tile, Web Mercator (XYZ)
+    /polygons.geojson?bbox=W,S,E,N      the polygons that meet a lon/lat box
+
+Static files are served from a table built at start-up from the package's ``web`` folder,
+so a request's path never reaches the file system.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from geoseg.maptiles import RunTiles
+
+log = logging.getLogger(__name__)
+
+TILE_ROUTE = re.compile(r"^/(?P<layer>[a-z_]+)/tiles/(?P<z>\d{1,2})/(?P<x>\d{1,9})/(?P<y>\d{1,9})\.png$")
+TILEJSON_ROUTE = re.compile(r"^/(?P<layer>[a-z_]+)/tilejson\.json$")
+CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript",
+    ".css": "text/css",
+    ".txt": "text/plain",
+}
+
+
+def static_files() -> dict[str, tuple[bytes, str]]:
+    """Every file of the package's ``web`` folder by its URL path, with its content type."""
+    files: dict[str, tuple[bytes, str]] = {}
+
+    def walk(folder, prefix: str) -> None:
+        for entry in folder.iterdir():
+            if entry.is_dir():
+                walk(entry, f"{prefix}{entry.name}/")
+            elif "." in entry.name:
+                suffix = entry.name[entry.name.rindex(".") :]
+                files[f"/static/{prefix}{entry.name}"] = (entry.read_bytes(), CONTENT_TYPES.get(suffix, "text/plain"))
+
+    walk(resources.files("geoseg") / "web", "")
+    return files
+
+
+class ViewServer(ThreadingHTTPServer):
+    """An HTTP server bound to one run's tiles."""
+
+    daemon_threads = True
+
+    def __init__(self, out: str, host: str = "127.0.0.1", port: int = 8000) -> None:
+        self.tiles = RunTiles(out)
+        self.files = static_files()
+        super().__init__((host, port), ViewHandler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+
+class ViewHandler(BaseHTTPRequestHandler):
+    server: ViewServer
+
+    def do_GET(self) -> None:  # noqa: N802 (the http.server API)
+        parts = urlsplit(self.path)
+        path, query = parts.path, parse_qs(parts.query)
+        try:
+            self.route(path, query)
+        except BrokenPipeError:  # the browser went on to other tiles
+            pass
+        except Exception as exc:
+            log.warning("%s: %s: %s", path, type(exc).__name__, exc)
+            self.send(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(exc).__name__}: {exc}".encode(), "text/plain")
+
+    def route(self, path: str, query: dict[str, list[str]]) -> None:
+        tiles = self.server.tiles
+        if path == "/":
+            body, kind = self.server.files["/static/index.html"]
+            return self.send(HTTPStatus.OK, body, kind)
+        if path in self.server.files:
+            body, kind = self.server.files[path]
+            return self.send(HTTPStatus.OK, body, kind, cache="max-age=3600")
+        if path == "/run.json":
+            return self.send_json(
+                {
+                    "name": tiles.out.rstrip("/").rsplit("/", 1)[-1],
+                    "kind": tiles.kind,
+                    "bounds": list(tiles.bounds_lonlat),
+                    "layers": [{"name": layer.name, "title": layer.title} for layer in tiles.layers.values()],
+                    "polygons": tiles.polygons_location() is not None,
+                }
+            )
+        if path == "/legend.json":
+            return self.send_json(tiles.legend_rows())
+        if path == "/polygons.geojson":
+            bbox = tuple(float(v) for v in query.get("bbox", [""])[0].split(","))
+            if len(bbox) != 4:
+                return self.send(HTTPStatus.BAD_REQUEST, b"bbox=W,S,E,N (lon/lat) expected", "text/plain")
+            return self.send_json(tiles.polygons_geojson(bbox))  # type: ignore[arg-type]
+        if (match := TILEJSON_ROUTE.match(path)) and match["layer"] in tiles.layers:
+            return self.send_json(tiles.tilejson(match["layer"], self.base_url()))
+        if (match := TILE_ROUTE.match(path)) and match["layer"] in tiles.layers:
+            z, x, y = int(match["z"]), int(match["x"]), int(match["y"])
+            if z > 30 or not (0 <= x < 2**z and 0 <= y < 2**z):
+                return self.send(HTTPStatus.NOT_FOUND, b"no such tile", "text/plain")
+            return self.send(HTTPStatus.OK, tiles.tile_png(match["layer"], z, x, y), "image/png", cache="max-age=60")
+        self.send(HTTPStatus.NOT_FOUND, b"not found", "text/plain")
+
+    def base_url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{self.headers.get('Host') or f'{host}:{port}'}"
+
+    def send_json(self, document: Any) -> None:
+        self.send(HTTPStatus.OK, json.dumps(document).encode(), "application/json")
+
+    def send(self, status: HTTPStatus, body: bytes, content_type: str, cache: str = "no-store") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", cache)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the http.server API)
+        log.debug("%s " + format, self.address_string(), *args)
