@@ -247,6 +247,34 @@ def test_export_and_change_of_runs_on_s3_write_their_layers_to_the_store(remote,
     with storage.local_copy(f"{change_out}/change_polygons.gpkg") as gpkg:
         empty = gpd.read_file(gpkg)
     assert len(empty) == 0 and empty.crs.to_epsg() == 32633  # no change, but the layer says where it is
+    item = json.loads(storage.read_text(f"{out}/item.json"))  # the run's item, with what export added
+    assert {"mosaic.zarr", "classes.tif", "polygons.parquet", "report.json"} <= set(item["assets"])
+    for asset in item["assets"].values():  # a Zarr store is a prefix: its root metadata stands for it
+        name = asset["href"][2:]
+        assert storage.exists(f"{out}/{name}/zarr.json" if name.endswith(".zarr") else f"{out}/{name}"), name
+    # and the run is on a map straight from the bucket
+    import io
+    import threading
+    import urllib.request
+
+    from PIL import Image
+
+    from geoseg.maptiles import WEB_MERCATOR
+    from geoseg.view import ViewServer
+
+    server = ViewServer(out, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        tilejson = json.loads(urllib.request.urlopen(f"{server.url}/classes/tilejson.json", timeout=30).read())
+        west, south, east, north = tilejson["bounds"]
+        t = WEB_MERCATOR.tile((west + east) / 2, (south + north) / 2, tilejson["maxzoom"])
+        png = urllib.request.urlopen(f"{server.url}/classes/tiles/{t.z}/{t.x}/{t.y}.png", timeout=30).read()
+        assert (np.asarray(Image.open(io.BytesIO(png)))[..., 3] == 255).mean() > 0.5
+        legend = json.loads(urllib.request.urlopen(f"{server.url}/legend.json", timeout=30).read())
+        assert sum(row["km2"] for row in legend) > 0  # from the report in the bucket
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_a_stac_collection_in_the_bucket_names_its_cogs_relatively_and_globs_stay_in_their_folder(remote):
