@@ -65,7 +65,7 @@ class RunTiles:
         self._lock = threading.Lock()
         self._arrays: dict[tuple[str, str, int], xr.DataArray] = {}
         change = storage.join(self.out, CHANGE_STORE)
-        if storage.exists(storage.join(change, "zarr.json")) or storage.exists(storage.join(change, ".zgroup")):
+        if mosaic.exists(change):
             self.kind, self.store = "change", change
             attrs = mosaic.read_attrs(change)
             self.legend = {int(k): v for k, v in attrs["classes"].items()}
@@ -223,7 +223,7 @@ def _colors_of(run: str | None, legend: dict[int, str]) -> dict[int, str]:
     """The class colours of the run a change was computed from (grey where unknown)."""
     if run:
         store = storage.join(run, MOSAIC_NAME)
-        if storage.exists(storage.join(store, "zarr.json")) or storage.exists(storage.join(store, ".zgroup")):
+        if mosaic.exists(store):
             colors = mosaic.read_colors(store)
             if colors:
                 return colors

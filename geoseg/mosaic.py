@@ -70,8 +70,8 @@ CONVENTIONS = {
 
 def geozarr_attrs(grid: OutputGrid, factor: int = 1) -> dict[str, Any]:
     """The ``spatial:`` and ``proj:`` attributes of the grid, or of its overview level ``factor``."""
-    t = grid.affine * Affine.scale(factor)
-    height, width = -(-grid.height // factor), -(-grid.width // factor)
+    level = level_of(grid, factor)
+    t, height, width = level.affine, level.height, level.width
     epsg = grid.crs.to_epsg()
     return {
         "spatial:dimensions": ["y", "x"],
@@ -97,7 +97,6 @@ def create_store(
     """Create (or replace) a Zarr group of (y, x) arrays chunked by block, georeferenced for
     rioxarray (and, in Zarr v2, for GDAL), with the GeoZarr ``spatial:``/``proj:`` attributes;
     ``levels`` are the factors of overview levels (``OVERVIEWS/<factor>``, see :mod:`geoseg.overviews`)."""
-    t = grid.affine
     epsg = grid.crs.to_epsg()
     geoseg_attrs = {
         "crs_wkt": grid.crs_wkt,
@@ -139,12 +138,45 @@ def create_store(
     group = zarr.open_group(store, mode="w", zarr_format=zarr_format, attributes=root_attrs)
     chunks = (min(block_size, grid.height), min(block_size, grid.width))
 
+    for layer_group, level_grid, level_chunks in [
+        (group, grid, chunks),
+        *(
+            (
+                group.create_group(
+                    f"{OVERVIEWS}/{f}",
+                    attributes={"zarr_conventions": root_attrs["zarr_conventions"][:2], **geozarr_attrs(grid, f)},
+                ),
+                level_of(grid, f),
+                (max(1, chunks[0] // f), max(1, chunks[1] // f)),
+            )
+            for f in levels
+        ),
+    ]:
+        georeferenced_arrays(layer_group, level_grid, level_chunks, layers, zarr_format)
+    with warnings.catch_warnings():  # consolidated metadata is not in the v3 spec yet; xarray reads it
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(store)
+
+
+def level_of(grid: OutputGrid, factor: int) -> OutputGrid:
+    """The grid of overview level ``factor``: pixels ``factor`` times larger, whole windows."""
+    t = grid.affine * Affine.scale(factor)
+    return OutputGrid(grid.crs_wkt, (t.a, t.b, t.c, t.d, t.e, t.f), -(-grid.width // factor), -(-grid.height // factor))
+
+
+def georeferenced_arrays(
+    group: zarr.Group, grid: OutputGrid, chunks: tuple[int, int], layers: list[Layer], zarr_format: int
+) -> None:
+    """``layers`` as (y, x) arrays of ``group`` on ``grid``, with the pixel-centre coordinates and
+    the ``spatial_ref`` variable rioxarray reads, and (Zarr v2) the ``_CRS`` GDAL reads."""
+
     def dims(*names: str) -> dict[str, Any]:
         """How each format names an array's dimensions (v2: xarray's attribute)."""
         if zarr_format == 2:
             return {"compressors": ZARR_V2_COMPRESSOR, "attributes": {"_ARRAY_DIMENSIONS": list(names)}}
         return {"dimension_names": names, "attributes": {}}
 
+    t = grid.affine
     crs_for_gdal = {"_CRS": {"wkt": grid.crs_wkt}} if zarr_format == 2 else {}
     for layer in layers:
         spec = dims("y", "x")
@@ -165,23 +197,6 @@ def create_store(
                 **layer.attrs,
             },
         )
-    for f in levels:
-        level = group.create_group(
-            f"{OVERVIEWS}/{f}",
-            attributes={"zarr_conventions": root_attrs["zarr_conventions"][:2], **geozarr_attrs(grid, f)},
-        )
-        for layer in layers:
-            spec = dims("y", "x")
-            level.create_array(
-                layer.name,
-                shape=tuple(geozarr_attrs(grid, f)["spatial:shape"]),
-                chunks=(max(1, chunks[0] // f), max(1, chunks[1] // f)),
-                dtype=layer.dtype,
-                fill_value=layer.fill_value,
-                compressors=spec.get("compressors", "auto"),
-                dimension_names=spec.get("dimension_names"),
-                attributes={**spec["attributes"], "spatial:dimensions": ["y", "x"], **layer.attrs},
-            )
     axes = {
         "x": (t.c + t.a * (np.arange(grid.width) + 0.5), "projection_x_coordinate"),
         "y": (t.f + t.e * (np.arange(grid.height) + 0.5), "projection_y_coordinate"),
@@ -198,7 +213,7 @@ def create_store(
         "crs_wkt": grid.crs_wkt,
         "spatial_ref": grid.crs_wkt,
         "GeoTransform": " ".join(str(v) for v in (t.c, t.a, t.b, t.f, t.d, t.e)),
-        "epsg": epsg,
+        "epsg": grid.crs.to_epsg(),
     }
     spec = dims()
     group.create_array(
@@ -207,9 +222,11 @@ def create_store(
         dimension_names=spec.get("dimension_names"),
         attributes={**spec["attributes"], **spatial_ref},
     )
-    with warnings.catch_warnings():  # consolidated metadata is not in the v3 spec yet; xarray reads it
-        warnings.simplefilter("ignore")
-        zarr.consolidate_metadata(store)
+
+
+def exists(path: str | Path) -> bool:
+    """Whether a Zarr store (v3 or v2) is at ``path``."""
+    return any(storage.exists(storage.join(str(path), name)) for name in ("zarr.json", ".zgroup"))
 
 
 def class_attrs(legend: dict[int, str], long_name: str) -> dict[str, Any]:

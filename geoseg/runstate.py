@@ -32,7 +32,7 @@ from typing import Any
 
 import psutil
 
-from geoseg import storage
+from geoseg import mosaic, storage
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +316,7 @@ def prepare_output(out: str, run_fingerprint: str, overwrite: bool, store: str) 
                 f"{out} holds a run with another model, tiling, block size or inputs "
                 f"({previous} != {run_fingerprint}); use --overwrite or another --out"
             )
-        if storage.exists(storage.join(out, store, "zarr.json")):
+        if mosaic.exists(storage.join(out, store)):  # v3 or v2
             return committed_blocks(out)
     storage.delete_tree(state(out, "blocks"))
     storage.delete_tree(state(out, "partials"))

@@ -11,6 +11,7 @@ checksum) and geoseg's version. ``geoseg export`` adds the assets it writes.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +26,8 @@ from rasterio.warp import transform_geom
 from geoseg import storage
 from geoseg.grid import OutputGrid
 
+log = logging.getLogger(__name__)
+
 ITEM_NAME = "item.json"
 PROCESSING_SCHEMA = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
 COG = "image/tiff; application=geotiff; profile=cloud-optimized"
@@ -38,6 +41,7 @@ MEDIA_TYPES = {  # by suffix
     ".json": "application/json",
     ".md": "text/markdown",
     ".csv": "text/csv",
+    ".xml": "application/xml",
     ".qml": "text/xml",
     ".sld": "application/vnd.ogc.sld+xml",
 }
@@ -80,8 +84,21 @@ def footprint_lonlat(grid: OutputGrid) -> dict[str, Any]:
 
 
 def acquisition_times(manifest: dict[str, Any]) -> list[datetime]:
-    """When the scenes the mosaic was made of were acquired (those with a known date)."""
-    return sorted(str_to_datetime(s["acquired"]) for s in manifest.get("scenes", []) if s.get("acquired"))
+    """When the scenes the mosaic was made of were acquired, in UTC (a date without a zone is
+    taken as UTC); a date that does not parse is left out, with a warning."""
+    times = []
+    for scene in manifest.get("scenes", []):
+        if not scene.get("acquired"):
+            continue
+        try:
+            when = str_to_datetime(scene["acquired"])
+        except ValueError:
+            log.warning(
+                "%s: acquisition time %r is not ISO 8601: left out of the item", scene["path"], scene["acquired"]
+            )
+            continue
+        times.append(when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC))
+    return sorted(times)
 
 
 def run_item(
@@ -91,9 +108,11 @@ def run_item(
     colors: dict[int, str],
     names: list[str],
     lineage: str | None = None,
+    made: datetime | None = None,
 ) -> pystac.Item:
     """The Item of the run in ``out`` with one asset per output file in ``names`` (relative to
-    OUT); ``lineage`` says how the outputs were made (default: a segmentation run's words)."""
+    OUT); ``lineage`` says how the outputs were made (default: a segmentation run's words).
+    Without acquisition times the item's datetime is when it was made (``made``, default now)."""
     g = manifest["grid"]
     grid = OutputGrid(g["crs_wkt"], tuple(g["transform"]), g["width"], g["height"])
     geometry = footprint_lonlat(grid)
@@ -102,7 +121,7 @@ def run_item(
         id=storage.name(storage.absolute(out)),
         geometry=geometry,
         bbox=list(shapely.geometry.shape(geometry).bounds),
-        datetime=times[0] if len(set(times)) == 1 else None if times else datetime.now(UTC),
+        datetime=times[0] if len(set(times)) == 1 else None if times else made or datetime.now(UTC),
         start_datetime=times[0] if len(set(times)) > 1 else None,
         end_datetime=times[-1] if len(set(times)) > 1 else None,
         properties={},
@@ -148,5 +167,15 @@ def add_assets(
 ) -> str:
     """The run's Item with the output files ``names`` added (``geoseg export``); made anew if it has none."""
     loc = storage.join(out, ITEM_NAME)
-    known = list(json.loads(storage.read_text(loc)).get("assets", {})) if storage.exists(loc) else []
-    return write_item(out, run_item(out, manifest, legend, colors, [*known, *(n for n in names if n not in known)]))
+    old = json.loads(storage.read_text(loc)) if storage.exists(loc) else {}
+    known = list(old.get("assets", {}))
+    made = old.get("properties", {}).get("datetime")  # the item keeps its date
+    item = run_item(
+        out,
+        manifest,
+        legend,
+        colors,
+        [*known, *(n for n in names if n not in known)],
+        made=str_to_datetime(made) if made else None,
+    )
+    return write_item(out, item)

@@ -107,7 +107,11 @@ def export_layers(out: str, cfg: RunConfig, client: Client, manifest: dict) -> E
     storage.write_text(at("report.md"), export.report_markdown(report, f"Land cover of {storage.name(out)}"))
     result.files.update(report_json=at("report.json"), report_md=at("report.md"))
     # the gpkg a FlatGeobuf was converted from is an output too
-    names = sorted({storage.name(loc) for loc in result.files.values()} | {f"polygons{t}.gpkg" for t, _ in targets})
+    names = sorted(
+        {storage.name(loc) for loc in result.files.values()}
+        | {f"polygons{t}.gpkg" for t, _ in targets}
+        | {storage.name(result.files["cog"]) + ".aux.xml"}  # the COG's category names
+    )
     result.files["item"] = stac_item.add_assets(out, manifest, legend, colors, names)
     log.info("%d polygons; layers in %s", count, out)
     return result

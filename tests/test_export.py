@@ -159,7 +159,9 @@ def test_the_run_item_validates_and_describes_every_output(exported, tmp_path):
     (tmp_path / "broken.json").write_text(json.dumps({**item, "stac_extensions": [], "bbox": "everywhere"}))
     assert subprocess.run([rustac, "validate", str(tmp_path / "broken.json")], capture_output=True).returncode != 0
     expected = {"mosaic.zarr", "classes.tif", "polygons.gpkg", "polygons.parquet", "polygons.fgb", "quicklook.png"}
-    assert expected | {"manifest.json", "report.json", "polygons_epsg4326.gpkg"} <= set(item["assets"])
+    assert expected | {"manifest.json", "report.json", "polygons_epsg4326.gpkg", "classes.tif.aux.xml"} <= set(
+        item["assets"]
+    )
     for asset in item["assets"].values():
         assert asset["href"].startswith("./") and (out / asset["href"]).exists(), asset["href"]
     assert item["assets"]["classes.tif"]["type"] == "image/tiff; application=geotiff; profile=cloud-optimized"
@@ -205,3 +207,11 @@ def test_the_item_takes_its_dates_from_the_inputs():
     assert (props["start_datetime"], props["end_datetime"]) == ("2026-06-01T10:00:00Z", "2026-06-11T10:00:00Z")
     manifest["scenes"] = manifest["scenes"][:1]
     assert run_item("runs/june", manifest, {}, {}, []).to_dict()["properties"]["datetime"] == "2026-06-01T10:00:00Z"
+    # zones told and untold, and a date that is not ISO 8601: all in UTC, the bad one left out
+    manifest["scenes"] = [
+        {"path": "a.tif", "acquired": "2026-06-01T12:00:00+02:00"},
+        {"path": "b.tif", "acquired": "2026-06-11"},
+        {"path": "c.tif", "acquired": "2026/06/21 10:00"},
+    ]
+    props = run_item("runs/june", manifest, {}, {}, []).to_dict()["properties"]
+    assert (props["start_datetime"], props["end_datetime"]) == ("2026-06-01T10:00:00Z", "2026-06-11T00:00:00Z")

@@ -14,6 +14,7 @@ import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 from conftest import predict_transitions, run_config
 from rasterio.crs import CRS
+from rasterio.transform import Affine
 
 from geoseg import mosaic
 from geoseg.blocks import predict_task, work_order
@@ -191,6 +192,12 @@ def test_a_zarr_v2_mosaic_opens_in_gdal_with_the_inputs_georeference(
         np.testing.assert_array_equal(zarr_v2.read(1), read_classes(reference))  # bitwise the v3 mosaic
     ds = xr.open_zarr(store)  # and xarray/rioxarray as before
     assert ds.rio.crs.to_epsg() == 32633 and ds["confidence"].dims == ("y", "x")
+    with rasterio.open(scene_1000x700[0]) as src, rasterio.open(f'ZARR:"{store}":/overviews/2/classes') as level:
+        assert level.crs == src.crs and level.transform == src.transform * Affine.scale(2)
+        assert level.shape == (350, 500)
+    again = run(cfg, client2)  # the same command again: every block reused from the v2 store
+    summary = json.loads(Path(again.manifest).read_text())["summary"]
+    assert summary["reused"] == summary["blocks"] and summary["computed"] == 0
 
 
 def test_geozarr_attributes_and_overviews_written_with_the_blocks(
@@ -209,6 +216,9 @@ def test_geozarr_attributes_and_overviews_written_with_the_blocks(
         assert root.attrs["spatial:shape"] == [700, 1000]
         assert root.attrs["spatial:bbox"] == pytest.approx(list(src.bounds))
     assert {c["name"] for c in root.attrs["zarr_conventions"]} == {"spatial", "proj", "multiscales"}
+    level = xr.open_zarr(tmp_path / "mosaic.zarr", group="overviews/4")  # a level is georeferenced too
+    with rasterio.open(scene_1000x700[0]) as src:
+        assert level.rio.crs == src.crs and level.rio.transform() == src.transform * Affine.scale(4)
     layout = root.attrs["multiscales"]["layout"]
     assert [entry["asset"] for entry in layout] == ["classes", "overviews/2/classes", "overviews/4/classes"]
     ref = zarr.open_group(str(reference / "mosaic.zarr"), mode="r")
