@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -328,6 +329,40 @@ def train(
     with _user_errors():
         cfg = load_train_config(config, list(set_ or []))
         run_training(cfg)
+
+
+model_app = typer.Typer(no_args_is_help=True, help="Checkpoints: import other trainers' models, inspect any.")
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("import")
+def model_import(
+    src: Annotated[Path, typer.Argument(help="smp save_pretrained folder, Lightning/TorchGeo .ckpt, or a state_dict")],
+    meta: Annotated[Path, typer.Option(help="YAML sidecar: bands, classes, mean, std (arch, arch_kwargs)")],
+    out: Annotated[Path, typer.Option(help="geoseg checkpoint to write (.safetensors)")],
+) -> None:
+    """Convert another trainer's checkpoint into geoseg's own format."""
+    from geoseg.models.checkpoint import save_checkpoint
+    from geoseg.models.importers import import_checkpoint, read_sidecar
+
+    with _user_errors():
+        ckpt = import_checkpoint(src, read_sidecar(meta), str(meta))
+        path = save_checkpoint(ckpt, ckpt.build(), out)
+    log.info("%s (%s, %d bands, %d classes) -> %s", src, ckpt.arch, len(ckpt.bands), ckpt.n_classes, path)
+
+
+@model_app.command("inspect")
+def model_inspect(
+    checkpoint: Annotated[
+        str, typer.Argument(help="A checkpoint: geoseg's, builtin:NAME, or another trainer's with its sidecar")
+    ],
+) -> None:
+    """Print what a checkpoint holds: architecture, bands, classes, statistics, parameter count."""
+    from geoseg.models.checkpoint import load_checkpoint
+    from geoseg.models.importers import describe
+
+    with _user_errors():
+        typer.echo(json.dumps(describe(load_checkpoint(checkpoint)), indent=2))
 
 
 def entrypoint() -> None:  # pragma: no cover - thin wrapper for `python -m geoseg`

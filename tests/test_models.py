@@ -108,7 +108,7 @@ def test_missing_and_foreign_checkpoints_are_clear_errors(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
-    with pytest.raises(CheckpointError, match="no geoseg metadata"):
+    with pytest.raises(CheckpointError, match="not a geoseg checkpoint.*plain.yaml"):
         load_checkpoint(tmp_path / "plain.safetensors")
     with pytest.raises(CheckpointError, match="no such built-in model"):
         load_checkpoint("builtin:nope")

@@ -96,12 +96,21 @@ def save_checkpoint(ckpt: Checkpoint, model: nn.Module, path: str | Path) -> Pat
 
 
 def load_checkpoint(spec: str | Path) -> Checkpoint:
-    """Read a checkpoint (safetensors, or a weights-only ``.pt`` dict with ``meta``/``state_dict``)."""
+    """Read a checkpoint (safetensors, or a weights-only ``.pt`` dict with ``meta``/``state_dict``),
+    or another trainer's with its YAML sidecar (:mod:`geoseg.models.importers`)."""
+    from geoseg.models import importers
+
     path = resolve_checkpoint_path(str(spec))
-    if path.is_dir():
+    if path.is_dir() and not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        foreign = importers.is_foreign(path)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read checkpoint ({exc})") from None
+    if foreign:  # another trainer's, with its sidecar
+        return importers.load_foreign(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
