@@ -122,7 +122,7 @@ def dask_client(cfg: ClusterConfig) -> Iterator[Client]:
             yield client
         return
     if cfg.address:
-        client = Client(cfg.address, timeout="30s")
+        client = Client(cfg.address, timeout=f"{cfg.connect_timeout_s}s")
         log.info("connected to scheduler %s (%d workers)", cfg.address, len(client.scheduler_info()["workers"]))
         try:
             yield client

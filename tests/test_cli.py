@@ -191,7 +191,10 @@ def test_inputs_and_checkpoint_are_checked_before_any_cluster(tmp_path, scene_10
 def test_a_run_that_fails_before_its_first_block_removes_the_out_it_created(tmp_path, scene_1000x700):
     repo = Path(__file__).parent.parent
     out = tmp_path / "o"
-    res = geoseg(*run_cli_args(scene_1000x700[0], out, "cluster.address=tcp://127.0.0.1:9"), cwd=repo)
+    res = geoseg(
+        *run_cli_args(scene_1000x700[0], out, "cluster.address=tcp://127.0.0.1:9", "cluster.connect_timeout_s=3"),
+        cwd=repo,
+    )
     assert res.returncode != 0
     assert "127.0.0.1:9" in res.stderr and "Traceback" not in res.stderr
     assert not out.exists()
