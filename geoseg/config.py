@@ -70,6 +70,27 @@ class OutputConfig(_Strict):
     refuses v3 arrays; GDAL reads v2 from 3.4 on."""
 
 
+class GridConfig(_Strict):
+    """The output grid, where the scenes' own will not do (default: the first scene's CRS and
+    pixels, extended over every scene)."""
+
+    crs: str | None = None
+    """Any CRS rasterio reads (EPSG:3035, a WKT...); scenes in other CRSs are warped onto it."""
+    resolution: float | None = Field(None, gt=0)
+    """Pixel size in the CRS's units; default: the first scene's (estimated in another CRS)."""
+    aoi: list[float] | str | None = None
+    """Area of interest: a bbox [west, south, east, north] in ``aoi_crs``, or a GeoJSON or
+    GeoPackage file (any CRS) whose geometries' bounds the grid covers."""
+    aoi_crs: str = "EPSG:4326"
+
+    @field_validator("aoi")
+    @classmethod
+    def _bbox(cls, aoi: list[float] | str | None) -> list[float] | str | None:
+        if isinstance(aoi, list) and (len(aoi) != 4 or aoi[0] >= aoi[2] or aoi[1] >= aoi[3]):
+            raise ValueError("a bbox is [west, south, east, north] with west < east and south < north")
+        return aoi
+
+
 class VectorConfig(_Strict):
     """How the class mosaic becomes polygons (in `geoseg run` and `geoseg export`)."""
 
@@ -121,6 +142,7 @@ class RunConfig(_Strict):
     output: OutputConfig = OutputConfig()
     cluster: ClusterConfig = ClusterConfig()
     vector: VectorConfig = VectorConfig()
+    grid: GridConfig = GridConfig()
     classes: list[LandCoverClass] = Field(default_factory=lambda: load_legend(DEFAULT_LEGEND))
     inputs: list[str] = Field(default_factory=list)
     stac_asset: str = "image"

@@ -38,8 +38,8 @@ from geoseg.blocks import (
 )
 from geoseg.catalog import catalog, expand_inputs, input_dates, order_scenes
 from geoseg.cluster import dask_client, torch_threads_per_worker
-from geoseg.config import RunConfig, VectorConfig
-from geoseg.grid import OutputGrid, grid_from_scenes
+from geoseg.config import GridConfig, RunConfig, VectorConfig
+from geoseg.grid import OutputGrid, aoi_bounds, chosen_grid, grid_from_scenes
 from geoseg.inference import InferenceSettings
 from geoseg.manifest import BlockRecord, ModelRecord, RunManifest, SceneRecord, Summary, Timings
 from geoseg.models.checkpoint import Checkpoint, load_checkpoint
@@ -74,6 +74,19 @@ class RunResult:
         return not self.failed_scenes and not self.failed_blocks
 
 
+def output_grid(cfg: RunConfig, scenes: list[SceneInfo]) -> OutputGrid:
+    """The run's grid: the scenes' own, or the CRS, pixel size and area of interest the config chose."""
+    chosen = cfg.grid
+    if chosen.crs is None and chosen.resolution is None and chosen.aoi is None:
+        return grid_from_scenes(scenes)
+    try:
+        target = chosen.crs or scenes[0].crs
+        aoi = aoi_bounds(chosen.aoi, chosen.aoi_crs, target) if chosen.aoi is not None else None
+        return chosen_grid(scenes, chosen.crs, chosen.resolution, aoi)
+    except (ValueError, OSError) as exc:
+        raise RunError(f"grid: {exc}") from None
+
+
 def run_fingerprint(cfg: RunConfig, model_sha: str, scenes: list[SceneInfo]) -> str:
     """What determines the mosaic's pixels: a changed one must not be mixed with old blocks."""
     return runstate.fingerprint(
@@ -84,6 +97,7 @@ def run_fingerprint(cfg: RunConfig, model_sha: str, scenes: list[SceneInfo]) -> 
             "mosaic_rule": cfg.output.mosaic_rule,
             "scenes": [s.path for s in scenes],
             **({"zarr_format": 2} if cfg.output.zarr_format == 2 else {}),  # v3 runs keep their old fingerprint
+            **({"grid": cfg.grid.model_dump()} if cfg.grid != GridConfig() else {}),
         }
     )
 
@@ -135,7 +149,7 @@ def plan_run(cfg: RunConfig) -> RunPlan:
         )
     dates = input_dates(cfg.inputs, cfg.stac_asset)
     scenes = [replace(s, acquired=dates.get(s.path, s.acquired)) for s in scenes]
-    grid = grid_from_scenes(scenes)
+    grid = output_grid(cfg, scenes)
     scenes = order_scenes(scenes, cfg.output.mosaic_rule)
     footprints = footprints_on(grid, scenes, coverage)
     tiling = TilingSettings(cfg.tiling.tile_size, cfg.tiling.overlap, cfg.tiling.blend, cfg.output.block_size)
