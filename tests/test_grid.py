@@ -84,3 +84,18 @@ def test_an_area_of_interest_outside_every_scene_is_a_clear_error(tmp_path, two_
     with pytest.raises(RunError, match="grid: the area of interest lies outside every scene"):
         run(cfg, client2)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_area_of_interest_from_a_vector_file_in_another_crs(tmp_path, two_zones):
+    import geopandas as gpd
+    import shapely
+
+    from geoseg.grid import aoi_bounds
+
+    area = gpd.GeoDataFrame(geometry=[shapely.box(725_000, 5_205_000, 727_000, 5_208_000)], crs=32633)
+    area.to_file(tmp_path / "aoi.geojson")
+    bounds = aoi_bounds(str(tmp_path / "aoi.geojson"), "EPSG:4326", "EPSG:3035")
+    assert bounds == pytest.approx(area.to_crs(3035).total_bounds)
+    grid = chosen_grid([open_scene(p) for p in two_zones], "EPSG:3035", 20.0, bounds)
+    assert grid.width == pytest.approx((bounds[2] - bounds[0]) / 20, abs=2)
+    assert grid.height == pytest.approx((bounds[3] - bounds[1]) / 20, abs=2)
