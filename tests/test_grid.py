@@ -92,7 +92,7 @@ def test_an_area_of_interest_from_a_vector_file_in_another_crs(tmp_path, two_zon
 
     from geoseg.grid import aoi_bounds
 
-    area = gpd.GeoDataFrame(geometry=[shapely.box(725_000, 5_205_000, 727_000, 5_208_000)], crs=32633)
+    area = gpd.GeoDataFrame(geometry=[shapely.box(725_000, 5_208_000, 727_000, 5_211_000)], crs=32633)
     area.to_file(tmp_path / "aoi.geojson")
     bounds = aoi_bounds(str(tmp_path / "aoi.geojson"), "EPSG:4326", "EPSG:3035")
     assert bounds == pytest.approx(area.to_crs(3035).total_bounds)
