@@ -14,7 +14,7 @@ from typing import Any
 
 from geoseg import storage
 from geoseg.runstate import RunError
-from geoseg.scenes import SceneError, SceneInfo, open_scene
+from geoseg.scenes import BandSelection, SceneError, SceneInfo, open_scene
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +98,15 @@ def order_scenes(scenes: list[SceneInfo], rule: str) -> list[SceneInfo]:
     return dated + [s for s in scenes if not s.acquired]
 
 
-def catalog(locations: list[str], n_bands: int) -> tuple[list[SceneInfo], dict[str, str]]:
-    """Open every header; bad scenes are reported (location -> reason), not fatal."""
+def catalog(
+    locations: list[str], n_bands: int, selection: BandSelection | None = None
+) -> tuple[list[SceneInfo], dict[str, str]]:
+    """Open every header, finding the model's bands by ``selection`` if given; bad scenes are
+    reported (location -> reason), not fatal."""
     good, bad = [], {}
     for loc in locations:
         try:
-            good.append(open_scene(loc, expected_bands=n_bands))
+            good.append(open_scene(loc, expected_bands=n_bands, selection=selection))
         except SceneError as exc:
             log.error("skipping scene %s", exc)
             bad[str(loc)] = exc.reason

@@ -91,6 +91,31 @@ class GridConfig(_Strict):
         return aoi
 
 
+class MaskConfig(_Strict):
+    """A band of each scene that marks clouds and shadows (a scene classification such as
+    Sentinel-2's SCL, or a QA band such as Landsat's QA_PIXEL): its pixels become nodata."""
+
+    band: int | str
+    """The band's number (1-based) or description in the scene file."""
+    invalid_values: list[int] = Field(default_factory=list)
+    """Codes that are invalid (SCL: [3, 8, 9, 10] for shadow, clouds and cirrus)."""
+    invalid_bits: list[int] = Field(default_factory=list)
+    """Bit numbers that make a pixel invalid when set (QA_PIXEL: [1, 2, 3, 4] dilated cloud,
+    cirrus, cloud, shadow)."""
+
+    @model_validator(mode="after")
+    def _something_invalid(self) -> MaskConfig:
+        if not self.invalid_values and not self.invalid_bits:
+            raise ValueError("give invalid_values or invalid_bits")
+        if any(not 0 <= b < 63 for b in self.invalid_bits):
+            raise ValueError("invalid_bits are bit numbers, 0 to 62")
+        return self
+
+    @property
+    def bit_mask(self) -> int:
+        return sum(1 << b for b in set(self.invalid_bits))
+
+
 class VectorConfig(_Strict):
     """How the class mosaic becomes polygons (in `geoseg run` and `geoseg export`)."""
 
@@ -143,6 +168,10 @@ class RunConfig(_Strict):
     cluster: ClusterConfig = ClusterConfig()
     vector: VectorConfig = VectorConfig()
     grid: GridConfig = GridConfig()
+    bands: dict[str, int | str] = Field(default_factory=dict)
+    """The model's bands in the scene files, by name: band number or description (default: by
+    the files' band descriptions, else as stored when the count matches)."""
+    mask: MaskConfig | None = None
     classes: list[LandCoverClass] = Field(default_factory=lambda: load_legend(DEFAULT_LEGEND))
     inputs: list[str] = Field(default_factory=list)
     stac_asset: str = "image"

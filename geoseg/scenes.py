@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -77,11 +77,54 @@ class SceneInfo(RasterGrid):
     nodata: float | None = None
     acquired: str | None = None  # ISO date-time of acquisition, when known
     block_rows: int = 0  # height of the file's internal blocks (tiles or strips); 0: unknown
+    bands: tuple[int, ...] = ()  # the file's bands (1-based) in the model's order; (): all, as stored
+    scales: tuple[float, ...] = ()  # per model band, applied on read: value * scale + offset; (): none
+    offsets: tuple[float, ...] = ()
+    mask: BandMask | None = None  # a band that marks clouds, shadows...: invalid where it says so
+
+    @property
+    def indexes(self) -> list[int]:
+        """The bands to read, in the model's order."""
+        return list(self.bands) if self.bands else list(range(1, self.count + 1))
 
 
-def open_scene(path: str | Path, expected_bands: int | None = None) -> SceneInfo:
+@dataclass(frozen=True)
+class BandMask:
+    """A mask band (a scene classification, a QA band): its pixels whose value is one of
+    ``invalid_values``, or that have any of the bits of ``invalid_bits`` set, are invalid."""
+
+    band: int
+    invalid_values: tuple[int, ...] = ()
+    invalid_bits: int = 0
+
+    def valid(self, values: np.ndarray) -> np.ndarray:
+        codes = values.astype(np.int64, copy=False)
+        ok = ~np.isin(codes, self.invalid_values) if self.invalid_values else np.ones(codes.shape, dtype=bool)
+        if self.invalid_bits:
+            ok &= (codes & self.invalid_bits) == 0
+        return ok
+
+
+@dataclass(frozen=True)
+class BandSelection:
+    """How the model's bands are found in a file: by the file's band descriptions (the names,
+    case aside), by an explicit map (name -> band number or description), or as stored when the
+    file has exactly as many bands; plus an optional mask band and whether scale/offset apply."""
+
+    names: tuple[str, ...]
+    explicit: tuple[tuple[str, int | str], ...] = ()
+    mask_band: int | str | None = None
+    invalid_values: tuple[int, ...] = ()
+    invalid_bits: int = 0
+    apply_scale: bool = True
+
+
+def open_scene(
+    path: str | Path, expected_bands: int | None = None, selection: BandSelection | None = None
+) -> SceneInfo:
     """Read and check a scene's header (a local file or a URL); raise :class:`SceneError` naming
-    the file and the problem."""
+    the file and the problem. With ``selection``, the model's bands are found by name (see
+    :class:`BandSelection`), with the file's own scale and offset per band."""
     path = str(path)
     if storage.is_url(path):
         try:
@@ -108,6 +151,8 @@ def open_scene(path: str | Path, expected_bands: int | None = None) -> SceneInfo
             acquired=acquisition_time(src.tags()),
             block_rows=src.block_shapes[0][0],
         )
+        if selection is not None:
+            info = select_bands(info, selection, src.descriptions, src.scales, src.offsets)
         # A header can be intact while the pixel data is truncated: touch the last block.
         try:
             src.read(1, window=Window(src.width - 1, src.height - 1, 1, 1))
@@ -120,9 +165,50 @@ def open_scene(path: str | Path, expected_bands: int | None = None) -> SceneInfo
         raise SceneError(path, "has no geotransform")
     if info.dtype not in SUPPORTED_DTYPES:
         raise SceneError(path, f"unsupported data type {info.dtype}")
-    if expected_bands is not None and info.count != expected_bands:
+    if expected_bands is not None and not info.bands and info.count != expected_bands:
         raise SceneError(path, f"has {info.count} bands, the model expects {expected_bands}")
     return info
+
+
+def select_bands(
+    info: SceneInfo,
+    selection: BandSelection,
+    descriptions: tuple[str | None, ...],
+    scales: tuple[float, ...],
+    offsets: tuple[float, ...],
+) -> SceneInfo:
+    """``info`` with the file's bands for the model's names, their scale/offset and the mask band."""
+    by_description = {d.strip().lower(): i + 1 for i, d in enumerate(descriptions) if d}
+
+    def band(spec: int | str, what: str) -> int:
+        if isinstance(spec, int):
+            if not 1 <= spec <= info.count:
+                raise SceneError(info.path, f"{what}: band {spec} does not exist (the file has {info.count})")
+            return spec
+        if spec.strip().lower() not in by_description:
+            known = ", ".join(d for d in descriptions if d) or f"{info.count} bands without names"
+            raise SceneError(info.path, f"has no band {spec!r} for {what} (its bands: {known})")
+        return by_description[spec.strip().lower()]
+
+    explicit = dict(selection.explicit)
+    if explicit:
+        indexes = tuple(band(explicit.get(name, name), f"model band {name!r}") for name in selection.names)
+    elif all(name.lower() in by_description for name in selection.names):
+        indexes = tuple(by_description[name.lower()] for name in selection.names)
+    elif info.count == len(selection.names) and not any(name.lower() in by_description for name in selection.names):
+        indexes = tuple(range(1, info.count + 1))  # no names to go by: as stored
+    else:
+        missing = next(name for name in selection.names if name.lower() not in by_description)
+        indexes = (band(missing, f"model band {missing!r}"),)  # raises, naming the band
+    picked_scales = tuple(float(scales[i - 1]) for i in indexes) if selection.apply_scale else ()
+    picked_offsets = tuple(float(offsets[i - 1]) for i in indexes) if selection.apply_scale else ()
+    if all(sc == 1.0 for sc in picked_scales) and all(of == 0.0 for of in picked_offsets):
+        picked_scales = picked_offsets = ()
+    mask = None
+    if selection.mask_band is not None:
+        mask = BandMask(band(selection.mask_band, "the mask"), selection.invalid_values, selection.invalid_bits)
+    same = indexes == tuple(range(1, info.count + 1))
+    return replace(info, bands=() if same else indexes, scales=picked_scales, offsets=picked_offsets, mask=mask)
 
 
 @dataclass(frozen=True)
@@ -221,25 +307,45 @@ def _read_window(
         col_off = round((transform.c - info.affine.c) / info.affine.a)
         row_off = round((transform.f - info.affine.f) / info.affine.e)
         src_window = Window(window.col_off + col_off, window.row_off + row_off, window.width, window.height)
-        return _read_boundless(src, src_window, shape)
+        data, valid = _read_boundless(src, src_window, shape, info)
+        return _finish(info, data, valid, lambda: _read_boundless_band(src, src_window, shape, info.mask))
     window_transform = transform @ Affine.translation(window.col_off, window.row_off)
-    with WarpedVRT(
-        src,
-        crs=crs,
-        transform=window_transform,
-        width=shape[1],
-        height=shape[0],
-        resampling=Resampling.bilinear,
-        add_alpha=src.nodata is None,
-    ) as vrt:
-        block = vrt.read(indexes=list(range(1, src.count + 1)), masked=True)
+
+    def warped(resampling: Resampling, indexes: list[int]) -> np.ma.MaskedArray:
+        with WarpedVRT(
+            src,
+            crs=crs,
+            transform=window_transform,
+            width=shape[1],
+            height=shape[0],
+            resampling=resampling,
+            add_alpha=src.nodata is None,
+        ) as vrt:
+            return vrt.read(indexes=indexes, masked=True)
+
+    block = warped(Resampling.bilinear, info.indexes)
     valid = ~np.ma.getmaskarray(block).any(axis=0)
-    return block.filled(0).astype(np.float32, copy=False), valid
+    data = block.filled(0).astype(np.float32, copy=False)
+    # a mask band's codes are resampled by nearest neighbour: averaging them means nothing
+    return _finish(info, data, valid, lambda: warped(Resampling.nearest, [info.mask.band])[0].filled(0))
 
 
-def _read_boundless(src: DatasetReader, window: Window, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def _finish(info: SceneInfo, data: np.ndarray, valid: np.ndarray, read_mask) -> tuple[np.ndarray, np.ndarray]:
+    """Apply the scene's mask band and its bands' scale and offset to what was read."""
+    if info.mask is not None:
+        valid &= info.mask.valid(read_mask())
+    if info.scales:
+        data *= np.asarray(info.scales, dtype=np.float32)[:, None, None]
+        data += np.asarray(info.offsets, dtype=np.float32)[:, None, None]
+    return data, valid
+
+
+def _read_boundless(
+    src: DatasetReader, window: Window, shape: tuple[int, int], info: SceneInfo
+) -> tuple[np.ndarray, np.ndarray]:
     """Read the part of ``window`` inside ``src``; pad the rest as invalid."""
-    data = np.zeros((src.count, *shape), dtype=np.float32)
+    indexes = info.indexes
+    data = np.zeros((len(indexes), *shape), dtype=np.float32)
     valid = np.zeros(shape, dtype=bool)
     inner = window.intersection(Window(0, 0, src.width, src.height)) if _overlaps(window, src) else None
     if inner is None:
@@ -247,23 +353,37 @@ def _read_boundless(src: DatasetReader, window: Window, shape: tuple[int, int]) 
     r0 = int(inner.row_off - window.row_off)
     c0 = int(inner.col_off - window.col_off)
     h, w = int(inner.height), int(inner.width)
-    raw = src.read(window=inner)
+    raw = src.read(window=inner) if not info.bands else src.read(indexes, window=inner)
     data[:, r0 : r0 + h, c0 : c0 + w] = raw
-    valid[r0 : r0 + h, c0 : c0 + w] = _validity(src, inner, raw)
+    valid[r0 : r0 + h, c0 : c0 + w] = _validity(src, inner, raw, indexes)
     return data, valid
 
 
-def _validity(src: DatasetReader, window: Window, raw: np.ndarray) -> np.ndarray:
-    """Pixels valid in every band. A nodata value is compared directly (GDAL's mask bands for
-    it cost a second pass per band: reads ran ~3x slower); real mask or alpha bands are read."""
-    flags = src.mask_flag_enums
+def _read_boundless_band(src: DatasetReader, window: Window, shape: tuple[int, int], mask: BandMask) -> np.ndarray:
+    """One band over ``window``, zeros outside the file (those pixels are invalid anyway)."""
+    out = np.zeros(shape, dtype=np.int64)
+    if not _overlaps(window, src):
+        return out
+    inner = window.intersection(Window(0, 0, src.width, src.height))
+    r0, c0 = int(inner.row_off - window.row_off), int(inner.col_off - window.col_off)
+    out[r0 : r0 + int(inner.height), c0 : c0 + int(inner.width)] = src.read(mask.band, window=inner)
+    return out
+
+
+def _validity(src: DatasetReader, window: Window, raw: np.ndarray, indexes: list[int]) -> np.ndarray:
+    """Pixels valid in every band read. A band's nodata value is compared directly (GDAL's mask
+    bands for it cost a second pass per band: reads ran ~3x slower); real mask or alpha bands
+    are read."""
+    flags = [src.mask_flag_enums[i - 1] for i in indexes]
     if all(f == [MaskFlags.all_valid] for f in flags):
         return np.ones(raw.shape[1:], dtype=bool)
-    if all(f == [MaskFlags.nodata] for f in flags) and src.nodata is not None:
-        if np.isnan(src.nodata):
-            return ~np.isnan(raw).any(axis=0)
-        return ~(raw == raw.dtype.type(src.nodata)).any(axis=0)
-    return src.read_masks(window=window).all(axis=0)
+    nodata = [src.nodatavals[i - 1] for i in indexes]
+    if all(f == [MaskFlags.nodata] for f in flags) and all(v is not None for v in nodata):
+        valid = np.ones(raw.shape[1:], dtype=bool)
+        for band, value in zip(raw, nodata, strict=True):  # each band its own nodata value
+            valid &= ~np.isnan(band) if np.isnan(value) else band != band.dtype.type(value)
+        return valid
+    return src.read_masks(indexes, window=window).all(axis=0)
 
 
 def _overlaps(window: Window, src) -> bool:

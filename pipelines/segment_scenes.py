@@ -46,7 +46,7 @@ from geoseg.models.checkpoint import Checkpoint, load_checkpoint
 from geoseg.progress import track
 from geoseg.quicklook import write_quicklook
 from geoseg.runstate import MANIFEST_NAME, STATE_DIR, Lease, RunError, prepare_output
-from geoseg.scenes import SceneInfo, data_coverage
+from geoseg.scenes import BandSelection, SceneInfo, data_coverage
 from geoseg.segment import TilingSettings
 from geoseg.tiling import Block, iter_blocks, reaching_blocks
 from geoseg.vector_io import LayerWriter
@@ -74,6 +74,19 @@ class RunResult:
         return not self.failed_scenes and not self.failed_blocks
 
 
+def band_selection(cfg: RunConfig, ckpt: Checkpoint) -> BandSelection:
+    """How each scene's bands are found for the model, masked, and scaled (unless the
+    checkpoint's statistics are for raw values: ``raw_values`` in its metadata)."""
+    return BandSelection(
+        names=tuple(ckpt.bands),
+        explicit=tuple(cfg.bands.items()),
+        mask_band=cfg.mask.band if cfg.mask else None,
+        invalid_values=tuple(cfg.mask.invalid_values) if cfg.mask else (),
+        invalid_bits=cfg.mask.bit_mask if cfg.mask else 0,
+        apply_scale=not ckpt.extra.get("raw_values", False),
+    )
+
+
 def output_grid(cfg: RunConfig, scenes: list[SceneInfo]) -> OutputGrid:
     """The run's grid: the scenes' own, or the CRS, pixel size and area of interest the config chose."""
     chosen = cfg.grid
@@ -98,6 +111,8 @@ def run_fingerprint(cfg: RunConfig, model_sha: str, scenes: list[SceneInfo]) -> 
             "scenes": [s.path for s in scenes],
             **({"zarr_format": 2} if cfg.output.zarr_format == 2 else {}),  # v3 runs keep their old fingerprint
             **({"grid": cfg.grid.model_dump()} if cfg.grid != GridConfig() else {}),
+            **({"bands": cfg.bands} if cfg.bands else {}),
+            **({"mask": cfg.mask.model_dump()} if cfg.mask else {}),
         }
     )
 
@@ -133,7 +148,9 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     if "classes" in cfg.model_fields_set and cfg.class_names() != legend:
         raise RunError(f"{ckpt.path}: the model's classes {legend} do not match the config's {cfg.class_names()}")
     empty_inputs: dict[str, str] = {}
-    scenes, failed_scenes = catalog(expand_inputs(cfg.inputs, cfg.stac_asset, empty_inputs), len(ckpt.bands))
+    scenes, failed_scenes = catalog(
+        expand_inputs(cfg.inputs, cfg.stac_asset, empty_inputs), len(ckpt.bands), band_selection(cfg, ckpt)
+    )
     failed_scenes = {**empty_inputs, **failed_scenes}
     coverage = {s.path: data_coverage(s.path) for s in scenes}
     for path, cov in coverage.items():
