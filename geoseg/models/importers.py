@@ -121,7 +121,7 @@ def import_checkpoint(src: str | Path, meta: dict[str, Any], sidecar: str = "sid
         mean=[float(v) for v in meta["mean"]],
         std=[float(v) for v in meta["std"]],
         arch_kwargs=arch_kwargs,
-        extra={"imported_from": str(src)},
+        extra={"imported_from": str(src), **({"raw_values": True} if meta.get("raw_values") else {})},
         state_dict=state,
         path=str(src),
     )
