@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from geoseg import storage
+from geoseg import band_assets, storage
 from geoseg.runstate import RunError
 from geoseg.scenes import BandSelection, SceneError, SceneInfo, open_scene
 
@@ -31,13 +31,17 @@ def stac_items(loc: str) -> list[dict[str, Any]]:
 
 
 def stac_assets(loc: str, asset: str) -> list[str]:
-    """The ``asset`` of every item of a STAC Item or ItemCollection, as locations."""
+    """The ``asset`` of every item of a STAC Item or ItemCollection, as locations; an item with
+    one asset per band instead (``eo:bands``/``raster:bands``) as a reference to its band assets."""
     hrefs = []
     for item in stac_items(loc):
         assets = item.get("assets", {})
-        if asset not in assets:
+        if asset in assets:
+            hrefs.append(storage.resolve_href(loc, assets[asset]["href"]))
+        elif any(band_assets.band_names(a) or band_assets.raster_band(a) for a in assets.values()):
+            hrefs.append(band_assets.item_ref(loc, item))  # one asset per band: stacked when opened
+        else:
             raise RunError(f"{loc}: item {item.get('id')!r} has no asset {asset!r} (has: {', '.join(assets)})")
-        hrefs.append(storage.resolve_href(loc, assets[asset]["href"]))
     return hrefs
 
 
@@ -86,6 +90,8 @@ def input_dates(inputs: list[str], asset: str) -> dict[str, str]:
             href = feature.get("assets", {}).get(asset, {}).get("href")
             if when and href:
                 dates[storage.resolve_href(str(item), href)] = when
+            elif when:
+                dates[band_assets.item_ref(str(item), feature)] = when
     return dates
 
 

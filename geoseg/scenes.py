@@ -15,7 +15,7 @@ from rasterio.transform import Affine
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
-from geoseg import storage
+from geoseg import band_assets, storage
 
 SUPPORTED_DTYPES = frozenset({"uint8", "uint16", "int16", "uint32", "int32", "float32", "float64"})
 
@@ -81,6 +81,7 @@ class SceneInfo(RasterGrid):
     scales: tuple[float, ...] = ()  # per model band, applied on read: value * scale + offset; (): none
     offsets: tuple[float, ...] = ()
     mask: BandMask | None = None  # a band that marks clouds, shadows...: invalid where it says so
+    vrt: str = ""  # a STAC item's band assets stacked as a GDAL VRT (see geoseg.band_assets)
 
     @property
     def indexes(self) -> list[int]:
@@ -126,7 +127,10 @@ def open_scene(
     the file and the problem. With ``selection``, the model's bands are found by name (see
     :class:`BandSelection`), with the file's own scale and offset per band."""
     path = str(path)
-    if storage.is_url(path):
+    vrt, acquired = "", None
+    if band_assets.is_item_ref(path):
+        vrt, acquired = item_vrt(path, selection)
+    elif storage.is_url(path):
         try:
             if not storage.exists(path):
                 raise SceneError(path, "no such object")
@@ -135,7 +139,7 @@ def open_scene(
     elif not Path(path).is_file():
         raise SceneError(path, "file not found")
     try:
-        src = storage.open_raster(path)
+        src = rasterio.open(vrt) if vrt else storage.open_raster(path)
     except Exception as exc:
         raise SceneError(path, f"not a readable raster ({storage.redact(_gdal_message(exc))})") from None
     with src:
@@ -148,8 +152,9 @@ def open_scene(
             count=src.count,
             dtype=src.dtypes[0],
             nodata=src.nodata,
-            acquired=acquisition_time(src.tags()),
+            acquired=acquired or acquisition_time(src.tags()),
             block_rows=src.block_shapes[0][0],
+            vrt=vrt,
         )
         if selection is not None:
             info = select_bands(info, selection, src.descriptions, src.scales, src.offsets)
@@ -168,6 +173,25 @@ def open_scene(
     if expected_bands is not None and not info.bands and info.count != expected_bands:
         raise SceneError(path, f"has {info.count} bands, the model expects {expected_bands}")
     return info
+
+
+def item_vrt(ref: str, selection: BandSelection | None) -> tuple[str, str | None]:
+    """A STAC item's band assets for the model (and its mask asset) as a VRT, and the item's datetime."""
+    if selection is None:
+        raise SceneError(ref, "a STAC item of band assets needs the model's band names")
+    mask = selection.mask_band if isinstance(selection.mask_band, str) else None
+    try:
+        item, _sources = band_assets.item_sources(ref, list(selection.names), mask)
+        return band_assets.vrt_xml(_sources), item.get("properties", {}).get("datetime")
+    except (band_assets.AssetError, storage.StorageError) as exc:
+        raise SceneError(ref, str(exc)) from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise SceneError(ref, f"not a usable STAC item ({type(exc).__name__}: {exc})") from None
+
+
+def open_dataset(info: SceneInfo) -> DatasetReader:
+    """A scene opened for reading: its file, or its VRT of band assets."""
+    return rasterio.open(info.vrt) if info.vrt else storage.open_raster(info.path)
 
 
 def select_bands(
@@ -288,7 +312,7 @@ def read_window(
     with the open dataset, so rows shared by consecutive windows are decoded once.
     """
     if src is None:
-        with storage.open_raster(info.path) as opened:
+        with open_dataset(info) as opened:
             return read_window(info, crs, transform, window, opened)
     try:
         return _read_window(info, crs, transform, window, src)

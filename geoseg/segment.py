@@ -27,12 +27,11 @@ import rasterio
 from rasterio.io import DatasetReader
 from rasterio.windows import Window
 
-from geoseg import storage
 from geoseg.blending import NODATA, Accumulator, BlendMode, fixed_window, support
 from geoseg.device_blending import DeviceAccumulator
 from geoseg.grid import OutputGrid
 from geoseg.inference import PassTimer, Predictor, usable_cores
-from geoseg.scenes import SceneInfo, read_window, same_grid
+from geoseg.scenes import SceneInfo, open_dataset, read_window, same_grid
 from geoseg.tiling import AxisOwnership, Block, Rect, Span, TileGrid, axis_ownership, relative_slices, ring, row_bands
 
 
@@ -302,7 +301,7 @@ class _BandReader:
             stack = ExitStack()
             with self._lock:
                 self._stacks.append(stack)
-            datasets = {s.path: stack.enter_context(storage.open_raster(s.path)) for s in self.scenes}
+            datasets = {s.path: stack.enter_context(open_dataset(s)) for s in self.scenes}
             self._local.datasets = datasets
         return datasets
 

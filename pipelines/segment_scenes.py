@@ -152,7 +152,7 @@ def plan_run(cfg: RunConfig) -> RunPlan:
         expand_inputs(cfg.inputs, cfg.stac_asset, empty_inputs), len(ckpt.bands), band_selection(cfg, ckpt)
     )
     failed_scenes = {**empty_inputs, **failed_scenes}
-    coverage = {s.path: data_coverage(s.path) for s in scenes}
+    coverage = {s.path: None if s.vrt else data_coverage(s.path) for s in scenes}
     for path, cov in coverage.items():
         if cov is not None and not cov.present.any():
             failed_scenes[path] = "all pixels are nodata (the file stores no data block)"
