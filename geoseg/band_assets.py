@@ -30,9 +30,10 @@ class AssetError(ValueError):
 
 
 def is_item_ref(loc: str) -> bool:
-    """Whether ``loc`` names a STAC item's band assets (``...json#ITEM_ID``)."""
+    """Whether ``loc`` names a STAC item's band assets: ``DOCUMENT.json#ITEM_ID``, or an item
+    of a STAC API by its own URL (``https://.../items/ID#ID``)."""
     base, mark, item_id = loc.rpartition(ITEM_MARK)
-    return bool(mark and item_id and base.lower().endswith(".json"))
+    return bool(mark and item_id and (base.lower().endswith(".json") or storage.scheme(base) in ("http", "https")))
 
 
 def item_ref(item_loc: str, item: dict[str, Any]) -> str:

@@ -61,7 +61,9 @@ def expand_inputs(inputs: list[str], stac_asset: str = "image", empty: dict[str,
     for item in inputs:
         item = str(item)
         remote = storage.is_url(item)
-        if item.lower().endswith(".json") and not _is_pattern(item) and (remote or storage.exists(item)):
+        if band_assets.is_item_ref(item):
+            found, reason = [item], ""
+        elif item.lower().endswith(".json") and not _is_pattern(item) and (remote or storage.exists(item)):
             found, reason = stac_assets(item, stac_asset), "no STAC item in it"
         elif _is_pattern(item):
             found, reason = storage.glob(item), "pattern that matches no file"
@@ -77,6 +79,35 @@ def expand_inputs(inputs: list[str], stac_asset: str = "image", empty: dict[str,
             empty[item] = reason
         found_all.extend(found)
     return found_all
+
+
+def search_inputs(
+    url: str, collections: list[str], bbox: list[float] | None, when: str | None, asset: str, max_items: int
+) -> list[str]:
+    """The scenes a STAC API search finds (pystac-client): each item's ``asset`` where it has
+    one, else a reference to its band assets (by the item's own URL)."""
+    from pystac_client import Client
+
+    asked = ", ".join(
+        f"{k} {v}" for k, v in (("collections", ",".join(collections)), ("bbox", bbox), ("datetime", when)) if v
+    )
+    try:
+        search = Client.open(url).search(collections=collections or None, bbox=bbox, datetime=when, max_items=max_items)
+        items = list(search.items())
+    except Exception as exc:
+        raise RunError(
+            f"{storage.redact(url)}: STAC API search failed ({type(exc).__name__}: {storage.redact(str(exc))})"
+        ) from None
+    if not items:
+        raise RunError(f"{storage.redact(url)}: the STAC API search ({asked or 'everything'}) found no item")
+    found = []
+    for item in items:
+        if asset in item.assets:
+            found.append(item.assets[asset].get_absolute_href())
+        else:
+            found.append(f"{item.get_self_href()}{band_assets.ITEM_MARK}{item.id}")
+    log.info("%s: %d items (%s)", storage.redact(url), len(found), asked)
+    return found
 
 
 def input_dates(inputs: list[str], asset: str) -> dict[str, str]:

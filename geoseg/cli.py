@@ -117,12 +117,27 @@ def run(
     input: Annotated[Optional[list[str]], typer.Option("--input", "-i", help="Scene path, directory or glob")] = None,  # noqa: UP045, A002
     out: Annotated[Optional[str], typer.Option(help="Output folder or URL prefix (s3://, gs://, az://)")] = None,  # noqa: UP045
     overwrite: Annotated[bool, typer.Option(help="Replace a previous run's outputs in OUT")] = False,
+    stac_api: Annotated[Optional[str], typer.Option(help="Search a STAC API for the scenes")] = None,  # noqa: UP045
+    collection: Annotated[Optional[list[str]], typer.Option(help="STAC API collection (repeat for several)")] = None,  # noqa: UP045
+    bbox: Annotated[Optional[str], typer.Option(help="STAC API search box: W,S,E,N in lon/lat")] = None,  # noqa: UP045
+    datetime: Annotated[Optional[str], typer.Option(help="STAC API search time: 2026-06-01/2026-06-30")] = None,  # noqa: UP045
     set_: SetOption = None,
 ) -> None:
     """Segment scenes into OUT/mosaic.zarr, OUT/polygons.gpkg and OUT/manifest.json."""
     overrides = list(set_ or [])
     if input:
         overrides.append(f"inputs={list(input)!r}")
+    if stac_api:
+        overrides.append(f"stac_search.url={stac_api!r}")
+    if collection:
+        overrides.append(f"stac_search.collections={list(collection)!r}")
+    if bbox:
+        try:
+            overrides.append(f"stac_search.bbox={[float(v) for v in bbox.split(',')]!r}")
+        except ValueError:
+            _fail(f"--bbox {bbox!r}: expected W,S,E,N (four numbers, lon/lat)")
+    if datetime:
+        overrides.append(f"stac_search.datetime={datetime!r}")
     if out is not None:
         overrides.append(f"out={str(out)!r}")
     if overwrite:

@@ -116,6 +116,18 @@ class MaskConfig(_Strict):
         return sum(1 << b for b in set(self.invalid_bits))
 
 
+class StacSearchConfig(_Strict):
+    """Scenes found by a STAC API search (pystac-client), in addition to ``inputs``."""
+
+    url: str | None = None
+    collections: list[str] = Field(default_factory=list)
+    bbox: list[float] | None = None
+    """[west, south, east, north] in lon/lat."""
+    datetime: str | None = None
+    """An instant or an interval, as STAC APIs take it: 2026-06-01/2026-06-30."""
+    max_items: int = Field(500, ge=1)
+
+
 class VectorConfig(_Strict):
     """How the class mosaic becomes polygons (in `geoseg run` and `geoseg export`)."""
 
@@ -174,6 +186,7 @@ class RunConfig(_Strict):
     mask: MaskConfig | None = None
     classes: list[LandCoverClass] = Field(default_factory=lambda: load_legend(DEFAULT_LEGEND))
     inputs: list[str] = Field(default_factory=list)
+    stac_search: StacSearchConfig = StacSearchConfig()
     stac_asset: str = "image"
     """Asset key to read from the items of a STAC ItemCollection given as an input."""
     out: str = "out"

@@ -36,7 +36,7 @@ from geoseg.blocks import (
     scene_layers,
     work_order,
 )
-from geoseg.catalog import catalog, expand_inputs, input_dates, order_scenes
+from geoseg.catalog import catalog, expand_inputs, input_dates, order_scenes, search_inputs
 from geoseg.cluster import dask_client, torch_threads_per_worker
 from geoseg.config import GridConfig, RunConfig, VectorConfig
 from geoseg.grid import OutputGrid, aoi_bounds, chosen_grid, grid_from_scenes
@@ -148,8 +148,14 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     if "classes" in cfg.model_fields_set and cfg.class_names() != legend:
         raise RunError(f"{ckpt.path}: the model's classes {legend} do not match the config's {cfg.class_names()}")
     empty_inputs: dict[str, str] = {}
+    inputs = list(cfg.inputs)
+    search = cfg.stac_search
+    if search.url:
+        inputs += search_inputs(
+            search.url, search.collections, search.bbox, search.datetime, cfg.stac_asset, search.max_items
+        )
     scenes, failed_scenes = catalog(
-        expand_inputs(cfg.inputs, cfg.stac_asset, empty_inputs), len(ckpt.bands), band_selection(cfg, ckpt)
+        expand_inputs(inputs, cfg.stac_asset, empty_inputs), len(ckpt.bands), band_selection(cfg, ckpt)
     )
     failed_scenes = {**empty_inputs, **failed_scenes}
     coverage = {s.path: None if s.vrt else data_coverage(s.path) for s in scenes}

@@ -14,6 +14,7 @@ import rasterio
 import xarray as xr
 from conftest import run_config
 
+from geoseg import storage
 from geoseg.runstate import RunError
 from geoseg.synth import SceneSpec, write_scene
 from pipelines.segment_scenes import run
@@ -146,3 +147,99 @@ def test_missing_bands_assets_and_hrefs_are_named(scene, random_checkpoint, clie
         mosaic(
             [str(d / "good.json")], d / "out_qa", random_checkpoint, client2, "mask={band: QA_PIXEL, invalid_bits: [3]}"
         )
+
+
+@pytest.fixture
+def stac_api(tmp_path, scene, bucket):
+    """A real STAC API (`rustac serve`, memory backend) on 127.0.0.1 with two S2-like items,
+    one in June and one in May, whose COGs are in a bucket of the loopback S3 server."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from rasterio.warp import transform_geom
+
+    d, bands, profile = scene
+    with rasterio.open(d / "stacked.tif") as src:
+        west, south, east, north = src.bounds
+        box = {
+            "type": "Polygon",
+            "coordinates": [[[west, south], [east, south], [east, north], [west, north], [west, south]]],
+        }
+        footprint = transform_geom(src.crs, "EPSG:4326", box)
+    features = []
+    for item_id, when in (("june", "2026-06-14T10:05:59Z"), ("may", "2026-05-20T10:05:59Z")):
+        item = s2_item(d, bands, profile, f"api_{item_id}", when)
+        for asset in item["assets"].values():
+            loc = f"{bucket}/s2-l2a/{asset['href']}"
+            storage.upload(d / asset["href"], loc)
+            asset["href"] = loc
+        lons, lats = zip(*footprint["coordinates"][0], strict=True)
+        item.update(collection="s2-l2a", geometry=footprint, bbox=[min(lons), min(lats), max(lons), max(lats)])
+        features.append(item)
+    (tmp_path / "items.json").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    collection = {
+        "type": "Collection", "stac_version": "1.1.0", "id": "s2-l2a", "description": "S2-like test scenes",
+        "license": "proprietary", "links": [],
+        "extent": {"spatial": {"bbox": [[-180, -90, 180, 90]]}, "temporal": {"interval": [[None, None]]}},
+    }  # fmt: skip
+    (tmp_path / "collection.json").write_text(json.dumps(collection))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rustac = str(Path(sys.executable).parent / "rustac")
+    server = subprocess.Popen(
+        [
+            rustac,
+            "serve",
+            "--addr",
+            f"127.0.0.1:{port}",
+            str(tmp_path / "collection.json"),
+            str(tmp_path / "items.json"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield url, footprint
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def test_a_stac_api_search_finds_the_scenes_and_the_run_completes(
+    tmp_path, stac_api, scene, random_checkpoint, client2
+):
+    import subprocess
+    import sys
+
+    url, footprint = stac_api
+    d, bands, profile = scene
+    lons, lats = zip(*footprint["coordinates"][0], strict=True)
+    bbox = f"{min(lons) - 0.01},{min(lats) - 0.01},{max(lons) + 0.01},{max(lats) + 0.01}"
+    out = tmp_path / "out"
+    res = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "geoseg"), "run", "configs/demo.yaml",
+            "--stac-api", url, "--collection", "s2-l2a", "--bbox", bbox, "--datetime", "2026-06-01/2026-06-30",
+            "--out", str(out), "--set", f"model.checkpoint={random_checkpoint}", "--set", MASK,
+            "--set", "output.block_size=256", "--set", "output.polygons=false", "--set", "tiling.tile_size=128",
+            "--set", "tiling.overlap=16", "--set", "cluster.n_workers=1",
+        ],
+        capture_output=True, text=True, cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    scenes = json.loads((out / "manifest.json").read_text())["scenes"]
+    assert [s["path"] for s in scenes] == [f"{url}/collections/s2-l2a/items/api_june#api_june"]  # May is not in June
+    assert scenes[0]["acquired"] == "2026-06-14T10:05:59Z"
+    june = json.loads((tmp_path / "items.json").read_text())["features"][0]  # the same item, from a file
+    (tmp_path / "june.json").write_text(json.dumps(june))
+    want = mosaic([str(tmp_path / "june.json")], tmp_path / "want", random_checkpoint, client2, MASK)
+    np.testing.assert_array_equal(xr.open_zarr(out / "mosaic.zarr")["classes"].values, want)
