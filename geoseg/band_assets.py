@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from rasterio.transform import Affine
@@ -95,6 +95,7 @@ class BandSource:
     scale: float
     offset: float
     resampling: str
+    is_mask: bool = False
 
 
 def band_source(item_loc: str, item: dict[str, Any], key: str, name: str, resampling: str) -> BandSource:
@@ -129,20 +130,23 @@ def band_source(item_loc: str, item: dict[str, Any], key: str, name: str, resamp
     )
 
 
-def item_sources(ref: str, names: list[str], mask_asset: str | None = None) -> tuple[dict[str, Any], list[BandSource]]:
-    """The item, and the sources of its model bands (in ``names`` order) and its mask asset."""
+def item_sources(
+    ref: str, names: list[str], mask_asset: str | None = None, resampling: str = "bilinear"
+) -> tuple[dict[str, Any], list[BandSource]]:
+    """The item, and the sources of its model bands (in ``names`` order, resampled by
+    ``resampling`` where coarser) and its mask asset (nearest neighbour)."""
     item_loc, item = read_item(ref)
     sources = []
     for name in names:
         key = find_asset(item, name)
         if key is None:
             raise AssetError(f"has no asset for band {name!r} (assets: {', '.join(item.get('assets', {}))})")
-        sources.append(band_source(item_loc, item, key, name, "bilinear"))
+        sources.append(band_source(item_loc, item, key, name, resampling))
     if mask_asset is not None:
         key = find_asset(item, mask_asset)
         if key is None:
             raise AssetError(f"has no mask asset {mask_asset!r} (assets: {', '.join(item.get('assets', {}))})")
-        sources.append(band_source(item_loc, item, key, mask_asset, "nearest"))
+        sources.append(replace(band_source(item_loc, item, key, mask_asset, "nearest"), is_mask=True))
     crs = {s.crs_wkt for s in sources}
     if len(crs) > 1:
         raise AssetError("its band assets are in different CRSs")
@@ -158,10 +162,10 @@ def vrt_xml(sources: list[BandSource]) -> str:
     ET.SubElement(root, "GeoTransform").text = ", ".join(repr(float(v)) for v in (t.c, t.a, t.b, t.f, t.d, t.e))
     gdal_types = {"uint8": "Byte", "uint16": "UInt16", "int16": "Int16", "uint32": "UInt32", "int32": "Int32"}
     # the bands the model reads share one type (they are read together); a mask keeps its own
-    data_types = {s.dtype for s in sources if s.resampling != "nearest"}
+    data_types = {s.dtype for s in sources if not s.is_mask}
     common = gdal_types.get(data_types.pop(), "Float32") if len(data_types) == 1 else "Float32"
     for number, source in enumerate(sources, start=1):
-        kind = gdal_types.get(source.dtype, "Float32") if source.resampling == "nearest" else common
+        kind = gdal_types.get(source.dtype, "Float32") if source.is_mask else common
         band = ET.SubElement(root, "VRTRasterBand", dataType=kind, band=str(number))
         ET.SubElement(band, "Description").text = source.name
         if source.nodata is not None:

@@ -184,6 +184,9 @@ class RunConfig(_Strict):
     """The model's bands in the scene files, by name: band number or description (default: by
     the files' band descriptions, else as stored when the count matches)."""
     mask: MaskConfig | None = None
+    resampling: Literal["bilinear", "cubic", "nearest", "average"] = "bilinear"
+    """How a band on another grid (a coarser band asset, a scene in another CRS) is resampled
+    onto the output grid while reading; mask bands always by nearest neighbour."""
     classes: list[LandCoverClass] = Field(default_factory=lambda: load_legend(DEFAULT_LEGEND))
     inputs: list[str] = Field(default_factory=list)
     stac_search: StacSearchConfig = StacSearchConfig()

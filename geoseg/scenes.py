@@ -81,6 +81,7 @@ class SceneInfo(RasterGrid):
     scales: tuple[float, ...] = ()  # per model band, applied on read: value * scale + offset; (): none
     offsets: tuple[float, ...] = ()
     mask: BandMask | None = None  # a band that marks clouds, shadows...: invalid where it says so
+    resampling: str = "bilinear"  # of the bands when the scene is warped onto the output grid
     vrt: str = ""  # a STAC item's band assets stacked as a GDAL VRT (see geoseg.band_assets)
 
     @property
@@ -118,6 +119,7 @@ class BandSelection:
     invalid_values: tuple[int, ...] = ()
     invalid_bits: int = 0
     apply_scale: bool = True
+    resampling: str = "bilinear"  # of the bands on another grid (a mask: nearest, always)
 
 
 def open_scene(
@@ -181,7 +183,7 @@ def item_vrt(ref: str, selection: BandSelection | None) -> tuple[str, str | None
         raise SceneError(ref, "a STAC item of band assets needs the model's band names")
     mask = selection.mask_band if isinstance(selection.mask_band, str) else None
     try:
-        item, _sources = band_assets.item_sources(ref, list(selection.names), mask)
+        item, _sources = band_assets.item_sources(ref, list(selection.names), mask, selection.resampling)
         return band_assets.vrt_xml(_sources), item.get("properties", {}).get("datetime")
     except (band_assets.AssetError, storage.StorageError) as exc:
         raise SceneError(ref, str(exc)) from None
@@ -232,7 +234,14 @@ def select_bands(
     if selection.mask_band is not None:
         mask = BandMask(band(selection.mask_band, "the mask"), selection.invalid_values, selection.invalid_bits)
     same = indexes == tuple(range(1, info.count + 1))
-    return replace(info, bands=() if same else indexes, scales=picked_scales, offsets=picked_offsets, mask=mask)
+    return replace(
+        info,
+        bands=() if same else indexes,
+        scales=picked_scales,
+        offsets=picked_offsets,
+        mask=mask,
+        resampling=selection.resampling,
+    )
 
 
 @dataclass(frozen=True)
@@ -347,7 +356,7 @@ def _read_window(
         ) as vrt:
             return vrt.read(indexes=indexes, masked=True)
 
-    block = warped(Resampling.bilinear, info.indexes)
+    block = warped(Resampling[info.resampling], info.indexes)
     valid = ~np.ma.getmaskarray(block).any(axis=0)
     data = block.filled(0).astype(np.float32, copy=False)
     # a mask band's codes are resampled by nearest neighbour: averaging them means nothing

@@ -84,6 +84,7 @@ def band_selection(cfg: RunConfig, ckpt: Checkpoint) -> BandSelection:
         invalid_values=tuple(cfg.mask.invalid_values) if cfg.mask else (),
         invalid_bits=cfg.mask.bit_mask if cfg.mask else 0,
         apply_scale=not ckpt.extra.get("raw_values", False),
+        resampling=cfg.resampling,
     )
 
 
@@ -113,6 +114,7 @@ def run_fingerprint(cfg: RunConfig, model_sha: str, scenes: list[SceneInfo]) -> 
             **({"grid": cfg.grid.model_dump()} if cfg.grid != GridConfig() else {}),
             **({"bands": cfg.bands} if cfg.bands else {}),
             **({"mask": cfg.mask.model_dump()} if cfg.mask else {}),
+            **({"resampling": cfg.resampling} if cfg.resampling != "bilinear" else {}),
         }
     )
 

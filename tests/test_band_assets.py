@@ -243,3 +243,24 @@ def test_a_stac_api_search_finds_the_scenes_and_the_run_completes(
     (tmp_path / "june.json").write_text(json.dumps(june))
     want = mosaic([str(tmp_path / "june.json")], tmp_path / "want", random_checkpoint, client2, MASK)
     np.testing.assert_array_equal(xr.open_zarr(out / "mosaic.zarr")["classes"].values, want)
+
+
+@pytest.mark.parametrize("resampling", ["bilinear", "nearest"])
+def test_a_model_band_at_20m_is_resampled_on_read(scene, random_checkpoint, client2, resampling):
+    d, bands, profile = scene
+    item = s2_item(d, bands, profile, f"coarse_{resampling}", "2026-06-14T10:05:59Z", cloud=False)
+    red = bands[2].astype(np.int32) + OFFSET
+    coarse = red.reshape(red.shape[0] // 2, 2, red.shape[1] // 2, 2).mean(axis=(1, 3)).round().astype(np.uint16)
+    item["assets"]["B04"]["href"] = cog(d / f"coarse_{resampling}_B04.tif", coarse, profile, 20.0, 0)
+    (d / f"coarse_{resampling}.json").write_text(json.dumps(item))
+    got = mosaic(
+        [str(d / f"coarse_{resampling}.json")],
+        d / f"coarse_{resampling}",
+        random_checkpoint,
+        client2,
+        f"resampling={resampling}",
+    )
+    (d / "fine.json").write_text(json.dumps(s2_item(d, bands, profile, "fine", "2026-06-14T10:05:59Z", cloud=False)))
+    want = mosaic([str(d / "fine.json")], d / f"fine_{resampling}", random_checkpoint, client2)
+    assert got.shape == want.shape == bands.shape[1:] and (got != 255).all()  # the 10 m grid, all read
+    assert 0.6 < (got == want).mean() < 1.0  # the red band at 20 m changes some classes, not most
