@@ -95,8 +95,10 @@ class MaskConfig(_Strict):
     """A band of each scene that marks clouds and shadows (a scene classification such as
     Sentinel-2's SCL, or a QA band such as Landsat's QA_PIXEL): its pixels become nodata."""
 
-    band: int | str
-    """The band's number (1-based) or description in the scene file."""
+    band: int | str | None = None
+    """The band's number (1-based) or description in a scene file."""
+    asset: str | None = None
+    """The mask asset's key (or band name) in STAC items with one asset per band (SCL, QA_PIXEL)."""
     invalid_values: list[int] = Field(default_factory=list)
     """Codes that are invalid (SCL: [3, 8, 9, 10] for shadow, clouds and cirrus)."""
     invalid_bits: list[int] = Field(default_factory=list)
@@ -105,11 +107,18 @@ class MaskConfig(_Strict):
 
     @model_validator(mode="after")
     def _something_invalid(self) -> MaskConfig:
+        if (self.band is None) == (self.asset is None):
+            raise ValueError("name the mask's band (in files) or asset (in STAC items), one of the two")
         if not self.invalid_values and not self.invalid_bits:
             raise ValueError("give invalid_values or invalid_bits")
         if any(not 0 <= b < 63 for b in self.invalid_bits):
             raise ValueError("invalid_bits are bit numbers, 0 to 62")
         return self
+
+    @property
+    def source(self) -> int | str:
+        """The mask band's number or name: a STAC item's mask asset is a band of its VRT by that name."""
+        return self.band if self.band is not None else str(self.asset)
 
     @property
     def bit_mask(self) -> int:

@@ -80,7 +80,7 @@ def band_selection(cfg: RunConfig, ckpt: Checkpoint) -> BandSelection:
     return BandSelection(
         names=tuple(ckpt.bands),
         explicit=tuple(cfg.bands.items()),
-        mask_band=cfg.mask.band if cfg.mask else None,
+        mask_band=cfg.mask.source if cfg.mask else None,
         invalid_values=tuple(cfg.mask.invalid_values) if cfg.mask else (),
         invalid_bits=cfg.mask.bit_mask if cfg.mask else 0,
         apply_scale=not ckpt.extra.get("raw_values", False),

@@ -99,7 +99,7 @@ def mosaic(inputs, out, checkpoint, client, *overrides) -> np.ndarray:
     return xr.open_zarr(out / "mosaic.zarr")["classes"].values
 
 
-MASK = "mask={band: SCL, invalid_values: [3, 8, 9, 10]}"
+MASK = "mask={asset: SCL, invalid_values: [3, 8, 9, 10]}"
 
 
 def test_an_s2_like_item_equals_the_stacked_scene_with_the_cloud_as_nodata(scene, random_checkpoint, client2):
@@ -145,7 +145,11 @@ def test_missing_bands_assets_and_hrefs_are_named(scene, random_checkpoint, clie
     (d / "good.json").write_text(json.dumps(item))
     with pytest.raises(RunError, match="has no mask asset 'QA_PIXEL'"):
         mosaic(
-            [str(d / "good.json")], d / "out_qa", random_checkpoint, client2, "mask={band: QA_PIXEL, invalid_bits: [3]}"
+            [str(d / "good.json")],
+            d / "out_qa",
+            random_checkpoint,
+            client2,
+            "mask={asset: QA_PIXEL, invalid_bits: [3]}",
         )
 
 
