@@ -30,6 +30,7 @@ os.environ.update(
     AWS_ENDPOINT_URL=S3_ENDPOINT,
 )
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from distributed import Client, LocalCluster  # noqa: E402
@@ -105,6 +106,15 @@ def run_cli_args(scene: Path, out: Path, *overrides: str) -> list[str]:
     for item in overrides:
         args += ["--set", item]
     return args
+
+
+def scene_arrays(folder: Path, name: str, seed: int) -> tuple[Path, np.ndarray, dict]:
+    """A 400 x 300 synthetic scene without nodata written in ``folder``: the folder, its bands and its profile."""
+    import rasterio
+
+    path = write_scene(SceneSpec(400, 300, seed=seed, nodata_border=False), folder / name)[0]
+    with rasterio.open(path) as src:
+        return folder, src.read(), src.profile
 
 
 def run_config(checkpoint: Path, inputs: list[Path], out: Path, *overrides: str):

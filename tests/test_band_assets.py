@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 import rasterio
 import xarray as xr
-from conftest import run_config
+from conftest import run_config, scene_arrays
 
 from geoseg import storage
 from geoseg.runstate import RunError
-from geoseg.synth import SceneSpec, write_scene
 from pipelines.segment_scenes import run
 
 OFFSET = 1000  # L2A since processing baseline 04.00: stored = reflectance * 10000 + 1000
@@ -87,10 +86,7 @@ def s2_item(d: Path, bands: np.ndarray, profile: dict, item_id: str, when: str, 
 
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory):
-    d = tmp_path_factory.mktemp("s2")
-    path = write_scene(SceneSpec(400, 300, seed=23, nodata_border=False), d / "stacked.tif")[0]
-    with rasterio.open(path) as src:
-        return d, src.read(), src.profile
+    return scene_arrays(tmp_path_factory.mktemp("s2"), "stacked.tif", seed=23)
 
 
 def mosaic(inputs, out, checkpoint, client, *overrides) -> np.ndarray:

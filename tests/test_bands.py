@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import rasterio
 import xarray as xr
-from conftest import run_config
+from conftest import run_config, scene_arrays
 
 from geoseg.runstate import RunError
-from geoseg.synth import SceneSpec, write_scene
 from pipelines.segment_scenes import run
 
 CLOUD = (slice(60, 140), slice(200, 330))  # rows, cols of a cloud patch
@@ -18,10 +17,7 @@ CLOUD = (slice(60, 140), slice(200, 330))  # rows, cols of a cloud patch
 
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory):
-    d = tmp_path_factory.mktemp("bands")
-    path = write_scene(SceneSpec(400, 300, seed=17, nodata_border=False), d / "ordered.tif")[0]
-    with rasterio.open(path) as src:
-        return d, src.read(), src.profile
+    return scene_arrays(tmp_path_factory.mktemp("bands"), "ordered.tif", seed=17)
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +46,10 @@ def write(path, data, profile, descriptions=None, scales=None, offsets=None, dty
     return path
 
 
-def mosaic(path, out, checkpoint, client, *overrides) -> np.ndarray:
-    cfg = run_config(checkpoint, [path], out, "output.block_size=256", "output.polygons=false", *overrides)
+def mosaic(paths, out, checkpoint, client, *overrides) -> np.ndarray:
+    """The class mosaic of ``paths`` (one or a list)."""
+    inputs = paths if isinstance(paths, list) else [paths]
+    cfg = run_config(checkpoint, inputs, out, "output.block_size=256", "output.polygons=false", *overrides)
     assert run(cfg, client).ok
     return xr.open_zarr(out / "mosaic.zarr")["classes"].values
 
@@ -126,16 +124,13 @@ def test_a_second_cloud_free_date_fills_the_cloud_with_latest(scene, reference, 
     for path, when in ((cloudy, "2026-06-20T10:00:00"), (clear, "2026-06-10T10:00:00")):
         with rasterio.open(path, "r+") as dst:
             dst.update_tags(ACQUISITION_DATETIME=when)
-    cfg = run_config(
-        random_checkpoint,
+    got = mosaic(
         [cloudy, clear],
         d / "latest",
-        "output.block_size=256",
-        "output.polygons=false",
+        random_checkpoint,
+        client2,
         "output.mosaic_rule=latest",
         "mask={band: SCL, invalid_values: [3, 8, 9, 10]}",
     )
-    assert run(cfg, client2).ok
-    got = xr.open_zarr(d / "latest" / "mosaic.zarr")["classes"].values
     assert (got != 255).all()  # the older, clear date fills the newer one's cloud
     np.testing.assert_array_equal(got, reference)
