@@ -14,6 +14,7 @@ own location.
 from __future__ import annotations
 
 import json
+import math
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, replace
 from typing import Any
@@ -33,7 +34,8 @@ def is_item_ref(loc: str) -> bool:
     """Whether ``loc`` names a STAC item's band assets: ``DOCUMENT.json#ITEM_ID``, or an item
     of a STAC API by its own URL (``https://.../items/ID#ID``)."""
     base, mark, item_id = loc.rpartition(ITEM_MARK)
-    return bool(mark and item_id and (base.lower().endswith(".json") or storage.scheme(base) in ("http", "https")))
+    api_item = storage.scheme(base) in ("http", "https") and "/items/" in base
+    return bool(mark and item_id and (base.lower().endswith(".json") or api_item))
 
 
 def item_ref(item_loc: str, item: dict[str, Any]) -> str:
@@ -74,10 +76,12 @@ def find_asset(item: dict[str, Any], name: str) -> str | None:
 
 
 def raster_band(asset: dict[str, Any]) -> dict[str, Any]:
-    """The asset's first band's ``raster:`` fields (STAC 1.0 ``raster:bands`` or 1.1 ``bands``)."""
+    """The asset's nodata, scale and offset: its first band's (STAC 1.0 ``raster:bands``, 1.1
+    ``bands``), else the asset's own fields (STAC 1.1 ``nodata``, ``raster:scale``...)."""
+    own = {k.removeprefix("raster:"): v for k, v in asset.items() if k in ("nodata", "raster:scale", "raster:offset")}
     for band in [*asset.get("raster:bands", []), *asset.get("bands", [])]:
-        return {k.removeprefix("raster:"): v for k, v in band.items()}
-    return {}
+        return {**own, **{k.removeprefix("raster:"): v for k, v in band.items()}}
+    return own
 
 
 @dataclass(frozen=True)
@@ -103,18 +107,14 @@ def band_source(item_loc: str, item: dict[str, Any], key: str, name: str, resamp
     loc = storage.resolve_href(item_loc, asset["href"])
     try:
         with storage.open_raster(loc) as src:
-            header = (
-                src.width,
-                src.height,
-                src.transform,
-                src.crs.to_wkt() if src.crs else "",
-                src.dtypes[0],
-                src.nodata,
-            )
+            crs_wkt = src.crs.to_wkt() if src.crs else ""
+            header = (src.width, src.height, src.transform, crs_wkt, src.dtypes[0], src.nodata)
+            own_scale, own_offset = src.scales[0], src.offsets[0]
     except Exception as exc:
-        raise AssetError(f"asset {key!r} ({storage.redact(loc)}): not a readable raster ({exc})") from None
+        reason = storage.redact(str(exc))
+        raise AssetError(f"asset {key!r} ({storage.redact(loc)}): not a readable raster ({reason})") from None
     width, height, transform, crs_wkt, dtype, nodata = header
-    fields = raster_band(asset)
+    fields = {"scale": own_scale, "offset": own_offset, **raster_band(asset)}  # the item's word first
     return BandSource(
         name=name,
         path=storage.gdal_path(loc),
@@ -154,11 +154,23 @@ def item_sources(
 
 
 def vrt_xml(sources: list[BandSource]) -> str:
-    """A VRT stacking ``sources`` on the grid of the finest one (same CRS, same extent)."""
-    ref = min(sources, key=lambda s: abs(s.transform.a))
-    root = ET.Element("VRTDataset", rasterXSize=str(ref.width), rasterYSize=str(ref.height))
-    ET.SubElement(root, "SRS").text = ref.crs_wkt
-    t = ref.transform
+    """A VRT stacking ``sources`` (one CRS) on the finest one's pixel lattice, over the extent
+    all of them cover: no pixel of it lacks a band."""
+    finest = min(sources, key=lambda s: abs(s.transform.a))
+    a, e = finest.transform.a, finest.transform.e
+    west = max(s.transform.c for s in sources)
+    east = min(s.transform.c + s.width * s.transform.a for s in sources)
+    north = min(s.transform.f for s in sources)
+    south = max(s.transform.f + s.height * s.transform.e for s in sources)
+    col0 = math.ceil((west - finest.transform.c) / a - 1e-9)
+    row0 = math.ceil((finest.transform.f - north) / -e - 1e-9)
+    t = Affine(a, 0.0, finest.transform.c + col0 * a, 0.0, e, finest.transform.f + row0 * e)
+    width = math.floor((east - t.c) / a + 1e-9)
+    height = math.floor((t.f - south) / -e + 1e-9)
+    if width <= 0 or height <= 0:
+        raise AssetError("its band assets do not overlap")
+    root = ET.Element("VRTDataset", rasterXSize=str(width), rasterYSize=str(height))
+    ET.SubElement(root, "SRS").text = finest.crs_wkt
     ET.SubElement(root, "GeoTransform").text = ", ".join(repr(float(v)) for v in (t.c, t.a, t.b, t.f, t.d, t.e))
     gdal_types = {"uint8": "Byte", "uint16": "UInt16", "int16": "Int16", "uint32": "UInt32", "int32": "Int32"}
     # the bands the model reads share one type (they are read together); a mask keeps its own

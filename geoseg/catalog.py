@@ -104,8 +104,10 @@ def search_inputs(
     for item in items:
         if asset in item.assets:
             found.append(item.assets[asset].get_absolute_href())
-        else:
+        elif item.get_self_href():
             found.append(f"{item.get_self_href()}{band_assets.ITEM_MARK}{item.id}")
+        else:
+            raise RunError(f"{storage.redact(url)}: item {item.id!r} has no {asset!r} asset and no self link")
     log.info("%s: %d items (%s)", storage.redact(url), len(found), asked)
     return found
 

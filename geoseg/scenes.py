@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +82,7 @@ class SceneInfo(RasterGrid):
     offsets: tuple[float, ...] = ()
     mask: BandMask | None = None  # a band that marks clouds, shadows...: invalid where it says so
     resampling: str = "bilinear"  # of the bands when the scene is warped onto the output grid
-    vrt: str = ""  # a STAC item's band assets stacked as a GDAL VRT (see geoseg.band_assets)
+    vrt: str = field(default="", repr=False)  # a STAC item's band assets as a GDAL VRT (geoseg.band_assets)
 
     @property
     def indexes(self) -> list[int]:
@@ -141,7 +141,7 @@ def open_scene(
     elif not Path(path).is_file():
         raise SceneError(path, "file not found")
     try:
-        src = rasterio.open(vrt) if vrt else storage.open_raster(path)
+        src = open_vrt(vrt) if vrt else storage.open_raster(path)
     except Exception as exc:
         raise SceneError(path, f"not a readable raster ({storage.redact(_gdal_message(exc))})") from None
     with src:
@@ -159,7 +159,9 @@ def open_scene(
             vrt=vrt,
         )
         if selection is not None:
-            info = select_bands(info, selection, src.descriptions, src.scales, src.offsets)
+            # a VRT's bands are already the model's, in its order, named by it: no map applies
+            chosen = replace(selection, explicit=()) if vrt else selection
+            info = select_bands(info, chosen, src.descriptions, src.scales, src.offsets)
         # A header can be intact while the pixel data is truncated: touch the last block.
         try:
             src.read(1, window=Window(src.width - 1, src.height - 1, 1, 1))
@@ -181,7 +183,9 @@ def item_vrt(ref: str, selection: BandSelection | None) -> tuple[str, str | None
     """A STAC item's band assets for the model (and its mask asset) as a VRT, and the item's datetime."""
     if selection is None:
         raise SceneError(ref, "a STAC item of band assets needs the model's band names")
-    mask = selection.mask_band if isinstance(selection.mask_band, str) else None
+    if isinstance(selection.mask_band, int):
+        raise SceneError(ref, "a STAC item's mask is named by mask.asset (its asset key), not a band number")
+    mask = selection.mask_band
     try:
         item, _sources = band_assets.item_sources(ref, list(selection.names), mask, selection.resampling)
         return band_assets.vrt_xml(_sources), item.get("properties", {}).get("datetime")
@@ -193,7 +197,13 @@ def item_vrt(ref: str, selection: BandSelection | None) -> tuple[str, str | None
 
 def open_dataset(info: SceneInfo) -> DatasetReader:
     """A scene opened for reading: its file, or its VRT of band assets."""
-    return rasterio.open(info.vrt) if info.vrt else storage.open_raster(info.path)
+    return open_vrt(info.vrt) if info.vrt else storage.open_raster(info.path)
+
+
+def open_vrt(xml: str) -> DatasetReader:
+    """A VRT document, its sources opened with the options for files over a network."""
+    with rasterio.Env(**storage.REMOTE_OPEN_OPTIONS):
+        return rasterio.open(xml)
 
 
 def select_bands(
@@ -344,6 +354,11 @@ def _read_window(
         return _finish(info, data, valid, lambda: _read_boundless_band(src, src_window, shape, info.mask))
     window_transform = transform @ Affine.translation(window.col_off, window.row_off)
 
+    # The warp takes one nodata value for all bands: the selected bands' own when they agree;
+    # otherwise an alpha band marks what lies outside, and each band's value is compared after.
+    nodata = {src.nodatavals[i - 1] for i in info.indexes}
+    common = nodata.pop() if len(nodata) == 1 else None
+
     def warped(resampling: Resampling, indexes: list[int]) -> np.ma.MaskedArray:
         with WarpedVRT(
             src,
@@ -352,7 +367,9 @@ def _read_window(
             width=shape[1],
             height=shape[0],
             resampling=resampling,
-            add_alpha=src.nodata is None,
+            src_nodata=common,
+            nodata=common,
+            add_alpha=common is None,
         ) as vrt:
             return vrt.read(indexes=indexes, masked=True)
 

@@ -118,12 +118,15 @@ def load_pair(pair: RasterPair, n_bands: int, n_classes: int) -> Raster:
             )
         bands = img.read(masked=True)
         labels = lab.read(1)
+        scales, offsets = np.asarray(img.scales, np.float32), np.asarray(img.offsets, np.float32)
     valid = ~np.ma.getmaskarray(bands).any(axis=0)
     labels = np.where(valid, labels, IGNORE).astype(np.uint8)
+    # the files' own scale and offset, as `geoseg run` applies them before normalising
+    scaled = bands.filled(0).astype(np.float32) * scales[:, None, None] + offsets[:, None, None]
     bad = np.setdiff1d(np.unique(labels), [*range(n_classes), IGNORE])
     if bad.size:
         raise ConfigError(f"{pair.labels}: label values {bad.tolist()} are not in the {n_classes} classes")
-    return Raster(bands.filled(0).astype(np.float32), labels, pair.image)
+    return Raster(np.where(valid, scaled, 0).astype(np.float32), labels, pair.image)
 
 
 def band_stats(rasters: list[Raster]) -> tuple[list[float], list[float]]:

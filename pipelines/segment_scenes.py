@@ -115,6 +115,7 @@ def run_fingerprint(cfg: RunConfig, model_sha: str, scenes: list[SceneInfo]) -> 
             **({"bands": cfg.bands} if cfg.bands else {}),
             **({"mask": cfg.mask.model_dump()} if cfg.mask else {}),
             **({"resampling": cfg.resampling} if cfg.resampling != "bilinear" else {}),
+            **({"scaled": True} if any(s.scales for s in scenes) else {}),  # values by the files' scale/offset
         }
     )
 

@@ -264,3 +264,52 @@ def test_a_model_band_at_20m_is_resampled_on_read(scene, random_checkpoint, clie
     want = mosaic([str(d / "fine.json")], d / f"fine_{resampling}", random_checkpoint, client2)
     assert got.shape == want.shape == bands.shape[1:] and (got != 255).all()  # the 10 m grid, all read
     assert 0.6 < (got == want).mean() < 1.0  # the red band at 20 m changes some classes, not most
+
+
+def test_the_vrt_covers_only_what_every_band_covers_and_a_numbered_mask_is_refused(scene):
+    from rasterio.transform import Affine
+
+    from geoseg.band_assets import BandSource, vrt_xml
+    from geoseg.scenes import BandSelection, SceneError, open_scene
+
+    d, bands, profile = scene
+    fine = BandSource(
+        "blue",
+        "a.tif",
+        400,
+        300,
+        Affine(10, 0, 500_000, 0, -10, 5_200_000),
+        "EPSG:32633",
+        "uint16",
+        0,
+        1.0,
+        0.0,
+        "bilinear",
+    )
+    coarse = BandSource(
+        "nir",
+        "b.tif",
+        150,
+        100,
+        Affine(20, 0, 500_040, 0, -20, 5_199_980),
+        "EPSG:32633",
+        "uint16",
+        0,
+        1.0,
+        0.0,
+        "bilinear",
+    )
+    with rasterio.open(vrt_xml([fine, coarse])) as vrt:  # the VRT's header alone: the files are not opened
+        assert (vrt.width, vrt.height) == (300, 200)  # the coarse band's 500,040..503,040 x 5,197,980..5,199,980
+        assert vrt.transform == Affine(10, 0, 500_040, 0, -10, 5_199_980)
+    item = s2_item(d, bands, profile, "numbered", "2026-06-14T10:05:59Z")
+    (d / "numbered.json").write_text(json.dumps(item))
+    selection = BandSelection(names=("blue", "green", "red", "nir"), mask_band=5, invalid_values=(9,))
+    with pytest.raises(SceneError, match="named by mask.asset"):
+        open_scene(f"{d / 'numbered.json'}#numbered", selection=selection)
+    # an explicit map is for files: an item's bands are found by their names
+    named = open_scene(
+        f"{d / 'numbered.json'}#numbered",
+        selection=BandSelection(names=("blue", "green", "red", "nir"), explicit=(("blue", 3),)),
+    )
+    assert named.indexes == [1, 2, 3, 4] and named.offsets == (-1000.0,) * 4

@@ -75,9 +75,12 @@ def load_foreign(src: Path, sidecar: Path | None = None) -> Checkpoint:
             f"{src}: not a geoseg checkpoint; give its bands, classes and statistics in {expected} "
             "or convert it with `geoseg model import`"
         )
-    ckpt = import_checkpoint(src, read_sidecar(sidecar), str(sidecar))
+    meta = read_sidecar(sidecar)
+    ckpt = import_checkpoint(src, meta, str(sidecar))
     weights = next((src / n for n in ("model.safetensors", "pytorch_model.bin") if (src / n).is_file()), src)
-    digest = hashlib.sha256(file_sha256(weights).encode() + Path(sidecar).read_bytes())
+    # what decides the outputs: the weights, an smp folder's model settings, the sidecar's values
+    config = (src / "config.json").read_bytes() if src.is_dir() else b""
+    digest = hashlib.sha256(file_sha256(weights).encode() + config + json.dumps(meta, sort_keys=True).encode())
     ckpt.sha256 = digest.hexdigest()
     return ckpt
 
