@@ -26,12 +26,12 @@ from geoseg.blending import NODATA
 from geoseg.config import VectorConfig
 from geoseg.grid import OutputGrid
 from geoseg.inference import InferenceSettings, get_predictor
+from geoseg.mosaic import MOSAIC_NAME
 from geoseg.runstate import STATE_DIR
 from geoseg.scenes import DataCoverage, SceneInfo, same_grid
 from geoseg.segment import TilingSettings, finish_block, most_confident, predict_block, reader_threads
 from geoseg.tiling import Block
 
-MOSAIC_NAME = "mosaic.zarr"
 PARTIALS_DIR = f"{STATE_DIR}/partials"
 
 

@@ -27,8 +27,8 @@ from rio_tiler.io import XarrayReader
 
 from geoseg import mosaic, storage
 from geoseg.blending import NODATA
-from geoseg.blocks import MOSAIC_NAME
 from geoseg.grid import OutputGrid
+from geoseg.mosaic import MOSAIC_NAME
 from geoseg.quicklook import colorize
 
 TILE_SIZE = 256
@@ -76,6 +76,10 @@ class RunTiles:
             self.colors = mosaic.read_colors(self.store) or {k: "#808080" for k in self.legend}
         self.grid: OutputGrid = mosaic.read_grid(self.store)
         self.levels: list[int] = mosaic.read_attrs(self.store).get("overviews", [])
+
+    def present(self) -> bool:
+        """Whether the run's store is still there (a run removed while served is not drawn blank)."""
+        return mosaic.exists(self.store)
 
     @cached_property
     def layers(self) -> dict[str, Layer]:
@@ -206,8 +210,10 @@ class RunTiles:
             return {"type": "FeatureCollection", "features": []}
         local = storage.cached_copy(loc) if storage.is_url(loc) else loc
         native = transform_bounds("EPSG:4326", self.grid.crs, *bbox)
-        gdf = pyogrio.read_dataframe(local, bbox=native, max_features=limit)
-        return json.loads(gdf.to_crs("EPSG:4326").to_json(drop_id=True))
+        gdf = pyogrio.read_dataframe(local, bbox=native, max_features=limit + 1)
+        collection = json.loads(gdf.iloc[:limit].to_crs("EPSG:4326").to_json(drop_id=True))
+        collection["truncated"] = len(gdf) > limit  # more meet the box: zoom in
+        return collection
 
 
 def png(rgba: np.ndarray) -> bytes:

@@ -25,6 +25,7 @@ from geoseg.blending import NODATA
 from geoseg.grid import OutputGrid
 from geoseg.tiling import Block
 
+MOSAIC_NAME = "mosaic.zarr"  # in a run's OUT
 CLASSES = "classes"
 CONFIDENCE = "confidence"
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,6 +26,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from geoseg import storage
 from geoseg.maptiles import RunTiles
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,21 @@ def static_files() -> dict[str, tuple[bytes, str]]:
     return files
 
 
+class BadRequestError(ValueError):
+    """A request this server answers with 400 and the message."""
+
+
+def parse_bbox(text: str) -> tuple[float, float, float, float]:
+    """``W,S,E,N`` in lon/lat, west of east and south of north."""
+    try:
+        west, south, east, north = (float(v) for v in text.split(","))
+    except ValueError:
+        raise BadRequestError("bbox=W,S,E,N expected: four numbers, lon/lat") from None
+    if not all(math.isfinite(v) for v in (west, south, east, north)) or west >= east or south >= north:
+        raise BadRequestError("bbox=W,S,E,N expected: finite, west < east, south < north")
+    return max(west, -180.0), max(south, -90.0), min(east, 180.0), min(north, 90.0)
+
+
 class ViewServer(ThreadingHTTPServer):
     """An HTTP server bound to one run's tiles."""
 
@@ -71,19 +88,39 @@ class ViewServer(ThreadingHTTPServer):
         return f"http://{host}:{port}"
 
 
+LOOPBACK_NAMES = {"127.0.0.1", "localhost", "[::1]", "::1"}
+
+
 class ViewHandler(BaseHTTPRequestHandler):
     server: ViewServer
+    timeout = 60  # seconds a connection may sit idle: a stalled client does not hold a thread forever
 
     def do_GET(self) -> None:  # noqa: N802 (the http.server API)
         parts = urlsplit(self.path)
         path, query = parts.path, parse_qs(parts.query)
         try:
+            if not self.host_allowed():
+                return self.send(HTTPStatus.FORBIDDEN, b"unknown Host", "text/plain")
+            if not self.server.tiles.present():
+                return self.send(HTTPStatus.NOT_FOUND, b"the run is no longer there", "text/plain")
             self.route(path, query)
-        except BrokenPipeError:  # the browser went on to other tiles
+        except (BrokenPipeError, ConnectionError):  # the browser went on to other tiles
             pass
-        except Exception as exc:
-            log.warning("%s: %s: %s", path, type(exc).__name__, exc)
-            self.send(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(exc).__name__}: {exc}".encode(), "text/plain")
+        except BadRequestError as exc:
+            self.send(HTTPStatus.BAD_REQUEST, str(exc).encode(), "text/plain")
+        except Exception as exc:  # the details go to the log, not to the browser
+            log.warning("%s: %s: %s", path, type(exc).__name__, storage.redact(str(exc)))
+            self.send(HTTPStatus.INTERNAL_SERVER_ERROR, b"internal error (see the server's log)", "text/plain")
+
+    def host_allowed(self) -> bool:
+        """A server on the loopback answers only requests addressed to the loopback: a web page
+        that points its own domain at 127.0.0.1 (DNS rebinding) gets nothing."""
+        bound = self.server.server_address[0]
+        if bound not in LOOPBACK_NAMES:
+            return True  # served to a network on purpose (--host)
+        host = (self.headers.get("Host") or "").strip().lower()
+        name = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
+        return name in LOOPBACK_NAMES
 
     def route(self, path: str, query: dict[str, list[str]]) -> None:
         tiles = self.server.tiles
@@ -106,10 +143,7 @@ class ViewHandler(BaseHTTPRequestHandler):
         if path == "/legend.json":
             return self.send_json(tiles.legend_rows())
         if path == "/polygons.geojson":
-            bbox = tuple(float(v) for v in query.get("bbox", [""])[0].split(","))
-            if len(bbox) != 4:
-                return self.send(HTTPStatus.BAD_REQUEST, b"bbox=W,S,E,N (lon/lat) expected", "text/plain")
-            return self.send_json(tiles.polygons_geojson(bbox))  # type: ignore[arg-type]
+            return self.send_json(tiles.polygons_geojson(parse_bbox(query.get("bbox", [""])[0])))
         if (match := TILEJSON_ROUTE.match(path)) and match["layer"] in tiles.layers:
             return self.send_json(tiles.tilejson(match["layer"], self.base_url()))
         if (match := TILE_ROUTE.match(path)) and match["layer"] in tiles.layers:

@@ -170,3 +170,25 @@ def test_a_headless_browser_draws_the_map_in_class_colours(server, tmp_path):
     drawn = [name for name, share in shares.items() if share > 0.005]
     assert len(drawn) >= 3, shares  # the map, in the classes' own colours
     assert sum(shares.values()) > 0.2, shares
+
+
+def test_a_foreign_host_bad_boxes_and_a_removed_run_get_clear_answers(tmp_path, finished_run):
+    # a copy of the run, so that it can be removed while served
+    copy = tmp_path / "run"
+    shutil.copytree(finished_run, copy)
+    server = serve(copy)
+    try:
+        rebinding = urllib.request.Request(f"{server.url}/run.json", headers={"Host": "attacker.example:80"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(rebinding, timeout=10)
+        assert refused.value.code == 403  # a page that points its domain at 127.0.0.1 reads nothing
+        assert get(f"{server.url.replace('127.0.0.1', 'localhost')}/run.json")[0] == 200  # an SSH tunnel's name
+        for bbox in ("", "abc", "1,2,3", "nan,0,1,1", "15.04,46.92,15.03,46.93", "15,47,16,46"):
+            status, body, _ = get(f"{server.url}/polygons.geojson?bbox={bbox}")
+            assert status == 400 and body.startswith(b"bbox=W,S,E,N expected"), (bbox, body)
+        shutil.rmtree(copy / "mosaic.zarr")
+        status, body, _ = get(f"{server.url}/classes/tiles/0/0/0.png")
+        assert status == 404 and b"no longer there" in body
+    finally:
+        server.shutdown()
+        server.server_close()
