@@ -273,32 +273,14 @@ def test_the_vrt_covers_only_what_every_band_covers_and_a_numbered_mask_is_refus
     from geoseg.scenes import BandSelection, SceneError, open_scene
 
     d, bands, profile = scene
-    fine = BandSource(
-        "blue",
-        "a.tif",
-        400,
-        300,
-        Affine(10, 0, 500_000, 0, -10, 5_200_000),
-        "EPSG:32633",
-        "uint16",
-        0,
-        1.0,
-        0.0,
-        "bilinear",
-    )
-    coarse = BandSource(
-        "nir",
-        "b.tif",
-        150,
-        100,
-        Affine(20, 0, 500_040, 0, -20, 5_199_980),
-        "EPSG:32633",
-        "uint16",
-        0,
-        1.0,
-        0.0,
-        "bilinear",
-    )
+
+    def source(name: str, width: int, height: int, transform: Affine) -> BandSource:
+        return BandSource(
+            name, f"{name}.tif", width, height, transform, "EPSG:32633", "uint16", 0, 1.0, 0.0, "bilinear"
+        )
+
+    fine = source("blue", 400, 300, Affine(10, 0, 500_000, 0, -10, 5_200_000))
+    coarse = source("nir", 150, 100, Affine(20, 0, 500_040, 0, -20, 5_199_980))
     with rasterio.open(vrt_xml([fine, coarse])) as vrt:  # the VRT's header alone: the files are not opened
         assert (vrt.width, vrt.height) == (300, 200)  # the coarse band's 500,040..503,040 x 5,197,980..5,199,980
         assert vrt.transform == Affine(10, 0, 500_040, 0, -10, 5_199_980)
