@@ -264,14 +264,18 @@ def create_mosaic(
 
 
 def write_region(path: Path, block: Block, arrays: dict[str, np.ndarray]) -> None:
-    """Write one block's region of each named array; blocks are chunk-aligned, so writers never share a chunk.
+    """Write one block's region of each named array; blocks are chunk-aligned, so writers never share a chunk."""
+    region = (slice(block.rows.start, block.rows.stop), slice(block.cols.start, block.cols.stop))
+    write_arrays(storage.zarr_store(str(path)), region, arrays)
+
+
+def write_arrays(store: Any, region: tuple[slice, slice], arrays: dict[str, np.ndarray]) -> None:
+    """``region`` of each array named (a path in the store) by ``arrays``.
 
     Every chunk is stored, even one of fill values only (a block all nodata): zarr's check for
     that (``write_empty_chunks``) compares the whole chunk against its fill value, which took
     twice as long as compressing it (benchmarks/README.md).
     """
-    region = (slice(block.rows.start, block.rows.stop), slice(block.cols.start, block.cols.stop))
-    store = storage.zarr_store(str(path))
     with zarr.config.set({"array.write_empty_chunks": True}):  # read when an array is opened
         stored = {name: zarr.open_array(store, path=name, mode="r+") for name in arrays}
     for name, data in arrays.items():
@@ -286,9 +290,10 @@ def write_block(path: Path, block: Block, classes: np.ndarray, confidence: np.nd
     for f, (level_classes, level_confidence) in overviews.levels(classes, confidence, factors).items():
         rows = slice(block.rows.start // f, block.rows.start // f + level_classes.shape[0])
         cols = slice(block.cols.start // f, block.cols.start // f + level_classes.shape[1])
-        with zarr.config.set({"array.write_empty_chunks": True}):
-            for name, data in ((CLASSES, level_classes), (CONFIDENCE, level_confidence)):
-                zarr.open_array(store, path=f"{OVERVIEWS}/{f}/{name}", mode="r+")[rows, cols] = data
+        level = f"{OVERVIEWS}/{f}"
+        write_arrays(
+            store, (rows, cols), {f"{level}/{CLASSES}": level_classes, f"{level}/{CONFIDENCE}": level_confidence}
+        )
 
 
 def open_array(path: str | Path, name: str = CLASSES) -> zarr.Array:
