@@ -16,8 +16,8 @@ from pathlib import Path
 
 from geoseg.cluster import dask_client
 from geoseg.config import ClusterConfig, load_config
+from geoseg.jobs import run
 from geoseg.synth import SceneSpec, write_scene
-from pipelines.segment_scenes import run
 
 
 def peak_rss_mb() -> float:

@@ -44,10 +44,10 @@ from geoseg.blending import fixed_window
 from geoseg.cluster import dask_client, with_malloc_tunables
 from geoseg.config import ClusterConfig, load_config
 from geoseg.inference import InferenceSettings, fuse_batch_norms, get_predictor
+from geoseg.jobs import run
 from geoseg.models import build_model, save_checkpoint
 from geoseg.models.checkpoint import load_checkpoint
 from geoseg.synth import SceneSpec, write_scene
-from pipelines.segment_scenes import run
 
 
 def with_worker_allocator() -> None:

@@ -47,12 +47,12 @@ from geoseg import storage  # noqa: E402
 from geoseg.config import load_config  # noqa: E402
 from geoseg.grid import grid_from_scenes  # noqa: E402
 from geoseg.inference import InferenceSettings, Predictor  # noqa: E402
+from geoseg.jobs import run  # noqa: E402
 from geoseg.models.checkpoint import load_checkpoint  # noqa: E402
 from geoseg.scenes import open_scene  # noqa: E402
 from geoseg.segment import TilingSettings, read_tile_rows  # noqa: E402
 from geoseg.synth import SceneSpec, write_scene  # noqa: E402
 from geoseg.tiling import iter_blocks  # noqa: E402
-from pipelines.segment_scenes import run  # noqa: E402
 
 
 def start_server(log: Path) -> subprocess.Popen:

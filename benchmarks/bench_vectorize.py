@@ -8,7 +8,7 @@ Measured, alternating, best of ``--repeat`` each:
 
 - the floor: ``rasterio.features.shapes`` alone over the same blocks, already in memory (in
   this process for one core; one Dask task per block on two workers);
-- geoseg's whole stage (:func:`pipelines.segment_scenes.stream_polygons`): read the mosaic,
+- geoseg's whole stage (:func:`geoseg.polygons.stream_polygons`): read the mosaic,
   sieve if ``--mmu``, polygonize, merge the pieces cut by block edges, write the layers
   (GeoPackage and GeoParquet by default), on one worker with one thread and on two workers.
 
@@ -37,10 +37,10 @@ from geoseg.blocks import MOSAIC_NAME
 from geoseg.cluster import dask_client
 from geoseg.config import ClusterConfig, VectorConfig
 from geoseg.grid import OutputGrid
+from geoseg.polygons import stream_polygons
 from geoseg.synth import SceneSpec, make_labels
 from geoseg.tiling import Block, iter_blocks
 from geoseg.vector_io import LayerWriter
-from pipelines.segment_scenes import stream_polygons
 
 LEGEND = {i: n for i, n in enumerate(["water", "forest", "grassland", "cropland", "built-up", "bare soil", "road"])}
 

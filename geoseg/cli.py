@@ -152,7 +152,7 @@ def run(
 
 
 def _run_pipeline(cfg) -> None:
-    from pipelines.segment_scenes import run
+    from geoseg.jobs import run
 
     with _user_errors():
         result = run(cfg)
@@ -183,7 +183,7 @@ def view(
 ) -> None:
     """Serve a run's layers on a web map: classes, confidence, polygons, legend (Ctrl-C stops)."""
     from geoseg import runstate
-    from geoseg.maptiles import CHANGE_STORE
+    from geoseg.mosaic import CHANGE_STORE
     from geoseg.view import ViewServer
 
     with _user_errors():
@@ -261,7 +261,7 @@ def export(
     set_: SetOption = None,
 ) -> None:
     """GIS layers of a finished run: classes.tif (COG), polygons, QGIS/SLD styles, quicklook, area report."""
-    from pipelines.export_layers import export_run, run_config_of
+    from geoseg.jobs import export_run, run_config_of
 
     fmts = [f.strip() for f in formats.split(",") if f.strip()]
     with _user_errors():
@@ -277,25 +277,11 @@ def vectorize(
     set_: SetOption = None,
 ) -> None:
     """Polygonize a finished run's mosaic again (e.g. with another vector.mmu_pixels) into OUT/polygons.gpkg."""
-    from geoseg import runstate, storage
-    from geoseg.blocks import MOSAIC_NAME
-    from geoseg.cluster import dask_client
-    from geoseg.mosaic import read_grid, read_legend
-    from geoseg.tiling import iter_blocks
-    from pipelines.export_layers import blocks_with_classes, run_config_of
-    from pipelines.segment_scenes import write_polygons
+    from geoseg.jobs import run_config_of, vectorize_run
 
     with _user_errors():
-        out = storage.absolute(out)
         cfg = run_config_of(out, list(set_ or []))
-        with runstate.Lease(out, runstate.new_run_id()):
-            manifest = runstate.read_finished_manifest(out)  # again, now that no run can change it
-            store = storage.join(out, MOSAIC_NAME)
-            grid = read_grid(store)
-            size = cfg.output.block_size
-            blocks = blocks_with_classes(manifest, size, list(iter_blocks(grid.height, grid.width, size)))
-            with dask_client(cfg.cluster) as client:
-                path = write_polygons(client, blocks, grid, out, read_legend(store), cfg.vector)
+        path = vectorize_run(out, cfg)
     log.info("polygons:  %s", path)
 
 
@@ -313,7 +299,7 @@ def change(
     then segmented into OUT/date_a and OUT/date_b first.
     """
     from geoseg.config import load_change_config
-    from pipelines.change_detection import run_change, segment_dates
+    from geoseg.jobs import run_change, segment_dates
 
     with _user_errors():
         cfg = load_change_config(config, list(set_ or []))

@@ -1,4 +1,5 @@
-"""GIS layers from a finished run: a COG of the classes, styles for QGIS and SLD tools, a report.
+"""GIS layers from a finished run: a COG of the classes, polygons in GIS formats, styles for QGIS
+and SLD tools, a report, and the run's STAC item updated with them.
 
 All writers stream the mosaic block by block; none holds the whole scene in memory.
 """
@@ -6,18 +7,28 @@ All writers stream the mosaic block by block; none holds the whole scene in memo
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import escape
 
 import numpy as np
 import rasterio
 import rasterio.shutil
+from distributed import Client
 
-from geoseg import mosaic, storage
+from geoseg import mosaic, stac_item, storage
 from geoseg.blending import NODATA
+from geoseg.config import RunConfig
 from geoseg.grid import OutputGrid
+from geoseg.mosaic import MOSAIC_NAME
+from geoseg.polygons import blocks_with_classes, stream_polygons
+from geoseg.quicklook import write_quicklook
 from geoseg.tiling import iter_blocks
+from geoseg.vector_io import LayerWriter, write_flatgeobuf
+
+log = logging.getLogger(__name__)
 
 
 def hex_to_rgb(color: str) -> tuple[int, int, int]:
@@ -216,3 +227,62 @@ def report_markdown(report: dict, title: str) -> str:
     ]
     lines += [f"| {r['class_name']} | {r['area_km2']:.4f} | {r['percent']:.2f} |" for r in report["classes"]]
     return "\n".join(lines) + "\n"
+
+
+SUFFIX = {"gpkg": ".gpkg", "parquet": ".parquet", "fgb": ".fgb"}
+
+
+@dataclass
+class ExportResult:
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def export_layers(out: str, cfg: RunConfig, client: Client, manifest: dict) -> ExportResult:
+    def at(name: str) -> str:
+        return storage.join(out, name)
+
+    mosaic_path = at(MOSAIC_NAME)
+    grid = mosaic.read_grid(mosaic_path)
+    legend = mosaic.read_legend(mosaic_path)
+    colors = mosaic.read_colors(mosaic_path) or {k: "#808080" for k in legend}
+    result = ExportResult()
+    result.files["cog"] = write_cog(mosaic_path, at("classes.tif"), legend, colors)
+    size = cfg.output.block_size
+    blocks = blocks_with_classes(manifest, size, list(iter_blocks(grid.height, grid.width, size)))
+    targets: list[tuple[str, str | None]] = [("", None)]
+    if cfg.vector.reproject_to:
+        targets.append(("_" + cfg.vector.reproject_to.replace(":", "").lower(), cfg.vector.reproject_to))
+    writers = []
+    for tag, crs in targets:
+        # FlatGeobuf cannot grow: it is converted from the GeoPackage at the end.
+        for suffix in {".gpkg"} | {SUFFIX[f] for f in cfg.vector.formats if f == "parquet"}:
+            writers.append((LayerWriter(at(f"polygons{tag}{suffix}"), crs or grid.crs_wkt), crs))
+    count = stream_polygons(client, blocks, grid, out, legend, writers, cfg.vector)
+    for tag, _ in targets:
+        if "fgb" in cfg.vector.formats:
+            write_flatgeobuf(at(f"polygons{tag}.gpkg"), at(f"polygons{tag}.fgb"))
+        for fmt in cfg.vector.formats:
+            result.files[f"{fmt}{tag}"] = at(f"polygons{tag}{SUFFIX[fmt]}")
+    styles = {
+        "qml_raster": ("classes.qml", raster_qml(legend, colors)),
+        "qml_vector": ("polygons.qml", vector_qml(legend, colors)),
+        "sld": ("polygons.sld", vector_sld(legend, colors)),
+    }
+    for key, (name, text) in styles.items():
+        storage.write_text(at(name), text)
+        result.files[key] = at(name)
+    result.files["quicklook"] = write_quicklook(mosaic_path, at("quicklook.png"))
+    report = area_report(class_histogram(mosaic_path), grid, legend)
+    report["polygons"] = count
+    storage.write_text(at("report.json"), json.dumps(report, indent=2))
+    storage.write_text(at("report.md"), report_markdown(report, f"Land cover of {storage.name(out)}"))
+    result.files.update(report_json=at("report.json"), report_md=at("report.md"))
+    # the gpkg a FlatGeobuf was converted from is an output too
+    names = sorted(
+        {storage.name(loc) for loc in result.files.values()}
+        | {f"polygons{t}.gpkg" for t, _ in targets}
+        | {storage.name(result.files["cog"]) + ".aux.xml"}  # the COG's category names
+    )
+    result.files["item"] = stac_item.add_assets(out, manifest, legend, colors, names)
+    log.info("%d polygons; layers in %s", count, out)
+    return result

@@ -28,12 +28,11 @@ from rio_tiler.io import XarrayReader
 from geoseg import mosaic, storage
 from geoseg.blending import NODATA
 from geoseg.grid import OutputGrid
-from geoseg.mosaic import MOSAIC_NAME
+from geoseg.mosaic import CHANGE_STORE, MOSAIC_NAME
 from geoseg.quicklook import colorize
 
 TILE_SIZE = 256
 WEB_MERCATOR = morecantile.tms.get("WebMercatorQuad")
-CHANGE_STORE = "change.zarr"
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from geoseg.grid import OutputGrid
 from geoseg.tiling import Block
 
 MOSAIC_NAME = "mosaic.zarr"  # in a run's OUT
+CHANGE_STORE = "change.zarr"  # in a change's OUT
 CLASSES = "classes"
 CONFIDENCE = "confidence"
 

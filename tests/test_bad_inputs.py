@@ -16,9 +16,9 @@ from conftest import run_config
 from rasterio.transform import from_origin
 
 from geoseg.inference import InferenceSettings
+from geoseg.jobs import RunError, run
 from geoseg.scenes import SceneError, open_scene
 from geoseg.synth import SceneSpec, write_scene
-from pipelines.segment_scenes import RunError, run
 
 
 @pytest.fixture(scope="module")
@@ -334,7 +334,7 @@ def test_blocks_without_data_cost_no_pass_and_leave_no_votes(tmp_path, random_ch
     """A sparse file's absent blocks are left out before any task; all-nodata blocks of a dense
     file compute no tile and save no votes. Both give the mosaic of the same pixels."""
     from geoseg.blocks import predict_task
-    from pipelines.segment_scenes import plan_run
+    from geoseg.planning import plan_run
 
     patch = (1100, 700, 300)
     outs = {}

@@ -15,8 +15,8 @@ import xarray as xr
 from conftest import run_config, scene_arrays
 
 from geoseg import storage
+from geoseg.jobs import run
 from geoseg.runstate import RunError
-from pipelines.segment_scenes import run
 
 OFFSET = 1000  # L2A since processing baseline 04.00: stored = reflectance * 10000 + 1000
 CLOUD_20M = (slice(30, 70), slice(100, 165))  # rows, cols at 20 m

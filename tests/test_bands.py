@@ -9,8 +9,8 @@ import rasterio
 import xarray as xr
 from conftest import run_config, scene_arrays
 
+from geoseg.jobs import run
 from geoseg.runstate import RunError
-from pipelines.segment_scenes import run
 
 CLOUD = (slice(60, 140), slice(200, 330))  # rows, cols of a cloud patch
 

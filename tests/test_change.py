@@ -18,9 +18,8 @@ from PIL import Image
 
 from geoseg.change import detect_change, drop_small_regions, transition_matrix
 from geoseg.config import load_change_config
+from geoseg.jobs import RunError, run, run_change
 from geoseg.synth import SceneSpec, write_scene, write_second_date
-from pipelines.change_detection import run_change
-from pipelines.segment_scenes import RunError, run
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import rasterio
 import xarray as xr
 from conftest import CLASS_NAMES, run_config
 
+from geoseg.jobs import run
 from geoseg.metrics import confusion_matrix, summarize
 from geoseg.models import load_checkpoint
 from geoseg.synth import SceneSpec, write_scene
-from pipelines.segment_scenes import run
 from pipelines.train_demo_model import TRAIN_SEEDS, VAL_SEED
 
 HELD_OUT_SEED = 4242

@@ -18,7 +18,8 @@ import xarray as xr
 from conftest import make_random_checkpoint, predict_transitions, run_cli_args, run_config
 from distributed import Client, LocalCluster
 
-from pipelines.segment_scenes import RunError, run, worker_slots
+from geoseg.jobs import RunError, run
+from geoseg.segmentation import worker_slots
 
 BIN = Path(sys.executable).parent
 

@@ -20,10 +20,9 @@ from rasterio.crs import CRS
 from rasterio.warp import transform_bounds
 from shapely.geometry import Polygon
 
+from geoseg.jobs import export_run, run, run_config_of
 from geoseg.synth import SceneSpec, write_scene
 from geoseg.vectorize import sieve
-from pipelines.export_layers import export_run, run_config_of
-from pipelines.segment_scenes import run
 
 NAMES = ["water", "forest", "grassland", "cropland", "built-up", "bare soil", "road"]
 MMU = 9
@@ -143,7 +142,7 @@ def test_quicklook_and_report(exported):
 
 
 def test_export_of_a_folder_that_is_not_a_run(tmp_path):
-    from pipelines.segment_scenes import RunError
+    from geoseg.jobs import RunError
 
     with pytest.raises(RunError, match="not a geoseg run"):
         run_config_of(tmp_path, [])

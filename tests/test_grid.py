@@ -13,10 +13,10 @@ from rasterio.crs import CRS
 from rasterio.warp import transform_bounds
 
 from geoseg.grid import chosen_grid, grid_from_scenes
+from geoseg.jobs import run
 from geoseg.runstate import RunError
 from geoseg.scenes import open_scene
 from geoseg.synth import SceneSpec, write_scene
-from pipelines.segment_scenes import run
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,11 @@ import xarray as xr
 import yaml
 from conftest import BAND_NAMES, CLASS_NAMES, LEGEND, run_config
 
+from geoseg.jobs import run
 from geoseg.models import save_checkpoint
 from geoseg.models.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from geoseg.models.importers import import_checkpoint
 from geoseg.synth import SceneSpec, write_scene
-from pipelines.segment_scenes import run
 
 MEAN, STD = [600.0, 900.0, 800.0, 2800.0], [300.0, 400.0, 500.0, 1200.0]
 SIDECAR = {"bands": list(BAND_NAMES), "classes": list(CLASS_NAMES), "mean": MEAN, "std": STD}

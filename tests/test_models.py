@@ -11,10 +11,10 @@ import torch
 from conftest import LEGEND, make_random_checkpoint, run_config
 
 from geoseg.inference import InferenceSettings, Predictor, fuse_batch_norms
+from geoseg.jobs import RunError, run
 from geoseg.models import Checkpoint, available_architectures, build_model, load_checkpoint, save_checkpoint
 from geoseg.models.checkpoint import CheckpointError
 from geoseg.models.unet import UNet
-from pipelines.segment_scenes import RunError, run
 
 SMALL = {"unet": {"depth": 2, "base_width": 8}, "fcn": {"base_width": 8}, "segnet": {"base_width": 8}}
 

@@ -25,7 +25,7 @@ from distributed import Client
 from test_distributed import _spawn, _start_scheduler, _stop
 
 from geoseg import storage
-from pipelines.segment_scenes import run
+from geoseg.jobs import run
 
 REPO = Path(__file__).parent.parent
 BLOCK = "output.block_size=256"
@@ -223,8 +223,7 @@ def _closed_port() -> int:
 
 def test_export_and_change_of_runs_on_s3_write_their_layers_to_the_store(remote, local_reference, client2):
     from geoseg.config import ChangeConfig
-    from pipelines.change_detection import run_change
-    from pipelines.export_layers import export_run, run_config_of
+    from geoseg.jobs import export_run, run_change, run_config_of
 
     out = f"{remote['bucket']}/runs/for-export"
     cfg = run_config(

@@ -20,12 +20,12 @@ from geoseg import mosaic
 from geoseg.blocks import predict_task, work_order
 from geoseg.grid import OutputGrid, grid_from_scenes
 from geoseg.inference import InferenceSettings, Predictor
+from geoseg.jobs import run
 from geoseg.models.checkpoint import load_checkpoint
 from geoseg.scenes import open_scene
 from geoseg.segment import TilingSettings, predict_block
 from geoseg.synth import SceneSpec, write_scene
 from geoseg.tiling import iter_blocks
-from pipelines.segment_scenes import run
 
 
 def read_classes(out):

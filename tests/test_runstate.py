@@ -107,7 +107,7 @@ def test_a_run_refused_on_a_new_folder_leaves_the_holders_files_alone(tmp_path, 
     """Two runs start on a new OUT: the one that loses the lease must not remove what the holder wrote."""
     from conftest import run_config
 
-    from pipelines.segment_scenes import run
+    from geoseg.jobs import run
 
     out = tmp_path / "new"
     with Lease(out, "holder"):

@@ -16,10 +16,10 @@ import pytest
 from conftest import run_config
 from PIL import Image
 
+from geoseg.jobs import run
 from geoseg.maptiles import WEB_MERCATOR
 from geoseg.synth import SceneSpec, write_scene
 from geoseg.view import ViewServer
-from pipelines.segment_scenes import run
 
 
 def hex_rgb(color: str) -> tuple[int, int, int]:

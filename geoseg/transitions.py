@@ -1,6 +1,8 @@
-"""Batch job: two finished runs (two dates) -> change raster, change polygons, from-to matrix.
+"""The change stage on a cluster: two finished runs' mosaics -> change blocks in OUT/change.zarr,
+the from-to matrix (transitions.{csv,json,png}) and change polygons; :mod:`geoseg.change` holds
+the per-block maths.
 
-DIR/change.zarr         from_class, to_class, changed, transition (from*K + to), on run A's grid
+DIR/change.zarr          from_class, to_class, changed, transition (from*K + to), on run A's grid
 DIR/change_polygons.gpkg one polygon per contiguous change region (from_class, to_class, names, area_m2)
 DIR/transitions.{csv,json,png}  the from-to matrix in pixels and km2
 """
@@ -21,18 +23,18 @@ from rasterio.warp import reproject, transform_bounds
 
 from geoseg import change, mosaic, runstate, stac_item, storage, vectorize
 from geoseg.blending import NODATA
-from geoseg.blocks import MOSAIC_NAME
-from geoseg.cluster import dask_client
 from geoseg.config import ChangeConfig, VectorConfig
 from geoseg.grid import OutputGrid
+from geoseg.mosaic import CHANGE_STORE, MOSAIC_NAME
+from geoseg.polygons import stream_polygons
 from geoseg.progress import track
-from geoseg.runstate import Lease, RunError, prepare_output
+from geoseg.runstate import RunError, prepare_output
 from geoseg.tiling import Block, Span, iter_blocks
 from geoseg.vector_io import LayerWriter
-from pipelines.segment_scenes import stream_polygons
 
 log = logging.getLogger(__name__)
-CHANGE_STORE = "change.zarr"
+
+
 ARRAYS = ("from_class", "to_class", "changed", "transition")
 
 
@@ -124,21 +126,6 @@ def change_polygon_task(block: Block, out: str, grid: OutputGrid, vector: Vector
     return vectorize.polygonize_block(codes, block, grid.affine, grid.height, grid.width)
 
 
-def segment_dates(cfg: ChangeConfig, out: str) -> tuple[str, str]:
-    """Segment ``date_a`` and ``date_b`` into ``out/date_a`` and ``out/date_b`` with one run config."""
-    from geoseg.config import load_config
-    from pipelines.segment_scenes import run
-
-    runs = []
-    for name, scenes in (("date_a", cfg.date_a), ("date_b", cfg.date_b)):
-        run_cfg = load_config(cfg.run_config, [f"inputs={list(scenes)!r}", f"out={storage.join(out, name)!r}"])
-        result = run(run_cfg)
-        if not result.ok:
-            raise RunError(f"segmenting {name} failed: {result.failed_scenes or result.failed_blocks}")
-        runs.append(result.out)
-    return runs[0], runs[1]
-
-
 def change_fingerprint(run_a: str, run_b: str, cfg: ChangeConfig) -> str:
     """What determines the change pixels: both mosaics (by their own fingerprints) and the settings."""
     import hashlib
@@ -159,26 +146,6 @@ def check_overlap(a: OutputGrid, b: OutputGrid, run_a: str, run_b: str) -> None:
     bw, bs, be, bn = transform_bounds(b.crs, a.crs, *b.bounds)
     if bw >= ae or be <= aw or bs >= an or bn <= as_:
         raise RunError(f"{run_a} and {run_b} do not overlap: nothing to compare")
-
-
-def run_change(run_a: str, run_b: str, out: str, cfg: ChangeConfig, client: Client | None = None) -> ChangeResult:
-    """Change between two finished runs into ``out``, held by this run's lease throughout.
-
-    The two runs are not locked (several change jobs may read one run); that each is the same
-    finished run at the end as at the start is checked instead."""
-    run_a, run_b, out = (storage.absolute(loc) for loc in (run_a, run_b, out))
-    before = [runstate.read_finished_manifest(r)["run_id"] for r in (run_a, run_b)]
-    runstate.ensure_output_folder(out)
-    with Lease(out, runstate.new_run_id()):
-        if client is not None:
-            result = change_runs(run_a, run_b, out, cfg, client)
-        else:
-            with dask_client(cfg.cluster) as own:
-                result = change_runs(run_a, run_b, out, cfg, own)
-    for run, run_id in zip((run_a, run_b), before, strict=True):
-        if runstate.read_finished_manifest(run)["run_id"] != run_id:
-            raise RunError(f"{run}: was run again while the change was computed; compute the change again")
-    return result
 
 
 def change_runs(run_a: str, run_b: str, out: str, cfg: ChangeConfig, client: Client) -> ChangeResult:

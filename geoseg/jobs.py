@@ -1,0 +1,283 @@
+"""The batch jobs the CLI runs, each a short composition of the stages under OUT's lease:
+
+    run:       plan (headers) -> segmentation (block graph) -> polygons -> quicklook, manifest, item
+    export:    a finished run -> GIS layers (:mod:`geoseg.export`)
+    vectorize: a finished run -> its polygons again, with other vector settings
+    change:    two finished runs -> change store, matrix and polygons (:mod:`geoseg.transitions`)
+
+Each connects to (or starts) the cluster in the config unless it is given a client.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+from distributed import Client
+from pydantic import ValidationError
+
+from geoseg import mosaic, partials, runstate, stac_item, storage
+from geoseg.blocks import PARTIALS_DIR, has_classes, scene_layers
+from geoseg.cluster import dask_client, torch_threads_per_worker
+from geoseg.config import ChangeConfig, ConfigError, RunConfig, apply_overrides, format_validation_error, load_config
+from geoseg.export import ExportResult, export_layers
+from geoseg.inference import InferenceSettings
+from geoseg.manifest import BlockRecord, ModelRecord, RunManifest, SceneRecord, Summary, Timings
+from geoseg.mosaic import MOSAIC_NAME
+from geoseg.planning import RunPlan, plan_run
+from geoseg.polygons import blocks_with_classes, write_polygons
+from geoseg.quicklook import write_quicklook
+from geoseg.runstate import MANIFEST_NAME, Lease, RunError, prepare_output
+from geoseg.segmentation import empty_scenes, segment_blocks
+from geoseg.tiling import iter_blocks
+from geoseg.transitions import ChangeResult, change_runs
+
+log = logging.getLogger(__name__)
+
+QUICKLOOK_NAME = "quicklook.png"
+__all__ = ["ChangeResult", "ExportResult", "RunError", "RunResult", "export_run", "run", "run_change", "vectorize_run"]
+
+
+@dataclass
+class RunResult:
+    out: str
+    mosaic: str
+    polygons: str | None
+    manifest: str
+    failed_scenes: dict[str, str] = field(default_factory=dict)
+    failed_blocks: dict[str, str] = field(default_factory=dict)
+    quicklook: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed_scenes and not self.failed_blocks
+
+
+def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
+    """Run the whole job; connects to (or starts) the cluster from ``cfg.cluster`` unless given one.
+
+    The run holds OUT's lease from before its first write to the end (a second run on OUT is
+    refused), and its manifest says ``running`` until every block is committed and the polygons
+    are written. A run that fails before committing a block removes the OUT it created.
+    """
+    plan = plan_run(cfg)
+    created = runstate.ensure_output_folder(plan.out)
+    with Lease(plan.out, runstate.new_run_id()) as lease:
+        try:
+            if client is not None:
+                return execute(plan, client, lease)
+            with dask_client(cfg.cluster) as own:
+                return execute(plan, own, lease)
+        except Exception:
+            # still ours (the lease is held): nothing of value is lost
+            if created and not lease.lost_reason and not runstate.committed_blocks(plan.out):
+                storage.delete_tree(plan.out)
+            raise
+
+
+def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
+    """The run of ``plan`` on ``client``, holding OUT's ``lease``."""
+    t0 = time.perf_counter()
+    cfg, out, ckpt, grid, scenes, legend = plan.cfg, plan.out, plan.ckpt, plan.grid, plan.scenes, plan.legend
+    failed_scenes = dict(plan.failed_scenes)
+    reused = prepare_output(out, plan.fingerprint, cfg.output.overwrite, MOSAIC_NAME)
+    runstate.mark_running(out, lease.run_id, plan.fingerprint, len(plan.blocks))
+    mosaic_path = storage.join(out, MOSAIC_NAME)
+    if not reused:
+        colors = {int(c["id"]): c.get("color", "#808080") for c in ckpt.classes}
+        mosaic.create_mosaic(
+            mosaic_path,
+            grid,
+            cfg.output.block_size,
+            legend,
+            colors,
+            attrs={"model_sha256": ckpt.sha256, "fingerprint": plan.fingerprint},
+            zarr_format=cfg.output.zarr_format,
+        )
+    settings = InferenceSettings(
+        storage.absolute(ckpt.path),
+        cfg.model.batch_size,
+        cfg.model.device,
+        cfg.model.amp,
+        cfg.model.torch_threads or torch_threads_per_worker(cfg.cluster),
+        cfg.model.compile,
+    )
+    blocks = plan.blocks
+    layers = {
+        b.key: scene_layers(b, scenes, plan.footprints, plan.tiling.tile_size, cfg.output.mosaic_rule) for b in blocks
+    }
+    # Blocks no scene reaches with data (outside every footprint, or where a sparse file has no
+    # block) are nodata already in the store: no task at all.
+    empty = {key for key, scene_sets in layers.items() if not scene_sets}
+    todo = [b for b in blocks if reused.get(b.key, {}).get("status") != "done" and b.key not in empty]
+    log.info(
+        "%d scenes, grid %d x %d px, %d blocks (%d reused, %d without data)",
+        len(scenes),
+        grid.width,
+        grid.height,
+        len(blocks),
+        len(reused),
+        len(empty),
+    )
+    block_records = {k: {**v, "reused": True} for k, v in reused.items() if v.get("status") == "done"}
+    block_records.update(segment_blocks(client, blocks, todo, layers, plan, settings, lease, ckpt.n_classes))
+    t_segment = time.perf_counter() - t0
+    failed_blocks = {k: v["error"] for k, v in block_records.items() if v["status"] != "done"}
+    unused = []
+    for scene, reason in empty_scenes(scenes, block_records).items():
+        if reason is None:
+            unused.append(scene)
+        else:
+            log.error("scene %s: %s", scene, reason)
+            failed_scenes[scene] = reason
+    for key, err in failed_blocks.items():
+        log.error("block %s failed: %s", key, err)
+    if not failed_blocks:  # every reader is done: what a lost worker may have left goes too
+        partials.remove_block(storage.join(out, PARTIALS_DIR))
+
+    computed = [r for r in block_records.values() if r["status"] == "done" and not r.get("reused")]
+    forward_s = sum(r.get("forward_s", 0.0) for r in computed)
+    task_s = sum(r["seconds"] for r in computed)
+    if task_s:
+        log.info(
+            "forward passes: %.0f %% of the blocks' worker time (%.1f of %.1f s)",
+            100 * forward_s / task_s,
+            forward_s,
+            task_s,
+        )
+
+    polygons_path = None
+    t_vec = 0.0
+    if cfg.output.polygons:
+        t1 = time.perf_counter()
+        with_classes = [b for b in blocks if has_classes(block_records.get(b.key))]
+        polygons_path = write_polygons(client, with_classes, grid, out, legend, cfg.vector)
+        t_vec = time.perf_counter() - t1
+
+    quicklook = write_quicklook(mosaic_path, storage.join(out, QUICKLOOK_NAME))
+    lease.check()
+    manifest_loc = storage.join(out, MANIFEST_NAME)
+    result = RunResult(out, mosaic_path, polygons_path, manifest_loc, failed_scenes, failed_blocks, quicklook)
+    manifest = RunManifest(
+        status=runstate.INCOMPLETE if failed_blocks else runstate.FINISHED,
+        run_id=lease.run_id,
+        geoseg_version=_version(),
+        inputs=list(cfg.inputs),
+        scenes=[
+            SceneRecord(path=s.path, status="unused" if s.path in unused else "ok", acquired=s.acquired)
+            for s in scenes
+            if s.path not in failed_scenes
+        ]
+        + [SceneRecord(path=p, status="failed", error=r) for p, r in failed_scenes.items()],
+        model=ModelRecord(checkpoint=ckpt.path, sha256=ckpt.sha256, arch=ckpt.arch, bands=ckpt.bands),
+        config=cfg.model_dump(mode="json"),
+        fingerprint=plan.fingerprint,
+        grid={**asdict(grid), "bounds": grid.bounds, "epsg": grid.crs.to_epsg()},
+        blocks={k: BlockRecord.model_validate(v) for k, v in sorted(block_records.items())},
+        summary=Summary(
+            blocks=len(blocks),
+            computed=len(todo),
+            reused=len(reused),
+            without_data=len(empty),
+            failed_blocks=len(failed_blocks),
+            failed_scenes=len(failed_scenes),
+            tiles=sum(int(r.get("tiles", 0)) for r in block_records.values()),
+        ),
+        timings=Timings(
+            forward_s=round(forward_s, 3),
+            model_share=round(forward_s / task_s, 3) if task_s else None,
+            segment_s=round(t_segment, 3),
+            vectorize_s=round(t_vec, 3),
+            total_s=round(time.perf_counter() - t0, 3),
+        ),
+        outputs={"mosaic": mosaic_path, "polygons": polygons_path, "quicklook": quicklook},
+    )
+    record = manifest.model_dump(mode="json")
+    runstate.write_manifest(out, record)
+    outputs = [mosaic_path, polygons_path, quicklook, manifest_loc]
+    stac_item.write_item(
+        out,
+        stac_item.run_item(
+            out, record, legend, mosaic.read_colors(mosaic_path), [storage.name(loc) for loc in outputs if loc]
+        ),
+    )
+    return result
+
+
+def run_config_of(out: str, overrides: list[str]) -> RunConfig:
+    """The config a finished run recorded in its manifest, with ``--set`` overrides applied;
+    an unfinished run is a ``RunError`` saying what is missing."""
+    data = runstate.read_finished_manifest(out)["config"]
+    try:
+        return RunConfig.model_validate(apply_overrides(data, overrides))
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, "--set")) from None
+
+
+def export_run(out: str, cfg: RunConfig, client: Client | None = None) -> ExportResult:
+    """Write every layer of a finished run in ``out``, holding its lease (no run may write it meanwhile)."""
+    out = storage.absolute(out)
+    runstate.read_finished_manifest(out)  # before a lease is taken on what is not a run
+    with Lease(out, runstate.new_run_id()):
+        manifest = runstate.read_finished_manifest(out)  # again, now that no run can change it
+        if client is not None:
+            return export_layers(out, cfg, client, manifest)
+        with dask_client(cfg.cluster) as own:
+            return export_layers(out, cfg, own, manifest)
+
+
+def run_change(run_a: str, run_b: str, out: str, cfg: ChangeConfig, client: Client | None = None) -> ChangeResult:
+    """Change between two finished runs into ``out``, held by this run's lease throughout.
+
+    The two runs are not locked (several change jobs may read one run); that each is the same
+    finished run at the end as at the start is checked instead."""
+    run_a, run_b, out = (storage.absolute(loc) for loc in (run_a, run_b, out))
+    before = [runstate.read_finished_manifest(r)["run_id"] for r in (run_a, run_b)]
+    runstate.ensure_output_folder(out)
+    with Lease(out, runstate.new_run_id()):
+        if client is not None:
+            result = change_runs(run_a, run_b, out, cfg, client)
+        else:
+            with dask_client(cfg.cluster) as own:
+                result = change_runs(run_a, run_b, out, cfg, own)
+    for run, run_id in zip((run_a, run_b), before, strict=True):
+        if runstate.read_finished_manifest(run)["run_id"] != run_id:
+            raise RunError(f"{run}: was run again while the change was computed; compute the change again")
+    return result
+
+
+def segment_dates(cfg: ChangeConfig, out: str) -> tuple[str, str]:
+    """Segment ``date_a`` and ``date_b`` into ``out/date_a`` and ``out/date_b`` with one run config."""
+    runs = []
+    for name, scenes in (("date_a", cfg.date_a), ("date_b", cfg.date_b)):
+        run_cfg = load_config(cfg.run_config, [f"inputs={list(scenes)!r}", f"out={storage.join(out, name)!r}"])
+        result = run(run_cfg)
+        if not result.ok:
+            raise RunError(f"segmenting {name} failed: {result.failed_scenes or result.failed_blocks}")
+        runs.append(result.out)
+    return runs[0], runs[1]
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("geoseg")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def vectorize_run(out: str, cfg: RunConfig, client: Client | None = None) -> str:
+    """A finished run's polygons written again (e.g. with another ``vector.mmu_pixels``), holding its lease."""
+    out = storage.absolute(out)
+    with Lease(out, runstate.new_run_id()):
+        manifest = runstate.read_finished_manifest(out)  # again, now that no run can change it
+        store = storage.join(out, MOSAIC_NAME)
+        grid = mosaic.read_grid(store)
+        size = cfg.output.block_size
+        blocks = blocks_with_classes(manifest, size, list(iter_blocks(grid.height, grid.width, size)))
+        if client is not None:
+            return write_polygons(client, blocks, grid, out, mosaic.read_legend(store), cfg.vector)
+        with dask_client(cfg.cluster) as own:
+            return write_polygons(own, blocks, grid, out, mosaic.read_legend(store), cfg.vector)

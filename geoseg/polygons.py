@@ -1,0 +1,115 @@
+"""The polygon stage on a cluster: each block polygonized on the workers, the pieces cut by block
+edges merged there too, and the client writing layers as they arrive (:mod:`geoseg.vectorize`
+holds the maths)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import geopandas as gpd
+from distributed import Client, as_completed
+
+from geoseg import storage, vectorize
+from geoseg.blocks import has_classes, polygonize_task
+from geoseg.config import VectorConfig
+from geoseg.grid import OutputGrid
+from geoseg.progress import track
+from geoseg.tiling import Block
+from geoseg.vector_io import LayerWriter
+
+log = logging.getLogger(__name__)
+
+
+POLYGONS_NAME = "polygons.gpkg"
+
+
+MERGE_GROUPS = 8  # tasks that merge the pieces cut by block edges, classes shared out by id
+
+
+def stream_polygons(
+    client: Client,
+    blocks: list[Block],
+    grid: OutputGrid,
+    out: str,
+    legend: dict[int, str],
+    writers: list[tuple[LayerWriter, str | None]],
+    vector: VectorConfig,
+    task: Callable[..., vectorize.BlockPolygons] | None = None,
+    finish: Callable[[gpd.GeoDataFrame], gpd.GeoDataFrame] | None = None,
+) -> int:
+    """Polygonize per block on the workers and write polygons as blocks finish; returns the polygon count.
+
+    All the work is the workers': each block's polygons, their rows, and the merge of the
+    pieces cut by block edges (one task per group of classes, ``MERGE_GROUPS`` at most). The
+    client only writes: a block's finished polygons at once, in block order (so reruns give
+    the same file), then the merged ones group by group. Each writer gets the polygons in the
+    mosaic CRS, or reprojected to the CRS paired with it. ``task(block, out, grid, vector)``
+    polygonizes a block (default: the class mosaic's); ``finish`` adapts each batch's columns
+    before it is written.
+    """
+    stamp = time.time_ns()
+    task = task or polygonize_task
+    crs, tolerance = grid.crs_wkt, vector.simplify_tolerance
+    parts = [client.submit(task, b, str(out), grid, vector, key=f"polygonize-{b.key}-{stamp}") for b in blocks]
+    finals = [
+        client.submit(vectorize.final_layer, part, crs, legend, tolerance, key=f"polygons-{b.key}-{stamp}")
+        for b, part in zip(blocks, parts, strict=True)
+    ]
+    # fixed, not from the cluster's size: with simplification, a group is simplified as a batch
+    groups = max(1, min(len(legend), MERGE_GROUPS))
+    merged = []
+    for g in range(groups):
+        pieces = [
+            client.submit(vectorize.edge_pieces, part, groups, g, key=f"edge-pieces-{g}-{b.key}-{stamp}")
+            for b, part in zip(blocks, parts, strict=True)
+        ]
+        merged.append(
+            client.submit(
+                vectorize.merged_layer, grid.affine, crs, legend, tolerance, *pieces, key=f"merged-polygons-{g}-{stamp}"
+            )
+        )
+    del parts  # the workers drop each block's pieces once nothing needs them
+    order = {fut.key: i for i, fut in enumerate(finals + merged)}
+    ready: dict[int, gpd.GeoDataFrame] = {}
+    next_layer = 0
+    count = 0
+    for fut in track(as_completed(finals + merged), total=len(order), description="vectorizing blocks"):
+        ready[order[fut.key]] = fut.result()
+        fut.release()
+        while next_layer in ready:
+            gdf = ready.pop(next_layer)
+            next_layer += 1
+            if finish is not None:
+                gdf = finish(gdf)
+            for writer, to_crs in writers:
+                writer.write(gdf if to_crs is None else gdf.to_crs(to_crs))
+            count += len(gdf)
+    for writer, _ in writers:
+        writer.close()
+    return count
+
+
+def write_polygons(
+    client: Client,
+    blocks: list[Block],
+    grid: OutputGrid,
+    out: str,
+    legend: dict[int, str],
+    vector: VectorConfig,
+) -> str:
+    """The run's polygons as one GeoPackage layer."""
+    path = storage.join(out, POLYGONS_NAME)
+    count = stream_polygons(client, blocks, grid, out, legend, [(LayerWriter(path, grid.crs_wkt), None)], vector)
+    log.info("%d polygons -> %s", count, path)
+    return path
+
+
+def blocks_with_classes(manifest: dict, block_size: int, blocks: list[Block]) -> list[Block]:
+    """The blocks (of ``block_size``) a finished run's manifest says hold a class: the others have
+    no polygon. Blocks of another size than the run's cannot be told apart: all of them."""
+    if manifest.get("config", {}).get("output", {}).get("block_size") != block_size:
+        return blocks
+    records = manifest.get("blocks", {})
+    return [b for b in blocks if has_classes(records.get(b.key))]

@@ -1,0 +1,124 @@
+"""The segmentation stage on a cluster: every block's two steps (:mod:`geoseg.blocks`) as one
+Dask graph, their records collected as blocks finish, and partial results dropped once read."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+from distributed import Client, as_completed
+
+from geoseg import partials, storage
+from geoseg.blocks import PARTIALS_DIR, block_graph, finish_task, predict_task, work_order
+from geoseg.inference import InferenceSettings
+from geoseg.planning import RunPlan
+from geoseg.progress import track
+from geoseg.runstate import Lease, RunError
+from geoseg.scenes import SceneInfo
+from geoseg.tiling import Block, reaching_blocks
+
+
+def worker_slots(client: Client, resources: dict[str, float] | None) -> dict[str, int]:
+    """How many step-1 tasks each worker runs at once: its threads, or its units of ``resources``."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    if not resources:
+        return {addr: w["nthreads"] for addr, w in workers.items()}
+    return {
+        addr: min(int(w.get("resources", {}).get(name, 0) // need) for name, need in resources.items())
+        for addr, w in workers.items()
+    }
+
+
+def segment_blocks(
+    client: Client,
+    blocks: list[Block],
+    todo: list[Block],
+    layers: dict[str, dict[str, list[SceneInfo]]],
+    plan: RunPlan,
+    settings: InferenceSettings,
+    lease: Lease,
+    n_classes: int,
+) -> dict[str, dict[str, Any]]:
+    """Step 1 and step 2 of every block in ``todo`` on the cluster; returns their records.
+
+    Every task is submitted at once and Dask places them: step 1 for the blocks to do and the
+    blocks whose tiles reach them, with priorities in :func:`work_order`, and each block's step 2
+    right after the last step 1 it needs, so only about one row of blocks has partial results
+    in the store at any time; a partial is deleted once every block that reads it is finished.
+    Dask's queuing hands step 1 to worker threads as they free up, and to workers that join a
+    running job at once. It does not queue tasks that ask for a GPU resource: it places those
+    on the GPU workers there are. An own hand-out loop was no more than 2 % faster at 32 blocks
+    per worker thread (benchmarks/README.md). ``layers`` are the scenes each block composites
+    (:func:`geoseg.blocks.scene_layers`); a block without any has no valid pixel within a tile
+    of it: its tiles add no votes anywhere, so it is neither computed nor read. Task keys hold
+    the run's id (runs sharing a scheduler never share a task).
+    """
+    grid, tiling, out, cfg = plan.grid, plan.tiling, plan.out, plan.cfg
+    empty = {key for key, scene_sets in layers.items() if not scene_sets}
+    by_index = {(b.row, b.col): b for b in blocks}
+    order = {b.key: n for n, b in enumerate(work_order(blocks, grid, tiling))}
+    tg, sup, size = tiling.grid, tiling.support, tiling.block_size
+    reach = {  # the block itself first: its step 1 holds the interior
+        b.key: [b]
+        + [
+            by_index[(r, c)]
+            for r in reaching_blocks(tg, b.row, size, grid.height, sup)
+            for c in reaching_blocks(tg, b.col, size, grid.width, sup)
+            if (r, c) != (b.row, b.col) and by_index[(r, c)].key not in empty
+        ]
+        for b in todo
+    }
+    needed = sorted({n.key: n for b in todo for n in reach[b.key]}.values(), key=lambda n: order[n.key])
+    readers: dict[str, int] = {}
+    for b in todo:
+        for n in reach[b.key]:
+            readers[n.key] = readers.get(n.key, 0) + 1
+    tag = f"{plan.fingerprint}-{lease.run_id}"
+    resources = {"GPU": 1} if cfg.cluster.gpu_resource else None
+    slots = worker_slots(client, resources)
+    if resources and slots and not any(slots.values()):  # the blocks would wait forever
+        raise RunError(
+            f"cluster.gpu_resource is set, but none of the cluster's {len(slots)} workers declares a GPU: "
+            "start them with `dask worker ... --resources GPU=1`"
+        )
+
+    predict = partial(
+        predict_task, grid=grid, tiling=tiling, settings=settings, out=str(out), read_threads=cfg.cluster.read_threads
+    )
+    finish = partial(finish_task, n_classes=n_classes, out=str(out), run_id=lease.run_id)
+    graph = block_graph(needed, todo, reach, order, layers, predict, finish, tag, resources)
+    # One submission: the scheduler sees every step 1 at once and queues them (it assigns the
+    # first few of a group submitted task by task before it knows the group is large).
+    step2 = client.compute(graph, optimize_graph=False)
+
+    records: dict[str, dict[str, Any]] = {}
+    for fut in track(as_completed(step2), total=len(todo), description="segmenting blocks"):
+        lease.check()
+        rec = fut.result()
+        key = rec.pop("block")
+        records[key] = rec
+        fut.release()
+        for n in reach[key]:
+            readers[n.key] -= 1
+            if readers[n.key] == 0:
+                partials.remove_block(storage.join(out, PARTIALS_DIR, n.key))
+    return records
+
+
+def empty_scenes(scenes: list[SceneInfo], records: dict[str, dict]) -> dict[str, str | None]:
+    """Scenes that gave no pixel: all nodata (an error), or never read as earlier scenes covered them (None)."""
+    valid: dict[str, int] = {}
+    filled: dict[str, int] = {}
+    for rec in records.values():
+        for path, (n_valid, n_filled) in rec.get("scene_valid_pixels", {}).items():
+            valid[path] = valid.get(path, 0) + n_valid
+            filled[path] = filled.get(path, 0) + n_filled
+    if any(rec.get("status") == "done" and "scene_valid_pixels" not in rec for rec in records.values()):
+        return {}  # blocks from an older run carry no counts: no verdict
+    verdicts: dict[str, str | None] = {}
+    for s in scenes:
+        if s.path in valid and valid[s.path] == 0:
+            verdicts[s.path] = "all pixels are nodata"
+        elif filled.get(s.path, 0) == 0:
+            verdicts[s.path] = None
+    return verdicts
