@@ -12,7 +12,9 @@ writes an object only if absent (``create``), which the run's lease needs. Crede
 endpoints come from the cloud tools' own environment variables (``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``, ``AWS_ENDPOINT_URL``, ``GOOGLE_APPLICATION_CREDENTIALS``,
 ``AZURE_STORAGE_ACCOUNT_NAME``/``AZURE_STORAGE_ACCOUNT_KEY``, ...), read by obstore and by GDAL;
-:func:`gdal_settings` translates what GDAL does not take as is (``AWS_ENDPOINT_URL``).
+:func:`gdal_settings` translates what GDAL does not take as is: ``AWS_ENDPOINT_URL``,
+``GOOGLE_BASE_URL`` and ``GOOGLE_SKIP_SIGNATURE`` (a GCS emulator), ``AZURE_STORAGE_ENDPOINT``
+and ``AZURE_STORAGE_USE_EMULATOR``/``AZURITE_BLOB_STORAGE_URL`` (Azurite).
 
 On an object store, an object is written whole or not at all; where a local writer renames a
 finished file into place, the remote one writes the object that commits a result last.
@@ -50,6 +52,8 @@ GDAL_PREFIX = {
     "https": "/vsicurl/",
 }
 READ_ONLY = frozenset({"http", "https"})
+AZURE_SCHEMES = frozenset({"az", "azure", "abfs", "abfss"})
+GCS_SCHEMES = frozenset({"gs", "gcs"})
 SECRET_VARIABLES = (
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
@@ -138,11 +142,38 @@ def redact(text: str) -> str:
 # ---------------------------------------------------------------- object stores
 
 
-def _client_options() -> dict[str, Any]:
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+AZURITE_ACCOUNT = "devstoreaccount1"  # the Azure Storage emulator's own account
+# Azurite's documented, public development key (not a secret): the emulator accepts only it.
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+def _true(value: str | None) -> bool:
+    return (value or "").lower() in ("1", "true", "yes")
+
+
+def _azure_emulator(env: Any) -> bool:
+    return _true(env.get("AZURE_STORAGE_USE_EMULATOR"))
+
+
+def _endpoint(kind: str, env: Any) -> str:
+    """The custom endpoint the environment names for a store scheme ('' for the cloud's own)."""
+    if kind == "s3":
+        return env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or ""
+    if kind in GCS_SCHEMES:
+        return env.get("GOOGLE_BASE_URL") or ""
+    if kind in AZURE_SCHEMES:
+        if _azure_emulator(env):
+            return env.get("AZURITE_BLOB_STORAGE_URL") or "http://127.0.0.1:10000"
+        return env.get("AZURE_STORAGE_ENDPOINT") or env.get("AZURE_ENDPOINT") or ""
+    return ""
+
+
+def _client_options(kind: str) -> dict[str, Any]:
     # An endpoint that does not answer is reported within seconds, not after minutes of retries.
     options: dict[str, Any] = {"connect_timeout": "10s"}
-    if endpoint.startswith("http://"):
+    # obstore's own *_ALLOW_HTTP variables are not read once options are given: an emulator or an
+    # S3-compatible server on plain http must be allowed here.
+    if kind in READ_ONLY or _endpoint(kind, os.environ).startswith("http://"):
         options["allow_http"] = True
     return options
 
@@ -155,8 +186,17 @@ def _store(root: str):
     """The obstore store of a bucket or container (``s3://bucket``) or of an HTTP server."""
     from obstore.store import from_url
 
-    options = {**_client_options(), "allow_http": True} if scheme(root) in READ_ONLY else _client_options()
-    return from_url(root, client_options=options, retry_config=RETRIES)
+    kind = scheme(root)
+    config = {}
+    if kind in AZURE_SCHEMES and "@" not in root:
+        # Named in the config, not only in the environment: obstore's Azure store cannot even
+        # describe itself (in an error message) without it.
+        account = os.environ.get("AZURE_STORAGE_ACCOUNT_NAME") or (
+            AZURITE_ACCOUNT if _azure_emulator(os.environ) else None
+        )
+        if account:
+            config["account_name"] = account
+    return from_url(root, config=config or None, client_options=_client_options(kind), retry_config=RETRIES)
 
 
 def _split(loc: str) -> tuple[Any, str]:
@@ -368,7 +408,8 @@ def create(loc: str, data: bytes) -> bool:
 
 
 def read_versioned(loc: str) -> tuple[bytes, str | None]:
-    """An object's bytes and its version tag (ETag), for :func:`replace_if`; a local file has no tag."""
+    """An object's bytes and its version tag (ETag; GCS: generation), for :func:`replace_if`; a
+    local file has no tag."""
     if not is_url(loc):
         return read_bytes(loc), None
     import obstore
@@ -376,7 +417,9 @@ def read_versioned(loc: str) -> tuple[bytes, str | None]:
     store, key = _split(loc)
     try:
         result = obstore.get(store, key)
-        return bytes(result.bytes()), result.meta.get("e_tag")
+        # GCS conditions a write on the object's generation, the other stores on its ETag
+        tag = result.meta.get("version") if scheme(loc) in GCS_SCHEMES else result.meta.get("e_tag")
+        return bytes(result.bytes()), tag
     except Exception as exc:
         raise _remote_error(loc, exc) from None
 
@@ -389,7 +432,7 @@ def replace_if(loc: str, data: bytes, version: str) -> bool:
     _writable(loc)
     store, key = _split(loc)
     try:
-        obstore.put(store, key, data, mode={"e_tag": version})
+        obstore.put(store, key, data, mode={"version": version} if scheme(loc) in GCS_SCHEMES else {"e_tag": version})
         return True
     except Exception as exc:
         if type(exc).__name__ in ("PreconditionError", "NotFoundError") or isinstance(exc, FileNotFoundError):
@@ -561,6 +604,21 @@ def gdal_settings(environ: dict[str, str] | None = None) -> dict[str, str]:
     ):
         if env.get(theirs) and gdals not in env:
             settings[gdals] = env[theirs]
+    azure = _endpoint("az", env)
+    if azure and "AZURE_STORAGE_CONNECTION_STRING" not in env:
+        # GDAL takes a custom blob endpoint (Azurite, a sovereign cloud) only in a connection string
+        account = env.get("AZURE_STORAGE_ACCOUNT_NAME") or env.get("AZURE_STORAGE_ACCOUNT") or AZURITE_ACCOUNT
+        key = env.get("AZURE_STORAGE_ACCOUNT_KEY") or env.get("AZURE_STORAGE_ACCESS_KEY") or AZURITE_KEY
+        blob = azure.rstrip("/") + (f"/{account}" if _azure_emulator(env) else "")
+        protocol = urlsplit(blob).scheme or "https"
+        settings["AZURE_STORAGE_CONNECTION_STRING"] = (
+            f"DefaultEndpointsProtocol={protocol};AccountName={account};AccountKey={key};BlobEndpoint={blob};"
+        )
+    google = _endpoint("gs", env)
+    if google:  # a GCS emulator or proxy: GDAL's name for it, which must end in a slash
+        settings["CPL_GS_ENDPOINT"] = google.rstrip("/") + "/"
+    if _true(env.get("GOOGLE_SKIP_SIGNATURE")):
+        settings["GS_NO_SIGN_REQUEST"] = "YES"
     return {k: v for k, v in settings.items() if k not in env}
 
 

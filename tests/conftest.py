@@ -1,9 +1,10 @@
-"""Shared fixtures: real GeoTIFFs on disk, real checkpoints, a real Dask LocalCluster, and a real
-S3-compatible server (moto's server mode) on 127.0.0.1."""
+"""Shared fixtures: real GeoTIFFs on disk, real checkpoints, a real Dask LocalCluster, a real
+S3-compatible server (moto's server mode) and Azure's storage emulator (Azurite) on 127.0.0.1."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -29,6 +30,12 @@ os.environ.update(
     AWS_REGION="us-east-1",
     AWS_ENDPOINT_URL=S3_ENDPOINT,
 )
+# Azure the way Azure's tools name the emulator (geoseg derives GDAL's connection string from it)
+AZURE_PORT = _free_port()
+AZURE_ENDPOINT = f"http://127.0.0.1:{AZURE_PORT}"
+os.environ.update(AZURE_STORAGE_USE_EMULATOR="true", AZURITE_BLOB_STORAGE_URL=AZURE_ENDPOINT)
+AZURITE_VERSION = "3.37.0"
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -164,6 +171,63 @@ def s3_server(tmp_path_factory):
     yield S3_ENDPOINT
     proc.terminate()
     proc.wait(timeout=30)
+
+
+def _azurite_command() -> str:
+    """Azurite's blob server, installed from the npm registry into .cache/ on first use."""
+    found = shutil.which("azurite-blob")
+    if found:
+        return found
+    local = REPO_ROOT / ".cache" / "azurite"
+    command = local / "node_modules" / ".bin" / "azurite-blob"
+    if not command.exists():
+        if not shutil.which("npm"):
+            pytest.skip("Azurite (Azure's storage emulator) needs node and npm")
+        subprocess.run(
+            ["npm", "install", "--prefix", str(local), "--no-audit", "--no-fund", f"azurite@{AZURITE_VERSION}"],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
+    return str(command)
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory):
+    """Azurite's blob service on 127.0.0.1 (the endpoint the environment names); yields its URL."""
+    log = tmp_path_factory.mktemp("azurite") / "azurite.log"
+    command = [_azurite_command(), "--blobHost", "127.0.0.1", "--blobPort", str(AZURE_PORT)]
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(
+            [
+                *command,
+                "--inMemoryPersistence",
+                "--extentMemoryLimit",
+                "256",
+                "--disableTelemetry",
+                "--skipApiVersionCheck",
+            ],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.time() + 60
+    while "successfully listens" not in log.read_text():
+        if time.time() > deadline or proc.poll() is not None:
+            raise RuntimeError(f"azurite did not start: {log.read_text()}")
+        time.sleep(0.2)
+    yield AZURE_ENDPOINT
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def container(azurite) -> str:
+    """A fresh container on Azurite; yields ``az://NAME``."""
+    from azure.storage.blob import BlobServiceClient
+
+    name = f"geoseg-{os.getpid()}"
+    BlobServiceClient.from_connection_string(os.environ["AZURE_STORAGE_CONNECTION_STRING"]).create_container(name)
+    return f"az://{name}"
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
-"""Scenes, checkpoint and outputs on an S3-compatible store (moto's server on 127.0.0.1), with no
-disk shared between the workers: the results must be those of the same run on local disk."""
+"""Scenes, checkpoint and outputs on an S3-compatible store (moto's server on 127.0.0.1) and on
+Azure Blob Storage (Azurite on 127.0.0.1), with no disk shared between the workers: the results
+must be those of the same run on local disk."""
 
 from __future__ import annotations
 
@@ -309,12 +310,13 @@ def test_local_sidecar_files_are_still_read(tmp_path):
         assert (src.transform.c, src.transform.f) == (500000.0, 5200000.0)
 
 
-def test_the_lease_on_a_store_refuses_a_second_run_and_only_one_taker_replaces_a_stale_one(remote):
+@pytest.mark.parametrize("store", ["bucket", "container"])
+def test_the_lease_on_a_store_refuses_a_second_run_and_only_one_taker_replaces_a_stale_one(store, request):
     from dataclasses import asdict, replace
 
     from geoseg.runstate import Lease, RunError, read_lease
 
-    out = f"{remote['bucket']}/runs/leased"
+    out = f"{request.getfixturevalue(store)}/runs/leased"
     with Lease(out, "first", heartbeat_s=0.1):
         with pytest.raises(RunError, match="is in use by another geoseg run"):
             Lease(out, "second").acquire()
@@ -332,3 +334,42 @@ def test_the_lease_on_a_store_refuses_a_second_run_and_only_one_taker_replaces_a
     b_lease = Lease(out, "b")
     with pytest.raises(RunError, match="is in use"):  # a's lease is fresh: b is refused
         b_lease.acquire()
+
+
+def test_a_run_on_azure_blob_storage_equals_the_local_run(
+    container, scene_1000x700, random_checkpoint, local_reference, client2, caplog
+):
+    """az:// scene, checkpoint and OUT; the scene read again as abfs:// (GDAL's /vsiadls/)."""
+    cog = scene_1000x700[0].with_name("scene_cog_azure.tif")
+    rasterio.shutil.copy(scene_1000x700[0], cog, driver="COG")
+    scene, checkpoint = f"{container}/scenes/scene.tif", f"{container}/models/random.safetensors"
+    storage.write_bytes(scene, cog.read_bytes())
+    storage.write_bytes(checkpoint, random_checkpoint.read_bytes())
+    out = f"{container}/runs/one"
+    cfg = run_config(
+        Path("unused"), [], Path("unused"), BLOCK, f"model.checkpoint={checkpoint}",
+        f"inputs=[{scene!r}]", f"out={out!r}",
+    )  # fmt: skip
+    result = run(cfg, client2)
+    assert result.ok, (result.failed_scenes, result.failed_blocks)
+    got = xr.open_zarr(storage.zarr_store(f"{out}/mosaic.zarr", read_only=True))
+    want = xr.open_zarr(local_reference / "mosaic.zarr")
+    assert got.rio.crs == want.rio.crs and got.rio.transform() == want.rio.transform()
+    np.testing.assert_array_equal(got["classes"].values, want["classes"].values)
+    np.testing.assert_array_equal(got["confidence"].values, want["confidence"].values)
+    with storage.local_copy(f"{out}/polygons.gpkg") as gpkg:
+        polygons = gpd.read_file(gpkg)
+    reference = gpd.read_file(local_reference / "polygons.gpkg")
+    assert len(polygons) == len(reference) > 0 and area_per_class(polygons) == area_per_class(reference)
+    manifest = json.loads(storage.read_text(f"{out}/manifest.json"))
+    assert manifest["status"] == "finished" and manifest["scenes"][0]["path"] == scene
+    assert storage.exists(f"{out}/quicklook.png") and storage.exists(f"{out}/item.json")
+    key = os.environ["AZURE_STORAGE_CONNECTION_STRING"].split("AccountKey=")[1].split(";")[0]
+    assert key not in json.dumps(manifest) and key not in caplog.text
+    with storage.open_raster(scene.replace("az://", "abfs://")) as src, rasterio.open(cog) as ref:
+        assert src.crs == ref.crs and src.transform == ref.transform
+        np.testing.assert_array_equal(
+            src.read(window=((100, 300), (200, 500))), ref.read(window=((100, 300), (200, 500)))
+        )
+    with pytest.raises(storage.StorageError, match=f"{container}/scenes/missing.tif"):
+        storage.read_bytes(f"{container}/scenes/missing.tif")
