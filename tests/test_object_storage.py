@@ -373,3 +373,28 @@ def test_a_run_on_azure_blob_storage_equals_the_local_run(
         )
     with pytest.raises(storage.StorageError, match=f"{container}/scenes/missing.tif"):
         storage.read_bytes(f"{container}/scenes/missing.tif")
+
+
+def test_gdal_gets_the_endpoints_the_cloud_tools_variables_name():
+    s3 = storage.gdal_settings({"AWS_ENDPOINT_URL": "http://minio.local:9000", "AWS_REGION": "eu-central-1"})
+    assert (s3["AWS_S3_ENDPOINT"], s3["AWS_HTTPS"], s3["AWS_VIRTUAL_HOSTING"]) == ("minio.local:9000", "NO", "FALSE")
+    assert s3["AWS_DEFAULT_REGION"] == "eu-central-1"
+    gcs = storage.gdal_settings({"GOOGLE_BASE_URL": "http://127.0.0.1:4443", "GOOGLE_SKIP_SIGNATURE": "true"})
+    assert gcs["CPL_GS_ENDPOINT"] == "http://127.0.0.1:4443/" and gcs["GS_NO_SIGN_REQUEST"] == "YES"
+    azure = storage.gdal_settings(
+        {
+            "AZURE_STORAGE_ACCOUNT_NAME": "acct",
+            "AZURE_STORAGE_ACCOUNT_KEY": "a2V5",
+            "AZURE_STORAGE_ENDPOINT": "https://acct.blob.core.chinacloudapi.cn",
+        }
+    )
+    assert azure["AZURE_STORAGE_ACCOUNT"] == "acct" and azure["AZURE_STORAGE_ACCESS_KEY"] == "a2V5"
+    assert azure["AZURE_STORAGE_CONNECTION_STRING"] == (
+        "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=a2V5;"
+        "BlobEndpoint=https://acct.blob.core.chinacloudapi.cn;"
+    )
+    emulator = storage.gdal_settings({"AZURE_STORAGE_USE_EMULATOR": "true"})
+    assert "BlobEndpoint=http://127.0.0.1:10000/devstoreaccount1;" in emulator["AZURE_STORAGE_CONNECTION_STRING"]
+    # what the user set is theirs: never replaced
+    assert "AWS_S3_ENDPOINT" not in storage.gdal_settings({"AWS_ENDPOINT_URL": "http://a:1", "AWS_S3_ENDPOINT": "b:2"})
+    assert storage.gdal_settings({}).keys() == storage.gdal_settings({"GOOGLE_SKIP_SIGNATURE": "no"}).keys()
