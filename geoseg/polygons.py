@@ -75,19 +75,24 @@ def stream_polygons(
     ready: dict[int, gpd.GeoDataFrame] = {}
     next_layer = 0
     count = 0
-    for fut in track(as_completed(finals + merged), total=len(order), description="vectorizing blocks"):
-        ready[order[fut.key]] = fut.result()
-        fut.release()
-        while next_layer in ready:
-            gdf = ready.pop(next_layer)
-            next_layer += 1
-            if finish is not None:
-                gdf = finish(gdf)
-            for writer, to_crs in writers:
-                writer.write(gdf if to_crs is None else gdf.to_crs(to_crs))
-            count += len(gdf)
-    for writer, _ in writers:
-        writer.close()
+    try:
+        for fut in track(as_completed(finals + merged), total=len(order), description="vectorizing blocks"):
+            ready[order[fut.key]] = fut.result()
+            fut.release()
+            while next_layer in ready:
+                gdf = ready.pop(next_layer)
+                next_layer += 1
+                if finish is not None:
+                    gdf = finish(gdf)
+                for writer, to_crs in writers:
+                    writer.write(gdf if to_crs is None else gdf.to_crs(to_crs))
+                count += len(gdf)
+        for writer, _ in writers:
+            writer.close()
+    except BaseException:  # a failed or interrupted stage leaves no half layer, here or on a store
+        for writer, _ in writers:
+            writer.abort()
+        raise
     return count
 
 

@@ -498,32 +498,88 @@ def staged(loc: str) -> Iterator[Path]:
 
 
 def open_writer(loc: str) -> io.RawIOBase | Any:
-    """A binary file to stream ``loc`` into (a multipart upload for a URL); close it to finish."""
+    """A binary file to stream ``loc`` into (a multipart upload for a URL); close it to finish,
+    or ``abort()`` it (a URL) to drop the upload with the parts already sent."""
     if not is_url(loc):
         Path(loc).parent.mkdir(parents=True, exist_ok=True)
         return open(loc, "wb")  # noqa: SIM115  (the caller closes it)
+    _writable(loc)
+    return _ObjectWriter(loc)
+
+
+class _AbortedUploadError(Exception):
+    """Raised into an upload's byte stream: obstore then aborts the multipart upload."""
+
+
+def _chunks(chunks: Any) -> Iterator[bytes]:
+    while (chunk := chunks.get()) is not None:
+        if isinstance(chunk, _AbortedUploadError):
+            raise chunk
+        yield chunk
+
+
+def _upload(loc: str, chunks: Any, failed: list[BaseException]) -> None:
+    """``obstore.put`` of the chunks queued for ``loc`` (a thread: it holds no reference to its
+    writer, so a writer nobody closes is collected, and aborts)."""
     import obstore
 
-    _writable(loc)
     store, key = _split(loc)
-    return _ObjectWriter(obstore.open_writer(store, key))
+    try:
+        obstore.put(store, key, _chunks(chunks))
+    except BaseException as exc:  # reported by write() or close() in the caller's thread
+        failed.append(exc)
+        while not chunks.empty():  # unblock a writer waiting on a full queue
+            chunks.get_nowait()
 
 
 class _ObjectWriter(io.RawIOBase):
-    """obstore's streaming writer as a Python binary file (pyarrow asks ``closed`` and ``tell``)."""
+    """A streaming upload as a Python binary file (pyarrow asks ``closed`` and ``tell``).
 
-    def __init__(self, writer: Any) -> None:
-        self._writer, self._position = writer, 0
+    ``obstore.put`` runs in a thread of its own, fed chunks through a short queue: it aborts
+    the multipart upload when its stream fails, which obstore's own writer does not do when it
+    is dropped (the parts would stay, billed and invisible, until a lifecycle rule removes them).
+    """
+
+    CHUNK = 8 << 20  # bytes gathered before they go to the upload's queue
+    QUEUED = 2  # chunks in the queue at most: memory stays bounded when the store is slow
+
+    def __init__(self, loc: str) -> None:
+        import queue
+        import threading
+
+        self.loc, self._position = loc, 0
+        self._buffer = bytearray()
+        self._queue: queue.Queue = queue.Queue(maxsize=self.QUEUED)
+        self._failed: list[BaseException] = []
+        self._thread = threading.Thread(
+            target=_upload, args=(loc, self._queue, self._failed), name=f"upload {name(loc)}", daemon=True
+        )
+        self._thread.start()
+
+    def _send(self, item: Any) -> None:
+        import queue
+
+        while self._thread.is_alive():
+            try:
+                self._queue.put(item, timeout=1)
+                return
+            except queue.Full:
+                continue
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._failed and not isinstance(self._failed[0], _AbortedUploadError):
+            raise _remote_error(self.loc, self._failed[0]) from None
 
     def writable(self) -> bool:
         return True
 
     def write(self, data: Any) -> int:
         chunk = bytes(data)
-        try:
-            self._writer.write(chunk)
-        except Exception as exc:
-            raise _remote_error("stream", exc) from None
+        self._buffer += chunk
+        if len(self._buffer) >= self.CHUNK:
+            self._send(bytes(self._buffer))
+            self._buffer.clear()
         self._position += len(chunk)
         return len(chunk)
 
@@ -531,9 +587,29 @@ class _ObjectWriter(io.RawIOBase):
         return self._position
 
     def close(self) -> None:
+        """Send what is left and wait for the upload to complete (the object then exists)."""
         if not self.closed:
-            self._writer.close()
-        super().close()
+            try:
+                if self._buffer:
+                    self._send(bytes(self._buffer))
+                self._send(None)
+                self._thread.join()
+                self._raise()
+            finally:
+                super().close()
+
+    def __del__(self) -> None:  # never complete a stream nobody closed: it may be half written
+        with contextlib.suppress(Exception):
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop the upload: no object is written and the store keeps no part of it."""
+        if not self.closed:
+            with contextlib.suppress(StorageError):  # an upload that failed already has nothing to drop
+                self._send(_AbortedUploadError(self.loc))
+            self._thread.join()
+            self._buffer.clear()
+            super().close()
 
 
 # ---------------------------------------------------------------- other libraries' views

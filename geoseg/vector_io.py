@@ -11,6 +11,7 @@ temporary folder and uploaded whole when it is closed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -49,6 +50,7 @@ class LayerWriter:
         self._sink = None
         self._held: list[gpd.GeoDataFrame] = []
         self._held_rows = 0
+        self._closed = False
 
     def write(self, gdf: gpd.GeoDataFrame) -> None:
         """Add rows; they reach the file in batches of ``BATCH_ROWS`` or more, in order."""
@@ -122,6 +124,25 @@ class LayerWriter:
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging = None
+        self._closed = True
+
+    def abort(self) -> None:
+        """Drop the layer after a failure: nothing half written is left at its location, and a
+        stream to a store is aborted with the parts it had sent. A closed layer is kept."""
+        if self._closed:
+            return
+        self._held, self._held_rows = [], 0
+        if self._sink is not None:
+            self._sink.abort()
+        if self._parquet is not None:
+            with contextlib.suppress(Exception):  # its footer has nowhere to go once aborted
+                self._parquet.close()
+        self._parquet = self._sink = None
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
+        else:
+            self.path.unlink(missing_ok=True)
 
 
 def write_flatgeobuf(source: str, loc: str) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import rasterio.shutil
 import rioxarray  # noqa: F401  (registers .rio)
+import shapely
 import xarray as xr
 from conftest import S3_ENDPOINT, S3_SECRET, run_cli_args, run_config
 from distributed import Client
@@ -398,3 +399,36 @@ def test_gdal_gets_the_endpoints_the_cloud_tools_variables_name():
     # what the user set is theirs: never replaced
     assert "AWS_S3_ENDPOINT" not in storage.gdal_settings({"AWS_ENDPOINT_URL": "http://a:1", "AWS_S3_ENDPOINT": "b:2"})
     assert storage.gdal_settings({}).keys() == storage.gdal_settings({"GOOGLE_SKIP_SIGNATURE": "no"}).keys()
+
+
+def test_a_stream_to_the_store_that_fails_leaves_no_object_and_no_upload_parts(remote):
+    from geoseg.vector_io import LayerWriter
+
+    s3 = boto3.client("s3", endpoint_url=S3_ENDPOINT)
+    name = remote["bucket"].removeprefix("s3://")
+    payload = np.random.default_rng(0).integers(0, 255, 20 << 20, dtype=np.uint8).tobytes()  # 3 parts
+
+    def pending() -> int:
+        return len(s3.list_multipart_uploads(Bucket=name).get("Uploads", []))
+
+    writer = storage.open_writer(f"{remote['bucket']}/streams/complete.bin")
+    writer.write(payload)
+    writer.close()
+    assert storage.read_bytes(f"{remote['bucket']}/streams/complete.bin") == payload
+    writer = storage.open_writer(f"{remote['bucket']}/streams/aborted.bin")
+    writer.write(payload)  # parts are on their way
+    writer.abort()
+    writer = storage.open_writer(f"{remote['bucket']}/streams/dropped.bin")
+    writer.write(payload)
+    del writer  # never closed: dropped, never completed half written
+    assert not storage.exists(f"{remote['bucket']}/streams/aborted.bin")
+    assert not storage.exists(f"{remote['bucket']}/streams/dropped.bin")
+    assert pending() == 0
+
+    layer = f"{remote['bucket']}/streams/polygons.parquet"
+    storage.write_bytes(layer, b"an older layer")
+    polygons = gpd.GeoDataFrame({"class_id": [1]}, geometry=[shapely.box(0, 0, 1, 1)], crs="EPSG:32633")
+    writer = LayerWriter(layer, "EPSG:32633")
+    writer.write(polygons)
+    writer.abort()
+    assert not storage.exists(layer) and pending() == 0
