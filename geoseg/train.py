@@ -8,6 +8,7 @@ rasters: per-class IoU, mIoU, accuracy and the confusion matrix, as JSON and PNG
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
@@ -16,12 +17,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import rasterio
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
+from geoseg import storage
 from geoseg.config import DEFAULT_LEGEND, ConfigError, LandCoverClass, apply_overrides, load_legend
 from geoseg.metrics import IGNORE, confusion_matrix, summarize
 from geoseg.models import Checkpoint, build_model, save_checkpoint
@@ -107,7 +108,7 @@ class Raster:
 
 def load_pair(pair: RasterPair, n_bands: int, n_classes: int) -> Raster:
     """Read and check one image/label pair; mismatches name the file."""
-    with rasterio.open(pair.image) as img, rasterio.open(pair.labels) as lab:
+    with storage.open_raster(pair.image) as img, storage.open_raster(pair.labels) as lab:
         if img.count != n_bands:
             raise ConfigError(f"{pair.image}: has {img.count} bands, the config names {n_bands}")
         if (img.crs, img.transform, img.shape) != (lab.crs, lab.transform, lab.shape):
@@ -301,7 +302,7 @@ def evaluate(
     return cm
 
 
-def plot_history(history: list[dict], cm: np.ndarray, names: list[str], path: Path) -> None:
+def plot_history(history: list[dict], cm: np.ndarray, names: list[str], loc: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -325,16 +326,23 @@ def plot_history(history: list[dict], cm: np.ndarray, names: list[str], path: Pa
         ax2.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v > 0.5 else "black")
     ax2.set_title("validation confusion (row-normalised)")
     fig.tight_layout()
-    fig.savefig(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
+    storage.write_bytes(loc, buffer.getvalue())
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train, validate each epoch, and write ``OUT/model.safetensors`` with metrics and plots."""
+def train(cfg: TrainConfig) -> str:
+    """Train, validate each epoch, and write ``OUT/model.safetensors`` with metrics and plots;
+    the pairs and OUT may be local paths or URLs (:mod:`geoseg.storage`). Returns the checkpoint."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out = storage.absolute(cfg.out)
+    except storage.StorageError as exc:
+        raise ConfigError(str(exc)) from None
+    if storage.scheme(out) in storage.READ_ONLY:
+        raise ConfigError(f"{out}: {storage.scheme(out)} locations are read-only; give a writable out")
     n_classes, n_bands = len(cfg.classes), len(cfg.data.bands)
     if [c.id for c in cfg.classes] != list(range(n_classes)):
         raise ConfigError("classes must have ids 0..N-1 in order for training")
@@ -436,14 +444,16 @@ def train(cfg: TrainConfig) -> Path:
             "parameters": n_params,
         },
     )
-    path = save_checkpoint(ckpt, model.cpu(), out / "model.safetensors")
+    path = storage.join(out, "model.safetensors")
+    with storage.staged(path) as local:  # uploaded whole: a checkpoint is never half there
+        save_checkpoint(ckpt, model.cpu(), local)
     metrics = {
         "history": history,
         "final": summarize(cm, names) if val_rasters else None,
         "parameters": n_params,
         "train_seconds": round(time.perf_counter() - t0, 1),
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    plot_history(history, cm, names, out / "training.png")
+    storage.write_text(storage.join(out, "metrics.json"), json.dumps(metrics, indent=2))
+    plot_history(history, cm, names, storage.join(out, "training.png"))
     log.info("checkpoint %s", path)
     return path

@@ -107,3 +107,28 @@ def test_metrics_from_a_confusion_matrix():
     summary = summarize(cm, ["a", "b", "c"])
     assert summary["overall_accuracy"] == pytest.approx(0.8)
     assert summary["miou"] == pytest.approx((0.5 + 2 / 3 + 1) / 3)
+
+
+def test_training_reads_its_pairs_from_a_store_and_writes_its_outputs_there(tmp_path, pairs, bucket):
+    from pathlib import Path
+
+    from geoseg import storage
+
+    remote = []
+    for pair in pairs:
+        urls = {}
+        for role, path in pair.items():
+            urls[role] = f"{bucket}/training/{Path(path).name}"
+            storage.write_bytes(urls[role], Path(path).read_bytes())
+        remote.append(urls)
+    out = f"{bucket}/training/out"
+    path = train(tiny(remote, out, "optim.epochs=1", "device=cpu"))
+    local = train(tiny(pairs, tmp_path, "optim.epochs=1", "device=cpu"))
+    assert path == f"{out}/model.safetensors"
+    a, b = load_checkpoint(path), load_checkpoint(local)
+    for k in a.state_dict:  # the same data, wherever it lies: the same weights
+        torch.testing.assert_close(a.state_dict[k], b.state_dict[k], rtol=0, atol=0)
+    assert json.loads(storage.read_text(f"{out}/metrics.json"))["history"][0]["epoch"] == 1
+    assert storage.read_bytes(f"{out}/training.png")[:4] == b"\x89PNG"
+    with pytest.raises(ConfigError, match="read-only"):
+        train(tiny(remote, "https://example.org/out"))
