@@ -30,7 +30,7 @@ from geoseg.mosaic import MOSAIC_NAME
 from geoseg.runstate import STATE_DIR
 from geoseg.scenes import DataCoverage, SceneInfo, same_grid
 from geoseg.segment import TilingSettings, finish_block, most_confident, predict_block, reader_threads
-from geoseg.tiling import Block
+from geoseg.tiling import Block, Rect
 
 PARTIALS_DIR = f"{STATE_DIR}/partials"
 
@@ -112,6 +112,7 @@ def predict_task(
             "forward_s": round(sum(p.forward_s for p in results.values()), 3),
             "predict_s": round(time.perf_counter() - start, 3),
             "scene_valid_pixels": counts,
+            "layers": partials.layer_index(results),
         }
         partials.save_block(folder, results, record)
         return {"block": block.key, **record}
@@ -136,8 +137,14 @@ def finish_task(
             which = "" if failed[0]["block"] == block.key else f"block {failed[0]['block']}, which reaches it, failed: "
             raise RuntimeError(which + reason)
         root = storage.join(out, PARTIALS_DIR)
-        own_layers = partials.load_layers(storage.join(root, block.key))
-        others = [partials.load_layers(storage.join(root, r["block"]), interior=False) for r in reaching[1:]]
+        bounds = Rect(block.rows, block.cols)
+        loaded = storage.concurrently(  # on a store: the neighbours' objects in flight together
+            lambda r: partials.load_layers(
+                storage.join(root, r["block"]), r.get("layers"), interior=r is own, within=bounds
+            ),
+            reaching,
+        )
+        own_layers, others = loaded[0], loaded[1:]
         results = []
         for name in sorted({name for layers in [own_layers, *others] for name in layers}):
             sources = [layers[name] for layers in [own_layers, *others] if name in layers]

@@ -267,34 +267,49 @@ def create_mosaic(
 def write_region(path: Path, block: Block, arrays: dict[str, np.ndarray]) -> None:
     """Write one block's region of each named array; blocks are chunk-aligned, so writers never share a chunk."""
     region = (slice(block.rows.start, block.rows.stop), slice(block.cols.start, block.cols.stop))
-    write_arrays(storage.zarr_store(str(path)), region, arrays)
+    write_arrays(_open_for_writing(path), [(name, region, data) for name, data in arrays.items()])
 
 
-def write_arrays(store: Any, region: tuple[slice, slice], arrays: dict[str, np.ndarray]) -> None:
-    """``region`` of each array named (a path in the store) by ``arrays``.
+def _open_for_writing(path: Path | str) -> zarr.Group:
+    """The store's root group, its members' metadata read at once from the consolidated
+    metadata (on an object store, one GET instead of one per array)."""
+    return zarr.open_group(storage.zarr_store(str(path)), mode="r+")
+
+
+def write_arrays(group: zarr.Group, writes: list[tuple[str, tuple[slice, slice], np.ndarray]]) -> None:
+    """Each ``(name, region, data)``: ``data`` into ``region`` of the array ``name`` (a path in
+    ``group``), the arrays written concurrently (on an object store, their chunks in flight together).
 
     Every chunk is stored, even one of fill values only (a block all nodata): zarr's check for
     that (``write_empty_chunks``) compares the whole chunk against its fill value, which took
     twice as long as compressing it (benchmarks/README.md).
     """
     with zarr.config.set({"array.write_empty_chunks": True}):  # read when an array is opened
-        stored = {name: zarr.open_array(store, path=name, mode="r+") for name in arrays}
-    for name, data in arrays.items():
+        stored = {name: group[name] for name, _, _ in writes}
+
+    def write(item: tuple[str, tuple[slice, slice], np.ndarray]) -> None:
+        name, region, data = item
         stored[name][region] = data
+
+    if isinstance(group.store, zarr.storage.LocalStore):  # a disk: no latency to hide
+        for item in writes:
+            write(item)
+    else:
+        storage.concurrently(write, writes)
 
 
 def write_block(path: Path, block: Block, classes: np.ndarray, confidence: np.ndarray) -> None:
     """A block of the class mosaic, then the block's windows of every overview level (one chunk each)."""
-    write_region(path, block, {CLASSES: classes, CONFIDENCE: confidence})
-    store = storage.zarr_store(str(path))
-    factors = zarr.open_group(store, mode="r").attrs["geoseg"].get("overviews", [])
+    group = _open_for_writing(path)
+    region = (slice(block.rows.start, block.rows.stop), slice(block.cols.start, block.cols.stop))
+    writes = [(CLASSES, region, classes), (CONFIDENCE, region, confidence)]
+    factors = group.attrs["geoseg"].get("overviews", [])
     for f, (level_classes, level_confidence) in overviews.levels(classes, confidence, factors).items():
         rows = slice(block.rows.start // f, block.rows.start // f + level_classes.shape[0])
         cols = slice(block.cols.start // f, block.cols.start // f + level_classes.shape[1])
-        level = f"{OVERVIEWS}/{f}"
-        write_arrays(
-            store, (rows, cols), {f"{level}/{CLASSES}": level_classes, f"{level}/{CONFIDENCE}": level_confidence}
-        )
+        writes += [(f"{OVERVIEWS}/{f}/{CLASSES}", (rows, cols), level_classes)]
+        writes += [(f"{OVERVIEWS}/{f}/{CONFIDENCE}", (rows, cols), level_confidence)]
+    write_arrays(group, writes)
 
 
 def open_array(path: str | Path, name: str = CLASSES) -> zarr.Array:

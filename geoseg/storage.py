@@ -208,11 +208,15 @@ def _split(loc: str) -> tuple[Any, str]:
     return _store(root), parts.path.lstrip("/")
 
 
+def _not_found(exc: BaseException) -> bool:
+    return isinstance(exc, FileNotFoundError) or type(exc).__name__ == "NotFoundError" or "404" in str(exc)
+
+
 def _remote_error(loc: str, exc: BaseException) -> StorageError:
     """One line naming the location and the reason, whatever obstore raised."""
     kind = type(exc).__name__
     text = str(exc)
-    if isinstance(exc, FileNotFoundError) or kind == "NotFoundError" or "404" in text:
+    if _not_found(exc):
         reason = "no such object"
     elif kind in ("PermissionDeniedError", "UnauthenticatedError") or "403" in text or "AccessDenied" in text:
         reason = "access denied"
@@ -269,6 +273,57 @@ def read_bytes(loc: str) -> bytes:
         return bytes(obstore.get(store, key).bytes())
     except Exception as exc:
         raise _remote_error(loc, exc) from None
+
+
+def read_if_exists(loc: str) -> bytes | None:
+    """``loc``'s bytes, or None when there is no such file or object (one request, not two)."""
+    if not is_url(loc):
+        try:
+            return Path(loc).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"{loc}: {exc.strerror or exc}") from None
+    import obstore
+
+    store, key = _split(loc)
+    try:
+        return bytes(obstore.get(store, key).bytes())
+    except Exception as exc:
+        if _not_found(exc):
+            return None
+        raise _remote_error(loc, exc) from None
+
+
+IO_THREADS = 16  # requests in flight at once for one caller of read_many / write_many
+
+
+def concurrently(function: Any, items: list[Any]) -> list[Any]:
+    """``function`` over ``items``, in threads where there is more than one (object stores:
+    the latency of one request instead of the sum of them)."""
+    if len(items) <= 1:
+        return [function(item) for item in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(IO_THREADS, len(items)), thread_name_prefix="geoseg-io") as pool:
+        return list(pool.map(function, items))
+
+
+def read_many(locs: list[str]) -> list[bytes]:
+    """Whole files or objects, in order; the objects fetched concurrently."""
+    if not any(is_url(loc) for loc in locs):
+        return [read_bytes(loc) for loc in locs]
+    return concurrently(read_bytes, locs)
+
+
+def write_many(items: dict[str, bytes]) -> None:
+    """Files or objects written whole, objects concurrently; all are written when it returns
+    (so the caller may then write what commits them)."""
+    if not any(is_url(loc) for loc in items):
+        for loc, data in items.items():
+            write_bytes(loc, data)
+        return
+    concurrently(lambda item: write_bytes(*item), list(items.items()))
 
 
 def read_text(loc: str) -> str:
