@@ -59,17 +59,27 @@ def stream_polygons(
     ]
     # fixed, not from the cluster's size: with simplification, a group is simplified as a batch
     groups = max(1, min(len(legend), MERGE_GROUPS))
-    merged = []
-    for g in range(groups):
-        pieces = [
-            client.submit(vectorize.edge_pieces, part, groups, g, key=f"edge-pieces-{g}-{b.key}-{stamp}")
-            for b, part in zip(blocks, parts, strict=True)
-        ]
-        merged.append(
-            client.submit(
-                vectorize.merged_layer, grid.affine, crs, legend, tolerance, *pieces, key=f"merged-polygons-{g}-{stamp}"
-            )
+    # one small task per block hands its edge pieces on: a worker fetches a block's pieces once
+    # for all the groups it merges, and the block's finished polygons never travel
+    pieces = [
+        client.submit(vectorize.edge_pieces, part, key=f"edge-pieces-{b.key}-{stamp}")
+        for b, part in zip(blocks, parts, strict=True)
+    ]
+    merged = [
+        client.submit(
+            vectorize.merged_layer,
+            grid.affine,
+            crs,
+            legend,
+            tolerance,
+            groups,
+            g,
+            *pieces,
+            key=f"merged-polygons-{g}-{stamp}",
         )
+        for g in range(groups)
+    ]
+    del pieces
     del parts  # the workers drop each block's pieces once nothing needs them
     order = {fut.key: i for i, fut in enumerate(finals + merged)}
     ready: dict[int, gpd.GeoDataFrame] = {}

@@ -241,3 +241,19 @@ def test_vertices_along_block_edges_leave_the_shape_unchanged():
     assert set(coords[coords[:, 0] == 0][:, 1]) == set(range(7))
     assert set(coords[coords[:, 1] == 6][:, 0]) == set(range(9))
     assert len(shapely.get_coordinates(after[list(values).index(1)])) == 5  # inner square: untouched
+
+
+def test_straight_vertices_are_dropped_as_simplify_drops_them(labels):
+    from geoseg.vectorize import drop_straight_vertices
+
+    # pixel polygons with vertices at every pixel corner (starts in a straight run, holes included)
+    cells = [shapely.box(c, r, c + 1, r + 1) for r in range(6) for c in range(7) if not (r in (2, 3) and c in (3, 4))]
+    ring_with_hole = shapely.coverage_union_all(cells)
+    pieces = [p.geometry for p in blockwise(labels, 64)]  # the merge's own output, already minimal
+    dense = shapely.segmentize(shapely.box(0, 0, 5, 3), 1)  # a vertex at each corner of every pixel
+    polygons = np.array([ring_with_hole, dense, *pieces], dtype=object)
+    got = drop_straight_vertices(polygons)
+    want = shapely.simplify(polygons, 0)
+    assert shapely.equals(got, polygons).all()
+    assert (shapely.get_num_coordinates(got) == shapely.get_num_coordinates(want)).all()
+    assert shapely.get_num_coordinates(got[1]) == 5 and shapely.get_num_interior_rings(got[0]) == 1
