@@ -1,7 +1,7 @@
 """End-to-end pipeline throughput beside the model-bound throughput, measured in one run.
 
     python benchmarks/bench_pipeline.py [--size 4096] [--workers CORES] [--block 2048] [--peer]
-        [--device cuda [--no-amp] [--compile] [--threads-per-worker 2]]
+        [--device cuda [--no-amp] [--compile] [--threads-per-worker 2]] [--polygons]
 
 1. the pipeline (read GeoTIFF -> tiles -> forward -> blend -> argmax -> Zarr) on a Dask
    LocalCluster, after a warm-up run that loads the model in the workers;
@@ -12,7 +12,9 @@
    with all the cores as torch threads. On a GPU the passes leave their votes on the device,
    as the pipeline's do, and the time is taken after the device has finished;
 3. optionally (--peer) MONAI's sliding_window_inference (gaussian, same model, tile,
-   overlap and batch) on the scene already in memory.
+   overlap and batch) on the scene already in memory;
+4. optionally (--polygons) the pipeline again with its polygons (polygonized on the workers
+   while blocks are segmented, merged and written at the end), to print what they add.
 
 Each is run ``--repeat`` times, alternating, and the best of each is kept (medians are
 printed too).
@@ -164,6 +166,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="builtin:demo")
     parser.add_argument("--arch", help="time this architecture with random weights instead of --checkpoint")
     parser.add_argument("--peer", action="store_true", help="also time MONAI sliding_window_inference")
+    parser.add_argument("--polygons", action="store_true", help="also time the pipeline with its polygons")
     parser.add_argument("--repeat", type=int, default=2, help="alternate pipeline and model-bound; keep the best")
     parser.add_argument("--work", type=Path, default=Path("bench_out"))
     args = parser.parse_args()
@@ -205,7 +208,11 @@ def main() -> None:
         )
         on_cpu = InferenceSettings(ckpt_path, args.batch, "cpu", False, cores)
         # The machine is noisy: alternate the measurements and keep the best of each.
-        times: dict[str, list[float]] = {"pipeline": [], "workers": [], "process": [], "monai": []}
+        times: dict[str, list[float]] = {"pipeline": [], "workers": [], "process": [], "monai": [], "polygons": []}
+        with_polygons = load_config(
+            None,
+            [*overrides, "output.polygons=true", f"inputs=[{str(scene)!r}]", f"out={str(args.work / 'out_poly')!r}"],
+        )
         splits: list[dict[str, float]] = []  # per pipeline run: worker seconds of each kind of task
         forward: list[float] = []  # per pipeline run: worker seconds in forward passes (manifest)
         for _ in range(args.repeat):
@@ -222,6 +229,10 @@ def main() -> None:
                 times["process"].append(model_bound_seconds(on_cpu, n_tiles, args.tile, args.overlap))
             if args.peer:
                 times["monai"].append(monai_seconds(ckpt_path, scene, args.tile, args.overlap, args.batch, cores))
+            if args.polygons:
+                start = time.perf_counter()
+                run(with_polygons, client)
+                times["polygons"].append(time.perf_counter() - start)
         rss = client.run(worker_peak_rss_mb)
     best = {name: min(runs) for name, runs in times.items() if runs}
     mpix = args.size * args.size / 1e6
@@ -243,6 +254,7 @@ def main() -> None:
         "workers": "model-bound: forward passes alone, same tiles split evenly over the same workers and threads",
         "process": f"forward passes alone, same tiles, one process with {cores} torch threads",
         "monai": "MONAI sliding_window_inference, image in memory",
+        "polygons": "pipeline with its polygons (GeoPackage)",
     }
     for name, seconds in best.items():
         print(f"{seconds:8.2f} s  {mpix / seconds:7.3f} Mpix/s  {labels[name]}")
@@ -251,6 +263,11 @@ def main() -> None:
     print(f", geoseg / MONAI {mid['pipeline'] / mid['monai']:.3f}" if args.peer else "")
     if "process" in best:
         print(f"one-process passes / pipeline {best['process'] / best['pipeline']:.3f}")
+    if "polygons" in best:
+        print(
+            f"polygons add {best['polygons'] / best['pipeline'] - 1:+.1%} (best runs), "
+            f"{mid['polygons'] / mid['pipeline'] - 1:+.1%} (medians) to the pipeline's time without them"
+        )
     fastest = int(np.argmin(times["pipeline"]))
     tasks = splits[fastest]
     ceiling_share = int(np.ceil(n_tiles / args.workers))  # tiles of the busiest worker in the ceiling

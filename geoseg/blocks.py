@@ -172,8 +172,14 @@ def finish_task(
         return {"block": block.key, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
 
 
-def polygonize_task(block: Block, out: str, grid: OutputGrid, vector: VectorConfig) -> vectorize.BlockPolygons:
-    """A Dask task: polygons of one block, sieved with a halo wide enough to match the whole mosaic."""
+def polygonize_task(
+    block: Block, *after: dict[str, Any], out: str, grid: OutputGrid, vector: VectorConfig
+) -> vectorize.BlockPolygons:
+    """A Dask task: polygons of one block, sieved with a halo wide enough to match the whole
+    mosaic. ``after``: step-2 records it waited for, the block's own first; a block whose own
+    says it holds no class has no polygon."""
+    if after and not has_classes(after[0]):
+        return vectorize.BlockPolygons()
     halo = vectorize.sieve_halo(vector.mmu_pixels) + vectorize.sieve_halo(vector.fill_holes_pixels)
     r0, r1 = max(0, block.rows.start - halo), min(grid.height, block.rows.stop + halo)
     c0, c1 = max(0, block.cols.start - halo), min(grid.width, block.cols.stop + halo)
@@ -233,12 +239,16 @@ def block_graph(
     finish: Callable[..., dict[str, Any]],
     tag: str,
     resources: dict[str, float] | None = None,
-) -> list[Delayed]:
+    polygonize: Callable[..., Any] | None = None,
+    sieved: dict[str, list[Block]] | None = None,
+) -> tuple[list[Delayed], list[Delayed]]:
     """The two steps of the blocks as a Dask graph (built here, run by the caller): step 1 of
     each block in ``needed`` with its place in :func:`work_order` as priority, and step 2 of each
     block in ``todo`` right after the last step 1 it needs. ``predict(block, layers)`` and
     ``finish(block, reaching)`` are :func:`predict_task` and :func:`finish_task` with the run's
-    other arguments bound. Returns the step-2 tasks."""
+    other arguments bound. With ``polygonize`` (:func:`polygonize_task`, arguments bound), each
+    block's polygons follow the step 2 of the blocks in ``sieved[block]`` (itself first).
+    Returns the step-2 tasks and the polygon tasks."""
     step1 = {}
     for b in needed:
         with dask.annotate(priority=-2 * order[b.key], **({"resources": resources} if resources else {})):
@@ -249,4 +259,12 @@ def block_graph(
         with dask.annotate(priority=-2 * last - 1):
             sources = [step1[n.key] for n in reach[b.key]]
             step2.append(delayed(finish, pure=False)(b, sources, dask_key_name=f"finish-{tag}-{b.key}"))
-    return step2
+    parts = []
+    if polygonize is not None and sieved is not None:
+        finished = {b.key: task for b, task in zip(todo, step2, strict=True)}
+        for b in todo:
+            last = max(order[n.key] for s in sieved[b.key] for n in reach[s.key])
+            with dask.annotate(priority=-2 * last - 1):
+                after = [finished[s.key] for s in sieved[b.key]]
+                parts.append(delayed(polygonize, pure=False)(b, *after, dask_key_name=f"polygonize-{tag}-{b.key}"))
+    return step2, parts

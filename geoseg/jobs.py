@@ -13,12 +13,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 from distributed import Client
 from pydantic import ValidationError
 
 from geoseg import mosaic, partials, runstate, stac_item, storage
-from geoseg.blocks import PARTIALS_DIR, has_classes, scene_layers
+from geoseg.blocks import PARTIALS_DIR, has_classes, polygonize_task, scene_layers
 from geoseg.cluster import dask_client, torch_threads_per_worker
 from geoseg.config import ChangeConfig, ConfigError, RunConfig, apply_overrides, format_validation_error, load_config
 from geoseg.export import ExportResult, export_layers
@@ -26,10 +27,10 @@ from geoseg.inference import InferenceSettings
 from geoseg.manifest import BlockRecord, ModelRecord, RunManifest, SceneRecord, Summary, Timings
 from geoseg.mosaic import MOSAIC_NAME
 from geoseg.planning import RunPlan, plan_run
-from geoseg.polygons import blocks_with_classes, write_polygons
+from geoseg.polygons import blocks_with_classes, submit_layers, submit_parts, write_layer_file, write_polygons
 from geoseg.quicklook import write_quicklook
 from geoseg.runstate import MANIFEST_NAME, Lease, RunError, prepare_output
-from geoseg.segmentation import empty_scenes, segment_blocks
+from geoseg.segmentation import collect_blocks, empty_scenes, submit_blocks
 from geoseg.tiling import iter_blocks
 from geoseg.transitions import ChangeResult, change_runs
 
@@ -121,7 +122,20 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
         len(empty),
     )
     block_records = {k: {**v, "reused": True} for k, v in reused.items() if v.get("status") == "done"}
-    block_records.update(segment_blocks(client, blocks, todo, layers, plan, settings, lease, ckpt.n_classes))
+    polygonize = partial(polygonize_task, out=str(out), grid=grid, vector=cfg.vector) if cfg.output.polygons else None
+    submitted = submit_blocks(client, blocks, todo, layers, plan, settings, lease, ckpt.n_classes, polygonize)
+    polygon_layers = None
+    if cfg.output.polygons:
+        # Each block to do is polygonized on the workers as soon as it (and what its sieve
+        # reads) is final, while the other blocks are segmented; reused blocks at once.
+        reused_with_classes = [b for b in blocks if has_classes(block_records.get(b.key))]
+        part_of = {b.key: part for b, part in submit_parts(client, reused_with_classes, out, grid, cfg.vector)}
+        part_of.update(submitted.parts)
+        parts = [(b, part_of[b.key]) for b in blocks if b.key in part_of]
+        polygon_layers = submit_layers(client, parts, grid, legend, cfg.vector)
+        del parts, part_of  # the layers hold what they need: the workers drop the rest
+    block_records.update(collect_blocks(submitted, out, lease))
+    del submitted
     t_segment = time.perf_counter() - t0
     failed_blocks = {k: v["error"] for k, v in block_records.items() if v["status"] != "done"}
     unused = []
@@ -149,10 +163,9 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
 
     polygons_path = None
     t_vec = 0.0
-    if cfg.output.polygons:
-        t1 = time.perf_counter()
-        with_classes = [b for b in blocks if has_classes(block_records.get(b.key))]
-        polygons_path = write_polygons(client, with_classes, grid, out, legend, cfg.vector)
+    if polygon_layers is not None:
+        t1 = time.perf_counter()  # what polygons add after the last block: the merge and the writes
+        polygons_path = write_layer_file(polygon_layers, grid, out)
         t_vec = time.perf_counter() - t1
 
     quicklook = write_quicklook(mosaic_path, storage.join(out, QUICKLOOK_NAME))

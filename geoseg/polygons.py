@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 import geopandas as gpd
-from distributed import Client, as_completed
+from distributed import Client, Future, as_completed
 
 from geoseg import storage, vectorize
 from geoseg.blocks import has_classes, polygonize_task
@@ -41,30 +41,47 @@ def stream_polygons(
 ) -> int:
     """Polygonize per block on the workers and write polygons as blocks finish; returns the polygon count.
 
-    All the work is the workers': each block's polygons, their rows, and the merge of the
-    pieces cut by block edges (one task per group of classes, ``MERGE_GROUPS`` at most). The
-    client only writes: a block's finished polygons at once, in block order (so reruns give
-    the same file), then the merged ones group by group. Each writer gets the polygons in the
-    mosaic CRS, or reprojected to the CRS paired with it. ``task(block, out, grid, vector)``
-    polygonizes a block (default: the class mosaic's); ``finish`` adapts each batch's columns
-    before it is written.
+    ``task(block, out=, grid=, vector=)`` polygonizes a block (default: the class mosaic's);
+    see :func:`submit_layers` and :func:`write_layers`.
     """
+    parts = submit_parts(client, blocks, out, grid, vector, task)
+    return write_layers(submit_layers(client, parts, grid, legend, vector), writers, finish)
+
+
+def submit_parts(
+    client: Client,
+    blocks: list[Block],
+    out: str,
+    grid: OutputGrid,
+    vector: VectorConfig,
+    task: Callable[..., vectorize.BlockPolygons] | None = None,
+) -> list[tuple[Block, Future]]:
+    """Each block's polygons as a task (``task``, default :func:`geoseg.blocks.polygonize_task`)."""
     stamp = time.time_ns()
     task = task or polygonize_task
+    return [
+        (b, client.submit(task, b, out=str(out), grid=grid, vector=vector, key=f"polygonize-{b.key}-{stamp}"))
+        for b in blocks
+    ]
+
+
+def submit_layers(
+    client: Client, parts: list[tuple[Block, Future]], grid: OutputGrid, legend: dict[int, str], vector: VectorConfig
+) -> list[Future]:
+    """The polygon layer's rows from each block's polygons (``parts``, in block order), as tasks:
+    each block's finished polygons, then the merge of the pieces cut by block edges (one task
+    per group of classes, ``MERGE_GROUPS`` at most). All the work is the workers'."""
+    stamp = time.time_ns()
     crs, tolerance = grid.crs_wkt, vector.simplify_tolerance
-    parts = [client.submit(task, b, str(out), grid, vector, key=f"polygonize-{b.key}-{stamp}") for b in blocks]
     finals = [
         client.submit(vectorize.final_layer, part, crs, legend, tolerance, key=f"polygons-{b.key}-{stamp}")
-        for b, part in zip(blocks, parts, strict=True)
+        for b, part in parts
     ]
     # fixed, not from the cluster's size: with simplification, a group is simplified as a batch
     groups = max(1, min(len(legend), MERGE_GROUPS))
     # one small task per block hands its edge pieces on: a worker fetches a block's pieces once
     # for all the groups it merges, and the block's finished polygons never travel
-    pieces = [
-        client.submit(vectorize.edge_pieces, part, key=f"edge-pieces-{b.key}-{stamp}")
-        for b, part in zip(blocks, parts, strict=True)
-    ]
+    pieces = [client.submit(vectorize.edge_pieces, part, key=f"edge-pieces-{b.key}-{stamp}") for b, part in parts]
     merged = [
         client.submit(
             vectorize.merged_layer,
@@ -79,14 +96,24 @@ def stream_polygons(
         )
         for g in range(groups)
     ]
-    del pieces
-    del parts  # the workers drop each block's pieces once nothing needs them
-    order = {fut.key: i for i, fut in enumerate(finals + merged)}
+    return finals + merged
+
+
+def write_layers(
+    layers: list[Future],
+    writers: list[tuple[LayerWriter, str | None]],
+    finish: Callable[[gpd.GeoDataFrame], gpd.GeoDataFrame] | None = None,
+) -> int:
+    """Write the rows of :func:`submit_layers` as they come, in its order (so reruns give the
+    same file), and close the writers; returns the polygon count. Each writer gets the
+    polygons in the mosaic CRS, or reprojected to the CRS paired with it; ``finish`` adapts
+    each batch's columns before it is written. Only the writing is the client's."""
+    order = {fut.key: i for i, fut in enumerate(layers)}
     ready: dict[int, gpd.GeoDataFrame] = {}
     next_layer = 0
     count = 0
     try:
-        for fut in track(as_completed(finals + merged), total=len(order), description="vectorizing blocks"):
+        for fut in track(as_completed(layers), total=len(order), description="vectorizing blocks"):
             ready[order[fut.key]] = fut.result()
             fut.release()
             while next_layer in ready:
@@ -115,8 +142,14 @@ def write_polygons(
     vector: VectorConfig,
 ) -> str:
     """The run's polygons as one GeoPackage layer."""
+    parts = submit_parts(client, blocks, out, grid, vector)
+    return write_layer_file(submit_layers(client, parts, grid, legend, vector), grid, out)
+
+
+def write_layer_file(layers: list[Future], grid: OutputGrid, out: str) -> str:
+    """The rows of :func:`submit_layers` as the run's GeoPackage layer."""
     path = storage.join(out, POLYGONS_NAME)
-    count = stream_polygons(client, blocks, grid, out, legend, [(LayerWriter(path, grid.crs_wkt), None)], vector)
+    count = write_layers(layers, [(LayerWriter(path, grid.crs_wkt), None)])
     log.info("%d polygons -> %s", count, path)
     return path
 

@@ -3,10 +3,12 @@ Dask graph, their records collected as blocks finish, and partial results droppe
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from distributed import Client, as_completed
+from distributed import Client, Future, as_completed
 
 from geoseg import partials, storage
 from geoseg.blocks import PARTIALS_DIR, block_graph, finish_task, predict_task, work_order
@@ -16,6 +18,7 @@ from geoseg.progress import track
 from geoseg.runstate import Lease, RunError
 from geoseg.scenes import SceneInfo
 from geoseg.tiling import Block, reaching_blocks
+from geoseg.vectorize import sieve_halo
 
 
 def worker_slots(client: Client, resources: dict[str, float] | None) -> dict[str, int]:
@@ -29,7 +32,17 @@ def worker_slots(client: Client, resources: dict[str, float] | None) -> dict[str
     }
 
 
-def segment_blocks(
+@dataclass
+class SubmittedBlocks:
+    """The blocks' tasks on the cluster, as :func:`submit_blocks` left them."""
+
+    step2: list[Future]  # one per block to do: its record
+    parts: dict[str, Future]  # block key -> its polygons, once it is final (when asked for)
+    reach: dict[str, list[Block]]  # block key -> the blocks whose step 1 it reads, itself first
+    readers: dict[str, int]  # block key -> how many step 2 read its partial results
+
+
+def submit_blocks(
     client: Client,
     blocks: list[Block],
     todo: list[Block],
@@ -38,8 +51,11 @@ def segment_blocks(
     settings: InferenceSettings,
     lease: Lease,
     n_classes: int,
-) -> dict[str, dict[str, Any]]:
-    """Step 1 and step 2 of every block in ``todo`` on the cluster; returns their records.
+    polygonize: Callable[..., Any] | None = None,
+) -> SubmittedBlocks:
+    """Step 1 and step 2 of every block in ``todo`` on the cluster, and with ``polygonize``
+    (:func:`geoseg.blocks.polygonize_task` with the run's arguments bound) each block's polygons
+    as soon as the block and the blocks its sieve reads are final; :func:`collect_blocks` waits.
 
     Every task is submitted at once and Dask places them: step 1 for the blocks to do and the
     blocks whose tiles reach them, with priorities in :func:`work_order`, and each block's step 2
@@ -86,19 +102,44 @@ def segment_blocks(
         predict_task, grid=grid, tiling=tiling, settings=settings, out=str(out), read_threads=cfg.cluster.read_threads
     )
     finish = partial(finish_task, n_classes=n_classes, out=str(out), run_id=lease.run_id)
-    graph = block_graph(needed, todo, reach, order, layers, predict, finish, tag, resources)
+    sieved = {}
+    if polygonize is not None:
+        halo = sieve_halo(cfg.vector.mmu_pixels) + sieve_halo(cfg.vector.fill_holes_pixels)
+        todo_keys = {b.key for b in todo}
+        sieved = {  # the block first, then the blocks to do within its sieve's halo
+            b.key: [b]
+            + [
+                by_index[(r, c)]
+                for r in range(b.row - 1, b.row + 2)
+                for c in range(b.col - 1, b.col + 2)
+                if halo and (r, c) != (b.row, b.col) and by_index.get((r, c)) and by_index[(r, c)].key in todo_keys
+            ]
+            for b in todo
+        }
+    step2, parts = block_graph(needed, todo, reach, order, layers, predict, finish, tag, resources, polygonize, sieved)
     # One submission: the scheduler sees every step 1 at once and queues them (it assigns the
     # first few of a group submitted task by task before it knows the group is large).
-    step2 = client.compute(graph, optimize_graph=False)
+    futures = client.compute([*step2, *parts], optimize_graph=False)
+    return SubmittedBlocks(
+        futures[: len(step2)],
+        {b.key: fut for b, fut in zip(todo, futures[len(step2) :], strict=False)},
+        reach,
+        readers,
+    )
 
+
+def collect_blocks(submitted: SubmittedBlocks, out: str, lease: Lease) -> dict[str, dict[str, Any]]:
+    """The records of the submitted blocks as they finish; each block's partial results are
+    deleted once every block that reads them is finished."""
     records: dict[str, dict[str, Any]] = {}
-    for fut in track(as_completed(step2), total=len(todo), description="segmenting blocks"):
+    readers = dict(submitted.readers)
+    for fut in track(as_completed(submitted.step2), total=len(submitted.step2), description="segmenting blocks"):
         lease.check()
-        rec = fut.result()
+        rec = dict(fut.result())
         key = rec.pop("block")
         records[key] = rec
         fut.release()
-        for n in reach[key]:
+        for n in submitted.reach[key]:
             readers[n.key] -= 1
             if readers[n.key] == 0:
                 partials.remove_block(storage.join(out, PARTIALS_DIR, n.key))
