@@ -27,7 +27,7 @@ from geoseg.inference import InferenceSettings
 from geoseg.manifest import BlockRecord, ModelRecord, RunManifest, SceneRecord, Summary, Timings
 from geoseg.mosaic import MOSAIC_NAME
 from geoseg.planning import RunPlan, plan_run
-from geoseg.polygons import blocks_with_classes, submit_layers, submit_parts, write_layer_file, write_polygons
+from geoseg.polygons import blocks_with_classes, layer_file_sink, submit_layers, submit_parts, write_polygons
 from geoseg.quicklook import write_quicklook
 from geoseg.runstate import MANIFEST_NAME, Lease, RunError, prepare_output
 from geoseg.segmentation import collect_blocks, empty_scenes, submit_blocks
@@ -124,7 +124,7 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
     block_records = {k: {**v, "reused": True} for k, v in reused.items() if v.get("status") == "done"}
     polygonize = partial(polygonize_task, out=str(out), grid=grid, vector=cfg.vector) if cfg.output.polygons else None
     submitted = submit_blocks(client, blocks, todo, layers, plan, settings, lease, ckpt.n_classes, polygonize)
-    polygon_layers = None
+    sink, polygons_path = None, None
     if cfg.output.polygons:
         # Each block to do is polygonized on the workers as soon as it (and what its sieve
         # reads) is final, while the other blocks are segmented; reused blocks at once.
@@ -132,11 +132,20 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
         part_of = {b.key: part for b, part in submit_parts(client, reused_with_classes, out, grid, cfg.vector)}
         part_of.update(submitted.parts)
         parts = [(b, part_of[b.key]) for b in blocks if b.key in part_of]
-        polygon_layers = submit_layers(client, parts, grid, legend, cfg.vector)
+        sink, polygons_path = layer_file_sink(submit_layers(client, parts, grid, legend, cfg.vector), grid, out)
         del parts, part_of  # the layers hold what they need: the workers drop the rest
-    block_records.update(collect_blocks(submitted, out, lease))
+    try:
+        block_records.update(collect_blocks(submitted, out, lease, sink))
+        count = sink.close() if sink is not None else 0
+        # the polygons' share after the last block: the last blocks' polygons, the merge, the writes
+        t_segment, t_vec = submitted.finished_at - t0, time.perf_counter() - submitted.finished_at
+    except BaseException:
+        if sink is not None:
+            sink.abort()
+        raise
     del submitted
-    t_segment = time.perf_counter() - t0
+    if sink is not None:
+        log.info("%d polygons -> %s", count, polygons_path)
     failed_blocks = {k: v["error"] for k, v in block_records.items() if v["status"] != "done"}
     unused = []
     for scene, reason in empty_scenes(scenes, block_records).items():
@@ -160,13 +169,6 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
             forward_s,
             task_s,
         )
-
-    polygons_path = None
-    t_vec = 0.0
-    if polygon_layers is not None:
-        t1 = time.perf_counter()  # what polygons add after the last block: the merge and the writes
-        polygons_path = write_layer_file(polygon_layers, grid, out)
-        t_vec = time.perf_counter() - t1
 
     quicklook = write_quicklook(mosaic_path, storage.join(out, QUICKLOOK_NAME))
     lease.check()

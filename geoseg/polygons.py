@@ -99,38 +99,64 @@ def submit_layers(
     return finals + merged
 
 
+class LayerSink:
+    """Writes the rows of :func:`submit_layers` as their tasks finish, in their order (so reruns
+    give the same file), whatever order they finish in. Each writer gets the polygons in the
+    mosaic CRS, or reprojected to the CRS paired with it; ``finish`` adapts each batch's columns
+    before it is written. Only the writing is the client's."""
+
+    def __init__(
+        self,
+        layers: list[Future],
+        writers: list[tuple[LayerWriter, str | None]],
+        finish: Callable[[gpd.GeoDataFrame], gpd.GeoDataFrame] | None = None,
+    ) -> None:
+        self.layers, self.writers, self.finish = layers, writers, finish
+        self._order = {fut.key: i for i, fut in enumerate(layers)}
+        self._ready: dict[int, gpd.GeoDataFrame] = {}
+        self._next = 0
+        self.count = 0
+
+    def add(self, fut: Future) -> None:
+        """A finished layer task: its rows, and those of every earlier one, are written."""
+        self._ready[self._order[fut.key]] = fut.result()
+        fut.release()
+        while self._next in self._ready:
+            gdf = self._ready.pop(self._next)
+            self._next += 1
+            if self.finish is not None:
+                gdf = self.finish(gdf)
+            for writer, to_crs in self.writers:
+                writer.write(gdf if to_crs is None else gdf.to_crs(to_crs))
+            self.count += len(gdf)
+
+    def close(self) -> int:
+        """Close the files (every layer task added); the polygon count."""
+        for writer, _ in self.writers:
+            writer.close()
+        return self.count
+
+    def abort(self) -> None:
+        """After a failure: no half layer is left, here or on a store."""
+        for writer, _ in self.writers:
+            writer.abort()
+
+
 def write_layers(
     layers: list[Future],
     writers: list[tuple[LayerWriter, str | None]],
     finish: Callable[[gpd.GeoDataFrame], gpd.GeoDataFrame] | None = None,
 ) -> int:
-    """Write the rows of :func:`submit_layers` as they come, in its order (so reruns give the
-    same file), and close the writers; returns the polygon count. Each writer gets the
-    polygons in the mosaic CRS, or reprojected to the CRS paired with it; ``finish`` adapts
-    each batch's columns before it is written. Only the writing is the client's."""
-    order = {fut.key: i for i, fut in enumerate(layers)}
-    ready: dict[int, gpd.GeoDataFrame] = {}
-    next_layer = 0
-    count = 0
+    """Write the rows of :func:`submit_layers` (see :class:`LayerSink`) and close the writers;
+    returns the polygon count."""
+    sink = LayerSink(layers, writers, finish)
     try:
-        for fut in track(as_completed(layers), total=len(order), description="vectorizing blocks"):
-            ready[order[fut.key]] = fut.result()
-            fut.release()
-            while next_layer in ready:
-                gdf = ready.pop(next_layer)
-                next_layer += 1
-                if finish is not None:
-                    gdf = finish(gdf)
-                for writer, to_crs in writers:
-                    writer.write(gdf if to_crs is None else gdf.to_crs(to_crs))
-                count += len(gdf)
-        for writer, _ in writers:
-            writer.close()
-    except BaseException:  # a failed or interrupted stage leaves no half layer, here or on a store
-        for writer, _ in writers:
-            writer.abort()
+        for fut in track(as_completed(layers), total=len(layers), description="vectorizing blocks"):
+            sink.add(fut)
+        return sink.close()
+    except BaseException:
+        sink.abort()
         raise
-    return count
 
 
 def write_polygons(
@@ -152,6 +178,12 @@ def write_layer_file(layers: list[Future], grid: OutputGrid, out: str) -> str:
     count = write_layers(layers, [(LayerWriter(path, grid.crs_wkt), None)])
     log.info("%d polygons -> %s", count, path)
     return path
+
+
+def layer_file_sink(layers: list[Future], grid: OutputGrid, out: str) -> tuple[LayerSink, str]:
+    """A :class:`LayerSink` of the run's GeoPackage layer, and the layer's location."""
+    path = storage.join(out, POLYGONS_NAME)
+    return LayerSink(layers, [(LayerWriter(path, grid.crs_wkt), None)]), path
 
 
 def blocks_with_classes(manifest: dict, block_size: int, blocks: list[Block]) -> list[Block]:

@@ -3,6 +3,7 @@ Dask graph, their records collected as blocks finish, and partial results droppe
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -14,6 +15,7 @@ from geoseg import partials, storage
 from geoseg.blocks import PARTIALS_DIR, block_graph, finish_task, predict_task, work_order
 from geoseg.inference import InferenceSettings
 from geoseg.planning import RunPlan
+from geoseg.polygons import LayerSink
 from geoseg.progress import track
 from geoseg.runstate import Lease, RunError
 from geoseg.scenes import SceneInfo
@@ -40,6 +42,7 @@ class SubmittedBlocks:
     parts: dict[str, Future]  # block key -> its polygons, once it is final (when asked for)
     reach: dict[str, list[Block]]  # block key -> the blocks whose step 1 it reads, itself first
     readers: dict[str, int]  # block key -> how many step 2 read its partial results
+    finished_at: float = 0.0  # perf_counter() when collect_blocks had the last block's record
 
 
 def submit_blocks(
@@ -128,13 +131,24 @@ def submit_blocks(
     )
 
 
-def collect_blocks(submitted: SubmittedBlocks, out: str, lease: Lease) -> dict[str, dict[str, Any]]:
+def collect_blocks(
+    submitted: SubmittedBlocks, out: str, lease: Lease, sink: LayerSink | None = None
+) -> dict[str, dict[str, Any]]:
     """The records of the submitted blocks as they finish; each block's partial results are
-    deleted once every block that reads them is finished."""
+    deleted once every block that reads them is finished. The polygon layers of ``sink`` are
+    written as they finish meanwhile (the client would otherwise only wait)."""
     records: dict[str, dict[str, Any]] = {}
     readers = dict(submitted.readers)
-    for fut in track(as_completed(submitted.step2), total=len(submitted.step2), description="segmenting blocks"):
+    layers = sink.layers if sink is not None else []
+    step2 = set(submitted.step2)
+    description = "segmenting blocks" + (", polygons" if layers else "")
+    for fut in track(
+        as_completed([*submitted.step2, *layers]), total=len(step2) + len(layers), description=description
+    ):
         lease.check()
+        if fut not in step2:
+            sink.add(fut)
+            continue
         rec = dict(fut.result())
         key = rec.pop("block")
         records[key] = rec
@@ -143,6 +157,9 @@ def collect_blocks(submitted: SubmittedBlocks, out: str, lease: Lease) -> dict[s
             readers[n.key] -= 1
             if readers[n.key] == 0:
                 partials.remove_block(storage.join(out, PARTIALS_DIR, n.key))
+        if len(records) == len(step2):
+            submitted.finished_at = time.perf_counter()
+    submitted.finished_at = submitted.finished_at or time.perf_counter()
     return records
 
 

@@ -433,3 +433,22 @@ def test_a_killed_overwrite_rerun_is_refused_by_export_change_and_vectorize(
         assert len(lines) == 1 and f"{out}: the run did not finish" in lines[0], (command, res.stderr)
         assert "of 48 blocks committed" in lines[0]
     assert not (out / "classes.tif").exists() and not (tmp_path / "c" / "change.zarr").exists()
+
+
+def test_blocks_are_polygonized_while_later_blocks_are_still_segmented(
+    tmp_path, random_checkpoint, scene_1000x700, client2
+):
+    from distributed import get_task_stream
+
+    cfg = run_config(random_checkpoint, [scene_1000x700[0]], tmp_path, "output.block_size=256")
+    with get_task_stream(client2) as stream:
+        assert run(cfg, client2).ok
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for task in stream.data:
+        for span in task["startstops"]:
+            if span["action"] == "compute":
+                spans.setdefault(str(task["key"]).split("-")[0], []).append((span["start"], span["stop"]))
+    last_step2 = max(stop for _, stop in spans["finish"])
+    assert len(spans["polygonize"]) == 12  # one per block to do
+    assert min(start for start, _ in spans["polygonize"]) < last_step2  # not after the segmentation
+    assert json.loads((tmp_path / "manifest.json").read_text())["timings"]["vectorize_s"] >= 0
