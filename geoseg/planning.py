@@ -88,11 +88,9 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     """Check the checkpoint and the inputs, and fix the grid and the blocks: every error a user can
     cause here comes before a cluster starts (:class:`RunError` or ``CheckpointError``)."""
     try:
-        out = storage.absolute(cfg.out)
+        out = storage.writable_output(cfg.out)
     except storage.StorageError as exc:
         raise RunError(str(exc)) from None
-    if storage.scheme(out) in storage.READ_ONLY:
-        raise RunError(f"{out}: {storage.scheme(out)} locations are read-only; give a writable --out")
     ckpt = load_checkpoint(cfg.model.checkpoint)
     legend = {int(c["id"]): c["name"] for c in ckpt.classes}
     if "classes" in cfg.model_fields_set and cfg.class_names() != legend:

@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 # URL scheme -> GDAL virtual file system prefix
@@ -228,6 +228,15 @@ def _remote_error(loc: str, exc: BaseException) -> StorageError:
     return StorageError(f"{loc}: {reason}", loc, reason)
 
 
+def writable_output(loc: str | Path) -> str:
+    """``loc`` made absolute, for a job to write its outputs under; ``StorageError`` where it
+    cannot be (a read-only scheme, an unknown one)."""
+    out = absolute(loc)
+    if scheme(out) in READ_ONLY:
+        raise StorageError(f"{out}: {scheme(out)} locations are read-only; give a writable output location")
+    return out
+
+
 def _writable(loc: str) -> None:
     if scheme(loc) in READ_ONLY:
         raise StorageError(f"{loc}: {scheme(loc)} locations are read-only")
@@ -261,27 +270,22 @@ def is_dir(loc: str) -> bool:
 
 
 def read_bytes(loc: str) -> bytes:
-    if not is_url(loc):
-        try:
-            return Path(loc).read_bytes()
-        except OSError as exc:
-            raise StorageError(f"{loc}: {exc.strerror or exc}") from None
-    import obstore
-
-    store, key = _split(loc)
-    try:
-        return bytes(obstore.get(store, key).bytes())
-    except Exception as exc:
-        raise _remote_error(loc, exc) from None
+    return cast(bytes, _read(loc, missing_ok=False))
 
 
 def read_if_exists(loc: str) -> bytes | None:
     """``loc``'s bytes, or None when there is no such file or object (one request, not two)."""
+    return _read(loc, missing_ok=True)
+
+
+def _read(loc: str, missing_ok: bool) -> bytes | None:
     if not is_url(loc):
         try:
             return Path(loc).read_bytes()
         except FileNotFoundError:
-            return None
+            if missing_ok:
+                return None
+            raise StorageError(f"{loc}: No such file or directory") from None
         except OSError as exc:
             raise StorageError(f"{loc}: {exc.strerror or exc}") from None
     import obstore
@@ -290,7 +294,7 @@ def read_if_exists(loc: str) -> bytes | None:
     try:
         return bytes(obstore.get(store, key).bytes())
     except Exception as exc:
-        if _not_found(exc):
+        if missing_ok and _not_found(exc):
             return None
         raise _remote_error(loc, exc) from None
 

@@ -338,11 +338,9 @@ def train(cfg: TrainConfig) -> str:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     try:
-        out = storage.absolute(cfg.out)
+        out = storage.writable_output(cfg.out)
     except storage.StorageError as exc:
         raise ConfigError(str(exc)) from None
-    if storage.scheme(out) in storage.READ_ONLY:
-        raise ConfigError(f"{out}: {storage.scheme(out)} locations are read-only; give a writable out")
     n_classes, n_bands = len(cfg.classes), len(cfg.data.bands)
     if [c.id for c in cfg.classes] != list(range(n_classes)):
         raise ConfigError("classes must have ids 0..N-1 in order for training")

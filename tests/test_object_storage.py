@@ -69,6 +69,20 @@ def area_per_class(gdf: gpd.GeoDataFrame) -> dict[int, float]:
     return {int(k): round(float(v), 3) for k, v in gdf.groupby("class_id")["area_m2"].sum().items()}
 
 
+def assert_same_as_local(out: str, local_reference: Path) -> None:
+    """The mosaic in the store (opened through zarr's store over obstore) is bitwise the local
+    run's, with its CRS and transform; its polygons have the same count and area per class."""
+    got = xr.open_zarr(storage.zarr_store(f"{out}/mosaic.zarr", read_only=True))
+    want = xr.open_zarr(local_reference / "mosaic.zarr")
+    assert got.rio.crs == want.rio.crs and got.rio.transform() == want.rio.transform()
+    np.testing.assert_array_equal(got["classes"].values, want["classes"].values)
+    np.testing.assert_array_equal(got["confidence"].values, want["confidence"].values)
+    with storage.local_copy(f"{out}/polygons.gpkg") as gpkg:
+        polygons = gpd.read_file(gpkg)
+    reference = gpd.read_file(local_reference / "polygons.gpkg")
+    assert len(polygons) == len(reference) > 0 and area_per_class(polygons) == area_per_class(reference)
+
+
 @pytest.fixture
 def isolated_workers(tmp_path):
     """A `dask scheduler` and two `dask worker` processes, each worker started in an empty folder
@@ -111,15 +125,10 @@ def test_a_run_with_only_s3_urls_on_isolated_workers_equals_the_local_run(
     )  # fmt: skip
     result = run(cfg)
     assert result.ok, (result.failed_scenes, result.failed_blocks)
-    got, want = mosaic_of(out), xr.open_zarr(local_reference / "mosaic.zarr")
-    assert got.rio.crs == want.rio.crs and got.rio.transform() == want.rio.transform()
+    assert_same_as_local(out, local_reference)
+    got, want = mosaic_of(out), xr.open_zarr(local_reference / "mosaic.zarr")  # as users open it: fsspec
+    assert got.rio.crs == want.rio.crs
     np.testing.assert_array_equal(got["classes"].values, want["classes"].values)
-    np.testing.assert_array_equal(got["confidence"].values, want["confidence"].values)
-    with storage.local_copy(f"{out}/polygons.gpkg") as gpkg:
-        polygons = gpd.read_file(gpkg)
-    reference = gpd.read_file(local_reference / "polygons.gpkg")
-    assert len(polygons) == len(reference) > 0
-    assert area_per_class(polygons) == area_per_class(reference)
     manifest = json.loads(storage.read_text(f"{out}/manifest.json"))
     assert manifest["status"] == "finished" and manifest["inputs"] == [remote["cog"]]
     assert manifest["scenes"][0]["path"] == remote["cog"] and manifest["model"]["checkpoint"] == remote["checkpoint"]
@@ -353,15 +362,7 @@ def test_a_run_on_azure_blob_storage_equals_the_local_run(
     )  # fmt: skip
     result = run(cfg, client2)
     assert result.ok, (result.failed_scenes, result.failed_blocks)
-    got = xr.open_zarr(storage.zarr_store(f"{out}/mosaic.zarr", read_only=True))
-    want = xr.open_zarr(local_reference / "mosaic.zarr")
-    assert got.rio.crs == want.rio.crs and got.rio.transform() == want.rio.transform()
-    np.testing.assert_array_equal(got["classes"].values, want["classes"].values)
-    np.testing.assert_array_equal(got["confidence"].values, want["confidence"].values)
-    with storage.local_copy(f"{out}/polygons.gpkg") as gpkg:
-        polygons = gpd.read_file(gpkg)
-    reference = gpd.read_file(local_reference / "polygons.gpkg")
-    assert len(polygons) == len(reference) > 0 and area_per_class(polygons) == area_per_class(reference)
+    assert_same_as_local(out, local_reference)
     manifest = json.loads(storage.read_text(f"{out}/manifest.json"))
     assert manifest["status"] == "finished" and manifest["scenes"][0]["path"] == scene
     assert storage.exists(f"{out}/quicklook.png") and storage.exists(f"{out}/item.json")
