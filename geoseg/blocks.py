@@ -172,6 +172,23 @@ def finish_task(
         return {"block": block.key, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
 
 
+def polygon_halo(vector: VectorConfig) -> int:
+    """Pixels around a block that its polygons depend on: the sieve's and the hole filling's reach."""
+    return vectorize.sieve_halo(vector.mmu_pixels) + vectorize.sieve_halo(vector.fill_holes_pixels)
+
+
+def sieve_reach(block: Block, by_index: dict[tuple[int, int], Block], halo: int, block_size: int) -> list[Block]:
+    """The blocks whose pixels ``block``'s polygons read (itself first): every block within
+    ``halo`` pixels of it, however many blocks wide the halo is."""
+    k = -(-halo // block_size)
+    return [block] + [
+        by_index[(r, c)]
+        for r in range(block.row - k, block.row + k + 1)
+        for c in range(block.col - k, block.col + k + 1)
+        if (r, c) != (block.row, block.col) and (r, c) in by_index
+    ]
+
+
 def polygonize_task(
     block: Block, *after: dict[str, Any], out: str, grid: OutputGrid, vector: VectorConfig
 ) -> vectorize.BlockPolygons:
@@ -180,7 +197,7 @@ def polygonize_task(
     says it holds no class has no polygon."""
     if after and not has_classes(after[0]):
         return vectorize.BlockPolygons()
-    halo = vectorize.sieve_halo(vector.mmu_pixels) + vectorize.sieve_halo(vector.fill_holes_pixels)
+    halo = polygon_halo(vector)
     r0, r1 = max(0, block.rows.start - halo), min(grid.height, block.rows.stop + halo)
     c0, c1 = max(0, block.cols.start - halo), min(grid.width, block.cols.stop + halo)
     store = storage.join(out, MOSAIC_NAME)

@@ -14,12 +14,13 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from typing import Any
 
-from distributed import Client
+from distributed import Client, Future
 from pydantic import ValidationError
 
 from geoseg import mosaic, partials, runstate, stac_item, storage
-from geoseg.blocks import PARTIALS_DIR, has_classes, polygonize_task, scene_layers
+from geoseg.blocks import PARTIALS_DIR, has_classes, polygon_halo, polygonize_task, scene_layers, sieve_reach
 from geoseg.cluster import dask_client, torch_threads_per_worker
 from geoseg.config import ChangeConfig, ConfigError, RunConfig, apply_overrides, format_validation_error, load_config
 from geoseg.export import ExportResult, export_layers
@@ -30,7 +31,7 @@ from geoseg.planning import RunPlan, plan_run
 from geoseg.polygons import blocks_with_classes, layer_file_sink, submit_layers, submit_parts, write_polygons
 from geoseg.quicklook import write_quicklook
 from geoseg.runstate import MANIFEST_NAME, Lease, RunError, prepare_output
-from geoseg.segmentation import collect_blocks, empty_scenes, submit_blocks
+from geoseg.segmentation import SubmittedBlocks, collect_blocks, empty_scenes, submit_blocks
 from geoseg.tiling import iter_blocks
 from geoseg.transitions import ChangeResult, change_runs
 
@@ -124,17 +125,12 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
     block_records = {k: {**v, "reused": True} for k, v in reused.items() if v.get("status") == "done"}
     polygonize = partial(polygonize_task, out=str(out), grid=grid, vector=cfg.vector) if cfg.output.polygons else None
     submitted = submit_blocks(client, blocks, todo, layers, plan, settings, lease, ckpt.n_classes, polygonize)
+    layers = polygon_tasks(client, plan, block_records, submitted) if cfg.output.polygons else []
     sink, polygons_path = None, None
-    if cfg.output.polygons:
-        # Each block to do is polygonized on the workers as soon as it (and what its sieve
-        # reads) is final, while the other blocks are segmented; reused blocks at once.
-        reused_with_classes = [b for b in blocks if has_classes(block_records.get(b.key))]
-        part_of = {b.key: part for b, part in submit_parts(client, reused_with_classes, out, grid, cfg.vector)}
-        part_of.update(submitted.parts)
-        parts = [(b, part_of[b.key]) for b in blocks if b.key in part_of]
-        sink, polygons_path = layer_file_sink(submit_layers(client, parts, grid, legend, cfg.vector), grid, out)
-        del parts, part_of  # the layers hold what they need: the workers drop the rest
     try:
+        if cfg.output.polygons:
+            sink, polygons_path = layer_file_sink(layers, grid, out)
+        del layers
         block_records.update(collect_blocks(submitted, out, lease, sink))
         count = sink.close() if sink is not None else 0
         # the polygons' share after the last block: the last blocks' polygons, the merge, the writes
@@ -218,6 +214,30 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
         ),
     )
     return result
+
+
+def polygon_tasks(
+    client: Client, plan: RunPlan, records: dict[str, dict[str, Any]], submitted: SubmittedBlocks
+) -> list[Future]:
+    """The run's polygon layer as tasks: each block to do is polygonized on the workers as soon
+    as it (and what its sieve reads) is final, while other blocks are segmented; a reused block
+    at once, or once the blocks to do that its sieve reads are final."""
+    blocks, grid, vector = plan.blocks, plan.grid, plan.cfg.vector
+    reused = [b for b in blocks if has_classes(records.get(b.key))]
+    by_index, halo = {(b.row, b.col): b for b in blocks}, polygon_halo(vector)
+    after = {
+        b.key: [records[b.key]]
+        + [
+            submitted.step2_of[n.key]
+            for n in sieve_reach(b, by_index, halo, plan.cfg.output.block_size)[1:]
+            if n.key in submitted.step2_of
+        ]
+        for b in reused
+    }
+    part_of = {b.key: part for b, part in submit_parts(client, reused, plan.out, grid, vector, after=after)}
+    part_of.update(submitted.parts)
+    parts = [(b, part_of[b.key]) for b in blocks if b.key in part_of]
+    return submit_layers(client, parts, grid, plan.legend, vector)
 
 
 def run_config_of(out: str, overrides: list[str]) -> RunConfig:

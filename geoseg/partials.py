@@ -39,8 +39,11 @@ def _rect_from_list(v: list[int]) -> Rect:
     return Rect(Span(v[0], v[1]), Span(v[2], v[3]))
 
 
-def _array_loc(layer: str, name: str) -> str:
-    return storage.join(layer, f"{name}.npy.zst" if storage.is_url(layer) else f"{name}.npy")
+def _array_loc(layer: str, name: str, legacy: bool = False) -> str:
+    """Where an array of a layer lies: ``.npy.zst`` on a store, ``.npy`` on a disk and in the
+    blocks that versions before the layer index saved (``legacy``)."""
+    compressed = storage.is_url(layer) and not legacy
+    return storage.join(layer, f"{name}.npy.zst" if compressed else f"{name}.npy")
 
 
 def _encode(loc: str, array: np.ndarray) -> bytes:
@@ -111,6 +114,7 @@ def load_layers(
     if asked, and only the frames that overlap ``within`` (the reader's block: the others add
     nothing there). Local frames are memory-mapped (a neighbour reads only the rows it needs);
     objects are fetched concurrently."""
+    legacy = index is None  # saved before records held the index: uncompressed everywhere
     index = _index_of(folder) if index is None else index
     wanted: list[tuple[str, str, str]] = []  # layer, array name, location
     for name, meta in index.items():
@@ -121,7 +125,7 @@ def load_layers(
             for k, rect in enumerate(meta["frames"])
             if within is None or _overlaps(_rect_from_list(rect), within)
         ]
-        wanted += [(name, array_name, _array_loc(layer, array_name)) for array_name in names]
+        wanted += [(name, array_name, _array_loc(layer, array_name, legacy)) for array_name in names]
     locs = [loc for _, _, loc in wanted]
     if storage.is_url(folder):
         arrays = [_decode(loc, data) for loc, data in zip(locs, storage.read_many(locs), strict=True)]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import geopandas as gpd
 from distributed import Client, Future, as_completed
@@ -44,8 +45,13 @@ def stream_polygons(
     ``task(block, out=, grid=, vector=)`` polygonizes a block (default: the class mosaic's);
     see :func:`submit_layers` and :func:`write_layers`.
     """
-    parts = submit_parts(client, blocks, out, grid, vector, task)
-    return write_layers(submit_layers(client, parts, grid, legend, vector), writers, finish)
+    try:
+        layers = submit_layers(client, submit_parts(client, blocks, out, grid, vector, task), grid, legend, vector)
+    except BaseException:  # nothing submitted: nothing to write, and no staging left behind
+        for writer, _ in writers:
+            writer.abort()
+        raise
+    return write_layers(layers, writers, finish)
 
 
 def submit_parts(
@@ -55,12 +61,26 @@ def submit_parts(
     grid: OutputGrid,
     vector: VectorConfig,
     task: Callable[..., vectorize.BlockPolygons] | None = None,
+    after: dict[str, list[Any]] | None = None,
 ) -> list[tuple[Block, Future]]:
-    """Each block's polygons as a task (``task``, default :func:`geoseg.blocks.polygonize_task`)."""
+    """Each block's polygons as a task (``task``, default :func:`geoseg.blocks.polygonize_task`),
+    given ``after[block key]``: its own record, then the tasks it must wait for."""
     stamp = time.time_ns()
     task = task or polygonize_task
+    after = after or {}
     return [
-        (b, client.submit(task, b, out=str(out), grid=grid, vector=vector, key=f"polygonize-{b.key}-{stamp}"))
+        (
+            b,
+            client.submit(
+                task,
+                b,
+                *after.get(b.key, []),
+                out=str(out),
+                grid=grid,
+                vector=vector,
+                key=f"polygonize-{b.key}-{stamp}",
+            ),
+        )
         for b in blocks
     ]
 

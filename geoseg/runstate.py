@@ -83,10 +83,7 @@ def ensure_output_folder(out: str) -> bool:
         raise RunError(f"{out}: the output exists and is not a folder")
     try:
         created = not storage.is_dir(out)
-        storage.make_dirs(state(out))
-        probe = state(out, f".write-test-{uuid.uuid4().hex[:8]}")
-        storage.write_bytes(probe, b"")
-        storage.delete(probe)
+        storage.probe_writable(state(out))
     except storage.StorageError as exc:
         raise RunError(f"cannot write the output folder: {exc}") from None
     except OSError as exc:

@@ -12,7 +12,7 @@ from typing import Any
 from distributed import Client, Future, as_completed
 
 from geoseg import partials, storage
-from geoseg.blocks import PARTIALS_DIR, block_graph, finish_task, predict_task, work_order
+from geoseg.blocks import PARTIALS_DIR, block_graph, finish_task, polygon_halo, predict_task, sieve_reach, work_order
 from geoseg.inference import InferenceSettings
 from geoseg.planning import RunPlan
 from geoseg.polygons import LayerSink
@@ -20,7 +20,6 @@ from geoseg.progress import track
 from geoseg.runstate import Lease, RunError
 from geoseg.scenes import SceneInfo
 from geoseg.tiling import Block, reaching_blocks
-from geoseg.vectorize import sieve_halo
 
 
 def worker_slots(client: Client, resources: dict[str, float] | None) -> dict[str, int]:
@@ -39,6 +38,7 @@ class SubmittedBlocks:
     """The blocks' tasks on the cluster, as :func:`submit_blocks` left them."""
 
     step2: list[Future]  # one per block to do: its record
+    step2_of: dict[str, Future]  # the same by block key
     parts: dict[str, Future]  # block key -> its polygons, once it is final (when asked for)
     reach: dict[str, list[Block]]  # block key -> the blocks whose step 1 it reads, itself first
     readers: dict[str, int]  # block key -> how many step 2 read its partial results
@@ -106,18 +106,10 @@ def submit_blocks(
     )
     finish = partial(finish_task, n_classes=n_classes, out=str(out), run_id=lease.run_id)
     sieved = {}
-    if polygonize is not None:
-        halo = sieve_halo(cfg.vector.mmu_pixels) + sieve_halo(cfg.vector.fill_holes_pixels)
-        todo_keys = {b.key for b in todo}
-        sieved = {  # the block first, then the blocks to do within its sieve's halo
-            b.key: [b]
-            + [
-                by_index[(r, c)]
-                for r in range(b.row - 1, b.row + 2)
-                for c in range(b.col - 1, b.col + 2)
-                if halo and (r, c) != (b.row, b.col) and by_index.get((r, c)) and by_index[(r, c)].key in todo_keys
-            ]
-            for b in todo
+    if polygonize is not None:  # each block's polygons wait for the blocks to do that its sieve reads
+        halo, todo_keys = polygon_halo(cfg.vector), {b.key for b in todo}
+        sieved = {
+            b.key: [n for n in sieve_reach(b, by_index, halo, size) if n is b or n.key in todo_keys] for b in todo
         }
     step2, parts = block_graph(needed, todo, reach, order, layers, predict, finish, tag, resources, polygonize, sieved)
     # One submission: the scheduler sees every step 1 at once and queues them (it assigns the
@@ -125,6 +117,7 @@ def submit_blocks(
     futures = client.compute([*step2, *parts], optimize_graph=False)
     return SubmittedBlocks(
         futures[: len(step2)],
+        {b.key: fut for b, fut in zip(todo, futures[: len(step2)], strict=True)},
         {b.key: fut for b, fut in zip(todo, futures[len(step2) :], strict=False)},
         reach,
         readers,
@@ -142,12 +135,15 @@ def collect_blocks(
     layers = sink.layers if sink is not None else []
     step2 = set(submitted.step2)
     description = "segmenting blocks" + (", polygons" if layers else "")
-    for fut in track(
-        as_completed([*submitted.step2, *layers]), total=len(step2) + len(layers), description=description
-    ):
+    tasks = [*submitted.step2, *layers]
+    polygon_error: BaseException | None = None
+    for fut in track(as_completed(tasks), total=len(tasks), description=description):
         lease.check()
         if fut not in step2:
-            sink.add(fut)
+            try:
+                sink.add(fut)
+            except Exception as exc:  # the blocks still finish and commit (a rerun resumes)
+                polygon_error = polygon_error or exc
             continue
         rec = dict(fut.result())
         key = rec.pop("block")
@@ -160,6 +156,8 @@ def collect_blocks(
         if len(records) == len(step2):
             submitted.finished_at = time.perf_counter()
     submitted.finished_at = submitted.finished_at or time.perf_counter()
+    if polygon_error is not None:
+        raise polygon_error
     return records
 
 

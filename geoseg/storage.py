@@ -31,6 +31,7 @@ import posixpath
 import re
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -209,7 +210,7 @@ def _split(loc: str) -> tuple[Any, str]:
 
 
 def _not_found(exc: BaseException) -> bool:
-    return isinstance(exc, FileNotFoundError) or type(exc).__name__ == "NotFoundError" or "404" in str(exc)
+    return isinstance(exc, FileNotFoundError) or type(exc).__name__ == "NotFoundError" or "404 Not Found" in str(exc)
 
 
 def _remote_error(loc: str, exc: BaseException) -> StorageError:
@@ -226,6 +227,20 @@ def _remote_error(loc: str, exc: BaseException) -> StorageError:
         reason = text.strip().splitlines()[0] if text.strip() else kind
     reason = redact(reason)
     return StorageError(f"{loc}: {reason}", loc, reason)
+
+
+def probe_writable(folder: str) -> None:
+    """Create ``folder`` (a prefix on a store) and write and delete a small file in it: a job
+    learns that it cannot write its outputs before its work, not after; ``StorageError`` if not."""
+    probe = join(folder, f".write-test-{uuid.uuid4().hex[:8]}")
+    try:
+        make_dirs(folder)
+        write_bytes(probe, b"")
+        delete(probe)
+    except StorageError:
+        raise
+    except OSError as exc:
+        raise StorageError(f"{folder}: cannot write there ({exc.strerror or exc})") from None
 
 
 def writable_output(loc: str | Path) -> str:
@@ -604,7 +619,6 @@ class _ObjectWriter(io.RawIOBase):
 
     def __init__(self, loc: str) -> None:
         import queue
-        import threading
 
         self.loc, self._position = loc, 0
         self._buffer = bytearray()
@@ -634,6 +648,8 @@ class _ObjectWriter(io.RawIOBase):
         return True
 
     def write(self, data: Any) -> int:
+        if self.closed:
+            raise ValueError(f"{self.loc}: write to a closed or aborted upload")
         chunk = bytes(data)
         self._buffer += chunk
         if len(self._buffer) >= self.CHUNK:
@@ -658,8 +674,9 @@ class _ObjectWriter(io.RawIOBase):
                 super().close()
 
     def __del__(self) -> None:  # never complete a stream nobody closed: it may be half written
-        with contextlib.suppress(Exception):
-            self.abort()
+        if threading.current_thread() is not self._thread:  # the upload cannot wait for itself
+            with contextlib.suppress(Exception):
+                self.abort()
 
     def abort(self) -> None:
         """Drop the upload: no object is written and the store keeps no part of it."""
@@ -742,14 +759,26 @@ def gdal_settings(environ: dict[str, str] | None = None) -> dict[str, str]:
             settings[gdals] = env[theirs]
     azure = _endpoint("az", env)
     if azure and "AZURE_STORAGE_CONNECTION_STRING" not in env:
-        # GDAL takes a custom blob endpoint (Azurite, a sovereign cloud) only in a connection string
-        account = env.get("AZURE_STORAGE_ACCOUNT_NAME") or env.get("AZURE_STORAGE_ACCOUNT") or AZURITE_ACCOUNT
-        key = env.get("AZURE_STORAGE_ACCOUNT_KEY") or env.get("AZURE_STORAGE_ACCESS_KEY") or AZURITE_KEY
-        blob = azure.rstrip("/") + (f"/{account}" if _azure_emulator(env) else "")
+        # GDAL takes a custom blob endpoint (Azurite, a sovereign cloud) only in a connection
+        # string, with the account's key or a SAS token (Azurite's own where it is the emulator)
+        emulator = _azure_emulator(env)
+        account = env.get("AZURE_STORAGE_ACCOUNT_NAME") or env.get("AZURE_STORAGE_ACCOUNT")
+        account = account or (AZURITE_ACCOUNT if emulator else None)
+        key = env.get("AZURE_STORAGE_ACCOUNT_KEY") or env.get("AZURE_STORAGE_ACCESS_KEY")
+        key = key or (AZURITE_KEY if emulator else None)
+        sas = env.get("AZURE_STORAGE_SAS_TOKEN")
+        blob = azure.rstrip("/") + (f"/{account}" if emulator else "")
         protocol = urlsplit(blob).scheme or "https"
-        settings["AZURE_STORAGE_CONNECTION_STRING"] = (
-            f"DefaultEndpointsProtocol={protocol};AccountName={account};AccountKey={key};BlobEndpoint={blob};"
-        )
+        if account and key:
+            credential = f"AccountName={account};AccountKey={key}"
+        elif sas:
+            credential = f"SharedAccessSignature={sas.lstrip('?')}"
+        else:  # managed identity and the like: GDAL's own settings, at Azure's own endpoint
+            credential = None
+        if credential:
+            settings["AZURE_STORAGE_CONNECTION_STRING"] = (
+                f"DefaultEndpointsProtocol={protocol};{credential};BlobEndpoint={blob};"
+            )
     google = _endpoint("gs", env)
     if google:  # a GCS emulator or proxy: GDAL's name for it, which must end in a slash
         settings["CPL_GS_ENDPOINT"] = google.rstrip("/") + "/"

@@ -339,6 +339,7 @@ def train(cfg: TrainConfig) -> str:
     rng = np.random.default_rng(cfg.seed)
     try:
         out = storage.writable_output(cfg.out)
+        storage.probe_writable(out)  # before the epochs, not after them
     except storage.StorageError as exc:
         raise ConfigError(str(exc)) from None
     n_classes, n_bands = len(cfg.classes), len(cfg.data.bands)
@@ -443,7 +444,7 @@ def train(cfg: TrainConfig) -> str:
         },
     )
     path = storage.join(out, "model.safetensors")
-    with storage.staged(path) as local:  # uploaded whole: a checkpoint is never half there
+    with storage.staged(path) as local:  # on a store, uploaded whole once written
         save_checkpoint(ckpt, model.cpu(), local)
     metrics = {
         "history": history,

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 import geopandas as gpd
@@ -37,14 +39,15 @@ class LayerWriter:
         self.suffix = Path(storage.name(self.loc)).suffix
         if self.suffix not in (".gpkg", ".parquet"):
             raise ValueError(f"{self.loc}: batched writing supports .gpkg and .parquet")
+        # An older layer at the location stays until this one is closed, then is replaced whole.
         self._staging: str | None = None
         if storage.is_url(self.loc):
-            storage.delete(self.loc)  # an older layer must not outlive an empty new one
             self._staging = tempfile.mkdtemp(prefix="geoseg-layer-")
             self.path = Path(self._staging) / storage.name(self.loc)
-        else:
-            self.path = Path(self.loc)
-            self.path.unlink(missing_ok=True)
+        else:  # written beside its place (the same file system) and renamed into it when closed
+            final = Path(self.loc)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self.path = final.with_name(f".{final.stem}.tmp-{uuid.uuid4().hex[:8]}{final.suffix}")
         self.count = 0
         self._parquet = None
         self._sink = None
@@ -107,12 +110,15 @@ class LayerWriter:
         self._parquet.write_table(table.cast(self._schema))
 
     def close(self) -> None:
+        """Write what is held and put the layer in its place, replacing an older one whole."""
         self._flush()
         if self._parquet is not None:
             self._parquet.close()
             if self._sink is not None:
-                self._sink.close()
+                self._sink.close()  # the upload completes: the object is replaced at once
             self._parquet = self._sink = None
+        elif self.suffix == ".parquet":  # no row came: no file, and no older one either
+            storage.delete(self.loc)
         if self.suffix == ".gpkg":
             import pyogrio
 
@@ -120,7 +126,10 @@ class LayerWriter:
                 pyogrio.write_dataframe(
                     gpd.GeoDataFrame({"class_id": []}, geometry=[], crs=self.crs), self.path, layer=LAYER, driver="GPKG"
                 )
-            storage.upload(self.path, self.loc)
+            if self._staging is not None:
+                storage.upload(self.path, self.loc)
+        if self._staging is None and self.path.exists():
+            os.replace(self.path, self.loc)
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging = None

@@ -395,6 +395,14 @@ def test_gdal_gets_the_endpoints_the_cloud_tools_variables_name():
         "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=a2V5;"
         "BlobEndpoint=https://acct.blob.core.chinacloudapi.cn;"
     )
+    sas = storage.gdal_settings(
+        {"AZURE_STORAGE_ENDPOINT": "https://x.blob.example", "AZURE_STORAGE_SAS_TOKEN": "?sv=1"}
+    )
+    assert sas["AZURE_STORAGE_CONNECTION_STRING"].startswith(
+        "DefaultEndpointsProtocol=https;SharedAccessSignature=sv=1;"
+    )
+    # no key, no token (a managed identity): GDAL keeps its own settings, nobody else's key
+    assert "AZURE_STORAGE_CONNECTION_STRING" not in storage.gdal_settings({"AZURE_STORAGE_ENDPOINT": "https://x"})
     emulator = storage.gdal_settings({"AZURE_STORAGE_USE_EMULATOR": "true"})
     assert "BlobEndpoint=http://127.0.0.1:10000/devstoreaccount1;" in emulator["AZURE_STORAGE_CONNECTION_STRING"]
     # what the user set is theirs: never replaced
@@ -433,3 +441,45 @@ def test_a_stream_to_the_store_that_fails_leaves_no_object_and_no_upload_parts(r
     writer.write(polygons)
     writer.abort()
     assert not storage.exists(layer) and pending() == 0
+
+
+@pytest.mark.parametrize("where", ["local", "store"])
+def test_partials_round_trip_and_older_blocks_still_load(where, tmp_path, remote):
+    """Step-1 results saved, then read back as a neighbour reads them (only the frames that
+    overlap its block); a block saved before records held the layer index (a meta.json per
+    layer, uncompressed arrays) still loads, so a run started by an older version resumes."""
+    import io
+
+    from geoseg import partials
+    from geoseg.segment import Frame, Partial
+    from geoseg.tiling import Rect, Span
+
+    rng = np.random.default_rng(1)
+    frames = [  # above, and reaching in from the left of, a block at rows/cols 64..128
+        Frame(Rect(Span(40, 64), Span(40, 150)), rng.integers(0, 99, (8, 24, 110), dtype=np.int32)),
+        Frame(Rect(Span(64, 128), Span(40, 70)), rng.integers(0, 99, (8, 64, 30), dtype=np.int32)),
+    ]
+    interior = Rect(Span(0, 40), Span(0, 40))
+    layer = Partial(interior, rng.integers(0, 7, (40, 40), dtype=np.uint8), np.full((40, 40), 80, np.uint8), frames, 9)
+    root = str(tmp_path) if where == "local" else f"{remote['bucket']}/partials-{os.getpid()}"
+    record = {"status": "done", "tiles": 9, "layers": partials.layer_index({"all": layer})}
+    partials.save_block(storage.join(root, "new"), {"all": layer}, record)
+    assert partials.load_record(storage.join(root, "new")) == record
+    assert partials.load_record(storage.join(root, "absent")) is None
+    below = Rect(Span(64, 128), Span(64, 128))  # the first frame lies wholly outside it
+    loaded = partials.load_layers(storage.join(root, "new"), record["layers"], interior=False, within=below)["all"]
+    assert [f.rect for f in loaded.frames] == [frames[1].rect]
+    np.testing.assert_array_equal(loaded.frames[0].sums, frames[1].sums)
+
+    old = storage.join(root, "old", "all")  # the layout of earlier versions
+    for name, array in [("classes", layer.classes), ("confidence", layer.confidence)] + [
+        (f"frame{k}", f.sums) for k, f in enumerate(frames)
+    ]:
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        storage.write_bytes(storage.join(old, f"{name}.npy"), buffer.getvalue())
+    storage.write_text(storage.join(old, "meta.json"), json.dumps(record["layers"]["all"]))
+    storage.write_text(storage.join(root, "old", "record.json"), json.dumps({"status": "done", "tiles": 9}))
+    legacy = partials.load_layers(storage.join(root, "old"))["all"]
+    np.testing.assert_array_equal(legacy.classes, layer.classes)
+    assert [f.rect for f in legacy.frames] == [f.rect for f in frames] and legacy.tiles == 9

@@ -132,3 +132,10 @@ def test_training_reads_its_pairs_from_a_store_and_writes_its_outputs_there(tmp_
     assert storage.read_bytes(f"{out}/training.png")[:4] == b"\x89PNG"
     with pytest.raises(ConfigError, match="read-only"):
         train(tiny(remote, "https://example.org/out"))
+
+
+def test_an_output_that_cannot_be_written_is_named_before_any_epoch(tmp_path, pairs):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match="a-file"):
+        train(tiny(pairs, blocker / "out", "optim.epochs=50"))  # 50 epochs would take minutes

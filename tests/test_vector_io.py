@@ -68,3 +68,27 @@ def test_geoparquet_is_1_1_with_a_bbox_covering_that_filters(tmp_path, monkeypat
     band = gpd.read_parquet(tmp_path / "layer.parquet", bbox=(500_001, 4_999_971, 500_099, 4_999_979))
     assert sorted(set(band["class_id"])) == [3]
     assert len(gpd.read_parquet(tmp_path / "layer.parquet")) == 50
+
+
+@pytest.mark.parametrize("suffix", [".gpkg", ".parquet"])
+def test_an_older_layer_stays_until_the_new_one_is_closed_and_an_aborted_one_leaves_it(tmp_path, suffix):
+    def polygons(n: int) -> gpd.GeoDataFrame:
+        boxes = [shapely.box(i, 0, i + 1, 1) for i in range(n)]
+        return gpd.GeoDataFrame({"class_id": [1] * n}, geometry=boxes, crs="EPSG:32633")
+
+    def rows() -> int:
+        path = tmp_path / f"polygons{suffix}"
+        return len(gpd.read_parquet(path) if suffix == ".parquet" else gpd.read_file(path))
+
+    older = LayerWriter(tmp_path / f"polygons{suffix}", "EPSG:32633")
+    older.write(polygons(3))
+    older.close()
+    newer = LayerWriter(tmp_path / f"polygons{suffix}", "EPSG:32633")
+    newer.write(polygons(9000))  # past a batch: rows reach a file, not the place of the layer
+    assert rows() == 3
+    newer.abort()  # a failed run: the older layer is all there is, and nothing else is left
+    assert rows() == 3 and sorted(p.name for p in tmp_path.iterdir()) == [f"polygons{suffix}"]
+    newest = LayerWriter(tmp_path / f"polygons{suffix}", "EPSG:32633")
+    newest.write(polygons(5))
+    newest.close()
+    assert rows() == 5

@@ -257,3 +257,18 @@ def test_straight_vertices_are_dropped_as_simplify_drops_them(labels):
     assert shapely.equals(got, polygons).all()
     assert (shapely.get_num_coordinates(got) == shapely.get_num_coordinates(want)).all()
     assert shapely.get_num_coordinates(got[1]) == 5 and shapely.get_num_interior_rings(got[0]) == 1
+
+
+def test_a_blocks_polygons_wait_for_every_block_its_sieve_reads():
+    from geoseg.blocks import sieve_reach
+
+    blocks = {(b.row, b.col): b for b in iter_blocks(640, 640, 128)}  # 5 x 5 blocks
+    centre = blocks[(2, 2)]
+    assert sieve_reach(centre, blocks, 0, 128) == [centre]
+    assert {(b.row, b.col) for b in sieve_reach(centre, blocks, 100, 128)} == {
+        (r, c) for r in (1, 2, 3) for c in (1, 2, 3)
+    }
+    wide = sieve_reach(centre, blocks, 129, 128)  # a halo wider than a block reaches two blocks away
+    assert len(wide) == 25 and wide[0] is centre
+    corner = sieve_reach(blocks[(0, 0)], blocks, 129, 128)
+    assert {(b.row, b.col) for b in corner} == {(r, c) for r in range(3) for c in range(3)}
