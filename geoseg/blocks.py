@@ -200,13 +200,14 @@ def polygonize_task(
     halo = polygon_halo(vector)
     r0, r1 = max(0, block.rows.start - halo), min(grid.height, block.rows.stop + halo)
     c0, c1 = max(0, block.cols.start - halo), min(grid.width, block.cols.stop + halo)
-    store = storage.join(out, MOSAIC_NAME)
-    classes = mosaic.read_region(store, slice(r0, r1), slice(c0, c1))
+    rows, cols = slice(block.rows.start, block.rows.stop), slice(block.cols.start, block.cols.stop)
+    classes, confidence = mosaic.read_regions(
+        storage.join(out, MOSAIC_NAME),
+        [(mosaic.CLASSES, slice(r0, r1), slice(c0, c1)), (mosaic.CONFIDENCE, rows, cols)],
+    )
     inner = (slice(block.rows.start - r0, block.rows.stop - r0), slice(block.cols.start - c0, block.cols.stop - c0))
     classes = vectorize.sieve(classes, vector.mmu_pixels)
     classes = vectorize.sieve(classes, vector.fill_holes_pixels, enclosed_only=True)[inner]
-    rows, cols = slice(block.rows.start, block.rows.stop), slice(block.cols.start, block.cols.stop)
-    confidence = mosaic.read_region(store, rows, cols, mosaic.CONFIDENCE)
     return vectorize.polygonize_block(classes, block, grid.affine, grid.height, grid.width, confidence)
 
 

@@ -321,6 +321,13 @@ def read_region(path: str | Path, rows: slice, cols: slice, name: str = CLASSES)
     return open_array(path, name)[rows, cols]
 
 
+def read_regions(path: str | Path, regions: list[tuple[str, slice, slice]]) -> list[np.ndarray]:
+    """Each ``(name, rows, cols)`` region of the store's arrays, their metadata read at once
+    from the consolidated metadata (on an object store, one GET instead of one per array)."""
+    group = zarr.open_group(storage.zarr_store(str(path), read_only=True), mode="r")
+    return [group[name][rows, cols] for name, rows, cols in regions]
+
+
 def read_attrs(path: str | Path) -> dict[str, Any]:
     """geoseg's attributes of a store (georeference, legend, fingerprint)."""
     return zarr.open_group(storage.zarr_store(str(path), read_only=True), mode="r").attrs["geoseg"]
