@@ -252,11 +252,16 @@ def export_layers(out: str, cfg: RunConfig, client: Client, manifest: dict) -> E
     targets: list[tuple[str, str | None]] = [("", None)]
     if cfg.vector.reproject_to:
         targets.append(("_" + cfg.vector.reproject_to.replace(":", "").lower(), cfg.vector.reproject_to))
-    writers = []
-    for tag, crs in targets:
-        # FlatGeobuf cannot grow: it is converted from the GeoPackage at the end.
-        for suffix in {".gpkg"} | {SUFFIX[f] for f in cfg.vector.formats if f == "parquet"}:
-            writers.append((LayerWriter(at(f"polygons{tag}{suffix}"), crs or grid.crs_wkt), crs))
+    writers: list[tuple[LayerWriter, str | None]] = []
+    try:
+        for tag, crs in targets:
+            # FlatGeobuf cannot grow: it is converted from the GeoPackage at the end.
+            for suffix in {".gpkg"} | {SUFFIX[f] for f in cfg.vector.formats if f == "parquet"}:
+                writers.append((LayerWriter(at(f"polygons{tag}{suffix}"), crs or grid.crs_wkt), crs))
+    except BaseException:  # the layers begun are dropped: no staging left behind
+        for writer, _ in writers:
+            writer.abort()
+        raise
     count = stream_polygons(client, blocks, grid, out, legend, writers, cfg.vector)
     for tag, _ in targets:
         if "fgb" in cfg.vector.formats:

@@ -81,22 +81,10 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
 def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
     """The run of ``plan`` on ``client``, holding OUT's ``lease``."""
     t0 = time.perf_counter()
-    cfg, out, ckpt, grid, scenes, legend = plan.cfg, plan.out, plan.ckpt, plan.grid, plan.scenes, plan.legend
+    cfg, out, ckpt, grid, scenes = plan.cfg, plan.out, plan.ckpt, plan.grid, plan.scenes
     failed_scenes = dict(plan.failed_scenes)
-    reused = prepare_output(out, plan.fingerprint, cfg.output.overwrite, MOSAIC_NAME)
-    runstate.mark_running(out, lease.run_id, plan.fingerprint, len(plan.blocks))
+    reused = start_output(plan, lease)
     mosaic_path = storage.join(out, MOSAIC_NAME)
-    if not reused:
-        colors = {int(c["id"]): c.get("color", "#808080") for c in ckpt.classes}
-        mosaic.create_mosaic(
-            mosaic_path,
-            grid,
-            cfg.output.block_size,
-            legend,
-            colors,
-            attrs={"model_sha256": ckpt.sha256, "fingerprint": plan.fingerprint},
-            zarr_format=cfg.output.zarr_format,
-        )
     settings = InferenceSettings(
         storage.absolute(ckpt.path),
         cfg.model.batch_size,
@@ -168,52 +156,90 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
 
     quicklook = write_quicklook(mosaic_path, storage.join(out, QUICKLOOK_NAME))
     lease.check()
-    manifest_loc = storage.join(out, MANIFEST_NAME)
-    result = RunResult(out, mosaic_path, polygons_path, manifest_loc, failed_scenes, failed_blocks, quicklook)
-    manifest = RunManifest(
-        status=runstate.INCOMPLETE if failed_blocks else runstate.FINISHED,
-        run_id=lease.run_id,
+    outputs = {"mosaic": mosaic_path, "polygons": polygons_path, "quicklook": quicklook}
+    summary = Summary(
+        blocks=len(blocks),
+        computed=len(todo),
+        reused=len(reused),
+        without_data=len(empty),
+        failed_blocks=len(failed_blocks),
+        failed_scenes=len(failed_scenes),
+        tiles=sum(int(r.get("tiles", 0)) for r in block_records.values()),
+    )
+    timings = Timings(
+        forward_s=round(forward_s, 3),
+        model_share=round(forward_s / task_s, 3) if task_s else None,
+        segment_s=round(t_segment, 3),
+        vectorize_s=round(t_vec, 3),
+        total_s=round(time.perf_counter() - t0, 3),
+    )
+    manifest = run_manifest(plan, lease.run_id, block_records, failed_scenes, unused, summary, timings, outputs)
+    manifest_loc = finish_output(plan, manifest)
+    return RunResult(out, mosaic_path, polygons_path, manifest_loc, failed_scenes, failed_blocks, quicklook)
+
+
+def start_output(plan: RunPlan, lease: Lease) -> dict[str, dict[str, Any]]:
+    """OUT made ready for ``plan``: a changed run's blocks dropped, the manifest saying
+    ``running``, the mosaic created unless blocks are reused; the reused blocks' records."""
+    cfg, ckpt = plan.cfg, plan.ckpt
+    reused = prepare_output(plan.out, plan.fingerprint, cfg.output.overwrite, MOSAIC_NAME)
+    runstate.mark_running(plan.out, lease.run_id, plan.fingerprint, len(plan.blocks))
+    if not reused:
+        mosaic.create_mosaic(
+            storage.join(plan.out, MOSAIC_NAME),
+            plan.grid,
+            cfg.output.block_size,
+            plan.legend,
+            {int(c["id"]): c.get("color", "#808080") for c in ckpt.classes},
+            attrs={"model_sha256": ckpt.sha256, "fingerprint": plan.fingerprint},
+            zarr_format=cfg.output.zarr_format,
+        )
+    return reused
+
+
+def run_manifest(
+    plan: RunPlan,
+    run_id: str,
+    block_records: dict[str, dict[str, Any]],
+    failed_scenes: dict[str, str],
+    unused: list[str],
+    summary: Summary,
+    timings: Timings,
+    outputs: dict[str, str | None],
+) -> RunManifest:
+    """What a run did, as its manifest records it."""
+    ckpt, grid = plan.ckpt, plan.grid
+    return RunManifest(
+        status=runstate.INCOMPLETE if summary.failed_blocks else runstate.FINISHED,
+        run_id=run_id,
         geoseg_version=_version(),
-        inputs=list(cfg.inputs),
+        inputs=list(plan.cfg.inputs),
         scenes=[
             SceneRecord(path=s.path, status="unused" if s.path in unused else "ok", acquired=s.acquired)
-            for s in scenes
+            for s in plan.scenes
             if s.path not in failed_scenes
         ]
         + [SceneRecord(path=p, status="failed", error=r) for p, r in failed_scenes.items()],
         model=ModelRecord(checkpoint=ckpt.path, sha256=ckpt.sha256, arch=ckpt.arch, bands=ckpt.bands),
-        config=cfg.model_dump(mode="json"),
+        config=plan.cfg.model_dump(mode="json"),
         fingerprint=plan.fingerprint,
         grid={**asdict(grid), "bounds": grid.bounds, "epsg": grid.crs.to_epsg()},
         blocks={k: BlockRecord.model_validate(v) for k, v in sorted(block_records.items())},
-        summary=Summary(
-            blocks=len(blocks),
-            computed=len(todo),
-            reused=len(reused),
-            without_data=len(empty),
-            failed_blocks=len(failed_blocks),
-            failed_scenes=len(failed_scenes),
-            tiles=sum(int(r.get("tiles", 0)) for r in block_records.values()),
-        ),
-        timings=Timings(
-            forward_s=round(forward_s, 3),
-            model_share=round(forward_s / task_s, 3) if task_s else None,
-            segment_s=round(t_segment, 3),
-            vectorize_s=round(t_vec, 3),
-            total_s=round(time.perf_counter() - t0, 3),
-        ),
-        outputs={"mosaic": mosaic_path, "polygons": polygons_path, "quicklook": quicklook},
+        summary=summary,
+        timings=timings,
+        outputs=outputs,
     )
+
+
+def finish_output(plan: RunPlan, manifest: RunManifest) -> str:
+    """The manifest, then the run's STAC item naming every output; the manifest's location."""
     record = manifest.model_dump(mode="json")
-    runstate.write_manifest(out, record)
-    outputs = [mosaic_path, polygons_path, quicklook, manifest_loc]
-    stac_item.write_item(
-        out,
-        stac_item.run_item(
-            out, record, legend, mosaic.read_colors(mosaic_path), [storage.name(loc) for loc in outputs if loc]
-        ),
-    )
-    return result
+    runstate.write_manifest(plan.out, record)
+    manifest_loc = storage.join(plan.out, MANIFEST_NAME)
+    names = [storage.name(loc) for loc in [*manifest.outputs.values(), manifest_loc] if loc]
+    colors = mosaic.read_colors(storage.join(plan.out, MOSAIC_NAME))
+    stac_item.write_item(plan.out, stac_item.run_item(plan.out, record, plan.legend, colors, names))
+    return manifest_loc
 
 
 def polygon_tasks(
