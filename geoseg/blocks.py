@@ -143,6 +143,7 @@ def finish_task(
                 storage.join(root, r["block"]), r.get("layers"), interior=r is own, within=bounds
             ),
             reaching,
+            remote=storage.is_url(root),
         )
         own_layers, others = loaded[0], loaded[1:]
         results = []
@@ -200,10 +201,9 @@ def polygonize_task(
     halo = polygon_halo(vector)
     r0, r1 = max(0, block.rows.start - halo), min(grid.height, block.rows.stop + halo)
     c0, c1 = max(0, block.cols.start - halo), min(grid.width, block.cols.stop + halo)
-    rows, cols = slice(block.rows.start, block.rows.stop), slice(block.cols.start, block.cols.stop)
     classes, confidence = mosaic.read_regions(
         storage.join(out, MOSAIC_NAME),
-        [(mosaic.CLASSES, slice(r0, r1), slice(c0, c1)), (mosaic.CONFIDENCE, rows, cols)],
+        [(mosaic.CLASSES, slice(r0, r1), slice(c0, c1)), (mosaic.CONFIDENCE, *block.region)],
     )
     inner = (slice(block.rows.start - r0, block.rows.stop - r0), slice(block.cols.start - c0, block.cols.stop - c0))
     classes = vectorize.sieve(classes, vector.mmu_pixels)

@@ -266,8 +266,7 @@ def create_mosaic(
 
 def write_region(path: Path, block: Block, arrays: dict[str, np.ndarray]) -> None:
     """Write one block's region of each named array; blocks are chunk-aligned, so writers never share a chunk."""
-    region = (slice(block.rows.start, block.rows.stop), slice(block.cols.start, block.cols.stop))
-    write_arrays(_open_for_writing(path), [(name, region, data) for name, data in arrays.items()])
+    write_arrays(_open_for_writing(path), [(name, block.region, data) for name, data in arrays.items()])
 
 
 def _open_for_writing(path: Path | str) -> zarr.Group:
@@ -291,18 +290,13 @@ def write_arrays(group: zarr.Group, writes: list[tuple[str, tuple[slice, slice],
         name, region, data = item
         stored[name][region] = data
 
-    if isinstance(group.store, zarr.storage.LocalStore):  # a disk: no latency to hide
-        for item in writes:
-            write(item)
-    else:
-        storage.concurrently(write, writes)
+    storage.concurrently(write, writes, remote=not isinstance(group.store, zarr.storage.LocalStore))
 
 
 def write_block(path: Path, block: Block, classes: np.ndarray, confidence: np.ndarray) -> None:
     """A block of the class mosaic, then the block's windows of every overview level (one chunk each)."""
     group = _open_for_writing(path)
-    region = (slice(block.rows.start, block.rows.stop), slice(block.cols.start, block.cols.stop))
-    writes = [(CLASSES, region, classes), (CONFIDENCE, region, confidence)]
+    writes = [(CLASSES, block.region, classes), (CONFIDENCE, block.region, confidence)]
     factors = group.attrs["geoseg"].get("overviews", [])
     for f, (level_classes, level_confidence) in overviews.levels(classes, confidence, factors).items():
         rows = slice(block.rows.start // f, block.rows.start // f + level_classes.shape[0])

@@ -98,15 +98,6 @@ def _index_of(folder: str) -> dict[str, dict[str, Any]]:
     return {storage.name(storage.parent(loc)): json.loads(storage.read_text(loc)) for loc in metas}
 
 
-def _overlaps(a: Rect, b: Rect) -> bool:
-    return (
-        a.rows.start < b.rows.stop
-        and b.rows.start < a.rows.stop
-        and a.cols.start < b.cols.stop
-        and (b.cols.start < a.cols.stop)
-    )
-
-
 def load_layers(
     folder: str, index: dict[str, dict[str, Any]] | None = None, interior: bool = True, within: Rect | None = None
 ) -> dict[str, Partial]:
@@ -123,11 +114,11 @@ def load_layers(
         names += [
             f"frame{k}"
             for k, rect in enumerate(meta["frames"])
-            if within is None or _overlaps(_rect_from_list(rect), within)
+            if within is None or _rect_from_list(rect).overlaps(within)
         ]
         wanted += [(name, array_name, _array_loc(layer, array_name, legacy)) for array_name in names]
     locs = [loc for _, _, loc in wanted]
-    if storage.is_url(folder):
+    if storage.is_url(folder):  # whole objects, fetched together
         arrays = [_decode(loc, data) for loc, data in zip(locs, storage.read_many(locs), strict=True)]
     else:
         arrays = [np.load(loc, mmap_mode="r" if "frame" in storage.name(loc) else None) for loc in locs]

@@ -247,8 +247,7 @@ def writable_output(loc: str | Path) -> str:
     """``loc`` made absolute, for a job to write its outputs under; ``StorageError`` where it
     cannot be (a read-only scheme, an unknown one)."""
     out = absolute(loc)
-    if scheme(out) in READ_ONLY:
-        raise StorageError(f"{out}: {scheme(out)} locations are read-only; give a writable output location")
+    _writable(out)
     return out
 
 
@@ -317,10 +316,10 @@ def _read(loc: str, missing_ok: bool) -> bytes | None:
 IO_THREADS = 16  # requests in flight at once for one caller of read_many / write_many
 
 
-def concurrently(function: Any, items: list[Any]) -> list[Any]:
-    """``function`` over ``items``, in threads where there is more than one (object stores:
-    the latency of one request instead of the sum of them)."""
-    if len(items) <= 1:
+def concurrently(function: Any, items: list[Any], remote: bool = True) -> list[Any]:
+    """``function`` over ``items``, in order; in threads where they are ``remote`` (object
+    stores: the latency of one request instead of the sum of them; a disk has none to hide)."""
+    if not remote or len(items) <= 1:
         return [function(item) for item in items]
     from concurrent.futures import ThreadPoolExecutor
 
@@ -330,19 +329,13 @@ def concurrently(function: Any, items: list[Any]) -> list[Any]:
 
 def read_many(locs: list[str]) -> list[bytes]:
     """Whole files or objects, in order; the objects fetched concurrently."""
-    if not any(is_url(loc) for loc in locs):
-        return [read_bytes(loc) for loc in locs]
-    return concurrently(read_bytes, locs)
+    return concurrently(read_bytes, locs, remote=any(is_url(loc) for loc in locs))
 
 
 def write_many(items: dict[str, bytes]) -> None:
     """Files or objects written whole, objects concurrently; all are written when it returns
     (so the caller may then write what commits them)."""
-    if not any(is_url(loc) for loc in items):
-        for loc, data in items.items():
-            write_bytes(loc, data)
-        return
-    concurrently(lambda item: write_bytes(*item), list(items.items()))
+    concurrently(lambda item: write_bytes(*item), list(items.items()), remote=any(is_url(loc) for loc in items))
 
 
 def read_text(loc: str) -> str:
@@ -706,7 +699,7 @@ def storage_options(loc: str) -> dict[str, Any]:
     """fsspec's options for ``loc`` (what xarray, geopandas and pyarrow take), from the environment."""
     if scheme(loc) != "s3":
         return {}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = _endpoint("s3", os.environ)
     return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
 
 
@@ -742,7 +735,7 @@ def gdal_settings(environ: dict[str, str] | None = None) -> dict[str, str]:
         "CPL_VSIL_CURL_CHUNK_SIZE": str(8 << 20),
         "CPL_VSIL_CURL_CACHE_SIZE": str(256 << 20),
     }
-    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    endpoint = _endpoint("s3", env)
     if endpoint and "AWS_S3_ENDPOINT" not in env:
         parts = urlsplit(endpoint)
         settings["AWS_S3_ENDPOINT"] = parts.netloc + parts.path.rstrip("/")

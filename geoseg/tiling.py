@@ -29,6 +29,9 @@ class Span:
     def size(self) -> int:
         return self.stop - self.start
 
+    def overlaps(self, other: Span) -> bool:
+        return self.start < other.stop and other.start < self.stop
+
 
 @dataclass(frozen=True)
 class Rect:
@@ -40,6 +43,9 @@ class Rect:
     @property
     def empty(self) -> bool:
         return self.rows.size <= 0 or self.cols.size <= 0
+
+    def overlaps(self, other: Rect) -> bool:
+        return self.rows.overlaps(other.rows) and self.cols.overlaps(other.cols)
 
 
 def ring(outer: Rect, inner: Rect) -> list[Rect]:
@@ -79,6 +85,11 @@ class Block:
     @property
     def shape(self) -> tuple[int, int]:
         return self.rows.size, self.cols.size
+
+    @property
+    def region(self) -> tuple[slice, slice]:
+        """The block's rows and columns as array slices of the whole grid."""
+        return slice(self.rows.start, self.rows.stop), slice(self.cols.start, self.cols.stop)
 
 
 @dataclass(frozen=True)

@@ -118,7 +118,7 @@ def change_task(
 
 
 def change_polygon_task(block: Block, out: str, grid: OutputGrid, vector: VectorConfig) -> vectorize.BlockPolygons:
-    rows, cols = slice(block.rows.start, block.rows.stop), slice(block.cols.start, block.cols.stop)
+    rows, cols = block.region
     store = storage.join(out, CHANGE_STORE)
     transition = mosaic.read_region(store, rows, cols, "transition")
     changed = mosaic.read_region(store, rows, cols, "changed")
