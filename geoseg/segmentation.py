@@ -37,8 +37,7 @@ def worker_slots(client: Client, resources: dict[str, float] | None) -> dict[str
 class SubmittedBlocks:
     """The blocks' tasks on the cluster, as :func:`submit_blocks` left them."""
 
-    step2: list[Future]  # one per block to do: its record
-    step2_of: dict[str, Future]  # the same by block key
+    step2_of: dict[str, Future]  # block key -> its step 2 (its record), for each block to do
     parts: dict[str, Future]  # block key -> its polygons, once it is final (when asked for)
     reach: dict[str, list[Block]]  # block key -> the blocks whose step 1 it reads, itself first
     readers: dict[str, int]  # block key -> how many step 2 read its partial results
@@ -116,7 +115,6 @@ def submit_blocks(
     # first few of a group submitted task by task before it knows the group is large).
     futures = client.compute([*step2, *parts], optimize_graph=False)
     return SubmittedBlocks(
-        futures[: len(step2)],
         {b.key: fut for b, fut in zip(todo, futures[: len(step2)], strict=True)},
         {b.key: fut for b, fut in zip(todo, futures[len(step2) :], strict=False)},
         reach,
@@ -133,9 +131,9 @@ def collect_blocks(
     records: dict[str, dict[str, Any]] = {}
     readers = dict(submitted.readers)
     layers = sink.layers if sink is not None else []
-    step2 = set(submitted.step2)
+    step2 = set(submitted.step2_of.values())
     description = "segmenting blocks" + (", polygons" if layers else "")
-    tasks = [*submitted.step2, *layers]
+    tasks = [*submitted.step2_of.values(), *layers]
     polygon_error: BaseException | None = None
     for fut in track(as_completed(tasks), total=len(tasks), description=description):
         lease.check()
