@@ -27,6 +27,9 @@ POLYGONS_NAME = "polygons.gpkg"
 
 
 MERGE_GROUPS = 8  # tasks that merge the pieces cut by block edges, classes shared out by id
+# The merged rows grow with the block edges: a group's rows reach the client in one slice per
+# this many blocks, so that what the client holds at once does not grow with the scene.
+BLOCKS_PER_SLICE = 16
 
 
 def stream_polygons(
@@ -90,7 +93,8 @@ def submit_layers(
 ) -> list[Future]:
     """The polygon layer's rows from each block's polygons (``parts``, in block order), as tasks:
     each block's finished polygons, then the merge of the pieces cut by block edges (one task
-    per group of classes, ``MERGE_GROUPS`` at most). All the work is the workers'."""
+    per group of classes, ``MERGE_GROUPS`` at most, its rows handed on in slices of about
+    ``BLOCKS_PER_SLICE`` blocks' worth). All the work is the workers'."""
     stamp = time.time_ns()
     crs, tolerance = grid.crs_wkt, vector.simplify_tolerance
     finals = [
@@ -116,14 +120,22 @@ def submit_layers(
         )
         for g in range(groups)
     ]
-    return finals + merged
+    slices = -(-len(parts) // BLOCKS_PER_SLICE)
+    if slices <= 1:
+        return finals + merged
+    return finals + [
+        client.submit(vectorize.layer_slice, group, k, slices, key=f"merged-slice-{g}-{k}-{stamp}")
+        for g, group in enumerate(merged)
+        for k in range(slices)
+    ]
 
 
 class LayerSink:
-    """Writes the rows of :func:`submit_layers` as their tasks finish, in their order (so reruns
-    give the same file), whatever order they finish in. Each writer gets the polygons in the
-    mosaic CRS, or reprojected to the CRS paired with it; ``finish`` adapts each batch's columns
-    before it is written. Only the writing is the client's."""
+    """Writes the rows of :func:`submit_layers` in their order (so reruns give the same file),
+    whatever order their tasks finish in: a task's rows are fetched only when every earlier
+    one's are written, so the client holds one task's rows at a time. Each writer gets the
+    polygons in the mosaic CRS, or reprojected to the CRS paired with it; ``finish`` adapts each
+    batch's columns before it is written. Only the writing is the client's."""
 
     def __init__(
         self,
@@ -133,16 +145,18 @@ class LayerSink:
     ) -> None:
         self.layers, self.writers, self.finish = layers, writers, finish
         self._order = {fut.key: i for i, fut in enumerate(layers)}
-        self._ready: dict[int, gpd.GeoDataFrame] = {}
+        self._finished: set[int] = set()
         self._next = 0
         self.count = 0
 
     def add(self, fut: Future) -> None:
-        """A finished layer task: its rows, and those of every earlier one, are written."""
-        self._ready[self._order[fut.key]] = fut.result()
-        fut.release()
-        while self._next in self._ready:
-            gdf = self._ready.pop(self._next)
+        """A finished layer task: once every earlier one is, their rows are written in order."""
+        self._finished.add(self._order[fut.key])
+        while self._next in self._finished:
+            self._finished.discard(self._next)
+            done = self.layers[self._next]
+            gdf = done.result()  # fetched now, not when it finished: later ones wait on the workers
+            done.release()
             self._next += 1
             if self.finish is not None:
                 gdf = self.finish(gdf)

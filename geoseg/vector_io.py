@@ -21,12 +21,16 @@ from pathlib import Path
 
 import geopandas as gpd
 import pandas as pd
+import shapely
 
 from geoseg import storage
 
 LAYER = "landcover"
 BBOX_FIELDS = ["xmin", "ymin", "xmax", "ymax"]
-BATCH_ROWS = 4096  # rows held before a write: a GeoPackage append costs ~10 ms whatever its size
+# What is held before a write: a GeoPackage append costs ~10 ms whatever its size, and a
+# batch's vertices bound the memory a write takes (a few copies of their coordinates).
+BATCH_ROWS = 4096
+BATCH_VERTICES = 250_000
 
 
 class LayerWriter:
@@ -52,23 +56,25 @@ class LayerWriter:
         self._parquet = None
         self._sink = None
         self._held: list[gpd.GeoDataFrame] = []
-        self._held_rows = 0
+        self._held_rows = self._held_vertices = 0
         self._closed = False
 
     def write(self, gdf: gpd.GeoDataFrame) -> None:
-        """Add rows; they reach the file in batches of ``BATCH_ROWS`` or more, in order."""
+        """Add rows; they reach the file in order, in batches of ``BATCH_ROWS`` rows or
+        ``BATCH_VERTICES`` vertices."""
         if gdf.empty:
             return
         self._held.append(gdf)
         self._held_rows += len(gdf)
-        if self._held_rows >= BATCH_ROWS:
+        self._held_vertices += int(shapely.get_num_coordinates(gdf.geometry.to_numpy()).sum())
+        if self._held_rows >= BATCH_ROWS or self._held_vertices >= BATCH_VERTICES:
             self._flush()
 
     def _flush(self) -> None:
         if not self._held:
             return
         gdf = self._held[0] if len(self._held) == 1 else pd.concat(self._held, ignore_index=True)
-        self._held, self._held_rows = [], 0
+        self._held, self._held_rows, self._held_vertices = [], 0, 0
         if self.suffix == ".gpkg":
             import pyogrio  # GeoPackage and FlatGeobuf only: GeoParquet needs no GDAL
 
@@ -80,7 +86,6 @@ class LayerWriter:
     def _write_parquet(self, gdf: gpd.GeoDataFrame) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
-        import shapely
 
         column = gdf.geometry.name
         geometries = gdf.geometry.to_numpy()
@@ -106,8 +111,20 @@ class LayerWriter:
             self._schema = table.schema.with_metadata({b"geo": json.dumps(geo).encode()})
             # straight to the file where local (Arrow's own I/O), a stream where a URL
             self._sink = storage.open_writer(self.loc) if storage.is_url(self.loc) else None
-            self._parquet = pq.ParquetWriter(self._sink or self.path, self._schema)
+            # no dictionary nor min/max for the WKB column: neither helps a reader, and both hold
+            # copies of the batch's geometries while it is written; the bbox's min/max are what
+            # a spatial filter reads
+            attributes = [name for name in self._schema.names if name not in (column, "bbox")]
+            self._parquet = pq.ParquetWriter(
+                self._sink or self.path,
+                self._schema,
+                use_dictionary=attributes,
+                write_statistics=attributes + [f"bbox.{name}" for name in BBOX_FIELDS],
+            )
         self._parquet.write_table(table.cast(self._schema))
+        # a batch's buffers are large and short-lived; Arrow's pool would keep them, and the
+        # client's memory would grow with the scene
+        pa.default_memory_pool().release_unused()
 
     def close(self) -> None:
         """Write what is held and put the layer in its place, replacing an older one whole."""
@@ -140,7 +157,7 @@ class LayerWriter:
         stream to a store is aborted with the parts it had sent. A closed layer is kept."""
         if self._closed:
             return
-        self._held, self._held_rows = [], 0
+        self._held, self._held_rows, self._held_vertices = [], 0, 0
         if self._sink is not None:
             self._sink.abort()
         if self._parquet is not None:

@@ -339,6 +339,11 @@ def merged_layer(
     return polygon_layer(merged, crs, legend, simplify_tolerance)
 
 
+def layer_slice(gdf: gpd.GeoDataFrame, k: int, n: int) -> gpd.GeoDataFrame:
+    """The ``k``-th of ``n`` consecutive, near-equal slices of a layer's rows."""
+    return gdf.iloc[len(gdf) * k // n : len(gdf) * (k + 1) // n]
+
+
 def areas_m2(geoms: gpd.GeoSeries) -> np.ndarray:
     """Areas in square metres whatever the CRS's units."""
     crs = CRS.from_user_input(geoms.crs)

@@ -32,6 +32,21 @@ def test_rows_held_between_writes_reach_the_file_in_order(tmp_path, monkeypatch,
     assert writer.count == 21
 
 
+def test_a_batch_is_written_once_its_vertices_reach_the_budget(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(vector_io, "BATCH_VERTICES", 1000)
+    writer = LayerWriter(tmp_path / "layer.parquet", "EPSG:32633")
+    circle = shapely.Point(0, 0).buffer(10, quad_segs=100)  # 401 vertices
+    for k in range(5):
+        writer.write(gpd.GeoDataFrame({"class_id": [k]}, geometry=[circle], crs=32633))
+    writer.close()
+    # 3 polygons reach the budget (1203 vertices): written; the last 2 at close
+    file = pq.ParquetFile(tmp_path / "layer.parquet")
+    assert [file.metadata.row_group(g).num_rows for g in range(file.num_row_groups)] == [3, 2]
+    assert gpd.read_parquet(tmp_path / "layer.parquet")["class_id"].tolist() == [0, 1, 2, 3, 4]
+
+
 def test_geoparquet_is_1_1_with_a_bbox_covering_that_filters(tmp_path, monkeypatch):
     import json
 
@@ -64,6 +79,11 @@ def test_geoparquet_is_1_1_with_a_bbox_covering_that_filters(tmp_path, monkeypat
         "xmax": 500_030.0,
         "ymax": 5_000_000.0,
     }
+    # each row group's bbox min/max say which band it holds, so a reader skips the other four
+    stats = [file.metadata.row_group(g).column(table.schema.names.index("bbox") + 1).statistics for g in range(5)]
+    assert file.metadata.row_group(0).column(table.schema.names.index("bbox") + 1).path_in_schema == "bbox.ymin"
+    assert [(s.min, s.max) for s in stats] == [(5_000_000 - 10 * row, 5_000_000 - 10 * row) for row in range(5)]
+    assert not file.metadata.row_group(0).column(table.schema.names.index("geometry")).is_stats_set
     # a spatial filter through the covering column returns the one band it touches
     band = gpd.read_parquet(tmp_path / "layer.parquet", bbox=(500_001, 4_999_971, 500_099, 4_999_979))
     assert sorted(set(band["class_id"])) == [3]
