@@ -109,7 +109,10 @@ def create_store(
         **(attrs or {}),
     }
     # Attributes go in at creation: each later update rewrites the array's zarr.json.
-    store = storage.zarr_store(str(path))
+    # The hierarchy is built in memory and written in one go: zarr building it on an object
+    # store checks and rewrites the parents of every node, ~200 requests one after another.
+    documents: dict[str, Any] = {}
+    store = zarr.storage.MemoryStore(documents)
     levels = levels or []
     geoseg_attrs["overviews"] = levels
     root_attrs: dict[str, Any] = {
@@ -158,6 +161,12 @@ def create_store(
     with warnings.catch_warnings():  # consolidated metadata is not in the v3 spec yet; xarray reads it
         warnings.simplefilter("ignore")
         zarr.consolidate_metadata(store)
+    storage.writable_output(str(path))
+    storage.delete_tree(str(path))  # a replaced store leaves no chunk behind
+    for nested in (True, False):  # the root's documents last: they make the store exist
+        storage.write_many(
+            {storage.join(str(path), key): data.to_bytes() for key, data in documents.items() if ("/" in key) == nested}
+        )
 
 
 def level_of(grid: OutputGrid, factor: int) -> OutputGrid:
@@ -270,9 +279,18 @@ def write_region(path: Path, block: Block, arrays: dict[str, np.ndarray]) -> Non
 
 
 def _open_for_writing(path: Path | str) -> zarr.Group:
+    return open_group(path, mode="r+")
+
+
+def open_group(path: Path | str, mode: str = "r") -> zarr.Group:
     """The store's root group, its members' metadata read at once from the consolidated
-    metadata (on an object store, one GET instead of one per array)."""
-    return zarr.open_group(storage.zarr_store(str(path)), mode="r+")
+    metadata (on an object store, one GET instead of one per array). Zarr v3 is asked for
+    first: left to guess, zarr also asks for the three v2 documents every time."""
+    store = storage.zarr_store(str(path), read_only=mode == "r")
+    try:
+        return zarr.open_group(store, mode=mode, zarr_format=3)
+    except zarr.errors.GroupNotFoundError:
+        return zarr.open_group(store, mode=mode, zarr_format=2)
 
 
 def write_arrays(group: zarr.Group, writes: list[tuple[str, tuple[slice, slice], np.ndarray]]) -> None:
@@ -307,8 +325,12 @@ def write_block(path: Path, block: Block, classes: np.ndarray, confidence: np.nd
 
 
 def open_array(path: str | Path, name: str = CLASSES) -> zarr.Array:
-    """One array of a store, read-only."""
-    return zarr.open_array(storage.zarr_store(str(path), read_only=True), path=name, mode="r")
+    """One array of a store, read-only (v3 asked for first, as in :func:`open_group`)."""
+    store = storage.zarr_store(str(path), read_only=True)
+    try:
+        return zarr.open_array(store, path=name, mode="r", zarr_format=3)
+    except zarr.errors.ArrayNotFoundError:
+        return zarr.open_array(store, path=name, mode="r", zarr_format=2)
 
 
 def read_region(path: str | Path, rows: slice, cols: slice, name: str = CLASSES) -> np.ndarray:
@@ -318,13 +340,13 @@ def read_region(path: str | Path, rows: slice, cols: slice, name: str = CLASSES)
 def read_regions(path: str | Path, regions: list[tuple[str, slice, slice]]) -> list[np.ndarray]:
     """Each ``(name, rows, cols)`` region of the store's arrays, their metadata read at once
     from the consolidated metadata (on an object store, one GET instead of one per array)."""
-    group = zarr.open_group(storage.zarr_store(str(path), read_only=True), mode="r")
+    group = open_group(path)
     return [group[name][rows, cols] for name, rows, cols in regions]
 
 
 def read_attrs(path: str | Path) -> dict[str, Any]:
     """geoseg's attributes of a store (georeference, legend, fingerprint)."""
-    return zarr.open_group(storage.zarr_store(str(path), read_only=True), mode="r").attrs["geoseg"]
+    return open_group(path).attrs["geoseg"]
 
 
 def read_grid(path: Path) -> OutputGrid:

@@ -126,7 +126,8 @@ def collect_blocks(
     submitted: SubmittedBlocks, out: str, lease: Lease, sink: LayerSink | None = None
 ) -> dict[str, dict[str, Any]]:
     """The records of the submitted blocks as they finish; each block's partial results are
-    deleted once every block that reads them is finished. The polygon layers of ``sink`` are
+    deleted once every block that reads them is finished (on local disk: on a store, the run
+    deletes them all at its end). The polygon layers of ``sink`` are
     written as they finish meanwhile (the client would otherwise only wait)."""
     records: dict[str, dict[str, Any]] = {}
     readers = dict(submitted.readers)
@@ -149,7 +150,9 @@ def collect_blocks(
         fut.release()
         for n in submitted.reach[key]:
             readers[n.key] -= 1
-            if readers[n.key] == 0:
+            # on a store, space is not short and a removal costs three requests: the run
+            # removes them all at its end, in one listing
+            if readers[n.key] == 0 and not storage.is_url(out):
                 partials.remove_block(storage.join(out, PARTIALS_DIR, n.key))
         if len(records) == len(step2):
             submitted.finished_at = time.perf_counter()
