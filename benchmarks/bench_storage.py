@@ -137,8 +137,13 @@ def reads(local: Path, url: str, repeat: int, block: int = 1024) -> None:
     print("GDAL settings:", " ".join(f"{k}={v}" for k, v in sorted(settings.items())))
 
 
-def end_to_end(local: Path, url: str, work: Path, bucket: str, repeat: int, workers: int) -> float:
+def end_to_end(
+    local: Path, url: str, work: Path, bucket: str, repeat: int, workers: int, server: subprocess.Popen
+) -> float:
+    import psutil
+
     times: dict[str, float] = {}
+    cpu = psutil.Process(server.pid)
     for k in range(repeat):
         for where, scene, out in (
             ("local", str(local), str(work / f"run{k}")),
@@ -148,10 +153,16 @@ def end_to_end(local: Path, url: str, work: Path, bucket: str, repeat: int, work
                 Path("configs/demo.yaml"),
                 [f"inputs=[{scene!r}]", f"out={out!r}", f"cluster.n_workers={workers}", "cluster.dashboard=false"],
             )
+            server_cpu = sum(cpu.cpu_times()[:2])
             start = time.perf_counter()
             assert run(cfg).ok
             times[where] = min(times.get(where, np.inf), time.perf_counter() - start)
-            print(f"run {k} {where:5s} {time.perf_counter() - start:6.2f} s")
+            line = f"run {k} {where:5s} {time.perf_counter() - start:6.2f} s"
+            if where == "s3":  # the server shares the cores: what it took of them, and for how many requests
+                log = (work / "moto.log").read_text(errors="replace").splitlines()
+                requests = sum(f" /{bucket}/runs/run{k}/" in text for text in log)
+                line += f"  (S3 server: {sum(cpu.cpu_times()[:2]) - server_cpu:.2f} CPU-s, {requests} requests)"
+            print(line)
     print(f"best: local {times['local']:.2f} s, s3 {times['s3']:.2f} s")
     return times["s3"] / times["local"]
 
@@ -176,7 +187,7 @@ def main() -> None:
             url = "s3://bench/scenes/scene_cog.tif"
             storage.write_bytes(url, cog.read_bytes())
             reads(cog, url, args.repeat)
-            ratio = end_to_end(cog, url, work, "bench", args.repeat, args.workers)
+            ratio = end_to_end(cog, url, work, "bench", args.repeat, args.workers, server)
         finally:
             server.terminate()
     print(f"ratio={ratio:.3f}")
