@@ -110,6 +110,25 @@ def pick_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """The dtype of mixed-precision passes (AMP is for CUDA only), or None for float32 passes."""
+    if device.type != "cuda" or not amp:
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def numerics(settings: InferenceSettings) -> str:
+    """How this process computes votes with ``settings`` ("cpu", "cuda", "cuda-bfloat16", with
+    "-compiled"): blocks summed bit for bit must all have been computed the same way."""
+    device = pick_device(settings.device)
+    dtype = amp_dtype(device, settings.amp)
+    return (
+        device.type
+        + (f"-{str(dtype).removeprefix('torch.')}" if dtype else "")
+        + ("-compiled" if settings.compile else "")
+    )
+
+
 class Predictor:
     """A model on a device, with the checkpoint's normalisation, turning tiles into probabilities."""
 
@@ -132,9 +151,7 @@ class Predictor:
         self._window = torch.empty(0)
         self.mean = np.asarray(ckpt.mean, dtype=np.float32)[:, None, None]
         self.inv_std = (1.0 / np.asarray(ckpt.std, dtype=np.float32))[:, None, None]
-        self.amp_dtype = None
-        if self.device.type == "cuda" and settings.amp:
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.amp_dtype = amp_dtype(self.device, settings.amp)
         log.info("model %s (%s) on %s, %d threads", ckpt.arch, ckpt.path, self.device, torch.get_num_threads())
 
     def batch_size(self, tile_size: int) -> int:

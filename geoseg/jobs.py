@@ -27,11 +27,18 @@ from geoseg.export import ExportResult, export_layers
 from geoseg.inference import InferenceSettings
 from geoseg.manifest import BlockRecord, ModelRecord, RunManifest, SceneRecord, Summary, Timings
 from geoseg.mosaic import MOSAIC_NAME
-from geoseg.planning import RunPlan, plan_run
+from geoseg.planning import RunPlan, plan_run, with_numerics
 from geoseg.polygons import blocks_with_classes, layer_file_sink, submit_layers, submit_parts, write_polygons
 from geoseg.quicklook import write_quicklook
 from geoseg.runstate import MANIFEST_NAME, Lease, RunError, prepare_output
-from geoseg.segmentation import SubmittedBlocks, collect_blocks, empty_scenes, submit_blocks
+from geoseg.segmentation import (
+    SubmittedBlocks,
+    collect_blocks,
+    empty_scenes,
+    step_one_resources,
+    submit_blocks,
+    workers_numerics,
+)
 from geoseg.tiling import iter_blocks
 from geoseg.transitions import ChangeResult, change_runs
 
@@ -83,8 +90,6 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
     t0 = time.perf_counter()
     cfg, out, ckpt, grid, scenes = plan.cfg, plan.out, plan.ckpt, plan.grid, plan.scenes
     failed_scenes = dict(plan.failed_scenes)
-    reused = start_output(plan, lease)
-    mosaic_path = storage.join(out, MOSAIC_NAME)
     settings = InferenceSettings(
         storage.absolute(ckpt.path),
         cfg.model.batch_size,
@@ -93,6 +98,9 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
         cfg.model.torch_threads or torch_threads_per_worker(cfg.cluster),
         cfg.model.compile,
     )
+    plan = with_numerics(plan, workers_numerics(client, settings, step_one_resources(cfg.cluster)))
+    reused = start_output(plan, lease)
+    mosaic_path = storage.join(out, MOSAIC_NAME)
     blocks = plan.blocks
     layers = {
         b.key: scene_layers(b, scenes, plan.footprints, plan.tiling.tile_size, cfg.output.mosaic_rule) for b in blocks

@@ -48,8 +48,9 @@ def output_grid(cfg: RunConfig, scenes: list[SceneInfo]) -> OutputGrid:
         raise RunError(f"grid: {exc}") from None
 
 
-def run_fingerprint(cfg: RunConfig, model_sha: str, scenes: list[SceneInfo]) -> str:
-    """What determines the mosaic's pixels: a changed one must not be mixed with old blocks."""
+def run_fingerprint(cfg: RunConfig, model_sha: str, scenes: list[SceneInfo], grid: OutputGrid) -> str:
+    """What determines the mosaic's pixels: a changed one must not be mixed with old blocks. A
+    chosen grid counts as it came out (an area of interest's file may change under its name)."""
     return runstate.fingerprint(
         {
             "model": model_sha,
@@ -58,13 +59,29 @@ def run_fingerprint(cfg: RunConfig, model_sha: str, scenes: list[SceneInfo]) -> 
             "mosaic_rule": cfg.output.mosaic_rule,
             "scenes": [s.path for s in scenes],
             **({"zarr_format": 2} if cfg.output.zarr_format == 2 else {}),  # v3 runs keep their old fingerprint
-            **({"grid": cfg.grid.model_dump()} if cfg.grid != GridConfig() else {}),
+            **(
+                {
+                    "grid": cfg.grid.model_dump(),
+                    "output_grid": [grid.crs_wkt, list(grid.transform), grid.width, grid.height],
+                }
+                if cfg.grid != GridConfig()
+                else {}
+            ),
             **({"bands": cfg.bands} if cfg.bands else {}),
             **({"mask": cfg.mask.model_dump()} if cfg.mask else {}),
             **({"resampling": cfg.resampling} if cfg.resampling != "bilinear" else {}),
             **({"scaled": True} if any(s.scales for s in scenes) else {}),  # values by the files' scale/offset
         }
     )
+
+
+def with_numerics(plan: RunPlan, numerics: str) -> RunPlan:
+    """``plan`` with its workers' numerics (:func:`geoseg.inference.numerics`) in its fingerprint:
+    votes from a GPU, with AMP or compiled, are not a CPU's and must not be summed with them.
+    Runs on CPU keep the fingerprint they always had."""
+    if numerics == "cpu":
+        return plan
+    return replace(plan, fingerprint=runstate.fingerprint({"run": plan.fingerprint, "numerics": numerics}))
 
 
 @dataclass
@@ -132,7 +149,7 @@ def plan_run(cfg: RunConfig) -> RunPlan:
         scenes,
         failed_scenes,
         grid,
-        run_fingerprint(cfg, ckpt.sha256, scenes),
+        run_fingerprint(cfg, ckpt.sha256, scenes, grid),
         tiling,
         list(iter_blocks(grid.height, grid.width, cfg.output.block_size)),
         footprints,

@@ -13,13 +13,31 @@ from distributed import Client, Future, as_completed
 
 from geoseg import partials, storage
 from geoseg.blocks import PARTIALS_DIR, block_graph, finish_task, polygon_halo, predict_task, sieve_reach, work_order
-from geoseg.inference import InferenceSettings
+from geoseg.config import ClusterConfig
+from geoseg.inference import InferenceSettings, numerics
 from geoseg.planning import RunPlan
 from geoseg.polygons import LayerSink
 from geoseg.progress import track
 from geoseg.runstate import Lease, RunError
 from geoseg.scenes import SceneInfo
 from geoseg.tiling import Block, reaching_blocks
+
+
+def step_one_resources(cluster: ClusterConfig) -> dict[str, float] | None:
+    """What a step-1 task asks of its worker: a GPU where the cluster says so."""
+    return {"GPU": 1} if cluster.gpu_resource else None
+
+
+def workers_numerics(client: Client, settings: InferenceSettings, resources: dict[str, float] | None) -> str:
+    """How the workers that will run step 1 compute votes (:func:`geoseg.inference.numerics`),
+    asked of them: "auto" resolves on each worker, not on the client. Workers that differ are
+    all named ("cpu+cuda-bfloat16")."""
+    workers = [addr for addr, slots in worker_slots(client, resources).items() if slots > 0]
+    try:
+        found = client.run(numerics, settings, workers=workers or None)
+    except RuntimeError as exc:  # model.device=cuda where a worker sees no CUDA device
+        raise RunError(str(exc)) from None
+    return "+".join(sorted(set(found.values())))
 
 
 def worker_slots(client: Client, resources: dict[str, float] | None) -> dict[str, int]:
@@ -92,7 +110,7 @@ def submit_blocks(
         for n in reach[b.key]:
             readers[n.key] = readers.get(n.key, 0) + 1
     tag = f"{plan.fingerprint}-{lease.run_id}"
-    resources = {"GPU": 1} if cfg.cluster.gpu_resource else None
+    resources = step_one_resources(cfg.cluster)
     slots = worker_slots(client, resources)
     if resources and slots and not any(slots.values()):  # the blocks would wait forever
         raise RunError(

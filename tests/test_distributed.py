@@ -222,6 +222,37 @@ def test_gpu_resource_blocks_run_on_workers_that_declare_one(
     np.testing.assert_array_equal(xr.open_zarr(tmp_path / "mosaic.zarr")["classes"].values, reference_mosaic)
 
 
+def test_the_workers_numerics_enter_the_fingerprint_and_a_cpu_run_keeps_its_own(
+    tmp_path, random_checkpoint, scene_1000x700, client2
+):
+    """Votes from a GPU (AMP, compiled) must not be summed with a CPU's: the fingerprint says how the
+    workers compute them. "auto" resolves on the workers (here: the CPU)."""
+    from geoseg.inference import InferenceSettings, numerics
+    from geoseg.planning import plan_run, with_numerics
+
+    cfg = run_config(random_checkpoint, [scene_1000x700[0]], tmp_path, "output.polygons=false")
+    plan = plan_run(cfg)
+    kinds = ["cuda", "cuda-bfloat16", "cuda-float16", "cuda-bfloat16-compiled", "cpu+cuda-bfloat16"]
+    prints = {with_numerics(plan, kind).fingerprint for kind in kinds}
+    assert len(prints) == len(kinds) and plan.fingerprint not in prints
+    assert with_numerics(plan, "cpu").fingerprint == plan.fingerprint
+    assert numerics(InferenceSettings("x", device="auto", amp=True)) == "cpu"  # AMP is for CUDA only
+    assert numerics(InferenceSettings("x", device="cpu", compile=True)) == "cpu-compiled"
+    assert run(cfg, client2).ok
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["fingerprint"] == plan.fingerprint  # runs on CPU resume as before
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is visible")
+def test_model_device_cuda_without_a_cuda_worker_is_one_line_before_any_block(
+    tmp_path, random_checkpoint, scene_1000x700, client2
+):
+    cfg = run_config(random_checkpoint, [scene_1000x700[0]], tmp_path / "out", "model.device=cuda")
+    with pytest.raises(RunError, match=r"^model.device is 'cuda' but no CUDA device is visible"):
+        run(cfg, client2)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_worker_that_joins_a_running_job_gets_blocks_without_waiting_for_one_to_finish(
     tmp_path, monkeypatch, slow_checkpoint, scene_1000x700, reference_mosaic
 ):

@@ -99,3 +99,24 @@ def test_an_area_of_interest_from_a_vector_file_in_another_crs(tmp_path, two_zon
     grid = chosen_grid([open_scene(p) for p in two_zones], "EPSG:3035", 20.0, bounds)
     assert grid.width == pytest.approx((bounds[2] - bounds[0]) / 20, abs=2)
     assert grid.height == pytest.approx((bounds[3] - bounds[1]) / 20, abs=2)
+
+
+def test_an_area_of_interest_file_changed_under_its_name_changes_the_runs_fingerprint(tmp_path, two_zones):
+    """Blocks of the old area must not be reused on the new grid: the rerun is refused (or starts over)."""
+    import geopandas as gpd
+    import shapely
+
+    from geoseg.planning import plan_run
+
+    def plan(box: tuple[float, float, float, float]):
+        gpd.GeoDataFrame(geometry=[shapely.box(*box)], crs=32633).to_file(tmp_path / "aoi.geojson")
+        cfg = run_config(
+            "builtin:demo", list(two_zones), tmp_path / "out", f"grid.aoi={str(tmp_path / 'aoi.geojson')!r}"
+        )
+        return plan_run(cfg)
+
+    first = plan((725_000, 5_208_000, 727_000, 5_211_000))
+    same = plan((725_000, 5_208_000, 727_000, 5_211_000))
+    moved = plan((725_000, 5_207_000, 727_000, 5_210_000))
+    assert same.fingerprint == first.fingerprint
+    assert moved.grid != first.grid and moved.fingerprint != first.fingerprint
