@@ -224,6 +224,37 @@ def test_an_http_output_is_refused_and_an_s3_out_is_not_a_local_folder(tmp_path,
     assert not Path("s3:").exists() and not (REPO / "s3:").exists()
 
 
+def test_another_trainers_checkpoint_at_a_url_finds_its_sidecar_beside_it(tmp_path, remote, random_checkpoint):
+    """A plain state_dict on the store with ``NAME.yaml`` beside it loads as it does from disk;
+    without the sidecar, one line names both URLs."""
+    import torch
+    import yaml
+
+    from geoseg.models.checkpoint import CheckpointError, load_checkpoint
+
+    native = load_checkpoint(random_checkpoint)
+    torch.save(native.build().state_dict(), tmp_path / "weights.pt")
+    sidecar = {
+        "bands": native.bands,
+        "classes": [c["name"] for c in native.classes],
+        "mean": native.mean,
+        "std": native.std,
+        "arch": native.arch,
+        "arch_kwargs": native.arch_kwargs,
+    }
+    (tmp_path / "weights.yaml").write_text(yaml.safe_dump(sidecar))
+    url = put(tmp_path / "weights.pt", f"{remote['bucket']}/models/theirs/weights.pt")
+    put(tmp_path / "weights.yaml", f"{remote['bucket']}/models/theirs/weights.yaml")
+    local, fetched = load_checkpoint(tmp_path / "weights.pt"), load_checkpoint(url)
+    assert fetched.path == url and fetched.sha256 == local.sha256
+    assert fetched.classes == local.classes and fetched.bands == native.bands
+    for name, tensor in local.state_dict.items():
+        assert torch.equal(fetched.state_dict[name], tensor)
+    lonely = put(tmp_path / "weights.pt", f"{remote['bucket']}/models/lonely/weights.pt")
+    with pytest.raises(CheckpointError, match=r"lonely/weights.pt: not a geoseg checkpoint, and its sidecar s3://"):
+        load_checkpoint(lonely)
+
+
 def _closed_port() -> int:
     import socket
 

@@ -79,6 +79,18 @@ def resolve_checkpoint_path(spec: str) -> Path:
     return Path(spec).expanduser()
 
 
+def sidecar_beside_url(spec: str) -> Path:
+    """A local copy of the sidecar beside another trainer's checkpoint at a URL (``NAME.yaml``)."""
+    loc = storage.join(storage.parent(spec), Path(storage.name(spec)).stem + ".yaml")
+    try:
+        return storage.cached_copy(loc)
+    except storage.StorageError as exc:
+        raise CheckpointError(
+            f"{spec}: not a geoseg checkpoint, and its sidecar {loc} cannot be read ({exc.reason}); give its bands, "
+            "classes and statistics there or convert it with `geoseg model import`"
+        ) from None
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -110,7 +122,11 @@ def load_checkpoint(spec: str | Path) -> Checkpoint:
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot read checkpoint ({exc})") from None
     if foreign:  # another trainer's, with its sidecar
-        return importers.load_foreign(path)
+        if not storage.is_url(str(spec)):
+            return importers.load_foreign(path)
+        ckpt = importers.load_foreign(path, sidecar_beside_url(str(spec)))
+        ckpt.path = str(spec)  # named as the user gave it; workers fetch it (and its sidecar) from there
+        return ckpt
     try:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
