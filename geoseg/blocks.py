@@ -114,7 +114,7 @@ def predict_task(
             "scene_valid_pixels": counts,
             "layers": partials.layer_index(results),
         }
-        partials.save_block(folder, results, record)
+        record = partials.save_block(folder, results, record)
         return {"block": block.key, **record}
     except Exception as exc:
         return {"block": block.key, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}

@@ -11,7 +11,9 @@ crosses a network twice.
 
     PARTIALS/<block key>/record.json          the block's step-1 record (tiles, pixel counts,
                                               each layer's interior and frame rectangles)
-    PARTIALS/<block key>/<layer>/*.npy        interior classes/confidence, frame votes (.npy.zst on a store)
+    PARTIALS/<block key>/<layer>/*.npy        interior classes/confidence, frame votes (on disk)
+    PARTIALS/<block key>/arrays.zst           all of them, zstd each, at the record's byte ranges
+                                              (on a store: one object; .npy.zst files before)
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from geoseg.segment import Frame, Partial
 from geoseg.tiling import Rect, Span
 
 RECORD = "record.json"
+PACK = "arrays.zst"  # on a store: every array of the block, zstd each (see save_block)
 _ZSTD = Zstd(level=1)
 
 
@@ -70,20 +73,37 @@ def layer_index(layers: dict[str, Partial]) -> dict[str, dict[str, Any]]:
     }
 
 
-def save_block(folder: str, layers: dict[str, Partial], record: dict[str, Any]) -> None:
+def save_block(folder: str, layers: dict[str, Partial], record: dict[str, Any]) -> dict[str, Any]:
     """Write a block's partial results (one :class:`Partial` per layer) into ``folder``; the
-    record (with :func:`layer_index` under ``layers``) is written last and commits them. Another
-    attempt at the same block writes the same bytes, so two attempts never leave a mixed result."""
-    arrays: dict[str, bytes] = {}
+    record (with :func:`layer_index` under ``layers``) is written last and commits them, and is
+    returned as written. Another attempt at the same block writes the same bytes, so two
+    attempts never leave a mixed result.
+
+    On a store, every array goes into one object (``PACK``), each at the byte range the record
+    gives under its layer's ``pack``: two PUTs a block, and a neighbour fetches its frames
+    with one request."""
+    arrays: dict[tuple[str, str], np.ndarray] = {}
     for name in record["layers"]:
-        partial, layer = layers[name], storage.join(folder, name)
-        named = {"classes": partial.classes, "confidence": partial.confidence}
-        named.update({f"frame{k}": frame.sums for k, frame in enumerate(partial.frames)})
-        for array_name, array in named.items():
-            loc = _array_loc(layer, array_name)
-            arrays[loc] = _encode(loc, array)
-    storage.write_many(arrays)
+        partial = layers[name]
+        arrays[(name, "classes")], arrays[(name, "confidence")] = partial.classes, partial.confidence
+        arrays.update({(name, f"frame{k}"): frame.sums for k, frame in enumerate(partial.frames)})
+    if storage.is_url(folder):
+        pack, ranges = bytearray(), {name: {} for name in record["layers"]}
+        for (name, array_name), array in arrays.items():
+            data = _encode(PACK, array)
+            ranges[name][array_name] = [len(pack), len(pack) + len(data)]
+            pack += data
+        record = {**record, "layers": {name: {**meta, "pack": ranges[name]} for name, meta in record["layers"].items()}}
+        storage.write_bytes(storage.join(folder, PACK), bytes(pack))
+    else:
+        storage.write_many(
+            {
+                (loc := _array_loc(storage.join(folder, name), array_name)): _encode(loc, array)
+                for (name, array_name), array in arrays.items()
+            }
+        )
     storage.write_text(storage.join(folder, RECORD), json.dumps(record))
+    return record
 
 
 def load_record(folder: str) -> dict[str, Any] | None:
@@ -117,12 +137,19 @@ def load_layers(
             if within is None or _rect_from_list(rect).overlaps(within)
         ]
         wanted += [(name, array_name, _array_loc(layer, array_name, legacy)) for array_name in names]
-    locs = [loc for _, _, loc in wanted]
+    packed = [(name, array_name) for name, array_name, _ in wanted if "pack" in index[name]]
+    unpacked = [(name, array_name, loc) for name, array_name, loc in wanted if "pack" not in index[name]]
+    found: dict[tuple[str, str], np.ndarray] = {}
+    if packed:  # ranges of one object, fetched together (nearby ones in one request)
+        spans = [index[name]["pack"][array_name] for name, array_name in packed]
+        data = storage.read_ranges(storage.join(folder, PACK), spans)
+        found.update({key: _decode(PACK, part) for key, part in zip(packed, data, strict=True)})
+    locs = [loc for _, _, loc in unpacked]
     if storage.is_url(folder):  # whole objects, fetched together
         arrays = [_decode(loc, data) for loc, data in zip(locs, storage.read_many(locs), strict=True)]
     else:
         arrays = [np.load(loc, mmap_mode="r" if "frame" in storage.name(loc) else None) for loc in locs]
-    found = {(name, array_name): array for (name, array_name, _), array in zip(wanted, arrays, strict=True)}
+    found.update({(name, array_name): array for (name, array_name, _), array in zip(unpacked, arrays, strict=True)})
     empty = np.empty((0, 0), dtype=np.uint8)
     return {
         name: Partial(

@@ -494,13 +494,39 @@ def test_partials_round_trip_and_older_blocks_still_load(where, tmp_path, remote
     layer = Partial(interior, rng.integers(0, 7, (40, 40), dtype=np.uint8), np.full((40, 40), 80, np.uint8), frames, 9)
     root = str(tmp_path) if where == "local" else f"{remote['bucket']}/partials-{os.getpid()}"
     record = {"status": "done", "tiles": 9, "layers": partials.layer_index({"all": layer})}
-    partials.save_block(storage.join(root, "new"), {"all": layer}, record)
-    assert partials.load_record(storage.join(root, "new")) == record
+    written = partials.save_block(storage.join(root, "new"), {"all": layer}, record)
+    assert partials.load_record(storage.join(root, "new")) == written
     assert partials.load_record(storage.join(root, "absent")) is None
+    objects = [storage.name(loc) for loc in storage.list_files(storage.join(root, "new"))]
+    # on a store: one object for all the arrays, at byte ranges the record gives, and the record
+    if where == "store":
+        assert objects == ["arrays.zst", "record.json"]
+    else:  # on disk: an .npy per array (read memory-mapped)
+        assert sorted(objects) == sorted(["record.json", "classes.npy", "confidence.npy", "frame0.npy", "frame1.npy"])
+    assert ("pack" in written["layers"]["all"]) == (where == "store")
     below = Rect(Span(64, 128), Span(64, 128))  # the first frame lies wholly outside it
-    loaded = partials.load_layers(storage.join(root, "new"), record["layers"], interior=False, within=below)["all"]
+    loaded = partials.load_layers(storage.join(root, "new"), written["layers"], interior=False, within=below)["all"]
     assert [f.rect for f in loaded.frames] == [frames[1].rect]
     np.testing.assert_array_equal(loaded.frames[0].sums, frames[1].sums)
+    whole = partials.load_layers(storage.join(root, "new"), written["layers"])["all"]
+    np.testing.assert_array_equal(whole.classes, layer.classes)
+    np.testing.assert_array_equal(whole.confidence, layer.confidence)
+    assert [f.rect for f in whole.frames] == [f.rect for f in frames]
+
+    if where == "store":  # one object per array (.npy.zst), as the version before the pack saved them
+        from numcodecs import Zstd
+
+        for name, array in [("classes", layer.classes), ("confidence", layer.confidence)] + [
+            (f"frame{k}", f.sums) for k, f in enumerate(frames)
+        ]:
+            buffer = io.BytesIO()
+            np.save(buffer, array)
+            storage.write_bytes(
+                storage.join(root, "zst", "all", f"{name}.npy.zst"), Zstd(level=1).encode(buffer.getvalue())
+            )
+        unpacked = partials.load_layers(storage.join(root, "zst"), record["layers"], within=below)["all"]
+        np.testing.assert_array_equal(unpacked.classes, layer.classes)
+        np.testing.assert_array_equal(unpacked.frames[0].sums, frames[1].sums)
 
     old = storage.join(root, "old", "all")  # the layout of earlier versions
     for name, array in [("classes", layer.classes), ("confidence", layer.confidence)] + [
