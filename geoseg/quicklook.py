@@ -12,8 +12,12 @@ from geoseg.blending import NODATA
 
 
 def downsample_classes(path: str | Path, max_size: int) -> np.ndarray:
-    """Every k-th pixel of the class mosaic so the longer side is at most ``max_size``."""
-    arr = mosaic.open_array(path)
+    """The class mosaic with its longer side at most ``max_size``: the coarsest overview level
+    that still has ``max_size`` pixels there (read, not the whole mosaic), then every k-th pixel."""
+    group = mosaic.open_group(path)
+    longer = max(group[mosaic.CLASSES].shape)
+    factors = [f for f in group.attrs["geoseg"].get("overviews", []) if -(-longer // f) >= max_size]
+    arr = group[f"{mosaic.OVERVIEWS}/{max(factors)}/{mosaic.CLASSES}" if factors else mosaic.CLASSES]
     step = max(1, int(np.ceil(max(arr.shape) / max_size)))
     return arr[::step, ::step]
 

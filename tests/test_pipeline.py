@@ -407,3 +407,17 @@ def test_polygons_streamed_in_slices_are_the_whole_mosaics_in_the_same_order(tmp
     per_class = sliced.groupby("class_id")["area_m2"].sum()
     for k, n in enumerate(counts):
         assert per_class.get(k, 0.0) == pytest.approx(n * grid.pixel_area)
+
+
+def test_the_quicklook_is_drawn_from_the_coarsest_overview_level_that_fills_it(reference):
+    """Not the whole mosaic read on the client: the level that still has the picture's size."""
+    import zarr
+
+    from geoseg.quicklook import downsample_classes
+
+    store = reference / "mosaic.zarr"
+    root = zarr.open_group(store, mode="r")
+    assert root.attrs["geoseg"]["overviews"] == [2, 4]  # a 1000 x 700 mosaic
+    np.testing.assert_array_equal(downsample_classes(store, 500), root["overviews/2/classes"][:])
+    np.testing.assert_array_equal(downsample_classes(store, 256), root["overviews/2/classes"][::2, ::2])
+    np.testing.assert_array_equal(downsample_classes(store, 2000), root["classes"][:])
