@@ -158,7 +158,7 @@ def finish_task(
         if run_id is not None and not runstate.holds_lease(out, run_id):
             raise RuntimeError("this run no longer holds the output folder's lease; nothing written")
         if histogram[:NODATA].any():  # an all-nodata block is what the store holds already (fill values)
-            mosaic.write_block(storage.join(out, MOSAIC_NAME), block, classes, confidence)
+            mosaic.write_block(storage.join(out, MOSAIC_NAME), block, classes, confidence, run_id)
         record = {
             "status": "done",
             "tiles": own["tiles"],
@@ -191,11 +191,16 @@ def sieve_reach(block: Block, by_index: dict[tuple[int, int], Block], halo: int,
 
 
 def polygonize_task(
-    block: Block, *after: dict[str, Any], out: str, grid: OutputGrid, vector: VectorConfig
+    block: Block,
+    *after: dict[str, Any],
+    out: str,
+    grid: OutputGrid,
+    vector: VectorConfig,
+    run_id: str | None = None,
 ) -> vectorize.BlockPolygons:
     """A Dask task: polygons of one block, sieved with a halo wide enough to match the whole
     mosaic. ``after``: step-2 records it waited for, the block's own first; a block whose own
-    says it holds no class has no polygon."""
+    says it holds no class has no polygon. ``run_id``: the run writing the mosaic, if any."""
     if after and not has_classes(after[0]):
         return vectorize.BlockPolygons()
     halo = polygon_halo(vector)
@@ -204,6 +209,7 @@ def polygonize_task(
     classes, confidence = mosaic.read_regions(
         storage.join(out, MOSAIC_NAME),
         [(mosaic.CLASSES, slice(r0, r1), slice(c0, c1)), (mosaic.CONFIDENCE, *block.region)],
+        run_id,
     )
     inner = (slice(block.rows.start - r0, block.rows.stop - r0), slice(block.cols.start - c0, block.cols.stop - c0))
     classes = vectorize.sieve(classes, vector.mmu_pixels)

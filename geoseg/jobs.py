@@ -119,7 +119,9 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
         len(empty),
     )
     block_records = {k: {**v, "reused": True} for k, v in reused.items() if v.get("status") == "done"}
-    polygonize = partial(polygonize_task, out=str(out), grid=grid, vector=cfg.vector) if cfg.output.polygons else None
+    polygonize = None
+    if cfg.output.polygons:
+        polygonize = partial(polygonize_task, out=str(out), grid=grid, vector=cfg.vector, run_id=lease.run_id)
     submitted = submit_blocks(client, blocks, todo, layers, plan, settings, lease, ckpt.n_classes, polygonize)
     layers = polygon_tasks(client, plan, block_records, submitted) if cfg.output.polygons else []
     sink, polygons_path = None, None

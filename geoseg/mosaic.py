@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -275,11 +276,18 @@ def create_mosaic(
 
 def write_region(path: Path, block: Block, arrays: dict[str, np.ndarray]) -> None:
     """Write one block's region of each named array; blocks are chunk-aligned, so writers never share a chunk."""
-    write_arrays(_open_for_writing(path), [(name, block.region, data) for name, data in arrays.items()])
+    write_arrays(open_group(path, "r+"), [(name, block.region, data) for name, data in arrays.items()])
 
 
-def _open_for_writing(path: Path | str) -> zarr.Group:
-    return open_group(path, mode="r+")
+@lru_cache(maxsize=16)
+def _group_of_run(path: str, mode: str, run_id: str) -> zarr.Group:
+    return open_group(path, mode)
+
+
+def run_group(path: Path | str, mode: str = "r", run_id: str | None = None) -> zarr.Group:
+    """:func:`open_group`, once per process for the run ``run_id``: the store's metadata does not
+    change while a run writes its blocks (on an object store, one GET per worker, not per task)."""
+    return open_group(path, mode) if run_id is None else _group_of_run(str(path), mode, run_id)
 
 
 def open_group(path: Path | str, mode: str = "r") -> zarr.Group:
@@ -311,9 +319,12 @@ def write_arrays(group: zarr.Group, writes: list[tuple[str, tuple[slice, slice],
     storage.concurrently(write, writes, remote=not isinstance(group.store, zarr.storage.LocalStore))
 
 
-def write_block(path: Path, block: Block, classes: np.ndarray, confidence: np.ndarray) -> None:
-    """A block of the class mosaic, then the block's windows of every overview level (one chunk each)."""
-    group = _open_for_writing(path)
+def write_block(
+    path: Path, block: Block, classes: np.ndarray, confidence: np.ndarray, run_id: str | None = None
+) -> None:
+    """A block of the class mosaic, then the block's windows of every overview level (one chunk
+    each); ``run_id``: see :func:`run_group`."""
+    group = run_group(path, "r+", run_id)
     writes = [(CLASSES, block.region, classes), (CONFIDENCE, block.region, confidence)]
     factors = group.attrs["geoseg"].get("overviews", [])
     for f, (level_classes, level_confidence) in overviews.levels(classes, confidence, factors).items():
@@ -337,10 +348,13 @@ def read_region(path: str | Path, rows: slice, cols: slice, name: str = CLASSES)
     return open_array(path, name)[rows, cols]
 
 
-def read_regions(path: str | Path, regions: list[tuple[str, slice, slice]]) -> list[np.ndarray]:
+def read_regions(
+    path: str | Path, regions: list[tuple[str, slice, slice]], run_id: str | None = None
+) -> list[np.ndarray]:
     """Each ``(name, rows, cols)`` region of the store's arrays, their metadata read at once
-    from the consolidated metadata (on an object store, one GET instead of one per array)."""
-    group = open_group(path)
+    from the consolidated metadata (on an object store, one GET instead of one per array);
+    ``run_id``: see :func:`run_group`."""
+    group = run_group(path, "r", run_id)
     return [group[name][rows, cols] for name, rows, cols in regions]
 
 
