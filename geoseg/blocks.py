@@ -26,6 +26,7 @@ from geoseg.blending import NODATA
 from geoseg.config import VectorConfig
 from geoseg.grid import OutputGrid
 from geoseg.inference import InferenceSettings, get_predictor
+from geoseg.inference import numerics as numerics_of
 from geoseg.mosaic import MOSAIC_NAME
 from geoseg.runstate import STATE_DIR
 from geoseg.scenes import DataCoverage, SceneInfo, same_grid
@@ -84,11 +85,14 @@ def predict_task(
     settings: InferenceSettings,
     out: str,
     read_threads: int = 0,
+    numerics: str | None = None,
 ) -> dict[str, Any]:
     """A Dask task (step 1): the block's own tiles, saved for itself and its neighbours.
 
     ``layers`` maps a layer name to the scenes composited in it (one layer with all scenes, or
     one per scene for the ``confidence`` rule). A block saved by an earlier attempt is reused.
+    With ``numerics`` (the run's :func:`geoseg.inference.numerics`), a worker that computes
+    votes otherwise (one that joined late) fails the block rather than mix them.
     Errors are returned, not raised: one bad block must not sink the run.
     """
     folder = storage.join(out, PARTIALS_DIR, block.key)
@@ -97,6 +101,8 @@ def predict_task(
         return {"block": block.key, **record}
     start = time.perf_counter()
     try:
+        if numerics is not None and (own := numerics_of(settings)) != numerics:
+            raise RuntimeError(f"this worker computes votes as {own}, the run as {numerics}")
         predictor = get_predictor(settings)
         readers = reader_threads(read_threads, predictor)
         results = {

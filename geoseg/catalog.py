@@ -61,13 +61,15 @@ def expand_inputs(inputs: list[str], stac_asset: str = "image", empty: dict[str,
     for item in inputs:
         item = str(item)
         remote = storage.is_url(item)
+        # what the name ends with: an http(s) URL's query (a signed URL's signature) is not in it
+        name = item.split("?", 1)[0].lower() if storage.scheme(item) in storage.READ_ONLY else item.lower()
         if band_assets.is_item_ref(item):
             found, reason = [item], ""
-        elif item.lower().endswith(".json") and not _is_pattern(item) and (remote or storage.exists(item)):
+        elif name.endswith(".json") and not _is_pattern(item) and (remote or storage.exists(item)):
             found, reason = stac_assets(item, stac_asset), "no STAC item in it"
         elif _is_pattern(item):
             found, reason = storage.glob(item), "pattern that matches no file"
-        elif remote and (item.endswith("/") or not item.lower().endswith(SCENE_SUFFIXES)):
+        elif remote and (item.endswith("/") or not name.endswith(SCENE_SUFFIXES)):
             found = [loc for loc in storage.list_files(item.rstrip("/") + "/") if loc.lower().endswith(SCENE_SUFFIXES)]
             reason = "prefix with no .tif/.tiff object"
         elif not remote and storage.is_dir(item):

@@ -33,19 +33,27 @@ def _setup_logging(verbose: bool) -> None:
     import distributed  # noqa: F401  (configures its loggers on import; we override below)
     from rich.logging import RichHandler
 
+    handler = RichHandler(show_path=False, rich_tracebacks=False, console=None)
+    handler.addFilter(_redact_record)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",
         datefmt="[%X]",
-        handlers=[RichHandler(show_path=False, rich_tracebacks=False, console=None)],
+        handlers=[handler],
         force=True,
     )
     for noisy in ("distributed", "rasterio", "fiona", "pyogrio", "matplotlib", "PIL", "numexpr"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _redact_record(record: logging.LogRecord) -> bool:
+    """No secret in a log line: a signed URL's query, a credential's value."""
+    record.msg, record.args = storage.redact(record.getMessage()), None
+    return True
+
+
 def _fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {storage.redact(message)}", err=True)
     raise typer.Exit(code)
 
 

@@ -163,7 +163,7 @@ def create_store(
         warnings.simplefilter("ignore")
         zarr.consolidate_metadata(store)
     storage.writable_output(str(path))
-    storage.delete_tree(str(path))  # a replaced store leaves no chunk behind
+    storage.clear_tree(str(path))  # a replaced store leaves no chunk behind
     for nested in (True, False):  # the root's documents last: they make the store exist
         storage.write_many(
             {storage.join(str(path), key): data.to_bytes() for key, data in documents.items() if ("/" in key) == nested}

@@ -12,12 +12,13 @@ crosses a network twice.
     PARTIALS/<block key>/record.json          the block's step-1 record (tiles, pixel counts,
                                               each layer's interior and frame rectangles)
     PARTIALS/<block key>/<layer>/*.npy        interior classes/confidence, frame votes (on disk)
-    PARTIALS/<block key>/arrays.zst           all of them, zstd each, at the record's byte ranges
+    PARTIALS/<block key>/arrays-<digest>.zst  all of them, zstd each, at the record's byte ranges
                                               (on a store: one object; .npy.zst files before)
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from typing import Any
@@ -30,7 +31,6 @@ from geoseg.segment import Frame, Partial
 from geoseg.tiling import Rect, Span
 
 RECORD = "record.json"
-PACK = "arrays.zst"  # on a store: every array of the block, zstd each (see save_block)
 _ZSTD = Zstd(level=1)
 
 
@@ -79,9 +79,9 @@ def save_block(folder: str, layers: dict[str, Partial], record: dict[str, Any]) 
     returned as written. Another attempt at the same block writes the same bytes, so two
     attempts never leave a mixed result.
 
-    On a store, every array goes into one object (``PACK``), each at the byte range the record
-    gives under its layer's ``pack``: two PUTs a block, and a neighbour fetches its frames
-    with one request."""
+    On a store, every array goes into one object (``arrays-<digest>.zst``), each at the byte
+    range the record gives under its layer's ``pack``: two PUTs a block, and a neighbour fetches
+    its frames with one request."""
     arrays: dict[tuple[str, str], np.ndarray] = {}
     for name in record["layers"]:
         partial = layers[name]
@@ -90,11 +90,20 @@ def save_block(folder: str, layers: dict[str, Partial], record: dict[str, Any]) 
     if storage.is_url(folder):
         pack, ranges = bytearray(), {name: {} for name in record["layers"]}
         for (name, array_name), array in arrays.items():
-            data = _encode(PACK, array)
+            data = _encode(".zst", array)
             ranges[name][array_name] = [len(pack), len(pack) + len(data)]
             pack += data
-        record = {**record, "layers": {name: {**meta, "pack": ranges[name]} for name, meta in record["layers"].items()}}
-        storage.write_bytes(storage.join(folder, PACK), bytes(pack))
+        # named by its content: a record (written last) always finds the pack it was written
+        # with, even where two attempts at the block gave different bytes
+        obj = f"arrays-{hashlib.sha256(pack).hexdigest()[:16]}.zst"
+        record = {
+            **record,
+            "layers": {
+                name: {**meta, "pack": {"object": obj, "ranges": ranges[name]}}
+                for name, meta in record["layers"].items()
+            },
+        }
+        storage.write_bytes(storage.join(folder, obj), bytes(pack))
     else:
         storage.write_many(
             {
@@ -141,9 +150,10 @@ def load_layers(
     unpacked = [(name, array_name, loc) for name, array_name, loc in wanted if "pack" not in index[name]]
     found: dict[tuple[str, str], np.ndarray] = {}
     if packed:  # ranges of one object, fetched together (nearby ones in one request)
-        spans = [index[name]["pack"][array_name] for name, array_name in packed]
-        data = storage.read_ranges(storage.join(folder, PACK), spans)
-        found.update({key: _decode(PACK, part) for key, part in zip(packed, data, strict=True)})
+        obj = index[packed[0][0]]["pack"]["object"]
+        spans = [index[name]["pack"]["ranges"][array_name] for name, array_name in packed]
+        data = storage.read_ranges(storage.join(folder, obj), spans)
+        found.update({key: _decode(".zst", part) for key, part in zip(packed, data, strict=True)})
     locs = [loc for _, _, loc in unpacked]
     if storage.is_url(folder):  # whole objects, fetched together
         arrays = [_decode(loc, data) for loc, data in zip(locs, storage.read_many(locs), strict=True)]

@@ -62,7 +62,8 @@ def run_fingerprint(cfg: RunConfig, model_sha: str, scenes: list[SceneInfo], gri
             **(
                 {
                     "grid": cfg.grid.model_dump(),
-                    "output_grid": [grid.crs_wkt, list(grid.transform), grid.width, grid.height],
+                    # the CRS by its code where it has one (a WKT's text changes with PROJ's version)
+                    "output_grid": [grid.crs.to_epsg() or grid.crs_wkt, list(grid.transform), grid.width, grid.height],
                 }
                 if cfg.grid != GridConfig()
                 else {}
@@ -78,10 +79,11 @@ def run_fingerprint(cfg: RunConfig, model_sha: str, scenes: list[SceneInfo], gri
 def with_numerics(plan: RunPlan, numerics: str) -> RunPlan:
     """``plan`` with its workers' numerics (:func:`geoseg.inference.numerics`) in its fingerprint:
     votes from a GPU, with AMP or compiled, are not a CPU's and must not be summed with them.
-    Runs on CPU keep the fingerprint they always had."""
+    Runs on CPU (not compiled) keep the fingerprint they always had."""
     if numerics == "cpu":
-        return plan
-    return replace(plan, fingerprint=runstate.fingerprint({"run": plan.fingerprint, "numerics": numerics}))
+        return replace(plan, numerics=numerics)
+    fingerprint = runstate.fingerprint({"run": plan.fingerprint, "numerics": numerics})
+    return replace(plan, fingerprint=fingerprint, numerics=numerics)
 
 
 @dataclass
@@ -99,6 +101,7 @@ class RunPlan:
     tiling: TilingSettings
     blocks: list[Block]
     footprints: list[Footprint]
+    numerics: str | None = None  # how the workers compute votes, once asked (:func:`with_numerics`)
 
 
 def plan_run(cfg: RunConfig) -> RunPlan:

@@ -132,10 +132,14 @@ def submit_layers(
 
 class LayerSink:
     """Writes the rows of :func:`submit_layers` in their order (so reruns give the same file),
-    whatever order their tasks finish in: a task's rows are fetched only when every earlier
-    one's are written, so the client holds one task's rows at a time. Each writer gets the
-    polygons in the mosaic CRS, or reprojected to the CRS paired with it; ``finish`` adapts each
-    batch's columns before it is written. Only the writing is the client's."""
+    whatever order their tasks finish in. A finished task's rows are fetched at once (a worker
+    lost meanwhile would have them computed again), up to ``HELD`` tasks' rows waiting for an
+    earlier one; past that they wait on the workers, so the client's memory does not grow with
+    the scene. Each writer gets the polygons in the mosaic CRS, or reprojected to the CRS paired
+    with it; ``finish`` adapts each batch's columns before it is written. Only the writing is
+    the client's. After a task fails, the later ones are released unwritten."""
+
+    HELD = 8
 
     def __init__(
         self,
@@ -146,23 +150,44 @@ class LayerSink:
         self.layers, self.writers, self.finish = layers, writers, finish
         self._order = {fut.key: i for i, fut in enumerate(layers)}
         self._finished: set[int] = set()
+        self._held: dict[int, gpd.GeoDataFrame] = {}
         self._next = 0
+        self._failed = False
         self.count = 0
 
     def add(self, fut: Future) -> None:
-        """A finished layer task: once every earlier one is, their rows are written in order."""
-        self._finished.add(self._order[fut.key])
+        """A finished layer task: its rows, and those of the later ones that wait for it, are
+        written once every earlier task's are."""
+        if self._failed:
+            fut.release()
+            return
+        index = self._order[fut.key]
+        self._finished.add(index)
+        if index != self._next and len(self._held) < self.HELD:
+            self._held[index] = self._fetch(fut)
         while self._next in self._finished:
             self._finished.discard(self._next)
-            done = self.layers[self._next]
-            gdf = done.result()  # fetched now, not when it finished: later ones wait on the workers
-            done.release()
+            gdf = self._held.pop(self._next, None)
+            if gdf is None:
+                gdf = self._fetch(self.layers[self._next])
             self._next += 1
             if self.finish is not None:
                 gdf = self.finish(gdf)
             for writer, to_crs in self.writers:
                 writer.write(gdf if to_crs is None else gdf.to_crs(to_crs))
             self.count += len(gdf)
+
+    def _fetch(self, fut: Future) -> gpd.GeoDataFrame:
+        try:
+            return fut.result()
+        except BaseException:
+            self._failed = True
+            self._held.clear()
+            for later in self.layers[self._next :]:
+                later.release()
+            raise
+        finally:
+            fut.release()
 
     def close(self) -> int:
         """Close the files (every layer task added); the polygon count."""

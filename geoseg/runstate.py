@@ -332,8 +332,9 @@ def committed_blocks(out: str) -> dict[str, dict[str, Any]]:
 
 
 def write_manifest(out: str, manifest: dict[str, Any]) -> str:
+    """The manifest, with no secret in it (a signed URL's query, a credential's value)."""
     loc = storage.join(out, MANIFEST_NAME)
-    storage.write_text(loc, json.dumps(manifest, indent=2))
+    storage.write_text(loc, storage.redact(json.dumps(manifest, indent=2)))
     return loc
 
 

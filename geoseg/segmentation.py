@@ -28,16 +28,38 @@ def step_one_resources(cluster: ClusterConfig) -> dict[str, float] | None:
     return {"GPU": 1} if cluster.gpu_resource else None
 
 
+def step_one_workers(client: Client, resources: dict[str, float] | None) -> list[str]:
+    """The workers that run step 1 (all, or those declaring ``resources``), once one has joined
+    (a batch job's workers may still be starting). One line where ``resources`` are asked and
+    no worker declares them: the blocks would wait forever."""
+    if not client.scheduler_info(n_workers=-1)["workers"]:
+        client.wait_for_workers(1)
+    slots = worker_slots(client, resources)
+    if resources and not any(slots.values()):
+        raise RunError(
+            f"cluster.gpu_resource is set, but none of the cluster's {len(slots)} workers declares a GPU: "
+            "start them with `dask worker ... --resources GPU=1`"
+        )
+    return [addr for addr, n in slots.items() if n > 0]
+
+
 def workers_numerics(client: Client, settings: InferenceSettings, resources: dict[str, float] | None) -> str:
-    """How the workers that will run step 1 compute votes (:func:`geoseg.inference.numerics`),
-    asked of them: "auto" resolves on each worker, not on the client. Workers that differ are
-    all named ("cpu+cuda-bfloat16")."""
-    workers = [addr for addr, slots in worker_slots(client, resources).items() if slots > 0]
+    """How the workers that run step 1 compute votes (:func:`geoseg.inference.numerics`), asked
+    of them, since "auto" resolves on each worker. They must agree: a block's votes are summed
+    with its neighbours', so one mosaic cannot mix a CPU's and a GPU's. Workers that join later
+    are checked by each block (:func:`geoseg.blocks.predict_task`)."""
     try:
-        found = client.run(numerics, settings, workers=workers or None)
+        found = client.run(numerics, settings, workers=step_one_workers(client, resources))
     except RuntimeError as exc:  # model.device=cuda where a worker sees no CUDA device
         raise RunError(str(exc)) from None
-    return "+".join(sorted(set(found.values())))
+    kinds = sorted(set(found.values()))
+    if len(kinds) > 1:
+        counts = ", ".join(f"{kind} on {sum(v == kind for v in found.values())}" for kind in kinds)
+        raise RunError(
+            f"the workers compute votes differently ({counts} workers), and a block's votes are summed with its "
+            "neighbours': set model.device, or give the GPU workers `--resources GPU=1` and set cluster.gpu_resource"
+        )
+    return kinds[0]
 
 
 def worker_slots(client: Client, resources: dict[str, float] | None) -> dict[str, int]:
@@ -111,15 +133,16 @@ def submit_blocks(
             readers[n.key] = readers.get(n.key, 0) + 1
     tag = f"{plan.fingerprint}-{lease.run_id}"
     resources = step_one_resources(cfg.cluster)
-    slots = worker_slots(client, resources)
-    if resources and slots and not any(slots.values()):  # the blocks would wait forever
-        raise RunError(
-            f"cluster.gpu_resource is set, but none of the cluster's {len(slots)} workers declares a GPU: "
-            "start them with `dask worker ... --resources GPU=1`"
-        )
+    step_one_workers(client, resources)
 
     predict = partial(
-        predict_task, grid=grid, tiling=tiling, settings=settings, out=str(out), read_threads=cfg.cluster.read_threads
+        predict_task,
+        grid=grid,
+        tiling=tiling,
+        settings=settings,
+        out=str(out),
+        read_threads=cfg.cluster.read_threads,
+        numerics=plan.numerics,
     )
     finish = partial(finish_task, n_classes=n_classes, out=str(out), run_id=lease.run_id)
     sieved = {}

@@ -555,6 +555,26 @@ def delete_tree(loc: str) -> None:
             raise _remote_error(loc, exc) from None
 
 
+def clear_tree(loc: str) -> None:
+    """Make ``loc`` empty, to write a tree there afresh: every object under a URL prefix, or a
+    folder's content (the folder stays, and one reached through a link is cleared where it
+    lies). A file there, or content that cannot be removed, is an error."""
+    if is_url(loc):
+        delete_tree(loc)
+        return
+    path = Path(loc)
+    if path.exists() and not path.is_dir():
+        raise StorageError(f"{loc}: is a file, not a folder to write into", loc, "is a file")
+    try:
+        for entry in path.iterdir() if path.is_dir() else []:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    except OSError as exc:
+        raise StorageError(f"{loc}: cannot be cleared ({exc.strerror or exc})", loc, str(exc)) from None
+
+
 def upload(path: Path, loc: str) -> None:
     """Copy a finished local file to ``loc`` (a plain copy where ``loc`` is local)."""
     if not is_url(loc):

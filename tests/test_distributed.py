@@ -243,6 +243,32 @@ def test_the_workers_numerics_enter_the_fingerprint_and_a_cpu_run_keeps_its_own(
     assert manifest["fingerprint"] == plan.fingerprint  # runs on CPU resume as before
 
 
+def test_a_worker_that_computes_votes_otherwise_fails_its_block_and_a_run_waits_for_a_first_worker(
+    tmp_path, random_checkpoint, scene_1000x700
+):
+    """A worker that joined after the run asked its workers, and computes votes another way,
+    fails the block rather than mix votes; a run started before any worker joined (a batch
+    job's) asks the first one that does."""
+    from geoseg.blocks import predict_task, scene_layers
+    from geoseg.inference import InferenceSettings
+    from geoseg.planning import plan_run
+
+    cfg = run_config(random_checkpoint, [scene_1000x700[0]], tmp_path / "out", "output.polygons=false")
+    plan = plan_run(cfg)
+    block = plan.blocks[0]
+    layers = scene_layers(block, plan.scenes, plan.footprints, plan.tiling.tile_size, "first")
+    settings = InferenceSettings(str(random_checkpoint), device="cpu")
+    record = predict_task(
+        block, layers, plan.grid, plan.tiling, settings, str(tmp_path / "p"), numerics="cuda-bfloat16"
+    )
+    assert record["status"] == "failed"
+    assert record["error"] == "RuntimeError: this worker computes votes as cpu, the run as cuda-bfloat16"
+    with LocalCluster(n_workers=0, threads_per_worker=1, processes=False) as cluster, Client(cluster) as client:
+        threading.Timer(1.0, cluster.scale, [1]).start()
+        assert run(cfg, client).ok
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["fingerprint"] == plan.fingerprint
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is visible")
 def test_model_device_cuda_without_a_cuda_worker_is_one_line_before_any_block(
     tmp_path, random_checkpoint, scene_1000x700, client2

@@ -395,9 +395,11 @@ def test_polygons_streamed_in_slices_are_the_whole_mosaics_in_the_same_order(tmp
         polygons.stream_polygons(client2, blocks, grid, str(tmp_path), legend, writers, VectorConfig())
         return gpd.read_parquet(path)
 
-    whole = layer("whole")  # 20 blocks: one slice per group
+    monkeypatch.setattr(polygons, "BLOCKS_PER_SLICE", 100)
+    whole = layer("whole")  # 25 blocks: one slice per group
     monkeypatch.setattr(polygons, "BLOCKS_PER_SLICE", 3)
-    sliced = layer("sliced")  # 7 slices per group
+    monkeypatch.setattr(polygons.LayerSink, "HELD", 1)  # and most results left on the workers a while
+    sliced = layer("sliced")  # 9 slices per group
     assert len(sliced) == len(whole) > 100
     assert sliced["class_id"].tolist() == whole["class_id"].tolist()
     assert sliced.geometry.geom_equals_exact(whole.geometry, tolerance=0).all()
@@ -421,3 +423,22 @@ def test_the_quicklook_is_drawn_from_the_coarsest_overview_level_that_fills_it(r
     np.testing.assert_array_equal(downsample_classes(store, 500), root["overviews/2/classes"][:])
     np.testing.assert_array_equal(downsample_classes(store, 256), root["overviews/2/classes"][::2, ::2])
     np.testing.assert_array_equal(downsample_classes(store, 2000), root["classes"][:])
+
+
+def test_a_replaced_mosaic_keeps_no_old_chunk_even_through_a_link_and_a_file_there_is_one_line(tmp_path):
+    from geoseg import storage
+
+    grid = OutputGrid(CRS.from_epsg(32633).to_wkt(), (10.0, 0.0, 500_000.0, 0.0, -10.0, 5_200_000.0), 256, 256)
+    (tmp_path / "bigger_disk").mkdir()
+    (tmp_path / "mosaic.zarr").symlink_to(tmp_path / "bigger_disk")  # a mosaic kept on another disk
+    store = tmp_path / "mosaic.zarr"
+    block = next(iter_blocks(256, 256, 128))
+    mosaic.create_mosaic(store, grid, 128, {0: "water", 1: "forest"})
+    mosaic.write_block(store, block, np.ones((128, 128), np.uint8), np.full((128, 128), 90, np.uint8))
+    assert (mosaic.read_region(store, *block.region) == 1).all()
+    mosaic.create_mosaic(store, grid, 128, {0: "water", 1: "forest"})  # replaced, as --overwrite does
+    assert store.is_symlink() and (tmp_path / "bigger_disk" / "zarr.json").is_file()
+    assert (mosaic.read_region(store, *block.region) == 255).all()  # the old block is gone
+    (tmp_path / "file.zarr").write_text("not a store")
+    with pytest.raises(storage.StorageError, match=r"file.zarr: is a file, not a folder to write into$"):
+        mosaic.create_mosaic(tmp_path / "file.zarr", grid, 128, {0: "water"})

@@ -81,14 +81,16 @@ def resolve_checkpoint_path(spec: str) -> Path:
 
 def sidecar_beside_url(spec: str) -> Path:
     """A local copy of the sidecar beside another trainer's checkpoint at a URL (``NAME.yaml``)."""
-    loc = storage.join(storage.parent(spec), Path(storage.name(spec)).stem + ".yaml")
+    base = spec.split("?", 1)[0]  # a signed URL's query signs the weights, not the sidecar
+    loc = storage.join(storage.parent(base), Path(storage.name(base)).stem + ".yaml")
     try:
         return storage.cached_copy(loc)
     except storage.StorageError as exc:
-        raise CheckpointError(
+        message = (
             f"{spec}: not a geoseg checkpoint, and its sidecar {loc} cannot be read ({exc.reason}); give its bands, "
             "classes and statistics there or convert it with `geoseg model import`"
-        ) from None
+        )
+        raise CheckpointError(storage.redact(message)) from None
 
 
 def file_sha256(path: Path) -> str:
