@@ -101,8 +101,9 @@ def submit_blocks(
 
     Every task is submitted at once and Dask places them: step 1 for the blocks to do and the
     blocks whose tiles reach them, with priorities in :func:`work_order`, and each block's step 2
-    right after the last step 1 it needs, so only about one row of blocks has partial results
-    in the store at any time; a partial is deleted once every block that reads it is finished.
+    right after the last step 1 it needs, so only about one row of blocks needs its partial
+    results at any time; on disk a partial is deleted once every block that reads it is
+    finished (on a store, all of them at the run's end).
     Dask's queuing hands step 1 to worker threads as they free up, and to workers that join a
     running job at once. It does not queue tasks that ask for a GPU resource: it places those
     on the GPU workers there are. An own hand-out loop was no more than 2 % faster at 32 blocks
@@ -167,9 +168,9 @@ def collect_blocks(
     submitted: SubmittedBlocks, out: str, lease: Lease, sink: LayerSink | None = None
 ) -> dict[str, dict[str, Any]]:
     """The records of the submitted blocks as they finish; each block's partial results are
-    deleted once every block that reads them is finished (on local disk: on a store, the run
-    deletes them all at its end). The polygon layers of ``sink`` are
-    written as they finish meanwhile (the client would otherwise only wait)."""
+    deleted once every block that reads them is finished (on disk: on a store, the run deletes
+    them all at its end). The polygon layers of ``sink`` are written as they finish meanwhile
+    (the client would otherwise only wait)."""
     records: dict[str, dict[str, Any]] = {}
     readers = dict(submitted.readers)
     layers = sink.layers if sink is not None else []
