@@ -282,8 +282,9 @@ def test_model_device_cuda_without_a_cuda_worker_is_one_line_before_any_block(
 def test_a_worker_that_joins_a_running_job_gets_blocks_without_waiting_for_one_to_finish(
     tmp_path, monkeypatch, slow_checkpoint, scene_1000x700, reference_mosaic
 ):
-    """Batch jobs start one by one: the run begins with no worker, and the worker that joins
-    fills both its threads at once (Dask's queue) instead of one until the first block is finished."""
+    """Batch jobs start one by one: the run begins with no worker (it waits for the first to ask
+    how it computes votes), and the worker that joins fills both its threads at once (Dask's
+    queue) instead of one until the first block is finished."""
     monkeypatch.setenv("DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION", "1.0")  # as the README advises
     scheduler, sched_file = _start_scheduler(tmp_path)
     procs = [scheduler]
@@ -300,8 +301,8 @@ def test_a_worker_that_joins_a_running_job_gets_blocks_without_waiting_for_one_t
         thread.start()
         with Client(address, timeout="30s") as client:
             since = time.time()
-            while not client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)):
-                assert time.time() < deadline, "the run never submitted a block"
+            while client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.clients)) < 3:
+                assert time.time() < deadline, "the run never connected"  # its client, ours, the scheduler's
                 time.sleep(0.1)
             worker = ["worker", address, "--nthreads", "2", "--no-dashboard", "--host", "127.0.0.1"]
             procs.append(_spawn(*worker, log=tmp_path / "worker.log"))
