@@ -212,11 +212,13 @@ def polygonize_task(
     halo = polygon_halo(vector)
     r0, r1 = max(0, block.rows.start - halo), min(grid.height, block.rows.stop + halo)
     c0, c1 = max(0, block.cols.start - halo), min(grid.width, block.cols.stop + halo)
-    classes, confidence = mosaic.read_regions(
-        storage.join(out, MOSAIC_NAME),
-        [(mosaic.CLASSES, slice(r0, r1), slice(c0, c1)), (mosaic.CONFIDENCE, *block.region)],
-        run_id,
-    )
+    store = storage.join(out, MOSAIC_NAME)
+    try:
+        classes, confidence = mosaic.read_regions(
+            store, [(mosaic.CLASSES, slice(r0, r1), slice(c0, c1)), (mosaic.CONFIDENCE, *block.region)], run_id
+        )
+    except Exception as exc:  # a damaged chunk: say where
+        raise RuntimeError(f"{store}: block {block.key} cannot be read ({type(exc).__name__}: {exc})") from None
     inner = (slice(block.rows.start - r0, block.rows.stop - r0), slice(block.cols.start - c0, block.cols.stop - c0))
     classes = vectorize.sieve(classes, vector.mmu_pixels)
     classes = vectorize.sieve(classes, vector.fill_holes_pixels, enclosed_only=True)[inner]

@@ -442,3 +442,33 @@ def test_a_replaced_mosaic_keeps_no_old_chunk_even_through_a_link_and_a_file_the
     (tmp_path / "file.zarr").write_text("not a store")
     with pytest.raises(storage.StorageError, match=r"file.zarr: is a file, not a folder to write into$"):
         mosaic.create_mosaic(tmp_path / "file.zarr", grid, 128, {0: "water"})
+
+
+def test_a_block_that_cannot_be_read_fails_the_polygons_in_one_error_and_leaves_no_half_layer(tmp_path, client2):
+    """A damaged chunk (truncated on disk): its block's polygon task fails, the error names it,
+    no layer is left at its place, and the layer tasks after it are released unwritten."""
+    from geoseg import polygons
+    from geoseg.config import VectorConfig
+    from geoseg.synth import make_labels
+    from geoseg.vector_io import LayerWriter
+
+    spec = SceneSpec(512, 384, seed=6)
+    labels = make_labels(spec)
+    grid = OutputGrid(CRS.from_user_input(spec.crs).to_wkt(), tuple(spec.transform)[:6], 512, 384)
+    mosaic.create_mosaic(tmp_path / "mosaic.zarr", grid, 128, {k: f"class {k}" for k in range(7)})
+    blocks = list(iter_blocks(384, 512, 128))
+    for b in blocks:
+        mosaic.write_block(tmp_path / "mosaic.zarr", b, labels[b.region], np.full_like(labels[b.region], 80))
+    chunk = tmp_path / "mosaic.zarr" / "classes" / "c" / "1" / "2"
+    chunk.write_bytes(chunk.read_bytes()[:20])
+    writers = [(LayerWriter(tmp_path / "polygons.gpkg", grid.crs_wkt), None)]
+    with pytest.raises(RuntimeError, match=r"mosaic.zarr: block 1_2 cannot be read \(RuntimeError: Zstd") as failure:
+        polygons.stream_polygons(
+            client2, blocks, grid, str(tmp_path), {k: str(k) for k in range(7)}, writers, VectorConfig()
+        )
+    assert len(str(failure.value).splitlines()) <= 3
+    assert not (tmp_path / "polygons.gpkg").exists() and not list(tmp_path.glob(".polygons*"))
+    time.sleep(0.5)  # the released tasks leave the scheduler
+    assert not [
+        k for k in client2.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.tasks)) if "polygons-" in str(k)
+    ]
