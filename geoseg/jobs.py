@@ -123,7 +123,7 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
     if cfg.output.polygons:
         polygonize = partial(polygonize_task, out=str(out), grid=grid, vector=cfg.vector, run_id=lease.run_id)
     submitted = submit_blocks(client, blocks, todo, layers, plan, settings, lease, ckpt.n_classes, polygonize)
-    layers = polygon_tasks(client, plan, block_records, submitted) if cfg.output.polygons else []
+    layers = polygon_tasks(client, plan, block_records, submitted, lease.run_id) if cfg.output.polygons else []
     sink, polygons_path = None, None
     try:
         if cfg.output.polygons:
@@ -253,7 +253,7 @@ def finish_output(plan: RunPlan, manifest: RunManifest) -> str:
 
 
 def polygon_tasks(
-    client: Client, plan: RunPlan, records: dict[str, dict[str, Any]], submitted: SubmittedBlocks
+    client: Client, plan: RunPlan, records: dict[str, dict[str, Any]], submitted: SubmittedBlocks, run_id: str
 ) -> list[Future]:
     """The run's polygon layer as tasks: each block to do is polygonized on the workers as soon
     as it (and what its sieve reads) is final, while other blocks are segmented; a reused block
@@ -270,7 +270,9 @@ def polygon_tasks(
         ]
         for b in reused
     }
-    part_of = {b.key: part for b, part in submit_parts(client, reused, plan.out, grid, vector, after=after)}
+    part_of = {
+        b.key: part for b, part in submit_parts(client, reused, plan.out, grid, vector, after=after, run_id=run_id)
+    }
     part_of.update(submitted.parts)
     parts = [(b, part_of[b.key]) for b in blocks if b.key in part_of]
     return submit_layers(client, parts, grid, plan.legend, vector)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import geopandas as gpd
@@ -65,11 +67,13 @@ def submit_parts(
     vector: VectorConfig,
     task: Callable[..., vectorize.BlockPolygons] | None = None,
     after: dict[str, list[Any]] | None = None,
+    run_id: str | None = None,
 ) -> list[tuple[Block, Future]]:
-    """Each block's polygons as a task (``task``, default :func:`geoseg.blocks.polygonize_task`),
-    given ``after[block key]``: its own record, then the tasks it must wait for."""
+    """Each block's polygons as a task (``task``, default :func:`geoseg.blocks.polygonize_task`
+    with ``run_id``: a worker opens the mosaic once for all its blocks), given ``after[block
+    key]``: its own record, then the tasks it must wait for."""
     stamp = time.time_ns()
-    task = task or polygonize_task
+    task = task or partial(polygonize_task, run_id=run_id or uuid.uuid4().hex)
     after = after or {}
     return [
         (
