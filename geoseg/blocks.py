@@ -21,7 +21,7 @@ import numpy as np
 from dask.delayed import Delayed, delayed
 from rasterio.windows import Window
 
-from geoseg import mosaic, partials, runstate, storage, vectorize
+from geoseg import mosaic, overviews, partials, runstate, storage, vectorize
 from geoseg.blending import NODATA
 from geoseg.config import VectorConfig
 from geoseg.grid import OutputGrid
@@ -163,8 +163,11 @@ def finish_task(
         histogram = np.bincount(classes.ravel(), minlength=256)
         if run_id is not None and not runstate.holds_lease(out, run_id):
             raise RuntimeError("this run no longer holds the output folder's lease; nothing written")
+        levels = {}
         if histogram[:NODATA].any():  # an all-nodata block is what the store holds already (fill values)
-            mosaic.write_block(storage.join(out, MOSAIC_NAME), block, classes, confidence, run_id)
+            store = storage.join(out, MOSAIC_NAME)
+            mosaic.write_block(store, block, classes, confidence, run_id)
+            levels = overviews.levels(classes, confidence, mosaic.overview_factors_of(store, run_id))
         record = {
             "status": "done",
             "tiles": own["tiles"],
@@ -174,9 +177,93 @@ def finish_task(
             "histogram": {str(k): int(v) for k, v in enumerate(histogram) if v},
         }
         runstate.commit_block(out, block.key, record)
-        return {"block": block.key, **record}
+        return {"block": block.key, **record, LEVELS: levels}
     except Exception as exc:
         return {"block": block.key, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+
+
+LEVELS = "overview_levels"  # what step 2 hands its overview chunks: each level's windows of the block
+
+
+def record_of(finished: dict[str, Any]) -> dict[str, Any]:
+    """A Dask task: step 2's record without the block's overview windows (what the client gets)."""
+    return {k: v for k, v in finished.items() if k != LEVELS}
+
+
+def level_piece(finished: dict[str, Any], block: Block, factor: int) -> tuple[int, int, Any, Any] | None:
+    """A Dask task: the block's window on overview level ``factor``, where it lies on the level
+    (None: a block with no data)."""
+    window = finished.get(LEVELS, {}).get(factor)
+    return None if window is None else (block.rows.start // factor, block.cols.start // factor, *window)
+
+
+def stored_levels_task(block: Block, out: str, run_id: str | None = None) -> dict[str, Any]:
+    """A Dask task: the overview windows of a block committed by an earlier run, from the mosaic."""
+    store = storage.join(out, MOSAIC_NAME)
+    classes, confidence = mosaic.read_regions(
+        store, [(mosaic.CLASSES, *block.region), (mosaic.CONFIDENCE, *block.region)], run_id
+    )
+    if not (classes != NODATA).any():
+        return {}
+    return {LEVELS: overviews.levels(classes, confidence, mosaic.overview_factors_of(store, run_id))}
+
+
+def overview_chunk_task(
+    factor: int,
+    origin: tuple[int, int],
+    span: int,
+    *pieces: tuple[int, int, Any, Any] | None,
+    out: str,
+    run_id: str | None,
+) -> None:
+    """A Dask task: one chunk of an overview level, written whole from its blocks' windows."""
+    if run_id is not None and not runstate.holds_lease(out, run_id):
+        raise RuntimeError("this run no longer holds the output folder's lease; nothing written")
+    mosaic.write_overview_chunk(storage.join(out, MOSAIC_NAME), factor, origin, span, list(pieces), run_id)
+
+
+def overview_graph(
+    blocks: list[Block],
+    finished: dict[str, Delayed],
+    stored: Callable[[Block], Delayed | None],
+    factors: list[int],
+    block_size: int,
+    everywhere: bool,
+    write_chunk: Callable[..., None],
+    tag: str,
+    due: dict[str, int] | None = None,
+) -> list[Delayed]:
+    """The overview chunks to write as tasks: each level's chunk is a block's size and holds
+    ``f`` x ``f`` blocks' windows, so it is written once, whole, after those blocks: the ones
+    ``finished`` in this run hand their windows on, others (``stored``: committed before) read
+    theirs from the mosaic. Only chunks with a block of this run, or all (``everywhere``: a
+    resumed run cannot know which chunks the earlier one wrote). ``due``: the priority of each
+    block's step 2; a chunk gets its last block's."""
+    due = due or {}
+    by_index = {(b.row, b.col): b for b in blocks}
+    reread: dict[str, Delayed] = {}
+    chunks = []
+    for f in factors:
+        for i, j in sorted({(b.row // f, b.col // f) for b in blocks}):
+            members = [
+                by_index[(r, c)] for r in range(i * f, i * f + f) for c in range(j * f, j * f + f) if (r, c) in by_index
+            ]
+            if not everywhere and not any(b.key in finished for b in members):
+                continue
+            pieces = []
+            for b in members:
+                if b.key not in finished and b.key not in reread:
+                    reread[b.key] = stored(b)
+                source = finished.get(b.key, reread.get(b.key))
+                if source is not None:
+                    with dask.annotate(priority=due.get(b.key, 0)):
+                        key = f"level-piece-{tag}-{f}-{b.key}"
+                        pieces.append(delayed(level_piece, pure=False)(source, b, f, dask_key_name=key))
+            origin = (i * block_size, j * block_size)
+            with dask.annotate(priority=min((due[b.key] for b in members if b.key in due), default=0)):
+                key = f"overview-{tag}-{f}-{i}_{j}"
+                chunks.append(delayed(write_chunk, pure=False)(f, origin, block_size, *pieces, dask_key_name=key))
+    return chunks
 
 
 def polygon_halo(vector: VectorConfig) -> int:
@@ -273,24 +360,26 @@ def block_graph(
     resources: dict[str, float] | None = None,
     polygonize: Callable[..., Any] | None = None,
     sieved: dict[str, list[Block]] | None = None,
-) -> tuple[list[Delayed], list[Delayed]]:
+) -> tuple[list[Delayed], list[Delayed], dict[str, Delayed]]:
     """The two steps of the blocks as a Dask graph (built here, run by the caller): step 1 of
     each block in ``needed`` with its place in :func:`work_order` as priority, and step 2 of each
     block in ``todo`` right after the last step 1 it needs. ``predict(block, layers)`` and
     ``finish(block, reaching)`` are :func:`predict_task` and :func:`finish_task` with the run's
     other arguments bound. With ``polygonize`` (:func:`polygonize_task`, arguments bound), each
     block's polygons follow the step 2 of the blocks in ``sieved[block]`` (itself first).
-    Returns the step-2 tasks and the polygon tasks."""
+    Returns the step-2 records, the polygon tasks, and each block's step 2 (with its overview
+    windows, for :func:`overview_graph`)."""
     step1 = {}
     for b in needed:
         with dask.annotate(priority=-2 * order[b.key], **({"resources": resources} if resources else {})):
             step1[b.key] = delayed(predict, pure=False)(b, layers[b.key], dask_key_name=f"predict-{tag}-{b.key}")
-    step2 = []
+    step2, finished_of = [], {}
     for b in todo:
         last = max(order[n.key] for n in reach[b.key])
         with dask.annotate(priority=-2 * last - 1):
             sources = [step1[n.key] for n in reach[b.key]]
-            step2.append(delayed(finish, pure=False)(b, sources, dask_key_name=f"finish-{tag}-{b.key}"))
+            finished_of[b.key] = delayed(finish, pure=False)(b, sources, dask_key_name=f"finish-{tag}-{b.key}")
+            step2.append(delayed(record_of, pure=False)(finished_of[b.key], dask_key_name=f"record-{tag}-{b.key}"))
     parts = []
     if polygonize is not None and sieved is not None:
         finished = {b.key: task for b, task in zip(todo, step2, strict=True)}
@@ -299,4 +388,4 @@ def block_graph(
             with dask.annotate(priority=-2 * last - 1):
                 after = [finished[s.key] for s in sieved[b.key]]
                 parts.append(delayed(polygonize, pure=False)(b, *after, dask_key_name=f"polygonize-{tag}-{b.key}"))
-    return step2, parts
+    return step2, parts, finished_of

@@ -122,7 +122,9 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
     polygonize = None
     if cfg.output.polygons:
         polygonize = partial(polygonize_task, out=str(out), grid=grid, vector=cfg.vector, run_id=lease.run_id)
-    submitted = submit_blocks(client, blocks, todo, layers, plan, settings, lease, ckpt.n_classes, polygonize)
+    submitted = submit_blocks(
+        client, blocks, todo, layers, plan, settings, lease, ckpt.n_classes, polygonize, block_records
+    )
     layers = polygon_tasks(client, plan, block_records, submitted, lease.run_id) if cfg.output.polygons else []
     sink, polygons_path = None, None
     try:

@@ -153,7 +153,9 @@ def create_store(
                     attributes={"zarr_conventions": root_attrs["zarr_conventions"][:2], **geozarr_attrs(grid, f)},
                 ),
                 level_of(grid, f),
-                (max(1, chunks[0] // f), max(1, chunks[1] // f)),
+                # a block's size at every level: one chunk holds f x f blocks' windows, written
+                # whole once they are final (see write_overview_chunk)
+                (min(block_size, level_of(grid, f).height), min(block_size, level_of(grid, f).width)),
             )
             for f in levels
         ),
@@ -322,17 +324,49 @@ def write_arrays(group: zarr.Group, writes: list[tuple[str, tuple[slice, slice],
 def write_block(
     path: Path, block: Block, classes: np.ndarray, confidence: np.ndarray, run_id: str | None = None
 ) -> None:
-    """A block of the class mosaic, then the block's windows of every overview level (one chunk
-    each); ``run_id``: see :func:`run_group`."""
+    """A block of the class mosaic (its overview levels are :func:`write_overview_chunk`'s);
+    ``run_id``: see :func:`run_group`."""
+    write_arrays(
+        run_group(path, "r+", run_id), [(CLASSES, block.region, classes), (CONFIDENCE, block.region, confidence)]
+    )
+
+
+def overview_factors_of(path: Path | str, run_id: str | None = None) -> list[int]:
+    """The factors of the store's overview levels."""
+    return list(run_group(path, "r", run_id).attrs["geoseg"].get("overviews", []))
+
+
+def write_overview_chunk(
+    path: Path | str,
+    factor: int,
+    origin: tuple[int, int],
+    span: int,
+    pieces: list[tuple[int, int, np.ndarray, np.ndarray] | None],
+    run_id: str | None = None,
+) -> None:
+    """The ``span`` x ``span`` region of overview level ``factor`` at ``origin`` (its first row
+    and column on the level: one chunk, or the whole chunks of an older store's smaller ones),
+    written whole from its blocks' windows ``(row, col, classes, confidence)`` on the level
+    (None: a block with no data there); the rest keeps the fill values."""
     group = run_group(path, "r+", run_id)
-    writes = [(CLASSES, block.region, classes), (CONFIDENCE, block.region, confidence)]
-    factors = group.attrs["geoseg"].get("overviews", [])
-    for f, (level_classes, level_confidence) in overviews.levels(classes, confidence, factors).items():
-        rows = slice(block.rows.start // f, block.rows.start // f + level_classes.shape[0])
-        cols = slice(block.cols.start // f, block.cols.start // f + level_classes.shape[1])
-        writes += [(f"{OVERVIEWS}/{f}/{CLASSES}", (rows, cols), level_classes)]
-        writes += [(f"{OVERVIEWS}/{f}/{CONFIDENCE}", (rows, cols), level_confidence)]
-    write_arrays(group, writes)
+    level = f"{OVERVIEWS}/{factor}"
+    stored = group[f"{level}/{CLASSES}"]
+    rows = slice(origin[0], min(origin[0] + span, stored.shape[0]))
+    cols = slice(origin[1], min(origin[1] + span, stored.shape[1]))
+    shape = (rows.stop - rows.start, cols.stop - cols.start)
+    classes = np.full(shape, stored.fill_value, dtype=stored.dtype)
+    confidence = np.full(shape, group[f"{level}/{CONFIDENCE}"].fill_value, dtype=np.uint8)
+    for piece in pieces:
+        if piece is not None:
+            r, c, piece_classes, piece_confidence = piece
+            window = (
+                slice(r - rows.start, r - rows.start + piece_classes.shape[0]),
+                slice(c - cols.start, c - cols.start + piece_classes.shape[1]),
+            )
+            classes[window], confidence[window] = piece_classes, piece_confidence
+    write_arrays(
+        group, [(f"{level}/{CLASSES}", (rows, cols), classes), (f"{level}/{CONFIDENCE}", (rows, cols), confidence)]
+    )
 
 
 def open_array(path: str | Path, name: str = CLASSES) -> zarr.Array:

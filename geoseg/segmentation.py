@@ -9,12 +9,26 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from dask.delayed import delayed
 from distributed import Client, Future, as_completed
 
-from geoseg import partials, storage
-from geoseg.blocks import PARTIALS_DIR, block_graph, finish_task, polygon_halo, predict_task, sieve_reach, work_order
+from geoseg import mosaic, partials, storage
+from geoseg.blocks import (
+    PARTIALS_DIR,
+    block_graph,
+    finish_task,
+    has_classes,
+    overview_chunk_task,
+    overview_graph,
+    polygon_halo,
+    predict_task,
+    sieve_reach,
+    stored_levels_task,
+    work_order,
+)
 from geoseg.config import ClusterConfig
 from geoseg.inference import InferenceSettings, numerics
+from geoseg.mosaic import MOSAIC_NAME
 from geoseg.planning import RunPlan
 from geoseg.polygons import LayerSink
 from geoseg.progress import track
@@ -81,6 +95,7 @@ class SubmittedBlocks:
     parts: dict[str, Future]  # block key -> its polygons, once it is final (when asked for)
     reach: dict[str, list[Block]]  # block key -> the blocks whose step 1 it reads, itself first
     readers: dict[str, int]  # block key -> how many step 2 read its partial results
+    overviews: list[Future]  # the overview chunks to write (each returns None)
     finished_at: float = 0.0  # perf_counter() when collect_blocks had the last block's record
 
 
@@ -94,10 +109,13 @@ def submit_blocks(
     lease: Lease,
     n_classes: int,
     polygonize: Callable[..., Any] | None = None,
+    reused: dict[str, dict[str, Any]] | None = None,
 ) -> SubmittedBlocks:
     """Step 1 and step 2 of every block in ``todo`` on the cluster, and with ``polygonize``
     (:func:`geoseg.blocks.polygonize_task` with the run's arguments bound) each block's polygons
-    as soon as the block and the blocks its sieve reads are final; :func:`collect_blocks` waits.
+    as soon as the block and the blocks its sieve reads are final; the overview chunks they
+    fall in once their blocks are final (:func:`geoseg.blocks.overview_graph`; ``reused``: the
+    records of blocks committed before); :func:`collect_blocks` waits.
 
     Every task is submitted at once and Dask places them: step 1 for the blocks to do and the
     blocks whose tiles reach them, with priorities in :func:`work_order`, and each block's step 2
@@ -152,15 +170,32 @@ def submit_blocks(
         sieved = {
             b.key: [n for n in sieve_reach(b, by_index, halo, size) if n is b or n.key in todo_keys] for b in todo
         }
-    step2, parts = block_graph(needed, todo, reach, order, layers, predict, finish, tag, resources, polygonize, sieved)
+    step2, parts, finished = block_graph(
+        needed, todo, reach, order, layers, predict, finish, tag, resources, polygonize, sieved
+    )
+    reused = reused or {}
+    with_classes = {key for key, record in reused.items() if has_classes(record)}
+
+    def stored(b: Block):
+        if b.key not in with_classes:
+            return None
+        return delayed(stored_levels_task, pure=False)(b, str(out), lease.run_id, dask_key_name=f"levels-{tag}-{b.key}")
+
+    write_chunk = partial(overview_chunk_task, out=str(out), run_id=lease.run_id)
+    factors = mosaic.overview_factors_of(storage.join(out, MOSAIC_NAME))
+    # a chunk as urgent as its last block's step 2: its windows are not held longer than needed
+    due = {b.key: -2 * max(order[n.key] for n in reach[b.key]) - 1 for b in todo}
+    chunks = overview_graph(blocks, finished, stored, factors, size, bool(reused), write_chunk, tag, due)
     # One submission: the scheduler sees every step 1 at once and queues them (it assigns the
     # first few of a group submitted task by task before it knows the group is large).
-    futures = client.compute([*step2, *parts], optimize_graph=False)
+    futures = client.compute([*step2, *parts, *chunks], optimize_graph=False)
+    n_step2, n_parts = len(step2), len(parts)
     return SubmittedBlocks(
-        {b.key: fut for b, fut in zip(todo, futures[: len(step2)], strict=True)},
-        {b.key: fut for b, fut in zip(todo, futures[len(step2) :], strict=False)},
+        {b.key: fut for b, fut in zip(todo, futures[:n_step2], strict=True)},
+        {b.key: fut for b, fut in zip(todo, futures[n_step2 : n_step2 + n_parts], strict=False)},
         reach,
         readers,
+        futures[n_step2 + n_parts :],
     )
 
 
@@ -176,10 +211,18 @@ def collect_blocks(
     layers = sink.layers if sink is not None else []
     step2 = set(submitted.step2_of.values())
     description = "segmenting blocks" + (", polygons" if layers else "")
-    tasks = [*submitted.step2_of.values(), *layers]
+    chunks = set(submitted.overviews)
+    tasks = [*submitted.step2_of.values(), *layers, *submitted.overviews]
     polygon_error: BaseException | None = None
     for fut in track(as_completed(tasks), total=len(tasks), description=description):
         lease.check()
+        if fut in chunks:
+            try:
+                fut.result()
+            except Exception as exc:  # the blocks still commit; a rerun writes every chunk again
+                polygon_error = polygon_error or exc
+            fut.release()
+            continue
         if fut not in step2:
             try:
                 sink.add(fut)

@@ -183,6 +183,18 @@ def test_killed_run_resumes_with_only_the_missing_blocks(tmp_path, slow_checkpoi
     assert manifest["summary"]["reused"] >= done_before
     assert manifest["summary"]["computed"] == 48 - manifest["summary"]["reused"]
     np.testing.assert_array_equal(xr.open_zarr(out / "mosaic.zarr")["classes"].values, reference_mosaic)
+    # every overview chunk whole, those the killed run wrote or not: each level is the mosaic's
+    import zarr
+
+    from geoseg.overviews import downsample
+
+    root = zarr.open_group(out / "mosaic.zarr", mode="r")
+    assert root.attrs["geoseg"]["overviews"] == [2, 4]
+    for f in (2, 4):
+        classes, confidence = downsample(root["classes"][:], root["confidence"][:], f)
+        np.testing.assert_array_equal(root[f"overviews/{f}/classes"][:], classes)
+        np.testing.assert_array_equal(root[f"overviews/{f}/confidence"][:], confidence)
+        assert root[f"overviews/{f}/classes"].chunks == (min(128, classes.shape[0]), min(128, classes.shape[1]))
 
 
 def test_step_one_is_handed_out_by_threads_or_by_gpus():
