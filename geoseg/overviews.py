@@ -5,7 +5,10 @@ mode (the class most of the window's valid pixels have; ties to the lower class;
 the window has no valid pixel), the confidence by the mean over those valid pixels, rounded.
 A window's value depends only on its own pixels, and every factor divides the block size, so
 a block's windows are whole and the levels made block by block equal the levels of the whole
-mosaic (tested against it).
+mosaic (tested against it). A level's chunks are a block's size: one holds the windows of
+``f`` x ``f`` blocks and is written whole once they are final
+(:func:`geoseg.blocks.overview_graph`), so each chunk has one writer and a level is a few
+objects, not one per block.
 """
 
 from __future__ import annotations
