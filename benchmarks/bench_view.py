@@ -40,9 +40,11 @@ def build_run(out: Path, size: int, block: int) -> None:
     labels = make_labels(spec)
     grid = OutputGrid(CRS.from_user_input(spec.crs).to_wkt(), tuple(spec.transform)[:6], size, size)
     mosaic.create_mosaic(out / MOSAIC_NAME, grid, block, LEGEND, COLORS)
-    for b in iter_blocks(size, size, block):
+    blocks = list(iter_blocks(size, size, block))
+    for b in blocks:
         part = labels[b.rows.start : b.rows.stop, b.cols.start : b.cols.stop]
         mosaic.write_block(out / MOSAIC_NAME, b, part, (part * 9 + 30).astype("uint8"))
+    mosaic.write_overviews(out / MOSAIC_NAME, blocks)
 
 
 def milliseconds(url: str) -> float:

@@ -369,6 +369,22 @@ def write_overview_chunk(
     )
 
 
+def write_overviews(path: Path | str, blocks: list[Block]) -> None:
+    """Every overview chunk of a mosaic whose ``blocks`` are written (by other means than a run,
+    which writes its chunks as blocks finish): each block's windows, placed in their chunks."""
+    factors = overview_factors_of(path)
+    windows = {}
+    for b in blocks:
+        classes, confidence = read_regions(path, [(CLASSES, *b.region), (CONFIDENCE, *b.region)])
+        windows[b.key] = overviews.levels(classes, confidence, factors)
+    size = max(b.rows.stop - b.rows.start for b in blocks)  # a full block's: the chunk's
+    for f in factors:
+        for i, j in sorted({(b.row // f, b.col // f) for b in blocks}):
+            members = [b for b in blocks if b.row // f == i and b.col // f == j]
+            pieces = [(b.rows.start // f, b.cols.start // f, *windows[b.key][f]) for b in members]
+            write_overview_chunk(path, f, (i * size, j * size), size, pieces)
+
+
 def open_array(path: str | Path, name: str = CLASSES) -> zarr.Array:
     """One array of a store, read-only (v3 asked for first, as in :func:`open_group`)."""
     store = storage.zarr_store(str(path), read_only=True)

@@ -472,3 +472,28 @@ def test_a_block_that_cannot_be_read_fails_the_polygons_in_one_error_and_leaves_
     assert not [
         k for k in client2.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.tasks)) if "polygons-" in str(k)
     ]
+
+
+def test_overviews_written_after_the_blocks_equal_the_whole_mosaics_levels(tmp_path):
+    """For a mosaic whose blocks were written by other means (a run writes its chunks itself)."""
+    from geoseg.overviews import downsample
+    from geoseg.synth import make_labels
+
+    labels = make_labels(SceneSpec(600, 520, seed=8))
+    grid = OutputGrid(CRS.from_epsg(32633).to_wkt(), (10.0, 0.0, 500_000.0, 0.0, -10.0, 5_200_000.0), 600, 520)
+    store = tmp_path / "mosaic.zarr"
+    mosaic.create_mosaic(store, grid, 128, {k: str(k) for k in range(7)})
+    blocks = list(iter_blocks(520, 600, 128))
+    confidence = (labels * 7 + 20).astype(np.uint8)
+    for b in blocks:
+        mosaic.write_block(store, b, labels[b.region], confidence[b.region])
+    mosaic.write_overviews(store, blocks)
+    assert mosaic.overview_factors_of(store) == [2, 4]
+    for f in (2, 4):
+        want_classes, want_confidence = downsample(labels, confidence, f)
+        np.testing.assert_array_equal(
+            mosaic.read_region(store, slice(None), slice(None), f"overviews/{f}/classes"), want_classes
+        )
+        np.testing.assert_array_equal(
+            mosaic.read_region(store, slice(None), slice(None), f"overviews/{f}/confidence"), want_confidence
+        )
