@@ -163,8 +163,8 @@ def finish_task(
         histogram = np.bincount(classes.ravel(), minlength=256)
         if run_id is not None and not runstate.holds_lease(out, run_id):
             raise RuntimeError("this run no longer holds the output folder's lease; nothing written")
-        levels = {}
-        if histogram[:NODATA].any():  # an all-nodata block is what the store holds already (fill values)
+        levels, written = {}, bool(histogram[:NODATA].any())
+        if written:  # an all-nodata block is what the store holds already (fill values)
             store = storage.join(out, MOSAIC_NAME)
             mosaic.write_block(store, block, classes, confidence, run_id)
             levels = overviews.levels(classes, confidence, mosaic.overview_factors_of(store, run_id))
@@ -177,17 +177,20 @@ def finish_task(
             "histogram": {str(k): int(v) for k, v in enumerate(histogram) if v},
         }
         runstate.commit_block(out, block.key, record)
-        return {"block": block.key, **record, LEVELS: levels}
+        # what the block's own later tasks (its overview windows, its polygons) take from
+        # memory instead of reading the store again
+        return {"block": block.key, **record, LEVELS: levels, ARRAYS: (classes, confidence) if written else None}
     except Exception as exc:
         return {"block": block.key, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
 
 
 LEVELS = "overview_levels"  # what step 2 hands its overview chunks: each level's windows of the block
+ARRAYS = "block_arrays"  # and its polygons: the block's classes and confidence
 
 
 def record_of(finished: dict[str, Any]) -> dict[str, Any]:
-    """A Dask task: step 2's record without the block's overview windows (what the client gets)."""
-    return {k: v for k, v in finished.items() if k != LEVELS}
+    """A Dask task: step 2's record without the block's arrays (what the client gets)."""
+    return {k: v for k, v in finished.items() if k not in (LEVELS, ARRAYS)}
 
 
 def level_piece(finished: dict[str, Any], block: Block, factor: int) -> tuple[int, int, Any, Any] | None:
@@ -297,6 +300,9 @@ def polygonize_task(
     if after and not has_classes(after[0]):
         return vectorize.BlockPolygons()
     halo = polygon_halo(vector)
+    if after and halo == 0 and after[0].get(ARRAYS) is not None:  # step 2's own output: not read again
+        classes, confidence = after[0][ARRAYS]
+        return vectorize.polygonize_block(classes, block, grid.affine, grid.height, grid.width, confidence)
     r0, r1 = max(0, block.rows.start - halo), min(grid.height, block.rows.stop + halo)
     c0, c1 = max(0, block.cols.start - halo), min(grid.width, block.cols.stop + halo)
     store = storage.join(out, MOSAIC_NAME)
@@ -386,6 +392,7 @@ def block_graph(
         for b in todo:
             last = max(order[n.key] for s in sieved[b.key] for n in reach[s.key])
             with dask.annotate(priority=-2 * last - 1):
-                after = [finished[s.key] for s in sieved[b.key]]
+                # its own step 2 whole (the block's arrays), the others' records
+                after = [finished_of[b.key], *(finished[s.key] for s in sieved[b.key][1:])]
                 parts.append(delayed(polygonize, pure=False)(b, *after, dask_key_name=f"polygonize-{tag}-{b.key}"))
     return step2, parts, finished_of
