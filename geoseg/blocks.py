@@ -235,17 +235,17 @@ def overview_graph(
     write_chunk: Callable[..., None],
     tag: str,
     due: dict[str, int] | None = None,
-) -> list[Delayed]:
+) -> dict[str, Delayed]:
     """The overview chunks to write as tasks: each level's chunk is a block's size and holds
     ``f`` x ``f`` blocks' windows, so it is written once, whole, after those blocks: the ones
     ``finished`` in this run hand their windows on, others (``stored``: committed before) read
     theirs from the mosaic. Only chunks with a block of this run, or all (``everywhere``: a
     resumed run cannot know which chunks the earlier one wrote). ``due``: the priority of each
-    block's step 2; a chunk gets its last block's."""
+    block's step 2; a chunk gets its last block's. The tasks by chunk (``overviews/<f>/<i>_<j>``)."""
     due = due or {}
     by_index = {(b.row, b.col): b for b in blocks}
     reread: dict[str, Delayed] = {}
-    chunks = []
+    chunks = {}
     for f in factors:
         for i, j in sorted({(b.row // f, b.col // f) for b in blocks}):
             members = [
@@ -265,7 +265,8 @@ def overview_graph(
             origin = (i * block_size, j * block_size)
             with dask.annotate(priority=min((due[b.key] for b in members if b.key in due), default=0)):
                 key = f"overview-{tag}-{f}-{i}_{j}"
-                chunks.append(delayed(write_chunk, pure=False)(f, origin, block_size, *pieces, dask_key_name=key))
+                chunk = delayed(write_chunk, pure=False)(f, origin, block_size, *pieces, dask_key_name=key)
+                chunks[f"overviews/{f}/{i}_{j}"] = chunk
     return chunks
 
 
@@ -366,13 +367,15 @@ def block_graph(
     resources: dict[str, float] | None = None,
     polygonize: Callable[..., Any] | None = None,
     sieved: dict[str, list[Block]] | None = None,
+    polygons_from_memory: bool = False,
 ) -> tuple[list[Delayed], list[Delayed], dict[str, Delayed]]:
     """The two steps of the blocks as a Dask graph (built here, run by the caller): step 1 of
     each block in ``needed`` with its place in :func:`work_order` as priority, and step 2 of each
     block in ``todo`` right after the last step 1 it needs. ``predict(block, layers)`` and
     ``finish(block, reaching)`` are :func:`predict_task` and :func:`finish_task` with the run's
     other arguments bound. With ``polygonize`` (:func:`polygonize_task`, arguments bound), each
-    block's polygons follow the step 2 of the blocks in ``sieved[block]`` (itself first).
+    block's polygons follow the step 2 of the blocks in ``sieved[block]`` (itself first), and
+    take the block's arrays from its step 2 with ``polygons_from_memory`` (no sieve reach).
     Returns the step-2 records, the polygon tasks, and each block's step 2 (with its overview
     windows, for :func:`overview_graph`)."""
     step1 = {}
@@ -392,7 +395,9 @@ def block_graph(
         for b in todo:
             last = max(order[n.key] for s in sieved[b.key] for n in reach[s.key])
             with dask.annotate(priority=-2 * last - 1):
-                # its own step 2 whole (the block's arrays), the others' records
-                after = [finished_of[b.key], *(finished[s.key] for s in sieved[b.key][1:])]
+                # its own step 2 whole where it polygonizes the block's arrays as they are (no
+                # sieve): otherwise they would be held until its neighbours are final
+                own = finished_of[b.key] if polygons_from_memory else finished[b.key]
+                after = [own, *(finished[s.key] for s in sieved[b.key][1:])]
                 parts.append(delayed(polygonize, pure=False)(b, *after, dask_key_name=f"polygonize-{tag}-{b.key}"))
     return step2, parts, finished_of

@@ -10,6 +10,7 @@ Each connects to (or starts) the cluster in the config unless it is given a clie
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -99,7 +100,7 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
         cfg.model.compile,
     )
     plan = with_numerics(plan, workers_numerics(client, settings, step_one_resources(cfg.cluster)))
-    reused = start_output(plan, lease)
+    reused, all_overviews = start_output(plan, lease)
     mosaic_path = storage.join(out, MOSAIC_NAME)
     blocks = plan.blocks
     layers = {
@@ -123,7 +124,7 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
     if cfg.output.polygons:
         polygonize = partial(polygonize_task, out=str(out), grid=grid, vector=cfg.vector, run_id=lease.run_id)
     submitted = submit_blocks(
-        client, blocks, todo, layers, plan, settings, lease, ckpt.n_classes, polygonize, block_records
+        client, blocks, todo, layers, plan, settings, lease, ckpt.n_classes, polygonize, block_records, all_overviews
     )
     layers = polygon_tasks(client, plan, block_records, submitted, lease.run_id) if cfg.output.polygons else []
     sink, polygons_path = None, None
@@ -190,11 +191,15 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
     return RunResult(out, mosaic_path, polygons_path, manifest_loc, failed_scenes, failed_blocks, quicklook)
 
 
-def start_output(plan: RunPlan, lease: Lease) -> dict[str, dict[str, Any]]:
+def start_output(plan: RunPlan, lease: Lease) -> tuple[dict[str, dict[str, Any]], bool]:
     """OUT made ready for ``plan``: a changed run's blocks dropped, the manifest saying
-    ``running``, the mosaic created unless blocks are reused; the reused blocks' records."""
+    ``running``, the mosaic created unless blocks are reused; the reused blocks' records, and
+    whether every overview chunk must be written (blocks reused from a run that did not finish:
+    which chunks it wrote is not known)."""
     cfg, ckpt = plan.cfg, plan.ckpt
     reused = prepare_output(plan.out, plan.fingerprint, cfg.output.overwrite, MOSAIC_NAME)
+    previous = storage.read_if_exists(storage.join(plan.out, runstate.MANIFEST_NAME)) if reused else None
+    finished = previous is not None and json.loads(previous).get("status") == runstate.FINISHED
     runstate.mark_running(plan.out, lease.run_id, plan.fingerprint, len(plan.blocks))
     if not reused:
         mosaic.create_mosaic(
@@ -206,7 +211,7 @@ def start_output(plan: RunPlan, lease: Lease) -> dict[str, dict[str, Any]]:
             attrs={"model_sha256": ckpt.sha256, "fingerprint": plan.fingerprint},
             zarr_format=cfg.output.zarr_format,
         )
-    return reused
+    return reused, bool(reused) and not finished
 
 
 def run_manifest(

@@ -371,13 +371,15 @@ def write_overview_chunk(
 
 def write_overviews(path: Path | str, blocks: list[Block]) -> None:
     """Every overview chunk of a mosaic whose ``blocks`` are written (by other means than a run,
-    which writes its chunks as blocks finish): each block's windows, placed in their chunks."""
+    which writes its chunks as blocks finish): each block's windows, placed in their chunks.
+    ``blocks`` must be all of them (a chunk is written whole), and their windows are held in
+    memory (a third of the mosaic): for tests, benchmarks and small mosaics."""
     factors = overview_factors_of(path)
     windows = {}
     for b in blocks:
         classes, confidence = read_regions(path, [(CLASSES, *b.region), (CONFIDENCE, *b.region)])
         windows[b.key] = overviews.levels(classes, confidence, factors)
-    size = max(b.rows.stop - b.rows.start for b in blocks)  # a full block's: the chunk's
+    size = max(max(b.rows.stop - b.rows.start, b.cols.stop - b.cols.start) for b in blocks)  # a block's: a chunk's
     for f in factors:
         for i, j in sorted({(b.row // f, b.col // f) for b in blocks}):
             members = [b for b in blocks if b.row // f == i and b.col // f == j]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import dask
 from dask.delayed import delayed
 from distributed import Client, Future, as_completed
 
@@ -95,7 +96,7 @@ class SubmittedBlocks:
     parts: dict[str, Future]  # block key -> its polygons, once it is final (when asked for)
     reach: dict[str, list[Block]]  # block key -> the blocks whose step 1 it reads, itself first
     readers: dict[str, int]  # block key -> how many step 2 read its partial results
-    overviews: list[Future]  # the overview chunks to write (each returns None)
+    overviews: dict[str, Future]  # "overviews/<f>/<i>_<j>" -> the task writing that chunk
     finished_at: float = 0.0  # perf_counter() when collect_blocks had the last block's record
 
 
@@ -110,12 +111,14 @@ def submit_blocks(
     n_classes: int,
     polygonize: Callable[..., Any] | None = None,
     reused: dict[str, dict[str, Any]] | None = None,
+    all_overviews: bool = False,
 ) -> SubmittedBlocks:
     """Step 1 and step 2 of every block in ``todo`` on the cluster, and with ``polygonize``
     (:func:`geoseg.blocks.polygonize_task` with the run's arguments bound) each block's polygons
     as soon as the block and the blocks its sieve reads are final; the overview chunks they
     fall in once their blocks are final (:func:`geoseg.blocks.overview_graph`; ``reused``: the
-    records of blocks committed before); :func:`collect_blocks` waits.
+    records of blocks committed before; ``all_overviews``: every chunk, as a resumed run must
+    write them); :func:`collect_blocks` waits.
 
     Every task is submitted at once and Dask places them: step 1 for the blocks to do and the
     blocks whose tiles reach them, with priorities in :func:`work_order`, and each block's step 2
@@ -170,8 +173,9 @@ def submit_blocks(
         sieved = {
             b.key: [n for n in sieve_reach(b, by_index, halo, size) if n is b or n.key in todo_keys] for b in todo
         }
+    from_memory = polygon_halo(cfg.vector) == 0
     step2, parts, finished = block_graph(
-        needed, todo, reach, order, layers, predict, finish, tag, resources, polygonize, sieved
+        needed, todo, reach, order, layers, predict, finish, tag, resources, polygonize, sieved, from_memory
     )
     reused = reused or {}
     with_classes = {key for key, record in reused.items() if has_classes(record)}
@@ -179,23 +183,26 @@ def submit_blocks(
     def stored(b: Block):
         if b.key not in with_classes:
             return None
-        return delayed(stored_levels_task, pure=False)(b, str(out), lease.run_id, dask_key_name=f"levels-{tag}-{b.key}")
+        with dask.annotate(priority=-2 * len(order) - 2):  # after every step 1: the model comes first
+            return delayed(stored_levels_task, pure=False)(
+                b, str(out), lease.run_id, dask_key_name=f"levels-{tag}-{b.key}"
+            )
 
     write_chunk = partial(overview_chunk_task, out=str(out), run_id=lease.run_id)
     factors = mosaic.overview_factors_of(storage.join(out, MOSAIC_NAME))
     # a chunk as urgent as its last block's step 2: its windows are not held longer than needed
     due = {b.key: -2 * max(order[n.key] for n in reach[b.key]) - 1 for b in todo}
-    chunks = overview_graph(blocks, finished, stored, factors, size, bool(reused), write_chunk, tag, due)
+    chunks = overview_graph(blocks, finished, stored, factors, size, all_overviews, write_chunk, tag, due)
     # One submission: the scheduler sees every step 1 at once and queues them (it assigns the
     # first few of a group submitted task by task before it knows the group is large).
-    futures = client.compute([*step2, *parts, *chunks], optimize_graph=False)
+    futures = client.compute([*step2, *parts, *chunks.values()], optimize_graph=False)
     n_step2, n_parts = len(step2), len(parts)
     return SubmittedBlocks(
         {b.key: fut for b, fut in zip(todo, futures[:n_step2], strict=True)},
         {b.key: fut for b, fut in zip(todo, futures[n_step2 : n_step2 + n_parts], strict=False)},
         reach,
         readers,
-        futures[n_step2 + n_parts :],
+        dict(zip(chunks, futures[n_step2 + n_parts :], strict=True)),
     )
 
 
@@ -211,16 +218,15 @@ def collect_blocks(
     layers = sink.layers if sink is not None else []
     step2 = set(submitted.step2_of.values())
     description = "segmenting blocks" + (", polygons" if layers else "")
-    chunks = set(submitted.overviews)
-    tasks = [*submitted.step2_of.values(), *layers, *submitted.overviews]
+    chunk_of = {fut.key: name for name, fut in submitted.overviews.items()}
+    tasks = [*submitted.step2_of.values(), *layers, *submitted.overviews.values()]
     polygon_error: BaseException | None = None
     for fut in track(as_completed(tasks), total=len(tasks), description=description):
         lease.check()
-        if fut in chunks:
-            try:
-                fut.result()
-            except Exception as exc:  # the blocks still commit; a rerun writes every chunk again
-                polygon_error = polygon_error or exc
+        if fut.key in chunk_of:  # failed: in the records as a failed block is (a rerun writes it)
+            if fut.status == "error":
+                exc = fut.exception()
+                records[chunk_of[fut.key]] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
             fut.release()
             continue
         if fut not in step2:
@@ -239,7 +245,7 @@ def collect_blocks(
             # removes them all at its end, in one listing
             if readers[n.key] == 0 and not storage.is_url(out):
                 partials.remove_block(storage.join(out, PARTIALS_DIR, n.key))
-        if len(records) == len(step2):
+        if sum(k in submitted.step2_of for k in records) == len(step2):
             submitted.finished_at = time.perf_counter()
     submitted.finished_at = submitted.finished_at or time.perf_counter()
     if polygon_error is not None:
