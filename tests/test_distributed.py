@@ -522,3 +522,30 @@ def test_blocks_are_polygonized_while_later_blocks_are_still_segmented(
     assert len(spans["polygonize"]) == 12  # one per block to do
     assert min(start for start, _ in spans["polygonize"]) < last_step2  # not after the segmentation
     assert json.loads((tmp_path / "manifest.json").read_text())["timings"]["vectorize_s"] >= 0
+
+
+def test_a_rerun_writes_the_overview_chunks_an_unfinished_run_may_have_missed_and_a_finished_one_none(
+    tmp_path, random_checkpoint, scene_1000x700, client2
+):
+    """All blocks committed, then killed before the chunks (the manifest still says running):
+    the rerun writes every chunk from the committed blocks. A rerun of a finished run writes none."""
+    import zarr
+
+    from geoseg.overviews import downsample
+
+    cfg = run_config(random_checkpoint, [scene_1000x700[0]], tmp_path, "output.block_size=256", "output.polygons=false")
+    assert run(cfg, client2).ok
+    level = tmp_path / "mosaic.zarr" / "overviews" / "4" / "classes" / "c"
+    chunks = sorted(p for p in level.rglob("*") if p.is_file())
+    assert chunks
+    for chunk in chunks:  # as a run killed after its last block, before its chunks, leaves it
+        chunk.unlink()
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
+    assert run(cfg, client2).ok
+    root = zarr.open_group(tmp_path / "mosaic.zarr", mode="r")
+    classes, _ = downsample(root["classes"][:], root["confidence"][:], 4)
+    np.testing.assert_array_equal(root["overviews/4/classes"][:], classes)
+    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "mosaic.zarr" / "overviews").rglob("*") if p.is_file()}
+    assert run(cfg, client2).ok  # finished before: nothing to write
+    assert {p: p.stat().st_mtime_ns for p in written} == written
