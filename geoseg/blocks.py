@@ -31,7 +31,7 @@ from geoseg.mosaic import MOSAIC_NAME
 from geoseg.runstate import STATE_DIR
 from geoseg.scenes import DataCoverage, SceneInfo, same_grid
 from geoseg.segment import TilingSettings, finish_block, most_confident, predict_block, reader_threads
-from geoseg.tiling import Block, Rect
+from geoseg.tiling import Block, Rect, level_chunks
 
 PARTIALS_DIR = f"{STATE_DIR}/partials"
 
@@ -243,14 +243,10 @@ def overview_graph(
     resumed run cannot know which chunks the earlier one wrote). ``due``: the priority of each
     block's step 2; a chunk gets its last block's. The tasks by chunk (``overviews/<f>/<i>_<j>``)."""
     due = due or {}
-    by_index = {(b.row, b.col): b for b in blocks}
     reread: dict[str, Delayed] = {}
     chunks = {}
     for f in factors:
-        for i, j in sorted({(b.row // f, b.col // f) for b in blocks}):
-            members = [
-                by_index[(r, c)] for r in range(i * f, i * f + f) for c in range(j * f, j * f + f) if (r, c) in by_index
-            ]
+        for (i, j), members in level_chunks(blocks, f).items():
             if not everywhere and not any(b.key in finished for b in members):
                 continue
             pieces = []
@@ -303,7 +299,15 @@ def polygonize_task(
     halo = polygon_halo(vector)
     if after and halo == 0 and after[0].get(ARRAYS) is not None:  # step 2's own output: not read again
         classes, confidence = after[0][ARRAYS]
-        return vectorize.polygonize_block(classes, block, grid.affine, grid.height, grid.width, confidence)
+    else:
+        classes, confidence = sieved_block(block, out, grid, vector, halo, run_id)
+    return vectorize.polygonize_block(classes, block, grid.affine, grid.height, grid.width, confidence)
+
+
+def sieved_block(
+    block: Block, out: str, grid: OutputGrid, vector: VectorConfig, halo: int, run_id: str | None
+) -> tuple[Any, Any]:
+    """A block's classes from the mosaic, sieved with ``halo`` around it, and its confidence."""
     r0, r1 = max(0, block.rows.start - halo), min(grid.height, block.rows.stop + halo)
     c0, c1 = max(0, block.cols.start - halo), min(grid.width, block.cols.stop + halo)
     store = storage.join(out, MOSAIC_NAME)
@@ -316,7 +320,7 @@ def polygonize_task(
     inner = (slice(block.rows.start - r0, block.rows.stop - r0), slice(block.cols.start - c0, block.cols.stop - c0))
     classes = vectorize.sieve(classes, vector.mmu_pixels)
     classes = vectorize.sieve(classes, vector.fill_holes_pixels, enclosed_only=True)[inner]
-    return vectorize.polygonize_block(classes, block, grid.affine, grid.height, grid.width, confidence)
+    return classes, confidence
 
 
 def has_classes(record: dict[str, Any] | None) -> bool:

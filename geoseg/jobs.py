@@ -10,7 +10,6 @@ Each connects to (or starts) the cluster in the config unless it is given a clie
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -198,8 +197,7 @@ def start_output(plan: RunPlan, lease: Lease) -> tuple[dict[str, dict[str, Any]]
     which chunks it wrote is not known)."""
     cfg, ckpt = plan.cfg, plan.ckpt
     reused = prepare_output(plan.out, plan.fingerprint, cfg.output.overwrite, MOSAIC_NAME)
-    previous = storage.read_if_exists(storage.join(plan.out, runstate.MANIFEST_NAME)) if reused else None
-    finished = previous is not None and json.loads(previous).get("status") == runstate.FINISHED
+    finished = bool(reused) and runstate.finished_before(plan.out)
     runstate.mark_running(plan.out, lease.run_id, plan.fingerprint, len(plan.blocks))
     if not reused:
         mosaic.create_mosaic(

@@ -24,7 +24,7 @@ from rasterio.transform import Affine
 from geoseg import overviews, storage
 from geoseg.blending import NODATA
 from geoseg.grid import OutputGrid
-from geoseg.tiling import Block
+from geoseg.tiling import Block, level_chunks
 
 MOSAIC_NAME = "mosaic.zarr"  # in a run's OUT
 CHANGE_STORE = "change.zarr"  # in a change's OUT
@@ -144,7 +144,7 @@ def create_store(
     group = zarr.open_group(store, mode="w", zarr_format=zarr_format, attributes=root_attrs)
     chunks = (min(block_size, grid.height), min(block_size, grid.width))
 
-    for layer_group, level_grid, level_chunks in [
+    for layer_group, level_grid, chunk_shape in [
         (group, grid, chunks),
         *(
             (
@@ -160,7 +160,7 @@ def create_store(
             for f in levels
         ),
     ]:
-        georeferenced_arrays(layer_group, level_grid, level_chunks, layers, zarr_format)
+        georeferenced_arrays(layer_group, level_grid, chunk_shape, layers, zarr_format)
     with warnings.catch_warnings():  # consolidated metadata is not in the v3 spec yet; xarray reads it
         warnings.simplefilter("ignore")
         zarr.consolidate_metadata(store)
@@ -381,8 +381,7 @@ def write_overviews(path: Path | str, blocks: list[Block]) -> None:
         windows[b.key] = overviews.levels(classes, confidence, factors)
     size = max(max(b.rows.stop - b.rows.start, b.cols.stop - b.cols.start) for b in blocks)  # a block's: a chunk's
     for f in factors:
-        for i, j in sorted({(b.row // f, b.col // f) for b in blocks}):
-            members = [b for b in blocks if b.row // f == i and b.col // f == j]
+        for (i, j), members in level_chunks(blocks, f).items():
             pieces = [(b.rows.start // f, b.cols.start // f, *windows[b.key][f]) for b in members]
             write_overview_chunk(path, f, (i * size, j * size), size, pieces)
 

@@ -49,14 +49,14 @@ def _array_loc(layer: str, name: str, legacy: bool = False) -> str:
     return storage.join(layer, f"{name}.npy.zst" if compressed else f"{name}.npy")
 
 
-def _encode(loc: str, array: np.ndarray) -> bytes:
+def _encode(array: np.ndarray, compressed: bool) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array)
-    return _ZSTD.encode(buffer.getvalue()) if loc.endswith(".zst") else buffer.getvalue()
+    return _ZSTD.encode(buffer.getvalue()) if compressed else buffer.getvalue()
 
 
-def _decode(loc: str, data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(_ZSTD.decode(data) if loc.endswith(".zst") else data))
+def _decode(data: bytes, compressed: bool) -> np.ndarray:
+    return np.load(io.BytesIO(_ZSTD.decode(data) if compressed else data))
 
 
 def layer_index(layers: dict[str, Partial]) -> dict[str, dict[str, Any]]:
@@ -90,7 +90,7 @@ def save_block(folder: str, layers: dict[str, Partial], record: dict[str, Any]) 
     if storage.is_url(folder):
         pack, ranges = bytearray(), {name: {} for name in record["layers"]}
         for (name, array_name), array in arrays.items():
-            data = _encode(".zst", array)
+            data = _encode(array, compressed=True)
             ranges[name][array_name] = [len(pack), len(pack) + len(data)]
             pack += data
         # named by its content: a record (written last) always finds the pack it was written
@@ -107,7 +107,7 @@ def save_block(folder: str, layers: dict[str, Partial], record: dict[str, Any]) 
     else:
         storage.write_many(
             {
-                (loc := _array_loc(storage.join(folder, name), array_name)): _encode(loc, array)
+                (loc := _array_loc(storage.join(folder, name), array_name)): _encode(array, loc.endswith(".zst"))
                 for (name, array_name), array in arrays.items()
             }
         )
@@ -153,10 +153,10 @@ def load_layers(
         obj = index[packed[0][0]]["pack"]["object"]
         spans = [index[name]["pack"]["ranges"][array_name] for name, array_name in packed]
         data = storage.read_ranges(storage.join(folder, obj), spans)
-        found.update({key: _decode(".zst", part) for key, part in zip(packed, data, strict=True)})
+        found.update({key: _decode(part, compressed=True) for key, part in zip(packed, data, strict=True)})
     locs = [loc for _, _, loc in unpacked]
     if storage.is_url(folder):  # whole objects, fetched together
-        arrays = [_decode(loc, data) for loc, data in zip(locs, storage.read_many(locs), strict=True)]
+        arrays = [_decode(data, loc.endswith(".zst")) for loc, data in zip(locs, storage.read_many(locs), strict=True)]
     else:
         arrays = [np.load(loc, mmap_mode="r" if "frame" in storage.name(loc) else None) for loc in locs]
     found.update({(name, array_name): array for (name, array_name, _), array in zip(unpacked, arrays, strict=True)})

@@ -338,6 +338,12 @@ def write_manifest(out: str, manifest: dict[str, Any]) -> str:
     return loc
 
 
+def finished_before(out: str) -> bool:
+    """Whether the manifest in ``out`` says its run finished (read before this run marks it running)."""
+    data = storage.read_if_exists(storage.join(out, MANIFEST_NAME))
+    return data is not None and json.loads(data).get("status") == FINISHED
+
+
 def mark_running(out: str, run_id: str, run_fingerprint: str, n_blocks: int) -> None:
     """Replace any earlier manifest at once: an old one must never speak for this run."""
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")

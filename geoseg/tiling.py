@@ -14,7 +14,7 @@ reaches form the block's *interior*, which the owner can finish on its own.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 
@@ -191,6 +191,17 @@ def iter_blocks(height: int, width: int, block_size: int) -> Iterator[Block]:
     for r, r0 in enumerate(range(0, height, block_size)):
         for c, c0 in enumerate(range(0, width, block_size)):
             yield Block(r, c, Span(r0, min(r0 + block_size, height)), Span(c0, min(c0 + block_size, width)))
+
+
+def level_chunks(blocks: Iterable[Block], factor: int) -> dict[tuple[int, int], list[Block]]:
+    """The blocks each chunk of an overview level holds, by the chunk's (row, col), in row-major
+    order. A level's chunk is a block's size, so chunk (i, j) holds the windows of the
+    ``factor`` x ``factor`` blocks with ``row // factor == i`` and ``col // factor == j``: every
+    block is in exactly one chunk of each level."""
+    chunks: dict[tuple[int, int], list[Block]] = {}
+    for b in sorted(blocks, key=lambda b: (b.row, b.col)):
+        chunks.setdefault((b.row // factor, b.col // factor), []).append(b)
+    return dict(sorted(chunks.items()))
 
 
 def overlap_cost(height: int, width: int, block_size: int, grid: TileGrid) -> float:

@@ -9,6 +9,7 @@ from geoseg.tiling import (
     TileGrid,
     axis_ownership,
     iter_blocks,
+    level_chunks,
     overlap_cost,
     reaching_blocks,
     row_bands,
@@ -137,3 +138,18 @@ def test_invalid_overlap_is_refused():
         TileGrid(128, 70)
     with pytest.raises(ValueError):
         TileGrid(128, 15)
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "block", "factor"), [(1000, 700, 128, 2), (1000, 700, 128, 4), (300, 2000, 256, 8)]
+)
+def test_each_block_is_in_one_overview_chunk_whose_region_holds_its_windows(height, width, block, factor):
+    blocks = list(iter_blocks(height, width, block))
+    chunks = level_chunks(blocks, factor)
+    assert sorted(b.key for members in chunks.values() for b in members) == sorted(b.key for b in blocks)
+    for (i, j), members in chunks.items():
+        assert len(members) <= factor * factor
+        for b in members:  # its window on the level lies inside the chunk's block-sized region
+            r0, c0 = b.rows.start // factor, b.cols.start // factor
+            r1, c1 = -(-b.rows.stop // factor), -(-b.cols.stop // factor)
+            assert i * block <= r0 and r1 <= (i + 1) * block and j * block <= c0 and c1 <= (j + 1) * block
