@@ -141,32 +141,35 @@ def test_paths_outside_the_routes_are_404(server, path):
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium not installed")
 def test_a_headless_browser_draws_the_map_in_class_colours(server, tmp_path):
-    shot = tmp_path / "map.png"
-    subprocess.run(
-        [
-            "chromium",
-            "--headless",
-            "--no-sandbox",
-            "--use-angle=swiftshader",
-            "--enable-unsafe-swiftshader",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            "--window-size=900,700",
-            "--virtual-time-budget=15000",
-            f"--screenshot={shot}",
-            f"{server.url}/",
-        ],
-        capture_output=True,
-        timeout=120,
-        check=True,
-    )
-    pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3)
     legend = json.loads(get(f"{server.url}/legend.json")[1])
-    shares = {row["name"]: (pixels == hex_rgb(row["color"])).all(axis=1).mean() for row in legend}
+    for attempt in range(3):  # headless chromium's virtual time can end before the tiles arrive on busy cores
+        shot = tmp_path / f"map{attempt}.png"
+        subprocess.run(
+            [
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--use-angle=swiftshader",
+                "--enable-unsafe-swiftshader",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={tmp_path / f'profile{attempt}'}",
+                "--window-size=900,700",
+                "--virtual-time-budget=15000",
+                f"--screenshot={shot}",
+                f"{server.url}/",
+            ],
+            capture_output=True,
+            timeout=120,
+            check=True,
+        )
+        pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3)
+        shares = {row["name"]: (pixels == hex_rgb(row["color"])).all(axis=1).mean() for row in legend}
+        if sum(shares.values()) > 0.2:
+            break
     drawn = [name for name, share in shares.items() if share > 0.005]
     assert len(drawn) >= 3, shares  # the map, in the classes' own colours
     assert sum(shares.values()) > 0.2, shares
