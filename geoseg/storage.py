@@ -13,8 +13,12 @@ endpoints come from the cloud tools' own environment variables (``AWS_ACCESS_KEY
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``, ``AWS_ENDPOINT_URL``, ``GOOGLE_APPLICATION_CREDENTIALS``,
 ``AZURE_STORAGE_ACCOUNT_NAME``/``AZURE_STORAGE_ACCOUNT_KEY``, ...), read by obstore and by GDAL;
 :func:`gdal_settings` translates what GDAL does not take as is: ``AWS_ENDPOINT_URL``,
-``GOOGLE_BASE_URL`` and ``GOOGLE_SKIP_SIGNATURE`` (a GCS emulator), ``AZURE_STORAGE_ENDPOINT``
-and ``AZURE_STORAGE_USE_EMULATOR``/``AZURITE_BLOB_STORAGE_URL`` (Azurite).
+``GOOGLE_BASE_URL`` (another endpoint for GCS's XML API) and ``GOOGLE_SKIP_SIGNATURE``,
+``AZURE_STORAGE_ENDPOINT`` and ``AZURE_STORAGE_USE_EMULATOR``/``AZURITE_BLOB_STORAGE_URL``
+(Azurite). On GCS, obstore also takes a static OAuth token (``GOOGLE_BEARER_TOKEN``); GDAL has
+no option for one on /vsigs/, so its reads then need GDAL's own GCS credentials (or
+``GS_NO_SIGN_REQUEST=YES`` for public objects). obstore 0.12 still asks the VM's metadata server
+for a token under ``GOOGLE_SKIP_SIGNATURE`` alone: give it a token or a service account.
 
 On an object store, an object is written whole or not at all; where a local writer renames a
 finished file into place, the remote one writes the object that commits a result last.
@@ -64,6 +68,11 @@ SECRET_VARIABLES = (
     "AZURE_STORAGE_CONNECTION_STRING",
     "AZURE_CLIENT_SECRET",
     "GOOGLE_SERVICE_ACCOUNT_KEY",
+    "GOOGLE_BEARER_TOKEN",
+    "GS_SECRET_ACCESS_KEY",
+    "GS_OAUTH2_REFRESH_TOKEN",
+    "GS_OAUTH2_CLIENT_SECRET",
+    "GS_OAUTH2_PRIVATE_KEY",
 )
 
 

@@ -34,6 +34,12 @@ os.environ.update(
 AZURE_PORT = _free_port()
 AZURE_ENDPOINT = f"http://127.0.0.1:{AZURE_PORT}"
 os.environ.update(AZURE_STORAGE_USE_EMULATOR="true", AZURITE_BLOB_STORAGE_URL=AZURE_ENDPOINT)
+# Google Cloud Storage's XML API is the one S3 speaks (paths /BUCKET/KEY, ListObjectsV2), and it
+# is the API obstore's GCS client and GDAL's /vsigs/ use: gs:// goes to the same moto server.
+# moto checks no signature, so this tests geoseg's gs:// wiring, not Google's auth. obstore
+# sends a static OAuth token; GDAL has no option for one on /vsigs/ and reads anonymously.
+GCS_TOKEN = "geoseg-test-gcs-token-9c2e"  # must never show up either
+os.environ.update(GOOGLE_BASE_URL=S3_ENDPOINT, GOOGLE_BEARER_TOKEN=GCS_TOKEN, GS_NO_SIGN_REQUEST="YES")
 AZURITE_VERSION = "3.37.0"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -238,3 +244,13 @@ def bucket(s3_server) -> str:
     name = f"geoseg-{os.getpid()}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket(s3_server) -> str:
+    """A fresh bucket on the same server, addressed as Google Cloud Storage; yields ``gs://NAME``."""
+    import boto3
+
+    name = f"geosegcs{os.getpid()}"  # letters and digits: obstore percent-encodes the rest, moto keeps it so
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return f"gs://{name}"
