@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import re
+import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -73,14 +74,31 @@ def parse_bbox(text: str) -> tuple[float, float, float, float]:
 
 
 class ViewServer(ThreadingHTTPServer):
-    """An HTTP server bound to one run's tiles."""
+    """An HTTP server bound to one run's tiles. It serves at most ``max_connections`` connections
+    at once, a thread each (a browser keeps about six open); more wait in the listen queue
+    rather than each taking a thread and the tiles' memory."""
 
     daemon_threads = True
 
-    def __init__(self, out: str, host: str = "127.0.0.1", port: int = 8000) -> None:
+    def __init__(self, out: str, host: str = "127.0.0.1", port: int = 8000, max_connections: int = 64) -> None:
         self.tiles = RunTiles(out)
         self.files = static_files()
+        self._slots = threading.BoundedSemaphore(max_connections)
         super().__init__((host, port), ViewHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self._slots.acquire()  # the accepting thread waits here for a free slot
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     @property
     def url(self) -> str:
@@ -94,6 +112,16 @@ LOOPBACK_NAMES = {"127.0.0.1", "localhost", "[::1]", "::1"}
 class ViewHandler(BaseHTTPRequestHandler):
     server: ViewServer
     timeout = 60  # seconds a connection may sit idle: a stalled client does not hold a thread forever
+
+    head_only = False
+
+    def do_HEAD(self) -> None:  # noqa: N802 (the http.server API)
+        """As GET, without the body (what link checkers and ``curl -I`` ask)."""
+        self.head_only = True  # this connection's next request may be a GET
+        try:
+            self.do_GET()
+        finally:
+            self.head_only = False
 
     def do_GET(self) -> None:  # noqa: N802 (the http.server API)
         parts = urlsplit(self.path)
@@ -166,7 +194,8 @@ class ViewHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", cache)
         self.end_headers()
-        self.wfile.write(body)
+        if not self.head_only:
+            self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the http.server API)
         log.debug("%s " + format, self.address_string(), *args)

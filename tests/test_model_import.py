@@ -126,6 +126,12 @@ def test_a_plain_state_dict_names_its_architecture_in_the_sidecar(tmp_path, mode
     )
     ckpt = load_checkpoint(tmp_path / "weights.pt")
     assert len(ckpt.sha256) == 64 and ckpt.extra["imported_from"].endswith("weights.pt")
+    # torch's legacy (pre-zip) format cannot be memory-mapped when telling checkpoints apart
+    torch.save(model.state_dict(), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    (tmp_path / "legacy.yaml").write_text(yaml.safe_dump(meta))
+    legacy = load_checkpoint(tmp_path / "legacy.pt")
+    assert legacy.state_dict.keys() == ckpt.state_dict.keys()
+    assert all(torch.equal(legacy.state_dict[k], ckpt.state_dict[k]) for k in ckpt.state_dict)
 
 
 def test_mismatches_are_clear_errors(tmp_path, model):

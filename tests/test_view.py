@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import socket
 import subprocess
 import threading
 import urllib.error
@@ -192,6 +193,26 @@ def test_a_foreign_host_bad_boxes_and_a_removed_run_get_clear_answers(tmp_path, 
         shutil.rmtree(copy / "mosaic.zarr")
         status, body, _ = get(f"{server.url}/classes/tiles/0/0/0.png")
         assert status == 404 and b"no longer there" in body
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_head_answers_as_get_without_a_body_and_connections_beyond_the_cap_wait(finished_run):
+    server = ViewServer(str(finished_run), "127.0.0.1", 0, max_connections=2)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        head = urllib.request.Request(f"{server.url}/legend.json", method="HEAD")
+        with urllib.request.urlopen(head, timeout=10) as response:
+            assert response.status == 200 and response.headers["Content-Type"] == "application/json"
+            assert int(response.headers["Content-Length"]) == len(get(f"{server.url}/legend.json")[1]) > 0
+            assert response.read() == b""
+        idle = [socket.create_connection(server.server_address[:2]) for _ in range(2)]  # both slots held
+        with pytest.raises(OSError):  # a timeout: nobody reads the request
+            urllib.request.urlopen(f"{server.url}/legend.json", timeout=1)
+        idle[0].close()  # a slot frees: the next request is served
+        assert get(f"{server.url}/legend.json")[0] == 200
+        idle[1].close()
     finally:
         server.shutdown()
         server.server_close()

@@ -60,7 +60,10 @@ def is_foreign(src: Path) -> bool:
         with safe_open(str(src), framework="pt") as f:
             return "geoseg" not in (f.metadata() or {})
     if src.suffix in (".ckpt", ".pt", ".pth"):
-        blob = torch.load(src, map_location="cpu", weights_only=True)
+        try:  # tensors memory-mapped, not read: the file is read once, by the loader that follows
+            blob = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (pre-zip) format cannot be mapped
+            blob = torch.load(src, map_location="cpu", weights_only=True)
         return not (isinstance(blob, dict) and "meta" in blob)
     return False
 
