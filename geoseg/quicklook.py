@@ -12,14 +12,25 @@ from geoseg.blending import NODATA
 
 
 def downsample_classes(path: str | Path, max_size: int) -> np.ndarray:
-    """The class mosaic with its longer side at most ``max_size``: the coarsest overview level
-    that still has ``max_size`` pixels there (read, not the whole mosaic), then every k-th pixel."""
+    """The class mosaic with its longer side ``max_size`` (or less, for a smaller mosaic): the
+    coarsest overview level that still has ``max_size`` pixels there (read, not the whole
+    mosaic), sampled at the centres of the picture's pixels (a level is less than twice the
+    size: every k-th pixel would halve a Sentinel-2 tile's 1,373 px to 687)."""
     group = mosaic.open_group(path)
     longer = max(group[mosaic.CLASSES].shape)
     factors = [f for f in group.attrs["geoseg"].get("overviews", []) if -(-longer // f) >= max_size]
-    arr = group[f"{mosaic.OVERVIEWS}/{max(factors)}/{mosaic.CLASSES}" if factors else mosaic.CLASSES]
-    step = max(1, int(np.ceil(max(arr.shape) / max_size)))
-    return arr[::step, ::step]
+    level = group[f"{mosaic.OVERVIEWS}/{max(factors)}/{mosaic.CLASSES}" if factors else mosaic.CLASSES][:]
+    height, width = level.shape
+    scale = max(height, width) / max_size
+    if scale <= 1:
+        return level
+    rows, cols = (centres(n, max(1, round(n / scale))) for n in (height, width))
+    return level[np.ix_(rows, cols)]
+
+
+def centres(n: int, m: int) -> np.ndarray:
+    """Which of ``n`` pixels lies under the centre of each of ``m`` pixels spanning the same length."""
+    return ((np.arange(m) + 0.5) * n / m).astype(np.int64)
 
 
 def colorize(classes: np.ndarray, colors: dict[int, str]) -> np.ndarray:

@@ -421,8 +421,13 @@ def test_the_quicklook_is_drawn_from_the_coarsest_overview_level_that_fills_it(r
     root = zarr.open_group(store, mode="r")
     assert root.attrs["geoseg"]["overviews"] == [2, 4]  # a 1000 x 700 mosaic
     np.testing.assert_array_equal(downsample_classes(store, 500), root["overviews/2/classes"][:])
-    np.testing.assert_array_equal(downsample_classes(store, 256), root["overviews/2/classes"][::2, ::2])
     np.testing.assert_array_equal(downsample_classes(store, 2000), root["classes"][:])
+    # a level less than twice the picture: sampled to the picture's size, not halved
+    level = root["overviews/2/classes"][:]  # 350 rows, 500 columns
+    picture = downsample_classes(store, 300)
+    assert picture.shape == (210, 300)
+    under = np.floor((np.arange(300) + 0.5) * 5 / 3).astype(int)  # the level's pixel under each centre
+    np.testing.assert_array_equal(picture, level[np.ix_(under[:210], under)])
 
 
 def test_a_replaced_mosaic_keeps_no_old_chunk_even_through_a_link_and_a_file_there_is_one_line(tmp_path):
