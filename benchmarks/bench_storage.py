@@ -70,7 +70,6 @@ def _s3rver_command() -> str:
         subprocess.run(
             ["npm", "install", "--prefix", str(prefix), "--no-audit", "--no-fund", f"s3rver@{S3RVER_VERSION}"],
             check=True,
-            capture_output=True,
         )
     return str(command)
 
@@ -108,7 +107,7 @@ def backends(bucket: str, repeat: int) -> None:
     import s3fs
     from obstore.store import from_url
 
-    fs = s3fs.S3FileSystem()
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)  # not the previous server's connections
     store = from_url(f"s3://{bucket}", client_options={"allow_http": True})
     small, big = b"x" * 300, np.random.default_rng(0).integers(0, 255, 8 << 20, dtype=np.uint8).tobytes()
     ops = {

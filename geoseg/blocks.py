@@ -86,20 +86,19 @@ def predict_task(
     out: str,
     read_threads: int = 0,
     numerics: str | None = None,
-    look_for_saved: bool = True,
 ) -> dict[str, Any]:
     """A Dask task (step 1): the block's own tiles, saved for itself and its neighbours.
 
     ``layers`` maps a layer name to the scenes composited in it (one layer with all scenes, or
-    one per scene for the ``confidence`` rule). A block saved by an earlier attempt is reused,
-    if ``look_for_saved`` (the run's listing when it started found it saved; a Dask retry of
-    a block saved since then computes it again).
+    one per scene for the ``confidence`` rule). A block saved by an earlier attempt is reused.
     With ``numerics`` (the run's :func:`geoseg.inference.numerics`), a worker that computes
     votes otherwise (one that joined late) fails the block rather than mix them.
     Errors are returned, not raised: one bad block must not sink the run.
     """
     folder = storage.join(out, PARTIALS_DIR, block.key)
-    record = partials.load_record(folder) if look_for_saved else None
+    # asked each time, though a fresh run gets a 404: Dask computes step 1 again when a worker
+    # holding its result is lost, and the saved record spares that forward pass
+    record = partials.load_record(folder)
     if record is not None:
         return {"block": block.key, **record}
     start = time.perf_counter()
@@ -375,7 +374,6 @@ def block_graph(
     polygonize: Callable[..., Any] | None = None,
     sieved: dict[str, list[Block]] | None = None,
     polygons_from_memory: bool = False,
-    saved: set[str] | None = None,
 ) -> tuple[list[Delayed], list[Delayed], dict[str, Delayed]]:
     """The two steps of the blocks as a Dask graph (built here, run by the caller): step 1 of
     each block in ``needed`` with its place in :func:`work_order` as priority, and step 2 of each
@@ -384,16 +382,12 @@ def block_graph(
     other arguments bound. With ``polygonize`` (:func:`polygonize_task`, arguments bound), each
     block's polygons follow the step 2 of the blocks in ``sieved[block]`` (itself first), and
     take the block's arrays from its step 2 with ``polygons_from_memory`` (no sieve reach).
-    With ``saved`` (:func:`geoseg.partials.saved_blocks`), step 1 looks for a saved block only
-    where it is one of them. Returns the step-2 records, the polygon tasks, and each block's step 2 (with its overview
+    Returns the step-2 records, the polygon tasks, and each block's step 2 (with its overview
     windows, for :func:`overview_graph`)."""
     step1 = {}
     for b in needed:
         with dask.annotate(priority=-2 * order[b.key], **({"resources": resources} if resources else {})):
-            look = saved is None or b.key in saved
-            step1[b.key] = delayed(predict, pure=False)(
-                b, layers[b.key], look_for_saved=look, dask_key_name=f"predict-{tag}-{b.key}"
-            )
+            step1[b.key] = delayed(predict, pure=False)(b, layers[b.key], dask_key_name=f"predict-{tag}-{b.key}")
     step2, finished_of = [], {}
     for b in todo:
         last = max(order[n.key] for n in reach[b.key])

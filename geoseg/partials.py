@@ -121,12 +121,6 @@ def load_record(folder: str) -> dict[str, Any] | None:
     return None if data is None else json.loads(data)
 
 
-def saved_blocks(root: str) -> set[str]:
-    """The blocks whose step 1 is saved under ``root`` (a run's partials folder): one listing,
-    where asking block by block costs a request each (on a fresh run, each answered 404)."""
-    return {storage.name(storage.parent(loc)) for loc in storage.list_files(root) if storage.name(loc) == RECORD}
-
-
 def _index_of(folder: str) -> dict[str, dict[str, Any]]:
     """The layer index of a block saved before records held it: from each layer's meta.json."""
     metas = [loc for loc in storage.list_files(folder) if storage.name(loc) == "meta.json"]

@@ -174,9 +174,8 @@ def submit_blocks(
             b.key: [n for n in sieve_reach(b, by_index, halo, size) if n is b or n.key in todo_keys] for b in todo
         }
     from_memory = polygon_halo(cfg.vector) == 0
-    saved = partials.saved_blocks(storage.join(out, PARTIALS_DIR))
     step2, parts, finished = block_graph(
-        needed, todo, reach, order, layers, predict, finish, tag, resources, polygonize, sieved, from_memory, saved
+        needed, todo, reach, order, layers, predict, finish, tag, resources, polygonize, sieved, from_memory
     )
     reused = reused or {}
     with_classes = {key for key, record in reused.items() if has_classes(record)}

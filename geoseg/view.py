@@ -16,10 +16,12 @@ so a request's path never reaches the file system.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import re
+import socket
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -74,11 +76,12 @@ def parse_bbox(text: str) -> tuple[float, float, float, float]:
 
 
 class ViewServer(ThreadingHTTPServer):
-    """An HTTP server bound to one run's tiles. It serves at most ``max_connections`` connections
-    at once, a thread each (a browser keeps about six open); more wait in the listen queue
-    rather than each taking a thread and the tiles' memory."""
+    """An HTTP server bound to one run's tiles. It serves at most ``max_connections`` requests
+    at once, a thread each; a request beyond that is answered 503 at once (the browser asks
+    again), rather than each taking a thread and the tiles' memory."""
 
     daemon_threads = True
+    request_queue_size = 64  # connections the kernel holds until they are accepted
 
     def __init__(self, out: str, host: str = "127.0.0.1", port: int = 8000, max_connections: int = 64) -> None:
         self.tiles = RunTiles(out)
@@ -87,7 +90,14 @@ class ViewServer(ThreadingHTTPServer):
         super().__init__((host, port), ViewHandler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        self._slots.acquire()  # the accepting thread waits here for a free slot
+        if not self._slots.acquire(blocking=False):  # no waiting in the accepting thread
+            with contextlib.suppress(OSError):
+                request.sendall(BUSY)
+                request.shutdown(socket.SHUT_WR)
+                request.settimeout(0.1)
+                request.recv(65536)  # the request, read: closing on unread bytes resets the answer away
+            self.close_request(request)
+            return
         try:
             super().process_request(request, client_address)
         except BaseException:
@@ -106,6 +116,9 @@ class ViewServer(ThreadingHTTPServer):
         return f"http://{host}:{port}"
 
 
+BUSY = (
+    b"HTTP/1.0 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain\r\nContent-Length: 4\r\n\r\nbusy"
+)
 LOOPBACK_NAMES = {"127.0.0.1", "localhost", "[::1]", "::1"}
 
 

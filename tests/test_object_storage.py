@@ -296,6 +296,8 @@ def test_export_and_change_of_runs_on_s3_write_their_layers_to_the_store(remote,
     assert result.files["cog"] == f"{out}/classes.tif"
     with storage.local_copy(f"{out}/classes.tif") as cog, rasterio.open(cog) as src:
         np.testing.assert_array_equal(src.read(1), xr.open_zarr(local_reference / "mosaic.zarr")["classes"].values)
+    with storage.local_copy(f"{out}/polygons.parquet") as parquet:
+        assert len(gpd.read_parquet(parquet)) == len(gpd.read_file(local_reference / "polygons.gpkg"))
     change_out = f"{remote['bucket']}/runs/change"
     changed = run_change(str(local_reference), out, change_out, ChangeConfig(), client2)
     assert int(changed.matrix.sum() - np.trace(changed.matrix)) == 0  # the same classes on both dates

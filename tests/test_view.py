@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -198,21 +199,34 @@ def test_a_foreign_host_bad_boxes_and_a_removed_run_get_clear_answers(tmp_path, 
         server.server_close()
 
 
-def test_head_answers_as_get_without_a_body_and_connections_beyond_the_cap_wait(finished_run):
+def raw_request(server, request: bytes) -> bytes:
+    """What the server sends back for ``request``, until it closes the connection."""
+    with socket.create_connection(server.server_address[:2], timeout=10) as conn:
+        conn.sendall(request)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_head_answers_as_get_without_a_body_and_requests_beyond_the_cap_get_503(finished_run):
     server = ViewServer(str(finished_run), "127.0.0.1", 0, max_connections=2)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    idle: list[socket.socket] = []
     try:
-        head = urllib.request.Request(f"{server.url}/legend.json", method="HEAD")
-        with urllib.request.urlopen(head, timeout=10) as response:
-            assert response.status == 200 and response.headers["Content-Type"] == "application/json"
-            assert int(response.headers["Content-Length"]) == len(get(f"{server.url}/legend.json")[1]) > 0
-            assert response.read() == b""
+        answer = raw_request(server, b"HEAD /legend.json HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 200") and b"Content-Type: application/json" in head
+        assert f"Content-Length: {len(get(f'{server.url}/legend.json')[1])}".encode() in head and body == b""
         idle = [socket.create_connection(server.server_address[:2]) for _ in range(2)]  # both slots held
-        with pytest.raises(OSError):  # a timeout: nobody reads the request
-            urllib.request.urlopen(f"{server.url}/legend.json", timeout=1)
-        idle[0].close()  # a slot frees: the next request is served
+        time.sleep(0.2)  # accepted
+        status, body, _ = get(f"{server.url}/legend.json")
+        assert status == 503 and body == b"busy"
+        idle.pop().close()  # a slot frees: the next request is served
+        time.sleep(0.2)
         assert get(f"{server.url}/legend.json")[0] == 200
-        idle[1].close()
     finally:
+        for conn in idle:
+            conn.close()
         server.shutdown()
         server.server_close()
