@@ -221,10 +221,17 @@ def overview_chunk_task(
     out: str,
     run_id: str | None,
 ) -> None:
-    """A Dask task: one chunk of an overview level, written whole from its blocks' windows."""
+    """A Dask task: one chunk of an overview level, written whole from its blocks' windows, then
+    its marker."""
     if run_id is not None and not runstate.holds_lease(out, run_id):
         raise RuntimeError("this run no longer holds the output folder's lease; nothing written")
     mosaic.write_overview_chunk(storage.join(out, MOSAIC_NAME), factor, origin, span, list(pieces), run_id)
+    runstate.commit_overview_chunk(out, chunk_name(factor, origin[0] // span, origin[1] // span))
+
+
+def chunk_name(factor: int, row: int, col: int) -> str:
+    """How the run names an overview chunk (task results, markers, failed records)."""
+    return f"overviews/{factor}/{row}_{col}"
 
 
 def overview_graph(
@@ -233,7 +240,7 @@ def overview_graph(
     stored: Callable[[Block], Delayed | None],
     factors: list[int],
     block_size: int,
-    everywhere: bool,
+    unwritten: Callable[[str], bool],
     write_chunk: Callable[..., None],
     tag: str,
     due: dict[str, int] | None = None,
@@ -241,15 +248,16 @@ def overview_graph(
     """The overview chunks to write as tasks: each level's chunk is a block's size and holds
     ``f`` x ``f`` blocks' windows, so it is written once, whole, after those blocks: the ones
     ``finished`` in this run hand their windows on, others (``stored``: committed before) read
-    theirs from the mosaic. Only chunks with a block of this run, or all (``everywhere``: a
-    resumed run cannot know which chunks the earlier one wrote). ``due``: the priority of each
-    block's step 2; a chunk gets its last block's. The tasks by chunk (``overviews/<f>/<i>_<j>``)."""
+    theirs from the mosaic. Only chunks with a block of this run, and those an earlier run left
+    ``unwritten`` (by name: it was stopped after their blocks). ``due``: the priority of each
+    block's step 2; a chunk gets its last block's. The tasks by chunk (:func:`chunk_name`)."""
     due = due or {}
     reread: dict[str, Delayed] = {}
     chunks = {}
     for f in factors:
         for (i, j), members in level_chunks(blocks, f).items():
-            if not everywhere and not any(b.key in finished for b in members):
+            name = chunk_name(f, i, j)
+            if not any(b.key in finished for b in members) and not unwritten(name):
                 continue
             pieces = []
             for b in members:
@@ -264,7 +272,7 @@ def overview_graph(
             with dask.annotate(priority=min((due[b.key] for b in members if b.key in due), default=0)):
                 key = f"overview-{tag}-{f}-{i}_{j}"
                 chunk = delayed(write_chunk, pure=False)(f, origin, block_size, *pieces, dask_key_name=key)
-                chunks[f"overviews/{f}/{i}_{j}"] = chunk
+                chunks[name] = chunk
     return chunks
 
 

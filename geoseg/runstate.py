@@ -317,6 +317,7 @@ def prepare_output(out: str, run_fingerprint: str, overwrite: bool, store: str) 
             return committed_blocks(out)
     storage.delete_tree(state(out, "blocks"))
     storage.delete_tree(state(out, "partials"))
+    storage.delete_tree(state(out, "overviews"))
     storage.write_text(stamp, run_fingerprint)
     return {}
 
@@ -327,8 +328,26 @@ def commit_block(out: str, key: str, record: dict[str, Any]) -> None:
 
 
 def committed_blocks(out: str) -> dict[str, dict[str, Any]]:
+    """The records of the blocks committed in ``out`` (on a store, fetched concurrently)."""
     markers = [loc for loc in storage.list_files(state(out, "blocks")) if loc.endswith(".json")]
-    return {storage.name(loc)[: -len(".json")]: json.loads(storage.read_text(loc)) for loc in markers}
+    records = storage.read_many(markers)
+    return {storage.name(loc)[: -len(".json")]: json.loads(data) for loc, data in zip(markers, records, strict=True)}
+
+
+def commit_overview_chunk(out: str, name: str) -> None:
+    """An overview chunk's marker (``name``: ``overviews/<f>/<i>_<j>``), written after the chunk:
+    a resumed run rewrites only the chunks without one, besides those its own blocks fall in."""
+    storage.write_text(state(out, f"{name}.json"), "{}")
+
+
+def written_overview_chunks(out: str) -> set[str]:
+    """The overview chunks with a marker in ``out`` (:func:`commit_overview_chunk`)."""
+    root = state(out)
+    return {
+        loc[len(root) + 1 : -len(".json")]
+        for loc in storage.list_files(state(out, "overviews"))
+        if loc.endswith(".json")
+    }
 
 
 def write_manifest(out: str, manifest: dict[str, Any]) -> str:

@@ -13,7 +13,7 @@ import dask
 from dask.delayed import delayed
 from distributed import Client, Future, as_completed
 
-from geoseg import mosaic, partials, storage
+from geoseg import mosaic, partials, runstate, storage
 from geoseg.blocks import (
     PARTIALS_DIR,
     block_graph,
@@ -117,8 +117,8 @@ def submit_blocks(
     (:func:`geoseg.blocks.polygonize_task` with the run's arguments bound) each block's polygons
     as soon as the block and the blocks its sieve reads are final; the overview chunks they
     fall in once their blocks are final (:func:`geoseg.blocks.overview_graph`; ``reused``: the
-    records of blocks committed before; ``all_overviews``: every chunk, as a resumed run must
-    write them); :func:`collect_blocks` waits.
+    records of blocks committed before; ``all_overviews``: also every chunk without a marker,
+    as a resumed run must write them); :func:`collect_blocks` waits.
 
     Every task is submitted at once and Dask places them: step 1 for the blocks to do and the
     blocks whose tiles reach them, with priorities in :func:`work_order`, and each block's step 2
@@ -192,7 +192,12 @@ def submit_blocks(
     factors = mosaic.overview_factors_of(storage.join(out, MOSAIC_NAME))
     # a chunk as urgent as its last block's step 2: its windows are not held longer than needed
     due = {b.key: -2 * max(order[n.key] for n in reach[b.key]) - 1 for b in todo}
-    chunks = overview_graph(blocks, finished, stored, factors, size, all_overviews, write_chunk, tag, due)
+    written = runstate.written_overview_chunks(str(out)) if all_overviews else None
+
+    def unwritten(name: str) -> bool:  # by an earlier run that stopped after the chunk's blocks
+        return written is not None and name not in written
+
+    chunks = overview_graph(blocks, finished, stored, factors, size, unwritten, write_chunk, tag, due)
     # One submission: the scheduler sees every step 1 at once and queues them (it assigns the
     # first few of a group submitted task by task before it knows the group is large).
     futures = client.compute([*step2, *parts, *chunks.values()], optimize_graph=False)

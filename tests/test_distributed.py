@@ -524,28 +524,34 @@ def test_blocks_are_polygonized_while_later_blocks_are_still_segmented(
     assert json.loads((tmp_path / "manifest.json").read_text())["timings"]["vectorize_s"] >= 0
 
 
-def test_a_rerun_writes_the_overview_chunks_an_unfinished_run_may_have_missed_and_a_finished_one_none(
+def test_a_rerun_writes_the_overview_chunks_an_unfinished_run_missed_and_a_finished_one_none(
     tmp_path, random_checkpoint, scene_1000x700, client2
 ):
-    """All blocks committed, then killed before the chunks (the manifest still says running):
-    the rerun writes every chunk from the committed blocks. A rerun of a finished run writes none."""
+    """All blocks committed, then killed before level 4's chunks (the manifest still says
+    running): the rerun writes those chunks from the committed blocks, and not level 2's, whose
+    markers say they were written. A rerun of a finished run writes none."""
     import zarr
 
     from geoseg.overviews import downsample
 
     cfg = run_config(random_checkpoint, [scene_1000x700[0]], tmp_path, "output.block_size=256", "output.polygons=false")
     assert run(cfg, client2).ok
-    level = tmp_path / "mosaic.zarr" / "overviews" / "4" / "classes" / "c"
-    chunks = sorted(p for p in level.rglob("*") if p.is_file())
-    assert chunks
-    for chunk in chunks:  # as a run killed after its last block, before its chunks, leaves it
-        chunk.unlink()
+    store = tmp_path / "mosaic.zarr"
+    chunks = sorted(p for p in (store / "overviews" / "4" / "classes" / "c").rglob("*") if p.is_file())
+    markers = sorted((tmp_path / ".geoseg" / "overviews" / "4").glob("*.json"))
+    assert chunks and len(markers) == 1  # 1000 x 700 px in blocks of 256: one chunk of 4 x 4 blocks
+    for path in [*chunks, *markers]:  # as a run killed after its last block, before these chunks, leaves it
+        path.unlink()
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
+    level_two = {p: p.stat().st_mtime_ns for p in (store / "overviews" / "2").rglob("*") if p.is_file()}
     assert run(cfg, client2).ok
-    root = zarr.open_group(tmp_path / "mosaic.zarr", mode="r")
+    root = zarr.open_group(store, mode="r")
     classes, _ = downsample(root["classes"][:], root["confidence"][:], 4)
     np.testing.assert_array_equal(root["overviews/4/classes"][:], classes)
-    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "mosaic.zarr" / "overviews").rglob("*") if p.is_file()}
+    assert {p: p.stat().st_mtime_ns for p in level_two} == level_two  # marked written: left alone
+    classes, _ = downsample(root["classes"][:], root["confidence"][:], 2)
+    np.testing.assert_array_equal(root["overviews/2/classes"][:], classes)
+    written = {p: p.stat().st_mtime_ns for p in (store / "overviews").rglob("*") if p.is_file()}
     assert run(cfg, client2).ok  # finished before: nothing to write
     assert {p: p.stat().st_mtime_ns for p in written} == written
