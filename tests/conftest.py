@@ -248,9 +248,15 @@ def bucket(s3_server) -> str:
 
 @pytest.fixture(scope="session")
 def gcs_bucket(s3_server) -> str:
-    """A fresh bucket on the same server, addressed as Google Cloud Storage; yields ``gs://NAME``."""
+    """A fresh bucket on the same server, addressed as Google Cloud Storage, whose objects anyone
+    may read (GDAL reads them anonymously); yields ``gs://NAME``."""
+    import json
+
     import boto3
 
     name = f"geosegcs{os.getpid()}"  # letters and digits: obstore percent-encodes the rest, moto keeps it so
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.create_bucket(Bucket=name)
+    public = {"Effect": "Allow", "Principal": "*", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{name}/*"}
+    s3.put_bucket_policy(Bucket=name, Policy=json.dumps({"Version": "2012-10-17", "Statement": [public]}))
     return f"gs://{name}"

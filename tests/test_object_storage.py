@@ -434,6 +434,15 @@ def test_a_run_on_azure_blob_storage_and_on_google_cloud_storage_equals_the_loca
         )
     with pytest.raises(storage.StorageError, match=f"{root}/scenes/missing.tif: no such object"):
         storage.read_bytes(f"{root}/scenes/missing.tif")
+    small = f"{root}/scenes/small.tif"  # one PUT, where the scene took a multipart upload
+    with rasterio.open(scene_1000x700[0]) as src:
+        pixels = src.read(window=((0, 48), (0, 64)))
+        profile = {"driver": "GTiff", "width": 64, "height": 48, "count": src.count, "dtype": src.dtypes[0]}
+        profile.update(crs=src.crs, transform=src.transform, nodata=src.nodata)
+    with storage.staged(small) as path, rasterio.open(path, "w", **profile) as dst:
+        dst.write(pixels)
+    with storage.open_raster(small) as src:
+        np.testing.assert_array_equal(src.read(), pixels)
 
 
 def test_gdal_gets_the_endpoints_the_cloud_tools_variables_name():
