@@ -19,13 +19,13 @@ def downsample_classes(path: str | Path, max_size: int) -> np.ndarray:
     group = mosaic.open_group(path)
     longer = max(group[mosaic.CLASSES].shape)
     factors = [f for f in group.attrs["geoseg"].get("overviews", []) if -(-longer // f) >= max_size]
-    level = group[f"{mosaic.OVERVIEWS}/{max(factors)}/{mosaic.CLASSES}" if factors else mosaic.CLASSES][:]
+    level = group[f"{mosaic.OVERVIEWS}/{max(factors)}/{mosaic.CLASSES}" if factors else mosaic.CLASSES]
     height, width = level.shape
     scale = max(height, width) / max_size
     if scale <= 1:
-        return level
+        return level[:]
     rows, cols = (centres(n, max(1, round(n / scale))) for n in (height, width))
-    return level[np.ix_(rows, cols)]
+    return level.oindex[rows, cols]  # only the picture's pixels are held, chunk by chunk
 
 
 def centres(n: int, m: int) -> np.ndarray:

@@ -25,6 +25,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -314,7 +315,10 @@ def prepare_output(out: str, run_fingerprint: str, overwrite: bool, store: str) 
                 f"({previous} != {run_fingerprint}); use --overwrite or another --out"
             )
         if mosaic.exists(storage.join(out, store)):  # v3 or v2
-            return committed_blocks(out)
+            committed = committed_blocks(out)
+            if not committed:  # the run makes the mosaic again: none of its chunks is written
+                storage.delete_tree(state(out, "overviews"))
+            return committed
     storage.delete_tree(state(out, "blocks"))
     storage.delete_tree(state(out, "partials"))
     storage.delete_tree(state(out, "overviews"))
@@ -342,12 +346,14 @@ def commit_overview_chunk(out: str, name: str) -> None:
 
 def written_overview_chunks(out: str) -> set[str]:
     """The overview chunks with a marker in ``out`` (:func:`commit_overview_chunk`)."""
-    root = state(out)
-    return {
-        loc[len(root) + 1 : -len(".json")]
-        for loc in storage.list_files(state(out, "overviews"))
-        if loc.endswith(".json")
-    }
+    markers = [loc for loc in storage.list_files(state(out, "overviews")) if loc.endswith(".json")]
+    return {"/".join(loc.rsplit("/", 3)[-3:])[: -len(".json")] for loc in markers}
+
+
+def forget_overview_chunks(out: str, names: Iterable[str]) -> None:
+    """Remove the markers of chunks about to be written again: a run stopped before it rewrites
+    one must not leave the earlier run's marker vouching for it."""
+    storage.concurrently(storage.delete, [state(out, f"{name}.json") for name in names], storage.is_url(out))
 
 
 def write_manifest(out: str, manifest: dict[str, Any]) -> str:

@@ -198,6 +198,8 @@ def submit_blocks(
         return written is not None and name not in written
 
     chunks = overview_graph(blocks, finished, stored, factors, size, unwritten, write_chunk, tag, due)
+    if written:
+        runstate.forget_overview_chunks(str(out), [name for name in chunks if name in written])
     # One submission: the scheduler sees every step 1 at once and queues them (it assigns the
     # first few of a group submitted task by task before it knows the group is large).
     futures = client.compute([*step2, *parts, *chunks.values()], optimize_graph=False)

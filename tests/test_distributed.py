@@ -555,3 +555,31 @@ def test_a_rerun_writes_the_overview_chunks_an_unfinished_run_missed_and_a_finis
     written = {p: p.stat().st_mtime_ns for p in (store / "overviews").rglob("*") if p.is_file()}
     assert run(cfg, client2).ok  # finished before: nothing to write
     assert {p: p.stat().st_mtime_ns for p in written} == written
+    assert (tmp_path / ".geoseg" / "overviews" / "4" / "0_0.json").is_file()  # its marker is back
+
+
+def test_a_chunk_a_stopped_run_was_to_write_again_is_written_by_the_next(
+    tmp_path, random_checkpoint, scene_1000x700, client2
+):
+    """Run A left block 0_0 uncommitted (failed) and marked its chunks written; run B computes
+    the block, but cannot write level 4's chunk. Run C must write that chunk: B took back the
+    marker A left for it before writing anything."""
+    import zarr
+
+    from geoseg.overviews import downsample
+
+    cfg = run_config(random_checkpoint, [scene_1000x700[0]], tmp_path, "output.block_size=256", "output.polygons=false")
+    assert run(cfg, client2).ok
+    (tmp_path / ".geoseg" / "blocks" / "0_0.json").unlink()  # as if it failed in A
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "status": "incomplete"}))
+    level = tmp_path / "mosaic.zarr" / "overviews" / "4" / "classes" / "c"
+    shutil.rmtree(level)
+    level.write_text("")  # B's write of the chunk fails: a file where its folder goes
+    b = run(cfg, client2)
+    assert not b.ok and "overviews/4/0_0" in b.failed_blocks
+    level.unlink()
+    assert run(cfg, client2).ok
+    root = zarr.open_group(tmp_path / "mosaic.zarr", mode="r")
+    classes, _ = downsample(root["classes"][:], root["confidence"][:], 4)
+    np.testing.assert_array_equal(root["overviews/4/classes"][:], classes)

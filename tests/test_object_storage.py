@@ -190,6 +190,10 @@ def test_a_client_killed_at_a_random_block_on_s3_resumes_to_the_same_mosaic(remo
     np.testing.assert_array_equal(
         mosaic_of(out)["classes"].values, xr.open_zarr(local_reference / "mosaic.zarr")["classes"].values
     )
+    for level in ("overviews/2", "overviews/4"):  # every chunk written, after the kill too
+        got = xr.open_zarr(storage.zarr_store(f"{out}/mosaic.zarr", read_only=True), group=level)
+        want = xr.open_zarr(local_reference / "mosaic.zarr", group=level)
+        np.testing.assert_array_equal(got["classes"].values, want["classes"].values)
     assert S3_SECRET not in res.stdout + res.stderr
 
 
