@@ -177,7 +177,8 @@ def polygon_rings(classes: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, n
     shapely's ragged layout: each polygon's class, all ring vertices (int64, rings closed),
     ring offsets into the vertices and polygon offsets into the rings."""
     values, rings, rings_per_polygon = [], [], []
-    for geom, value in shapes(classes, mask=valid, connectivity=4):
+    mask = None if valid.all() else valid  # GDAL polygonizes ~15 % faster with no mask band
+    for geom, value in shapes(classes, mask=mask, connectivity=4):
         values.append(value)
         rings.extend(geom["coordinates"])
         rings_per_polygon.append(len(geom["coordinates"]))
