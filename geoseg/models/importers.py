@@ -62,8 +62,10 @@ def is_foreign(src: Path) -> bool:
     if src.suffix in (".ckpt", ".pt", ".pth"):
         try:  # tensors memory-mapped, not read: the file is read once, by the loader that follows
             blob = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # the legacy (pre-zip) format cannot be mapped
-            blob = torch.load(src, map_location="cpu", weights_only=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):  # a damaged file: its error once, not after a second read
+                raise
+            blob = torch.load(src, map_location="cpu", weights_only=True)  # the legacy (pre-zip) format
         return not (isinstance(blob, dict) and "meta" in blob)
     return False
 
