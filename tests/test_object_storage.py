@@ -398,6 +398,22 @@ def test_the_lease_on_a_store_refuses_a_second_run_and_only_one_taker_replaces_a
         b_lease.acquire()
 
 
+def opened_with_fsspec(loc: str) -> str:
+    """The CRS and a digest of the classes of the mosaic at ``loc``, as xarray opens it, with
+    :func:`geoseg.storage.storage_options` (in a process of its own: adlfs's clients complain
+    at the exit of the process that made them)."""
+    code = (
+        "import hashlib, sys, xarray as xr, rioxarray\n"
+        "from geoseg import storage\n"
+        "options = storage.storage_options(sys.argv[1])\n"
+        "ds = xr.open_zarr(sys.argv[1], **({'storage_options': options} if options else {}))\n"
+        "print(ds.rio.crs.to_epsg(), hashlib.sha256(ds['classes'].values.tobytes()).hexdigest())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, loc], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
 def _secret_of(store: str) -> str:
     if store == "container":
         return os.environ["AZURE_STORAGE_CONNECTION_STRING"].split("AccountKey=")[1].split(";")[0]
@@ -430,6 +446,8 @@ def test_a_run_on_azure_blob_storage_and_on_google_cloud_storage_equals_the_loca
     assert storage.exists(f"{out}/quicklook.png") and storage.exists(f"{out}/item.json")
     secret = _secret_of(store)
     assert secret not in json.dumps(manifest) and secret not in caplog.text
+    if store == "container":  # as users open it: fsspec's adlfs (it finds the credentials as GDAL does)
+        assert opened_with_fsspec(f"{out}/mosaic.zarr") == opened_with_fsspec(str(local_reference / "mosaic.zarr"))
     other_name = scene.replace(f"{storage.scheme(root)}://", f"{gdal_scheme}://")
     with storage.open_raster(other_name) as src, rasterio.open(cog) as ref:
         assert src.crs == ref.crs and src.transform == ref.transform
