@@ -113,7 +113,8 @@ def submit_blocks(
     reused: dict[str, dict[str, Any]] | None = None,
     all_overviews: bool = False,
 ) -> SubmittedBlocks:
-    """Step 1 and step 2 of every block in ``todo`` on the cluster, and with ``polygonize``
+    """Step 1 and step 2 of every block in ``todo`` on the cluster (whose step-1 workers
+    :func:`workers_numerics` checked for ``plan``), and with ``polygonize``
     (:func:`geoseg.blocks.polygonize_task` with the run's arguments bound) each block's polygons
     as soon as the block and the blocks its sieve reads are final; the overview chunks they
     fall in once their blocks are final (:func:`geoseg.blocks.overview_graph`; ``reused``: the
@@ -154,9 +155,7 @@ def submit_blocks(
         for n in reach[b.key]:
             readers[n.key] = readers.get(n.key, 0) + 1
     tag = f"{plan.fingerprint}-{lease.run_id}"
-    resources = step_one_resources(cfg.cluster)
-    step_one_workers(client, resources)
-
+    resources = step_one_resources(cfg.cluster)  # the workers that declare them: see workers_numerics
     predict = partial(
         predict_task,
         grid=grid,
