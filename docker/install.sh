@@ -17,3 +17,6 @@ else
   "$PY" -m pip install -q -c constraints.txt "$target"
 fi
 "$PY" -c "import geoseg.cli, torch; print('geoseg installed, torch', torch.__version__)"
+# numba compiles the polygon tracer once and caches the machine code beside it: here, not in
+# every worker of the first run
+"$PY" -c "import numpy; from geoseg.polygonize import polygonize; polygonize(numpy.zeros((2, 2), numpy.uint8), 255)"

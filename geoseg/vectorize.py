@@ -12,17 +12,16 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from itertools import chain
 
 import geopandas as gpd
 import numpy as np
 import shapely
 from rasterio.crs import CRS
-from rasterio.features import shapes
 from rasterio.transform import Affine
 from scipy import ndimage
 
 from geoseg.blending import NODATA
+from geoseg.polygonize import polygonize
 from geoseg.tiling import Block
 
 EQUAL_AREA_CRS = "EPSG:6933"  # for areas of mosaics in geographic coordinates
@@ -130,21 +129,16 @@ def polygonize_block(
 ) -> BlockPolygons:
     """Polygons of a block's class array, split by whether they touch an interior block edge.
 
-    GDAL polygonizes the classes in pixel coordinates; everything after is vectorised over all
-    vertices at once. Each polygon's pixel count and confidence sum come from its rings and a
-    summed-area table (:func:`ring_sums`), so no region labelling is needed, and its vertices
-    are mapped to the CRS from *mosaic* pixel coordinates, so that neighbouring blocks give the
-    same floats for the vertices they share.
+    The block is polygonized in pixel coordinates (:func:`geoseg.polygonize.polygonize`, GDAL's
+    polygons with each one's pixel count and confidence sum), everything after is vectorised
+    over all vertices at once, and the vertices are mapped to the CRS from *mosaic* pixel
+    coordinates, so that neighbouring blocks give the same floats for the vertices they share.
     """
     out = BlockPolygons()
-    valid = classes != NODATA
-    if not valid.any():
+    values, ring_xy, ring_offsets, polygon_offsets, pixels, conf_sums = polygonize(classes, NODATA, confidence)
+    if len(values) == 0:
         return out
-    values, ring_xy, ring_offsets, polygon_offsets = polygon_rings(classes, valid)
     rows, cols = classes.shape
-    table = summed_area(confidence) if confidence is not None else np.zeros((rows + 1, cols + 1), np.int64)
-    areas, sums = ring_sums(ring_xy, ring_offsets, table)
-    pixels, conf_sums = polygon_totals(areas, polygon_offsets), polygon_totals(sums, polygon_offsets)
     # The block edges its neighbours share (the mosaic's own edges are nobody's).
     edge_cols = [c for c, inner in ((0, block.cols.start > 0), (cols, block.cols.stop < width)) if inner]
     edge_rows = [r for r, inner in ((0, block.rows.start > 0), (rows, block.rows.stop < height)) if inner]
@@ -172,25 +166,6 @@ def to_crs(geometries: np.ndarray, transform: Affine) -> np.ndarray:
     return shapely.transform(geometries, lambda xy: np.column_stack(transform * (xy[:, 0], xy[:, 1])))
 
 
-def polygon_rings(classes: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """4-connected regions of equal class as polygons in pixel coordinates (column, row), in
-    shapely's ragged layout: each polygon's class, all ring vertices (int64, rings closed),
-    ring offsets into the vertices and polygon offsets into the rings."""
-    values, rings, rings_per_polygon = [], [], []
-    mask = None if valid.all() else valid  # GDAL polygonizes ~15 % faster with no mask band
-    for geom, value in shapes(classes, mask=mask, connectivity=4):
-        values.append(value)
-        rings.extend(geom["coordinates"])
-        rings_per_polygon.append(len(geom["coordinates"]))
-    ring_offsets = np.zeros(len(rings) + 1, dtype=np.int64)
-    np.cumsum([len(ring) for ring in rings], out=ring_offsets[1:])
-    polygon_offsets = np.zeros(len(values) + 1, dtype=np.int64)
-    np.cumsum(rings_per_polygon, out=polygon_offsets[1:])
-    # every coordinate in one pass (2x faster than an array per ring); pixel corners: whole numbers
-    flat = np.fromiter(chain.from_iterable(chain.from_iterable(rings)), dtype=np.float64, count=2 * ring_offsets[-1])
-    return np.asarray(values, dtype=np.int64), flat.reshape(-1, 2).astype(np.int64), ring_offsets, polygon_offsets
-
-
 def vertices_along(
     ring_xy: np.ndarray, ring_offsets: np.ndarray, edge_cols: list[int], edge_rows: list[int]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -212,43 +187,6 @@ def vertices_along(
     step = np.arange(ends[-1]) - np.repeat(ends - counts, counts)  # 0 at the original vertex
     dense = np.column_stack((x[source] + step * np.sign(dx)[source], y[source] + step * np.sign(dy)[source]))
     return dense, np.concatenate([[0], ends])[ring_offsets]
-
-
-def summed_area(values: np.ndarray) -> np.ndarray:
-    """``table[r, c]`` = sum of ``values[:r, :c]`` (one row and column more than ``values``): int32
-    where the whole sum fits (half the memory traffic), else int64."""
-    largest = int(values.size) * int(np.iinfo(values.dtype).max if values.dtype.kind in "ui" else 2**31)
-    dtype = np.int32 if largest < 2**31 else np.int64
-    table = np.zeros((values.shape[0] + 1, values.shape[1] + 1), dtype=dtype)
-    body = table[1:, 1:]
-    np.cumsum(values, axis=1, dtype=dtype, out=body)
-    # then down the columns a row at a time: contiguous adds, 2x faster than cumsum along axis 0
-    for row in range(1, body.shape[0]):
-        np.add(body[row], body[row - 1], out=body[row])
-    return table
-
-
-def ring_sums(ring_xy: np.ndarray, ring_offsets: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pixels each ring encloses, and the sum over them of the raster behind ``table`` (:func:`summed_area`).
-
-    The discrete Green's theorem on a pixel-edged ring: an edge at column ``x`` from row ``y0``
-    to ``y1`` adds ``x * (y1 - y0)`` pixels and ``table[y1, x] - table[y0, x]`` (whole rows of
-    pixels left of it); horizontal edges add nothing. A ring's edges add up to plus or minus
-    what it encloses, the sign being its orientation.
-    """
-    x, y = ring_xy[:-1, 0], ring_xy[:-1, 1]
-    y_next = ring_xy[1:, 1].copy()
-    y_next[ring_offsets[1:-1] - 1] = y[ring_offsets[1:-1] - 1]  # no edge from one ring into the next
-    starts = ring_offsets[:-1]
-    signed_areas = np.add.reduceat(x * (y_next - y), starts)
-    sums = np.add.reduceat(table[y_next, x].astype(np.int64) - table[y, x], starts) * np.sign(signed_areas)
-    return np.abs(signed_areas), sums
-
-
-def polygon_totals(per_ring: np.ndarray, polygon_offsets: np.ndarray) -> np.ndarray:
-    """Per polygon: its shell's total less its holes' (the first ring of each polygon is its shell)."""
-    shells = per_ring[polygon_offsets[:-1]]
-    return 2 * shells - np.add.reduceat(per_ring, polygon_offsets[:-1])
 
 
 def merge_edge_polygons(pieces: Iterable[Piece], transform: Affine) -> list[Piece]:

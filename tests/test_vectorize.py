@@ -205,29 +205,13 @@ def test_hole_filling_with_a_halo_equals_the_whole_mosaic(labels):
     np.testing.assert_array_equal(got, want)
 
 
-def test_ring_sums_give_each_region_its_pixels_and_confidence(labels):
-    """Green's theorem on the rings against the regions labelled pixel by pixel (scipy)."""
-    from geoseg.vectorize import label_regions, polygon_rings, polygon_totals, ring_sums, summed_area
-
-    confidence = (np.arange(labels.size, dtype=np.int64).reshape(labels.shape) * 7 % 101).astype(np.uint8)
-    values, ring_xy, ring_offsets, polygon_offsets = polygon_rings(labels, labels != 255)
-    areas, sums = ring_sums(ring_xy, ring_offsets, summed_area(confidence))
-    got = sorted(
-        zip(values, polygon_totals(areas, polygon_offsets), polygon_totals(sums, polygon_offsets), strict=True)
-    )
-    regions, region_class, sizes = label_regions(labels)
-    region_sums = np.bincount(regions.ravel(), weights=confidence.ravel(), minlength=len(sizes)).astype(np.int64)
-    want = sorted(zip(region_class[1:], sizes[1:], region_sums[1:], strict=True))
-    assert len(values) > 100 and (polygon_offsets[1:] - polygon_offsets[:-1] > 1).any()  # holes are covered
-    assert [tuple(map(int, g)) for g in got] == [tuple(map(int, w)) for w in want]
-
-
 def test_vertices_along_block_edges_leave_the_shape_unchanged():
-    from geoseg.vectorize import polygon_rings, vertices_along
+    from geoseg.polygonize import polygonize
+    from geoseg.vectorize import vertices_along
 
     classes = np.zeros((6, 8), np.uint8)
     classes[1:4, 2:5] = 1  # a hole in class 0
-    values, ring_xy, ring_offsets, polygon_offsets = polygon_rings(classes, classes != 255)
+    values, ring_xy, ring_offsets, polygon_offsets, _, _ = polygonize(classes, 255)
     dense, dense_offsets = vertices_along(ring_xy, ring_offsets, [0], [6])
     before = shapely.from_ragged_array(
         shapely.GeometryType.POLYGON, ring_xy.astype(float), (ring_offsets, polygon_offsets)

@@ -1,0 +1,273 @@
+"""Class raster -> the polygons of its 4-connected regions, traced along pixel edges in one pass.
+
+The polygons are GDAL's (``rasterio.features.shapes(classes, mask=classes != nodata,
+connectivity=4)``), vertex for vertex: one polygon per 4-connected region of equal class, none
+for nodata; a vertex wherever a ring turns and nowhere else; in pixel coordinates (x = column,
+y = row, y down) a shell has the region on its left and a hole on its right. They come as flat
+arrays in shapely's ragged layout, with each region's pixel count and the sum of a weight
+raster over it, and no Python object per polygon.
+
+How, and why it gives GDAL's rings:
+
+- Regions: a union-find over runs of equal class in a row and the row above (one raster pass).
+- Rings: each boundary is walked once along pixel edges with the region on the left. At each
+  pixel corner the walk turns left if the pixel ahead on its left is not the region's, goes
+  straight if only the one ahead on its right is not, and turns right otherwise. It hugs the
+  region, so pixels that meet only at a corner stay apart: 4-connectivity. Only the two
+  pixels ahead are compared, by class: pixels 4-adjacent with the same class are one region.
+- Pinches: a walk passes a corner twice only where two of its region's pixels meet there
+  diagonally and connect around. It is split there into simple rings, as GDAL's polygons are
+  valid: a hole touching its shell, or another hole, at one point. The ring with negative
+  shoelace area is the shell.
+- Order: walks start at unvisited westward edges with the region below, in raster order. A
+  region's first pixel has its outer boundary above it, so its shell's walk comes before its
+  holes', and polygons come in the raster order of their first pixel.
+
+Tested against GDAL on many small random rasters (every pinch and nodata pattern they reach)
+and on the synthetic land cover. numba compiles the loops once; the machine code is cached on
+disk (``cache=True``) for later processes.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numba
+import numpy as np
+
+# Directions 0 east, 1 south, 2 west, 3 north; a step in direction d moves (STEP_X, STEP_Y).
+STEP_X = np.array([1, 0, -1, 0], np.int64)
+STEP_Y = np.array([0, 1, 0, -1], np.int64)
+# Arriving at corner (x, y) in direction d, the pixels ahead on the left and on the right are at
+# row y + dr, column x + dc of the raster padded by one pixel of nodata all round.
+AHEAD_LEFT = np.array([[0, 1], [1, 1], [1, 0], [0, 0]], np.int64)
+AHEAD_RIGHT = np.array([[1, 1], [1, 0], [0, 0], [0, 1]], np.int64)
+WEST = 2
+
+
+class PixelPolygons(NamedTuple):
+    """Polygons in shapely's ragged layout (``shapely.from_ragged_array``), in pixel coordinates."""
+
+    values: np.ndarray  # class of each polygon, int64
+    ring_xy: np.ndarray  # (n, 2) int64 pixel corners (column, row); each ring closed
+    ring_offsets: np.ndarray  # into ring_xy, one more than rings
+    polygon_offsets: np.ndarray  # into the rings, one more than polygons; a polygon's shell first
+    pixels: np.ndarray  # pixels in each polygon
+    weight_sums: np.ndarray  # the weight raster summed over each polygon's pixels, int64
+
+
+def polygonize(classes: np.ndarray, nodata: int, weights: np.ndarray | None = None) -> PixelPolygons:
+    """Polygons of the 4-connected regions of ``classes`` (2-D, integer) that are not ``nodata``;
+    ``weights``: an integer raster of the same shape summed per polygon (zeros if not given)."""
+    padded = np.full((classes.shape[0] + 2, classes.shape[1] + 2), nodata, dtype=classes.dtype)
+    padded[1:-1, 1:-1] = classes
+    if weights is None:
+        weights = np.zeros(classes.shape, np.uint8)  # pages never written: nearly free
+    labels, parent, region_class, pixels, sums = _label_regions(padded, padded.dtype.type(nodata), weights)
+    xs, ys, loop_start, loop_region = _trace_rings(padded, labels, parent, padded.dtype.type(nodata))
+    values, ring_xy, ring_offsets, polygon_offsets, totals, weight_sums = _assemble(
+        xs, ys, loop_start, loop_region, region_class, pixels, sums
+    )
+    return PixelPolygons(values, ring_xy, ring_offsets, polygon_offsets, totals, weight_sums)
+
+
+@numba.njit(cache=True, nogil=True)
+def _root(parent: np.ndarray, label: int) -> int:
+    root = label
+    while parent[root] != root:
+        root = parent[root]
+    while parent[label] != root:  # path compression
+        parent[label], label = root, parent[label]
+    return root
+
+
+@numba.njit(cache=True, nogil=True)
+def _label_regions(padded, nodata, weights):
+    """Provisional region labels (0 = nodata) with their union-find forest, and per root label:
+    its class, pixel count and weight sum."""
+    h, w = padded.shape[0] - 2, padded.shape[1] - 2
+    labels = np.empty((h + 2, w + 2), np.int32)
+    labels[0, :] = 0
+    capacity = h * w + 1  # at most one new label per pixel; untouched pages cost nothing
+    parent = np.empty(capacity, np.int32)
+    region_class = np.empty(capacity, np.int64)
+    pixels = np.empty(capacity, np.int64)
+    sums = np.empty(capacity, np.int64)
+    parent[0] = 0
+    n = 0
+    for r in range(1, h + 1):
+        labels[r, 0] = 0
+        previous = nodata
+        current = 0
+        for c in range(1, w + 1):
+            v = padded[r, c]
+            if v == nodata:
+                labels[r, c] = 0
+                previous = v
+                continue
+            up = labels[r - 1, c] if padded[r - 1, c] == v else 0
+            if v == previous:  # the run goes on: join the region above, if another
+                if up and up != current:
+                    a, b = _root(parent, up), _root(parent, current)
+                    if a < b:
+                        parent[b] = a
+                    elif b < a:
+                        parent[a] = b
+            elif up:
+                current = up
+            else:
+                n += 1
+                parent[n] = n
+                region_class[n] = v
+                pixels[n] = 0
+                sums[n] = 0
+                current = n
+            labels[r, c] = current
+            pixels[current] += 1
+            sums[current] += weights[r - 1, c - 1]
+            previous = v
+    # roots are the smallest label of their tree: add each label's totals into its root's
+    for k in range(1, n + 1):
+        root = _root(parent, k)
+        if root != k:
+            pixels[root] += pixels[k]
+            sums[root] += sums[k]
+    return labels, parent[: n + 1], region_class[: n + 1], pixels[: n + 1], sums[: n + 1]
+
+
+@numba.njit(cache=True, nogil=True)
+def _trace_rings(padded, labels, parent, nodata):
+    """Every boundary walked once (module docstring): ring vertices (closed), ring starts and
+    each ring's root region label."""
+    h, w = padded.shape[0] - 2, padded.shape[1] - 2
+    corners = (h + 1) * (w + 1)
+    # Upper bounds, allocated but never touched beyond what is used: a corner is a vertex of
+    # at most four rings, a walk passes a corner at most twice, a ring encloses a pixel.
+    xs = np.empty(5 * corners, np.int64)
+    ys = np.empty(5 * corners, np.int64)
+    loop_start = np.empty(2 * h * w + 1, np.int64)
+    loop_region = np.empty(2 * h * w, np.int64)
+    walk_x = np.empty(2 * corners, np.int64)
+    walk_y = np.empty(2 * corners, np.int64)
+    pinch = np.empty(2 * corners, np.bool_)
+    stack = np.empty(2 * corners, np.int64)
+    # stack position of a pinch corner; never cleared: an entry counts only where the stack
+    # holds that very corner
+    on_stack = np.empty(corners, np.int32)
+    started = np.zeros((h + 1, w), np.bool_)  # westward edges with the region below, walked
+    n_vertices = 0
+    n_rings = 0
+    for y in range(h + 1):
+        for x in range(w):
+            v = padded[y + 1, x + 1]  # the pixel below the edge
+            if v == nodata or padded[y, x + 1] == v or started[y, x]:
+                continue
+            region = _root(parent, labels[y + 1, x + 1])
+            cx, cy, d = x + 1, y, WEST
+            n_turns = 0
+            while True:
+                if d == WEST:
+                    started[cy, cx - 1] = True
+                cx += STEP_X[d]
+                cy += STEP_Y[d]
+                if padded[cy + AHEAD_LEFT[d, 0], cx + AHEAD_LEFT[d, 1]] != v:
+                    turn = (d + 3) & 3  # left
+                elif padded[cy + AHEAD_RIGHT[d, 0], cx + AHEAD_RIGHT[d, 1]] != v:
+                    turn = d
+                else:
+                    turn = (d + 1) & 3  # right
+                if turn != d:
+                    walk_x[n_turns] = cx
+                    walk_y[n_turns] = cy
+                    # a left turn with the region ahead on the right: two of its pixels meet here
+                    pinch[n_turns] = turn == (d + 3) & 3 and padded[cy + AHEAD_RIGHT[d, 0], cx + AHEAD_RIGHT[d, 1]] == v
+                    n_turns += 1
+                d = turn
+                if cx == x + 1 and cy == y and d == WEST:
+                    break
+            # Split the closed walk into simple rings: a corner seen again closes the ring of
+            # the corners pushed since, and the walk's end closes the last one.
+            top = 0
+            for i in range(n_turns + 1):
+                j = i if i < n_turns else 0
+                closes = -1
+                if i == n_turns:
+                    closes = 0
+                elif pinch[j]:
+                    key = walk_y[j] * (w + 1) + walk_x[j]
+                    q = on_stack[key]
+                    if 0 <= q < top and walk_y[stack[q]] * (w + 1) + walk_x[stack[q]] == key:
+                        closes = q
+                    else:
+                        on_stack[key] = top
+                if closes < 0:
+                    stack[top] = j
+                    top += 1
+                    continue
+                loop_start[n_rings] = n_vertices
+                loop_region[n_rings] = region
+                n_rings += 1
+                for q in range(closes, top):
+                    xs[n_vertices] = walk_x[stack[q]]
+                    ys[n_vertices] = walk_y[stack[q]]
+                    n_vertices += 1
+                xs[n_vertices] = walk_x[stack[closes]]
+                ys[n_vertices] = walk_y[stack[closes]]
+                n_vertices += 1
+                top = closes + 1
+    loop_start[n_rings] = n_vertices
+    xs, ys = xs[:n_vertices].copy(), ys[:n_vertices].copy()
+    return xs, ys, loop_start[: n_rings + 1].copy(), loop_region[:n_rings].copy()
+
+
+@numba.njit(cache=True, nogil=True)
+def _assemble(xs, ys, loop_start, loop_region, region_class, pixels, sums):
+    """Rings grouped by region, shell first, regions in the order their first ring came."""
+    n_rings = loop_region.shape[0]
+    polygon_of_region = np.full(region_class.shape[0], -1, np.int64)
+    n_polygons = 0
+    rings_of = np.zeros(n_rings + 1, np.int64)
+    polygon = np.empty(n_rings, np.int64)
+    shell = np.empty(n_rings, np.bool_)
+    for k in range(n_rings):
+        region = loop_region[k]
+        if polygon_of_region[region] < 0:
+            polygon_of_region[region] = n_polygons
+            n_polygons += 1
+        polygon[k] = polygon_of_region[region]
+        rings_of[polygon[k] + 1] += 1
+        twice_area = 0
+        for i in range(loop_start[k], loop_start[k + 1] - 1):
+            twice_area += xs[i] * ys[i + 1] - xs[i + 1] * ys[i]
+        shell[k] = twice_area < 0
+    polygon_offsets = np.cumsum(rings_of[: n_polygons + 1])
+    # slot of each ring: the shell at its polygon's first, holes after it in the order they came
+    next_hole = polygon_offsets[:-1] + 1
+    slot = np.empty(n_rings, np.int64)
+    for k in range(n_rings):
+        p = polygon[k]
+        if shell[k]:
+            slot[k] = polygon_offsets[p]
+        else:
+            slot[k] = next_hole[p]
+            next_hole[p] += 1
+    sizes = np.empty(n_rings, np.int64)
+    for k in range(n_rings):
+        sizes[slot[k]] = loop_start[k + 1] - loop_start[k]
+    ring_offsets = np.zeros(n_rings + 1, np.int64)
+    ring_offsets[1:] = np.cumsum(sizes)
+    ring_xy = np.empty((xs.shape[0], 2), np.int64)
+    for k in range(n_rings):
+        at = ring_offsets[slot[k]]
+        for i in range(loop_start[k], loop_start[k + 1]):
+            ring_xy[at, 0] = xs[i]
+            ring_xy[at, 1] = ys[i]
+            at += 1
+    values = np.empty(n_polygons, np.int64)
+    totals = np.empty(n_polygons, np.int64)
+    weight_sums = np.empty(n_polygons, np.int64)
+    for region in range(region_class.shape[0]):
+        p = polygon_of_region[region]
+        if p >= 0:
+            values[p], totals[p], weight_sums[p] = region_class[region], pixels[region], sums[region]
+    return values, ring_xy, ring_offsets, polygon_offsets, totals, weight_sums
