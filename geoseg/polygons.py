@@ -12,7 +12,9 @@ from functools import partial
 from typing import Any
 
 import geopandas as gpd
+import pyarrow as pa
 from distributed import Client, Future, as_completed
+from rasterio.transform import Affine
 
 from geoseg import storage, vectorize
 from geoseg.blocks import has_classes, polygonize_task
@@ -20,7 +22,7 @@ from geoseg.config import VectorConfig
 from geoseg.grid import OutputGrid
 from geoseg.progress import track
 from geoseg.tiling import Block
-from geoseg.vector_io import LayerWriter
+from geoseg.vector_io import LayerWriter, decode_rows, encode_frame, encode_rows, slice_rows
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +104,7 @@ def submit_layers(
     stamp = time.time_ns()
     crs, tolerance = grid.crs_wkt, vector.simplify_tolerance
     finals = [
-        client.submit(vectorize.final_layer, part, crs, legend, tolerance, key=f"polygons-{b.key}-{stamp}")
-        for b, part in parts
+        client.submit(final_rows, part, crs, legend, tolerance, key=f"polygons-{b.key}-{stamp}") for b, part in parts
     ]
     # fixed, not from the cluster's size: with simplification, a group is simplified as a batch
     groups = max(1, min(len(legend), MERGE_GROUPS))
@@ -112,7 +113,7 @@ def submit_layers(
     pieces = [client.submit(vectorize.edge_pieces, part, key=f"edge-pieces-{b.key}-{stamp}") for b, part in parts]
     merged = [
         client.submit(
-            vectorize.merged_layer,
+            merged_rows,
             grid.affine,
             crs,
             legend,
@@ -128,10 +129,20 @@ def submit_layers(
     if slices <= 1:
         return finals + merged
     return finals + [
-        client.submit(vectorize.layer_slice, group, k, slices, key=f"merged-slice-{g}-{k}-{stamp}")
+        client.submit(slice_rows, group, k, slices, key=f"merged-slice-{g}-{k}-{stamp}")
         for g, group in enumerate(merged)
         for k in range(slices)
     ]
+
+
+def final_rows(part: vectorize.BlockPolygons, crs: str, *args: Any) -> pa.Table:
+    """A task: the encoded rows (:func:`geoseg.vector_io.encode_rows`) of :func:`geoseg.vectorize.final_layer`."""
+    return encode_rows(*vectorize.final_layer(part, crs, *args), crs)
+
+
+def merged_rows(transform: Affine, crs: str, *args: Any) -> pa.Table:
+    """A task: the encoded rows of :func:`geoseg.vectorize.merged_layer`."""
+    return encode_rows(*vectorize.merged_layer(transform, crs, *args), crs)
 
 
 class LayerSink:
@@ -154,7 +165,7 @@ class LayerSink:
         self.layers, self.writers, self.finish = layers, writers, finish
         self._order = {fut.key: i for i, fut in enumerate(layers)}
         self._finished: set[int] = set()
-        self._held: dict[int, gpd.GeoDataFrame] = {}
+        self._held: dict[int, pa.Table] = {}
         self._next = 0
         self._failed = False
         self.count = 0
@@ -171,17 +182,17 @@ class LayerSink:
             self._held[index] = self._fetch(fut)
         while self._next in self._finished:
             self._finished.discard(self._next)
-            gdf = self._held.pop(self._next, None)
-            if gdf is None:
-                gdf = self._fetch(self.layers[self._next])
+            rows = self._held.pop(self._next, None)
+            if rows is None:
+                rows = self._fetch(self.layers[self._next])
             self._next += 1
             if self.finish is not None:
-                gdf = self.finish(gdf)
+                rows = encode_frame(self.finish(decode_rows(rows)))
             for writer, to_crs in self.writers:
-                writer.write(gdf if to_crs is None else gdf.to_crs(to_crs))
-            self.count += len(gdf)
+                writer.write(rows if to_crs is None else decode_rows(rows).to_crs(to_crs))
+            self.count += rows.num_rows
 
-    def _fetch(self, fut: Future) -> gpd.GeoDataFrame:
+    def _fetch(self, fut: Future) -> pa.Table:
         try:
             return fut.result()
         except BaseException:

@@ -1,5 +1,9 @@
 """Polygon layers written in batches: GeoPackage and GeoParquet grow as blocks finish.
 
+Rows travel as Arrow tables with the geometry already WKB (:func:`encode_rows`, made on the
+workers), so the client hands the same bytes to both formats and builds no geometry object:
+GeoPackage through GDAL's Arrow writer, GeoParquet through Arrow's own.
+
 GeoParquet is version 1.1, with a ``bbox`` covering column; its row groups follow the blocks'
 order, so a reader's spatial filter skips most of them.
 
@@ -20,17 +24,51 @@ import uuid
 from pathlib import Path
 
 import geopandas as gpd
-import pandas as pd
+import numpy as np
+import pyarrow as pa
 import shapely
+from pyproj import CRS
 
 from geoseg import storage
 
 LAYER = "landcover"
+GEOMETRY = "geometry"
 BBOX_FIELDS = ["xmin", "ymin", "xmax", "ymax"]
 # What is held before a write: a GeoPackage append costs ~10 ms whatever its size, and a
 # batch's vertices bound the memory a write takes (a few copies of their coordinates).
 BATCH_ROWS = 4096
 BATCH_VERTICES = 250_000
+WKB_BYTES_PER_VERTEX = 16  # two float64; a ring's count and a polygon's header are noise
+
+
+def encode_rows(columns: dict[str, np.ndarray], geometries: np.ndarray, crs: str | None) -> pa.Table:
+    """A layer's rows as an Arrow table: the attribute ``columns``, the ``geometries`` as WKB and
+    their ``bbox`` (GeoParquet 1.1's covering), ``crs`` in the schema's metadata."""
+    table = pa.table({name: pa.array(values) for name, values in columns.items()})
+    table = table.append_column(GEOMETRY, pa.array(shapely.to_wkb(geometries), type=pa.binary()))
+    bounds = shapely.bounds(geometries).reshape(-1, 4)
+    corners = [pa.array(bounds[:, k], type=pa.float64()) for k in range(4)]
+    table = table.append_column("bbox", pa.StructArray.from_arrays(corners, names=BBOX_FIELDS))
+    return table.replace_schema_metadata({b"crs": (crs or "").encode()})
+
+
+def encode_frame(gdf: gpd.GeoDataFrame) -> pa.Table:
+    """:func:`encode_rows` of a GeoDataFrame."""
+    columns = {name: gdf[name].to_numpy() for name in gdf.columns if name != gdf.geometry.name}
+    return encode_rows(columns, gdf.geometry.to_numpy(), gdf.crs.to_wkt() if gdf.crs else None)
+
+
+def decode_rows(rows: pa.Table) -> gpd.GeoDataFrame:
+    """The GeoDataFrame of :func:`encode_rows`' table."""
+    crs = (rows.schema.metadata or {}).get(b"crs", b"").decode() or None
+    attributes = rows.drop_columns([GEOMETRY, "bbox"]).to_pandas()
+    return gpd.GeoDataFrame(attributes, geometry=shapely.from_wkb(rows[GEOMETRY].to_numpy()), crs=crs)
+
+
+def slice_rows(rows: pa.Table, k: int, n: int) -> pa.Table:
+    """The ``k``-th of ``n`` consecutive, near-equal slices of a layer's rows."""
+    start, stop = rows.num_rows * k // n, rows.num_rows * (k + 1) // n
+    return rows.slice(start, stop - start)
 
 
 class LayerWriter:
@@ -55,46 +93,49 @@ class LayerWriter:
         self.count = 0
         self._parquet = None
         self._sink = None
-        self._held: list[gpd.GeoDataFrame] = []
+        self._held: list[pa.Table] = []
         self._held_rows = self._held_vertices = 0
         self._closed = False
 
-    def write(self, gdf: gpd.GeoDataFrame) -> None:
-        """Add rows; they reach the file in order, in batches of ``BATCH_ROWS`` rows or
-        ``BATCH_VERTICES`` vertices."""
-        if gdf.empty:
+    def write(self, rows: pa.Table | gpd.GeoDataFrame) -> None:
+        """Add rows (:func:`encode_rows`' table, or a GeoDataFrame); they reach the file in
+        order, in batches of ``BATCH_ROWS`` rows or ``BATCH_VERTICES`` vertices."""
+        if isinstance(rows, gpd.GeoDataFrame):
+            rows = encode_frame(rows)
+        if rows.num_rows == 0:
             return
-        self._held.append(gdf)
-        self._held_rows += len(gdf)
-        self._held_vertices += int(shapely.get_num_coordinates(gdf.geometry.to_numpy()).sum())
+        self._held.append(rows)
+        self._held_rows += rows.num_rows
+        self._held_vertices += rows[GEOMETRY].nbytes // WKB_BYTES_PER_VERTEX
         if self._held_rows >= BATCH_ROWS or self._held_vertices >= BATCH_VERTICES:
             self._flush()
 
     def _flush(self) -> None:
         if not self._held:
             return
-        gdf = self._held[0] if len(self._held) == 1 else pd.concat(self._held, ignore_index=True)
+        table = pa.concat_tables(self._held) if len(self._held) > 1 else self._held[0]
         self._held, self._held_rows, self._held_vertices = [], 0, 0
         if self.suffix == ".gpkg":
             import pyogrio  # GeoPackage and FlatGeobuf only: GeoParquet needs no GDAL
 
-            pyogrio.write_dataframe(gdf, self.path, layer=LAYER, driver="GPKG", append=self.count > 0)
+            pyogrio.write_arrow(
+                table.drop_columns(["bbox"]).replace_schema_metadata(None),
+                self.path,
+                layer=LAYER,
+                driver="GPKG",
+                geometry_name=GEOMETRY,
+                geometry_type="Polygon",
+                crs=self.crs,
+                append=self.count > 0,
+            )
         else:
-            self._write_parquet(gdf)
-        self.count += len(gdf)
+            self._write_parquet(table)
+        self.count += table.num_rows
 
-    def _write_parquet(self, gdf: gpd.GeoDataFrame) -> None:
-        import pyarrow as pa
+    def _write_parquet(self, table: pa.Table) -> None:
         import pyarrow.parquet as pq
 
-        column = gdf.geometry.name
-        geometries = gdf.geometry.to_numpy()
-        table = pa.Table.from_pandas(gdf.drop(columns=column), preserve_index=False)
-        table = table.append_column(column, pa.array(shapely.to_wkb(geometries), type=pa.binary()))
-        # GeoParquet 1.1's bbox covering: readers filter row groups (block order: compact) by it
-        bounds = shapely.bounds(geometries)
-        corners = [pa.array(bounds[:, k]) for k in range(4)]
-        table = table.append_column("bbox", pa.StructArray.from_arrays(corners, names=BBOX_FIELDS))
+        column = GEOMETRY
         if self._parquet is None:
             geo = {  # no overall bbox: the batches come one by one
                 "version": "1.1.0",
@@ -103,12 +144,13 @@ class LayerWriter:
                     column: {
                         "encoding": "WKB",
                         "geometry_types": ["Polygon"],
-                        "crs": gdf.crs.to_json_dict() if gdf.crs else None,
+                        "crs": CRS.from_user_input(self.crs).to_json_dict() if self.crs else None,
                         "covering": {"bbox": {name: ["bbox", name] for name in BBOX_FIELDS}},
                     }
                 },
             }
             self._schema = table.schema.with_metadata({b"geo": json.dumps(geo).encode()})
+            # GeoParquet 1.1's bbox covering: readers filter row groups (block order: compact) by it
             # straight to the file where local (Arrow's own I/O), a stream where a URL
             self._sink = storage.open_writer(self.loc) if storage.is_url(self.loc) else None
             # no dictionary nor min/max for the WKB column: neither helps a reader, and both hold

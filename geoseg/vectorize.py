@@ -9,9 +9,9 @@ pixel count and confidence sum, so attributes survive the merge exactly.
 
 from __future__ import annotations
 
-from collections import defaultdict
+import functools
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import geopandas as gpd
 import numpy as np
@@ -29,21 +29,39 @@ FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
 
 
 @dataclass(frozen=True)
-class Piece:
-    """One polygon with what its attributes are computed from."""
+class Polygons:
+    """Polygons with what their attributes are computed from, as parallel arrays."""
 
-    class_id: int
-    geometry: shapely.Polygon
-    pixels: int
-    confidence_sum: float
+    class_ids: np.ndarray  # int64
+    geometries: np.ndarray  # shapely Polygons
+    pixels: np.ndarray  # int64
+    confidence_sums: np.ndarray  # float64
+
+    def __len__(self) -> int:
+        return len(self.class_ids)
+
+    def take(self, index: np.ndarray) -> Polygons:
+        """The polygons at ``index`` (integers or a boolean mask)."""
+        return Polygons(self.class_ids[index], self.geometries[index], self.pixels[index], self.confidence_sums[index])
+
+    @staticmethod
+    def empty() -> Polygons:
+        return Polygons(np.zeros(0, np.int64), np.empty(0, object), np.zeros(0, np.int64), np.zeros(0))
+
+    @staticmethod
+    def concat(parts: Iterable[Polygons]) -> Polygons:
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return Polygons.empty()
+        return Polygons(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(Polygons)))
 
 
-@dataclass
+@dataclass(frozen=True)
 class BlockPolygons:
     """Polygons of one block: ``final`` ones are done, ``edge`` ones wait for the merge."""
 
-    final: list[Piece] = field(default_factory=list)
-    edge: list[Piece] = field(default_factory=list)  # in mosaic pixel coordinates until the merge
+    final: Polygons = field(default_factory=Polygons.empty)
+    edge: Polygons = field(default_factory=Polygons.empty)  # in mosaic pixel coordinates until the merge
 
 
 def label_regions(classes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -134,10 +152,9 @@ def polygonize_block(
     over all vertices at once, and the vertices are mapped to the CRS from *mosaic* pixel
     coordinates, so that neighbouring blocks give the same floats for the vertices they share.
     """
-    out = BlockPolygons()
     values, ring_xy, ring_offsets, polygon_offsets, pixels, conf_sums = polygonize(classes, NODATA, confidence)
     if len(values) == 0:
-        return out
+        return BlockPolygons()
     rows, cols = classes.shape
     # The block edges its neighbours share (the mosaic's own edges are nobody's).
     edge_cols = [c for c, inner in ((0, block.cols.start > 0), (cols, block.cols.stop < width)) if inner]
@@ -155,10 +172,8 @@ def polygonize_block(
     mosaic_xy = (ring_xy + [block.cols.start, block.rows.start]).astype(np.float64)
     geometries = shapely.from_ragged_array(shapely.GeometryType.POLYGON, mosaic_xy, (ring_offsets, polygon_offsets))
     geometries[~touches] = to_crs(geometries[~touches], transform)
-    for k, geometry in enumerate(geometries):
-        piece = Piece(int(values[k]), geometry, int(pixels[k]), float(conf_sums[k]))
-        (out.edge if touches[k] else out.final).append(piece)
-    return out
+    polygons = Polygons(values, geometries, pixels, conf_sums.astype(np.float64))
+    return BlockPolygons(final=polygons.take(~touches), edge=polygons.take(touches))
 
 
 def to_crs(geometries: np.ndarray, transform: Affine) -> np.ndarray:
@@ -189,31 +204,28 @@ def vertices_along(
     return dense, np.concatenate([[0], ends])[ring_offsets]
 
 
-def merge_edge_polygons(pieces: Iterable[Piece], transform: Affine) -> list[Piece]:
+def merge_edge_polygons(pieces: Polygons, transform: Affine) -> Polygons:
     """Union same-class pieces that share an edge across block boundaries; attributes add up.
 
     The pieces are in mosaic pixel coordinates (:func:`polygonize_block`), where the vertices
     the union leaves in straight edges are exactly collinear whatever the transform; the
     merged polygons are mapped by ``transform`` at the end."""
-    by_class: dict[int, list[Piece]] = defaultdict(list)
-    for piece in pieces:
-        by_class[piece.class_id].append(piece)
-    merged: list[Piece] = []
-    for value in sorted(by_class):
-        group = by_class[value]
+    merged = []
+    for value in np.unique(pieces.class_ids):
+        group = pieces.take(pieces.class_ids == value)
         # The pieces of a class share their vertices along block edges (polygonize_block), so
         # they form a coverage: its union is linear-time. The vertices it leaves in straight
         # edges, where block edges were, are dropped.
-        parts = drop_straight_vertices(shapely.get_parts(shapely.coverage_union_all([p.geometry for p in group])))
+        parts = drop_straight_vertices(shapely.get_parts(shapely.coverage_union_all(group.geometries)))
         # Each piece lies in exactly one part: find it by a point inside the piece.
-        tree = shapely.STRtree(parts)
-        inner = shapely.point_on_surface([p.geometry for p in group])
-        piece_idx, part_idx = tree.query(inner, predicate="within")
-        pixels = np.bincount(part_idx, weights=[group[i].pixels for i in piece_idx], minlength=len(parts))
-        conf = np.bincount(part_idx, weights=[group[i].confidence_sum for i in piece_idx], minlength=len(parts))
-        world = to_crs(parts, transform)
-        merged.extend(Piece(value, part, int(pixels[k]), float(conf[k])) for k, part in enumerate(world))
-    return merged
+        piece_idx, part_idx = shapely.STRtree(parts).query(
+            shapely.point_on_surface(group.geometries), predicate="within"
+        )
+        # pixel counts are whole numbers far below 2**53: exact in float64
+        pixels = np.bincount(part_idx, weights=group.pixels[piece_idx], minlength=len(parts)).astype(np.int64)
+        conf = np.bincount(part_idx, weights=group.confidence_sums[piece_idx], minlength=len(parts))
+        merged.append(Polygons(np.full(len(parts), value), to_crs(parts, transform), pixels, conf))
+    return Polygons.concat(merged)
 
 
 def drop_straight_vertices(polygons: np.ndarray) -> np.ndarray:
@@ -245,25 +257,16 @@ def drop_straight_vertices(polygons: np.ndarray) -> np.ndarray:
     return shapely.from_ragged_array(shapely.GeometryType.POLYGON, out, (new_offsets, polygon_offsets))
 
 
-def edge_pieces(part: BlockPolygons) -> list[Piece]:
+def edge_pieces(part: BlockPolygons) -> Polygons:
     """The pieces of ``part`` cut by block edges (what the merge tasks need of a block)."""
     return part.edge
 
 
-def polygon_layer(
-    pieces: list[Piece], crs: str, legend: dict[int, str], simplify_tolerance: float = 0.0
-) -> gpd.GeoDataFrame:
-    """Pieces as rows of the polygon layer (:func:`to_geodataframe`), simplified as a coverage if asked."""
-    gdf = to_geodataframe(pieces, crs, legend)
-    if simplify_tolerance > 0 and len(gdf):
-        # Edges on this batch's outline stay exact, so batches still fit together.
-        gdf = simplify_coverage(gdf, simplify_tolerance)
-    return gdf
-
-
-def final_layer(part: BlockPolygons, crs: str, legend: dict[int, str], simplify_tolerance: float) -> gpd.GeoDataFrame:
-    """The rows of a block's finished polygons."""
-    return polygon_layer(part.final, crs, legend, simplify_tolerance)
+def final_layer(
+    part: BlockPolygons, crs: str, legend: dict[int, str], simplify_tolerance: float
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The rows of a block's finished polygons (:func:`layer_columns`)."""
+    return layer_columns(part.final, crs, legend, simplify_tolerance)
 
 
 def merged_layer(
@@ -273,26 +276,29 @@ def merged_layer(
     simplify_tolerance: float,
     groups: int,
     group: int,
-    *pieces: list[Piece],
-) -> gpd.GeoDataFrame:
-    """The rows of the polygons that edge ``pieces`` (lists, one per block) of the classes in
+    *pieces: Polygons,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The rows of the polygons that edge ``pieces`` (one per block) of the classes in
     ``group`` (of ``groups``, by class id) merge into."""
-    merged = merge_edge_polygons((p for part in pieces for p in part if p.class_id % groups == group), transform)
-    return polygon_layer(merged, crs, legend, simplify_tolerance)
+    edge = Polygons.concat(p.take(p.class_ids % groups == group) for p in pieces)
+    return layer_columns(merge_edge_polygons(edge, transform), crs, legend, simplify_tolerance)
 
 
-def layer_slice(gdf: gpd.GeoDataFrame, k: int, n: int) -> gpd.GeoDataFrame:
-    """The ``k``-th of ``n`` consecutive, near-equal slices of a layer's rows."""
-    return gdf.iloc[len(gdf) * k // n : len(gdf) * (k + 1) // n]
-
-
-def areas_m2(geoms: gpd.GeoSeries) -> np.ndarray:
+def areas_m2(geometries: np.ndarray, crs: str) -> np.ndarray:
     """Areas in square metres whatever the CRS's units."""
-    crs = CRS.from_user_input(geoms.crs)
-    if crs.is_geographic:
-        return geoms.to_crs(EQUAL_AREA_CRS).area.to_numpy()
-    factor = crs.linear_units_factor[1] if crs.linear_units_factor else 1.0
-    return geoms.area.to_numpy() * factor**2
+    geographic, factor = crs_units(crs)
+    if geographic:
+        return gpd.GeoSeries(geometries, crs=crs).to_crs(EQUAL_AREA_CRS).area.to_numpy()
+    return shapely.area(geometries) * factor**2
+
+
+@functools.lru_cache(maxsize=16)
+def crs_units(crs: str) -> tuple[bool, float]:
+    """Whether ``crs`` is geographic, and its linear unit in metres (parsed once per CRS)."""
+    parsed = CRS.from_user_input(crs)
+    if parsed.is_geographic:
+        return True, 1.0
+    return False, parsed.linear_units_factor[1] if parsed.linear_units_factor else 1.0
 
 
 def pixel_area_m2(grid) -> float:
@@ -303,7 +309,7 @@ def pixel_area_m2(grid) -> float:
         cx, cy = (west + east) / 2, (south + north) / 2
         t = grid.affine
         px = shapely.box(cx, cy, cx + abs(t.a), cy + abs(t.e))
-        return float(areas_m2(gpd.GeoSeries([px], crs=crs))[0])
+        return float(areas_m2(np.array([px]), grid.crs_wkt)[0])
     factor = crs.linear_units_factor[1] if crs.linear_units_factor else 1.0
     return grid.pixel_area * factor**2
 
@@ -311,30 +317,30 @@ def pixel_area_m2(grid) -> float:
 COLUMNS = ["class_id", "class_name", "area_m2", "mean_confidence", "geometry"]
 
 
-def to_geodataframe(pieces: list[Piece], crs: str, legend: dict[int, str]) -> gpd.GeoDataFrame:
-    """One row per polygon, in a stable order (so reruns write identical files)."""
-    if not pieces:
-        return gpd.GeoDataFrame({c: [] for c in COLUMNS[:-1]}, geometry=[], crs=crs)[COLUMNS]
-    values = np.array([p.class_id for p in pieces], dtype=np.uint8)
-    pixels = np.array([p.pixels for p in pieces], dtype=np.float64)
-    gdf = gpd.GeoDataFrame(
-        {
-            "class_id": values,
-            "class_name": [legend.get(int(v), str(v)) for v in values],
-            "mean_confidence": np.round(np.array([p.confidence_sum for p in pieces]) / np.maximum(pixels, 1), 2),
-        },
-        geometry=[p.geometry for p in pieces],
-        crs=crs,
-    )
-    gdf["area_m2"] = areas_m2(gdf.geometry)
-    bounds = gdf.geometry.bounds
-    order = np.lexsort((bounds["minx"].to_numpy(), -bounds["maxy"].to_numpy(), gdf["class_id"].to_numpy()))
-    return gdf.iloc[order].reset_index(drop=True)[COLUMNS]
+def layer_columns(
+    polygons: Polygons, crs: str, legend: dict[int, str], simplify_tolerance: float = 0.0
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The polygon layer's attribute columns and geometries, one row per polygon in a stable
+    order (so reruns write identical files); simplified as a coverage if asked (edges on this
+    batch's outline stay exact, so batches still fit together)."""
+    geometries = polygons.geometries
+    if simplify_tolerance > 0 and len(polygons):
+        geometries = shapely.coverage_simplify(geometries, simplify_tolerance, simplify_boundary=False)
+    bounds = shapely.bounds(geometries).reshape(-1, 4)
+    order = np.lexsort((bounds[:, 0], -bounds[:, 3], polygons.class_ids))
+    values = polygons.class_ids[order].astype(np.uint8)
+    names = {int(v): legend.get(int(v), str(v)) for v in np.unique(values)}
+    mean_confidence = polygons.confidence_sums[order] / np.maximum(polygons.pixels[order], 1)
+    columns = {
+        "class_id": values,
+        "class_name": np.array([names[int(v)] for v in values], dtype=object),
+        "area_m2": areas_m2(geometries[order], crs),
+        "mean_confidence": np.round(mean_confidence, 2),
+    }
+    return columns, geometries[order]
 
 
-def simplify_coverage(gdf: gpd.GeoDataFrame, tolerance: float) -> gpd.GeoDataFrame:
-    """Simplify all polygons together so shared edges stay shared: no gaps, no overlaps."""
-    out = gdf.copy()
-    out["geometry"] = shapely.coverage_simplify(gdf.geometry.to_numpy(), tolerance, simplify_boundary=False)
-    out["area_m2"] = areas_m2(out.geometry)
-    return out
+def to_geodataframe(polygons: Polygons, crs: str, legend: dict[int, str]) -> gpd.GeoDataFrame:
+    """:func:`layer_columns` as a GeoDataFrame."""
+    columns, geometries = layer_columns(polygons, crs, legend)
+    return gpd.GeoDataFrame(columns, geometry=geometries, crs=crs)[COLUMNS]

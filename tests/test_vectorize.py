@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 import shapely
@@ -11,7 +13,7 @@ from shapely.geometry import shape
 
 from geoseg.synth import SceneSpec, make_labels
 from geoseg.tiling import iter_blocks
-from geoseg.vectorize import Piece, merge_edge_polygons, polygonize_block, sieve, sieve_halo, to_geodataframe
+from geoseg.vectorize import Polygons, merge_edge_polygons, polygonize_block, sieve, sieve_halo, to_geodataframe
 
 TRANSFORM = from_origin(500_000, 5_200_000, 10, 10)
 
@@ -24,19 +26,37 @@ def labels() -> np.ndarray:
     return arr
 
 
-def blockwise(labels: np.ndarray, block_size: int, transform=TRANSFORM):
+@dataclass(frozen=True)
+class Piece:
+    class_id: int
+    geometry: shapely.Polygon
+    pixels: int
+
+
+def pieces_of(polygons: Polygons) -> list[Piece]:
+    return [
+        Piece(int(v), g, int(p))
+        for v, g, p in zip(polygons.class_ids, polygons.geometries, polygons.pixels, strict=True)
+    ]
+
+
+def blockwise_polygons(labels: np.ndarray, block_size: int, transform=TRANSFORM) -> Polygons:
     h, w = labels.shape
     final, edge = [], []
     for b in iter_blocks(h, w, block_size):
         part = polygonize_block(labels[b.rows.start : b.rows.stop, b.cols.start : b.cols.stop], b, transform, h, w)
-        final += part.final
-        edge += part.edge
-    return final + merge_edge_polygons(edge, transform)
+        final.append(part.final)
+        edge.append(part.edge)
+    return Polygons.concat([*final, merge_edge_polygons(Polygons.concat(edge), transform)])
+
+
+def blockwise(labels: np.ndarray, block_size: int, transform=TRANSFORM) -> list[Piece]:
+    return pieces_of(blockwise_polygons(labels, block_size, transform))
 
 
 def whole(labels: np.ndarray):
     return [
-        Piece(int(v), shape(g), round(shape(g).area / 100), 0.0)
+        Piece(int(v), shape(g), round(shape(g).area / 100))
         for g, v in shapes(labels, mask=labels != 255, connectivity=4, transform=TRANSFORM)
     ]
 
@@ -66,10 +86,7 @@ def test_blockwise_polygons_on_a_rotated_grid_equal_whole_mosaic_polygons(labels
     rotated = TRANSFORM * Affine.rotation(30)
     got, want = (
         blockwise(labels, 64, rotated),
-        [
-            Piece(int(v), shape(g), 0, 0.0)
-            for g, v in shapes(labels, mask=labels != 255, connectivity=4, transform=rotated)
-        ],
+        [Piece(int(v), shape(g), 0) for g, v in shapes(labels, mask=labels != 255, connectivity=4, transform=rotated)],
     )
     got, want = canonical(got), canonical(want)
     assert len(got) == len(want)
@@ -79,7 +96,7 @@ def test_blockwise_polygons_on_a_rotated_grid_equal_whole_mosaic_polygons(labels
 
 
 def test_area_per_class_is_pixel_count_times_pixel_area(labels):
-    gdf = to_geodataframe(blockwise(labels, 100), "EPSG:32633", {k: f"c{k}" for k in range(7)})
+    gdf = to_geodataframe(blockwise_polygons(labels, 100), "EPSG:32633", {k: f"c{k}" for k in range(7)})
     counts = np.bincount(labels[labels != 255], minlength=7)
     per_class = gdf.groupby("class_id")["area_m2"].sum()
     for k, n in enumerate(counts):
@@ -107,7 +124,7 @@ def test_no_polygon_edge_runs_along_a_block_boundary_inside_one_class(labels):
 
 
 def test_polygons_do_not_overlap(labels):
-    gdf = to_geodataframe(blockwise(labels, 128), "EPSG:32633", {})
+    gdf = to_geodataframe(blockwise_polygons(labels, 128), "EPSG:32633", {})
     assert gdf.geometry.union_all().area == pytest.approx(gdf.geometry.area.sum())
 
 
@@ -134,9 +151,10 @@ def test_mean_confidence_survives_the_merge(labels):
             w,
             confidence[b.rows.start : b.rows.stop, b.cols.start : b.cols.stop],
         )
-        pieces += part.final
-        edge += part.edge
-    gdf = to_geodataframe(pieces + merge_edge_polygons(edge, TRANSFORM), "EPSG:32633", {})
+        pieces.append(part.final)
+        edge.append(part.edge)
+    polygons = Polygons.concat([*pieces, merge_edge_polygons(Polygons.concat(edge), TRANSFORM)])
+    gdf = to_geodataframe(polygons, "EPSG:32633", {})
     from rasterio.features import rasterize
 
     for row in gdf.sample(25, random_state=0).itertuples():
