@@ -86,8 +86,14 @@ class ViewServer(ThreadingHTTPServer):
     def __init__(self, out: str, host: str = "127.0.0.1", port: int = 8000, max_connections: int = 64) -> None:
         self.tiles = RunTiles(out)
         self.files = static_files()
+        self.max_connections = max_connections
         self._slots = threading.BoundedSemaphore(max_connections)
         super().__init__((host, port), ViewHandler)
+
+    @property
+    def serving(self) -> int:
+        """Connections being served now (a finished one counts until its thread ends)."""
+        return self.max_connections - self._slots._value
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):  # no waiting in the accepting thread

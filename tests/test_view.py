@@ -218,6 +218,9 @@ def test_head_answers_as_get_without_a_body_and_requests_beyond_the_cap_get_503(
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.0 200") and b"Content-Type: application/json" in head
         assert f"Content-Length: {len(get(f'{server.url}/legend.json')[1])}".encode() in head and body == b""
+        deadline = time.time() + 10
+        while server.serving and time.time() < deadline:  # the requests' threads are still ending
+            time.sleep(0.01)
         idle = [socket.create_connection(server.server_address[:2]) for _ in range(2)]  # both slots held
         status, body, _ = get(f"{server.url}/legend.json")  # accepted after them, in order
         assert status == 503 and body == b"busy"
