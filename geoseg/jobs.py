@@ -28,7 +28,14 @@ from geoseg.inference import InferenceSettings
 from geoseg.manifest import BlockRecord, ModelRecord, RunManifest, SceneRecord, Summary, Timings
 from geoseg.mosaic import MOSAIC_NAME
 from geoseg.planning import RunPlan, plan_run, with_numerics
-from geoseg.polygons import blocks_with_classes, layer_file_sink, submit_layers, submit_parts, write_polygons
+from geoseg.polygons import (
+    blocks_with_classes,
+    layer_file_sink,
+    layer_task,
+    submit_layers,
+    submit_parts,
+    write_polygons,
+)
 from geoseg.quicklook import write_quicklook
 from geoseg.runstate import MANIFEST_NAME, Lease, RunError, prepare_output
 from geoseg.segmentation import (
@@ -121,7 +128,12 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
     block_records = {k: {**v, "reused": True} for k, v in reused.items() if v.get("status") == "done"}
     polygonize = None
     if cfg.output.polygons:
-        polygonize = partial(polygonize_task, out=str(out), grid=grid, vector=cfg.vector, run_id=lease.run_id)
+        polygonize = layer_task(
+            partial(polygonize_task, out=str(out), grid=grid, vector=cfg.vector, run_id=lease.run_id),
+            grid.crs_wkt,
+            plan.legend,
+            cfg.vector,
+        )
     submitted = submit_blocks(
         client, blocks, todo, layers, plan, settings, lease, ckpt.n_classes, polygonize, block_records, all_overviews
     )
@@ -276,7 +288,8 @@ def polygon_tasks(
         for b in reused
     }
     part_of = {
-        b.key: part for b, part in submit_parts(client, reused, plan.out, grid, vector, after=after, run_id=run_id)
+        b.key: part
+        for b, part in submit_parts(client, reused, plan.out, grid, vector, plan.legend, after=after, run_id=run_id)
     }
     part_of.update(submitted.parts)
     parts = [(b, part_of[b.key]) for b in blocks if b.key in part_of]

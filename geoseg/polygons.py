@@ -8,11 +8,13 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import geopandas as gpd
 import pyarrow as pa
+import shapely
 from distributed import Client, Future, as_completed
 from rasterio.transform import Affine
 
@@ -53,7 +55,8 @@ def stream_polygons(
     see :func:`submit_layers` and :func:`write_layers`.
     """
     try:
-        layers = submit_layers(client, submit_parts(client, blocks, out, grid, vector, task), grid, legend, vector)
+        parts = submit_parts(client, blocks, out, grid, vector, legend, task)
+        layers = submit_layers(client, parts, grid, legend, vector)
     except BaseException:  # nothing submitted: nothing to write, and no staging left behind
         for writer, _ in writers:
             writer.abort()
@@ -67,15 +70,17 @@ def submit_parts(
     out: str,
     grid: OutputGrid,
     vector: VectorConfig,
+    legend: dict[int, str],
     task: Callable[..., vectorize.BlockPolygons] | None = None,
     after: dict[str, list[Any]] | None = None,
     run_id: str | None = None,
 ) -> list[tuple[Block, Future]]:
-    """Each block's polygons as a task (``task``, default :func:`geoseg.blocks.polygonize_task`
-    with ``run_id``: a worker opens the mosaic once for all its blocks), given ``after[block
-    key]``: its own record, then the tasks it must wait for."""
+    """Each block's share of the layer (:class:`BlockLayer`) as a task: its polygons by ``task``
+    (default :func:`geoseg.blocks.polygonize_task` with ``run_id``: a worker opens the mosaic
+    once for all its blocks), given ``after[block key]``: its own record, then the tasks it must
+    wait for."""
     stamp = time.time_ns()
-    task = task or partial(polygonize_task, run_id=run_id or uuid.uuid4().hex)
+    task = layer_task(task or partial(polygonize_task, run_id=run_id or uuid.uuid4().hex), grid.crs_wkt, legend, vector)
     after = after or {}
     return [
         (
@@ -97,20 +102,14 @@ def submit_parts(
 def submit_layers(
     client: Client, parts: list[tuple[Block, Future]], grid: OutputGrid, legend: dict[int, str], vector: VectorConfig
 ) -> list[Future]:
-    """The polygon layer's rows from each block's polygons (``parts``, in block order), as tasks:
-    each block's finished polygons, then the merge of the pieces cut by block edges (one task
-    per group of classes, ``MERGE_GROUPS`` at most, its rows handed on in slices of about
-    ``BLOCKS_PER_SLICE`` blocks' worth). All the work is the workers'."""
+    """The polygon layer's rows as tasks, in order: each block's finished polygons (``parts``,
+    futures of :class:`BlockLayer` in block order), then the merge of the pieces cut by block
+    edges (one task per group of classes, ``MERGE_GROUPS`` at most, its rows handed on in slices
+    of about ``BLOCKS_PER_SLICE`` blocks' worth). All the work is the workers'."""
     stamp = time.time_ns()
     crs, tolerance = grid.crs_wkt, vector.simplify_tolerance
-    finals = [
-        client.submit(final_rows, part, crs, legend, tolerance, key=f"polygons-{b.key}-{stamp}") for b, part in parts
-    ]
     # fixed, not from the cluster's size: with simplification, a group is simplified as a batch
     groups = max(1, min(len(legend), MERGE_GROUPS))
-    # one small task per block hands its edge pieces on: a worker fetches a block's pieces once
-    # for all the groups it merges, and the block's finished polygons never travel
-    pieces = [client.submit(vectorize.edge_pieces, part, key=f"edge-pieces-{b.key}-{stamp}") for b, part in parts]
     merged = [
         client.submit(
             merged_rows,
@@ -120,11 +119,12 @@ def submit_layers(
             tolerance,
             groups,
             g,
-            *pieces,
+            *(part for _, part in parts),
             key=f"merged-polygons-{g}-{stamp}",
         )
         for g in range(groups)
     ]
+    finals = [part for _, part in parts]
     slices = -(-len(parts) // BLOCKS_PER_SLICE)
     if slices <= 1:
         return finals + merged
@@ -135,14 +135,62 @@ def submit_layers(
     ]
 
 
-def final_rows(part: vectorize.BlockPolygons, crs: str, *args: Any) -> pa.Table:
-    """A task: the encoded rows (:func:`geoseg.vector_io.encode_rows`) of :func:`geoseg.vectorize.final_layer`."""
-    return encode_rows(*vectorize.final_layer(part, crs, *args), crs)
+@dataclass(frozen=True)
+class BlockLayer:
+    """A block's share of the polygon layer: its finished polygons' rows, for the client, and its
+    pieces cut by block edges, for the merge tasks. One task makes both: a task costs the
+    scheduler and the worker ~2 ms whatever it does. The pieces travel as WKB (:func:`pack`):
+    the client, which fetches the whole, never builds their geometries."""
+
+    rows: pa.Table
+    edge: pa.Table
 
 
-def merged_rows(transform: Affine, crs: str, *args: Any) -> pa.Table:
-    """A task: the encoded rows of :func:`geoseg.vectorize.merged_layer`."""
-    return encode_rows(*vectorize.merged_layer(transform, crs, *args), crs)
+def pack(pieces: vectorize.Polygons) -> pa.Table:
+    """Polygons as an Arrow table, their geometries as WKB."""
+    return pa.table(
+        {
+            "class_id": pieces.class_ids,
+            "pixels": pieces.pixels,
+            "confidence_sum": pieces.confidence_sums,
+            "wkb": pa.array(shapely.to_wkb(pieces.geometries), type=pa.binary()),
+        }
+    )
+
+
+def unpack(table: pa.Table) -> vectorize.Polygons:
+    """The polygons of :func:`pack`."""
+    columns = [table[name].to_numpy(zero_copy_only=False) for name in ("class_id", "wkb", "pixels", "confidence_sum")]
+    class_ids, wkb, pixels, confidence_sums = columns
+    return vectorize.Polygons(class_ids, shapely.from_wkb(wkb), pixels, confidence_sums)
+
+
+def layer_task(
+    task: Callable[..., vectorize.BlockPolygons], crs: str, legend: dict[int, str], vector: VectorConfig
+) -> Callable[..., BlockLayer]:
+    """``task`` (a block's polygons) made to hand on its :class:`BlockLayer`."""
+    return partial(block_layer, task, crs=crs, legend=legend, simplify_tolerance=vector.simplify_tolerance)
+
+
+def block_layer(
+    task: Callable[..., vectorize.BlockPolygons],
+    *args: Any,
+    crs: str,
+    legend: dict[int, str],
+    simplify_tolerance: float,
+    **kwargs: Any,
+) -> BlockLayer:
+    """A task: ``task(*args, **kwargs)``'s polygons as a :class:`BlockLayer`."""
+    part = task(*args, **kwargs)
+    return BlockLayer(encode_rows(*vectorize.final_layer(part, crs, legend, simplify_tolerance), crs), pack(part.edge))
+
+
+def merged_rows(transform: Affine, crs: str, legend: dict[int, str], tolerance: float, *args: Any) -> pa.Table:
+    """A task: the encoded rows of :func:`geoseg.vectorize.merged_layer` over the blocks'
+    :class:`BlockLayer` (the last of ``args``)."""
+    groups, group, *parts = args
+    edges = [unpack(part.edge) for part in parts]
+    return encode_rows(*vectorize.merged_layer(transform, crs, legend, tolerance, groups, group, *edges), crs)
 
 
 class LayerSink:
@@ -194,7 +242,8 @@ class LayerSink:
 
     def _fetch(self, fut: Future) -> pa.Table:
         try:
-            return fut.result()
+            result = fut.result()
+            return result.rows if isinstance(result, BlockLayer) else result
         except BaseException:
             self._failed = True
             self._held.clear()
@@ -242,7 +291,7 @@ def write_polygons(
     vector: VectorConfig,
 ) -> str:
     """The run's polygons as one GeoPackage layer."""
-    parts = submit_parts(client, blocks, out, grid, vector)
+    parts = submit_parts(client, blocks, out, grid, vector, legend)
     return write_layer_file(submit_layers(client, parts, grid, legend, vector), grid, out)
 
 

@@ -257,11 +257,6 @@ def drop_straight_vertices(polygons: np.ndarray) -> np.ndarray:
     return shapely.from_ragged_array(shapely.GeometryType.POLYGON, out, (new_offsets, polygon_offsets))
 
 
-def edge_pieces(part: BlockPolygons) -> Polygons:
-    """The pieces of ``part`` cut by block edges (what the merge tasks need of a block)."""
-    return part.edge
-
-
 def final_layer(
     part: BlockPolygons, crs: str, legend: dict[int, str], simplify_tolerance: float
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
