@@ -8,6 +8,8 @@ Measured, alternating, best of ``--repeat`` each:
 
 - the floor: ``rasterio.features.shapes`` alone over the same blocks, already in memory (in
   this process for one core; one Dask task per block on two workers);
+- geoseg's own polygonizer (:func:`geoseg.polygonize.polygonize`: the same polygons, with
+  pixel counts and confidence sums) alone over the same blocks, in this process;
 - geoseg's whole stage (:func:`geoseg.polygons.stream_polygons`): read the mosaic,
   sieve if ``--mmu``, polygonize, merge the pieces cut by block edges, write the layers
   (GeoPackage and GeoParquet by default), on one worker with one thread and on two workers.
@@ -37,6 +39,7 @@ from geoseg.blocks import MOSAIC_NAME
 from geoseg.cluster import dask_client
 from geoseg.config import ClusterConfig, VectorConfig
 from geoseg.grid import OutputGrid
+from geoseg.polygonize import polygonize
 from geoseg.polygons import stream_polygons
 from geoseg.synth import SceneSpec, make_labels
 from geoseg.tiling import Block, iter_blocks
@@ -137,7 +140,9 @@ def main() -> None:
     blocks = list(iter_blocks(args.size, args.size, args.block))
     arrays = block_arrays(work, blocks)
     mpix = args.size * args.size / 1e6
-    times: dict[str, list[float]] = {"floor 1": [], "geoseg 1": [], "floor 2": [], "geoseg 2": []}
+    times: dict[str, list[float]] = {"floor 1": [], "traced 1": [], "geoseg 1": [], "floor 2": [], "geoseg 2": []}
+    confidence = [np.full(a.shape, 90, np.uint8) for a in arrays]
+    polygonize(arrays[0], 255, confidence[0])  # compiled, or loaded from numba's cache, once
     count = pieces = 0
     one = ClusterConfig(n_workers=1, threads_per_worker=1, dashboard=False)
     two = ClusterConfig(n_workers=2, threads_per_worker=1, dashboard=False)
@@ -147,6 +152,10 @@ def main() -> None:
             start = time.perf_counter()
             pieces = sum(polygon_count(a) for a in arrays)
             times["floor 1"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            for classes, weights in zip(arrays, confidence, strict=True):
+                polygonize(classes, 255, weights)
+            times["traced 1"].append(time.perf_counter() - start)
             start = time.perf_counter()
             count = geoseg_stage(client1, work, grid, blocks, args.format, args.mmu)
             times["geoseg 1"].append(time.perf_counter() - start)
@@ -164,6 +173,7 @@ def main() -> None:
     print("runs: " + "; ".join(f"{name} {', '.join(f'{t:.2f}' for t in runs)} s" for name, runs in times.items()))
     labels = {
         "floor 1": "floor, one core: rasterio.features.shapes alone",
+        "traced 1": "geoseg's polygonizer alone, one core (same polygons, with their pixel and confidence sums)",
         "geoseg 1": "geoseg, one worker thread: read, sieve, polygonize, merge, write",
         "floor 2": "floor, two workers",
         "geoseg 2": "geoseg, two workers",
