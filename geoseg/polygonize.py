@@ -23,6 +23,9 @@ How, and why it gives GDAL's rings:
   region's first pixel has its outer boundary above it, so its shell's walk comes before its
   holes', and polygons come in the raster order of their first pixel.
 
+The regions themselves (:func:`regions`) and the classes around each one
+(:func:`neighbour_votes`) are what the sieve needs (:func:`geoseg.vectorize.sieve`).
+
 Tested against GDAL on many small random rasters (every pinch and nodata pattern they reach)
 and on the synthetic land cover. numba compiles the loops once; the machine code is cached on
 disk (``cache=True``) for later processes.
@@ -69,6 +72,68 @@ def polygonize(classes: np.ndarray, nodata: int, weights: np.ndarray | None = No
         xs, ys, loop_start, loop_region, region_class, pixels, sums
     )
     return PixelPolygons(values, ring_xy, ring_offsets, polygon_offsets, totals, weight_sums)
+
+
+def regions(classes: np.ndarray, nodata: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The 4-connected regions of equal class: a region id per pixel (1, 2, ... in the raster
+    order of their first pixel; 0 = nodata), each id's class (``nodata`` for 0) and pixel count
+    (the nodata pixels' for 0)."""
+    padded = np.full((classes.shape[0] + 2, classes.shape[1] + 2), nodata, dtype=classes.dtype)
+    padded[1:-1, 1:-1] = classes
+    weights = np.zeros(classes.shape, np.uint8)
+    labels, parent, region_class, pixels, _ = _label_regions(padded, padded.dtype.type(nodata), weights)
+    return _compact(labels, parent, region_class, pixels, nodata)
+
+
+@numba.njit(cache=True, nogil=True)
+def _compact(labels, parent, region_class, pixels, nodata):
+    """Provisional labels to region ids 1..n by their roots, in order; each id's class and size."""
+    n = parent.shape[0] - 1
+    region_of = np.zeros(n + 1, np.int32)
+    count = 0
+    for k in range(1, n + 1):
+        if _root(parent, k) == k:
+            count += 1
+            region_of[k] = count
+    ids = np.empty(count + 1, np.int64)
+    sizes = np.zeros(count + 1, np.int64)
+    for k in range(1, n + 1):
+        if region_of[k]:
+            ids[region_of[k]] = region_class[k]
+            sizes[region_of[k]] = pixels[k]
+    h, w = labels.shape[0] - 2, labels.shape[1] - 2
+    out = np.empty((h, w), np.int32)
+    for r in range(h):
+        for c in range(w):
+            k = labels[r + 1, c + 1]
+            if k:
+                out[r, c] = region_of[_root(parent, k)]
+            else:
+                out[r, c] = 0
+                sizes[0] += 1
+    ids[0] = nodata
+    return out, ids, sizes
+
+
+@numba.njit(cache=True, nogil=True)
+def neighbour_votes(
+    regions: np.ndarray, classes: np.ndarray, voters: np.ndarray, rows: int, n_classes: int, nodata: int
+):
+    """For each region with ``voters[id] >= 0`` (its row of ``rows``), how many of its pixels'
+    4-neighbours in other regions have each class (nodata neighbours do not vote)."""
+    votes = np.zeros((rows, n_classes), np.int64)
+    h, w = regions.shape
+    for r in range(h):
+        for c in range(w):
+            row = voters[regions[r, c]]
+            if row < 0:
+                continue
+            here = regions[r, c]
+            for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+                rr, cc = r + dr, c + dc
+                if 0 <= rr < h and 0 <= cc < w and regions[rr, cc] != here and classes[rr, cc] != nodata:
+                    votes[row, classes[rr, cc]] += 1
+    return votes
 
 
 @numba.njit(cache=True, nogil=True)

@@ -21,7 +21,7 @@ from rasterio.transform import Affine
 from scipy import ndimage
 
 from geoseg.blending import NODATA
-from geoseg.polygonize import polygonize
+from geoseg.polygonize import neighbour_votes, polygonize, regions
 from geoseg.tiling import Block
 
 EQUAL_AREA_CRS = "EPSG:6933"  # for areas of mosaics in geographic coordinates
@@ -66,18 +66,7 @@ class BlockPolygons:
 
 def label_regions(classes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """4-connected regions of equal class: region id per pixel (0 = nodata), each region's class and size."""
-    regions = np.zeros(classes.shape, dtype=np.int32)
-    region_class = [NODATA]
-    next_id = 1
-    for value in np.unique(classes):
-        if value == NODATA:
-            continue
-        lab, n = ndimage.label(classes == value, structure=FOUR_CONNECTED)
-        regions[lab > 0] = lab[lab > 0] + (next_id - 1)
-        region_class.extend([int(value)] * n)
-        next_id += n
-    sizes = np.bincount(regions.ravel(), minlength=next_id)
-    return regions, np.asarray(region_class, dtype=np.int64), sizes
+    return regions(classes, NODATA)
 
 
 SIEVE_PASSES = 3
@@ -114,27 +103,21 @@ def sieve_once(classes: np.ndarray, min_pixels: int, enclosed_only: bool = False
     """
     if min_pixels <= 1:
         return classes
-    regions, region_class, sizes = label_regions(classes)
+    labels, region_class, sizes = label_regions(classes)
     small = (sizes < min_pixels) & (np.arange(len(sizes)) > 0)
     if not small.any():
         return classes
-    n_regions = len(sizes)
-    votes = np.zeros((n_regions, 256), dtype=np.int64)
-    for axis in (0, 1):
-        for a, b in ((slice(None, -1), slice(1, None)), (slice(1, None), slice(None, -1))):
-            sl_a = (a, slice(None)) if axis == 0 else (slice(None), a)
-            sl_b = (b, slice(None)) if axis == 0 else (slice(None), b)
-            ra, rb = regions[sl_a], regions[sl_b]
-            nb_class = classes[sl_b]
-            keep = small[ra] & (ra != rb) & (nb_class != NODATA)
-            np.add.at(votes, (ra[keep], nb_class[keep].astype(np.int64)), 1)
-    winner = votes.argmax(axis=1)
+    voters = np.full(len(sizes), -1, np.int64)
+    voters[small] = np.arange(int(small.sum()))
+    votes = neighbour_votes(labels, classes, voters, int(small.sum()), int(region_class[1:].max()) + 1, NODATA)
+    winner = votes.argmax(axis=1)  # ties: the lowest class id
     has_vote = votes.max(axis=1) > 0
     if enclosed_only:
         has_vote &= (votes > 0).sum(axis=1) == 1
-    new_class = np.where(small & has_vote, winner, region_class).astype(np.int64)
+    new_class = region_class.copy()
+    new_class[small] = np.where(has_vote, winner, region_class[small])
     new_class[0] = NODATA
-    return new_class[regions].astype(np.uint8)
+    return new_class[labels].astype(np.uint8)
 
 
 def polygonize_block(

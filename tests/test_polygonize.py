@@ -9,7 +9,7 @@ from rasterio.features import shapes
 from scipy import ndimage
 from shapely.geometry import shape
 
-from geoseg.polygonize import polygonize
+from geoseg.polygonize import polygonize, regions
 from geoseg.synth import SceneSpec, make_labels
 
 NODATA = 255
@@ -116,3 +116,23 @@ def test_land_cover_gives_gdals_polygons_with_their_orientation_and_totals():
 def test_polygons_come_in_the_raster_order_of_their_first_pixel():
     classes = np.array([[1, 1, 2], [3, 1, 2], [3, 3, 3]], np.uint8)
     assert list(polygonize(classes, NODATA).values) == [1, 2, 3]
+
+
+def test_regions_are_scipys_4_connected_regions_of_each_class():
+    classes = make_labels(SceneSpec(300, 260, seed=9))
+    classes[100:104, :] = NODATA
+    ids, region_class, sizes = regions(classes, NODATA)
+    assert region_class[0] == NODATA and sizes[0] == (classes == NODATA).sum()
+    assert (region_class[ids] == np.where(classes == NODATA, NODATA, classes)).all()
+    np.testing.assert_array_equal(np.bincount(ids.ravel(), minlength=len(sizes)), sizes)
+    n_scipy = 0
+    for value in np.unique(classes[classes != NODATA]):
+        labelled, n = ndimage.label(classes == value)
+        n_scipy += n
+        # the same partition: each scipy region is one of ours, and no two share one
+        pairs = np.unique(np.stack([labelled[labelled > 0], ids[labelled > 0]]), axis=1)
+        assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1] == n
+    assert len(sizes) - 1 == n_scipy
+    # ids in the raster order of each region's first pixel
+    first = np.unique(ids[ids > 0], return_index=True)[1]
+    assert (np.diff(first) > 0).all()
