@@ -62,6 +62,8 @@ class PixelPolygons(NamedTuple):
 def polygonize(classes: np.ndarray, nodata: int, weights: np.ndarray | None = None) -> PixelPolygons:
     """Polygons of the 4-connected regions of ``classes`` (2-D, integer) that are not ``nodata``;
     ``weights``: an integer raster of the same shape summed per polygon (zeros if not given)."""
+    if weights is not None and weights.shape != classes.shape:  # read unchecked by the compiled loops
+        raise ValueError(f"weights of shape {weights.shape} for classes of shape {classes.shape}")
     padded = np.full((classes.shape[0] + 2, classes.shape[1] + 2), nodata, dtype=classes.dtype)
     padded[1:-1, 1:-1] = classes
     if weights is None:

@@ -110,6 +110,9 @@ def submit_layers(
     crs, tolerance = grid.crs_wkt, vector.simplify_tolerance
     # fixed, not from the cluster's size: with simplification, a group is simplified as a batch
     groups = max(1, min(len(legend), MERGE_GROUPS))
+    # one small task per block hands its edge pieces on: a worker fetches a block's pieces once
+    # for all the groups it merges, and the block's finished rows never travel to a merge
+    edges = [client.submit(edge_of, part, key=f"edge-pieces-{b.key}-{stamp}") for b, part in parts]
     merged = [
         client.submit(
             merged_rows,
@@ -119,7 +122,7 @@ def submit_layers(
             tolerance,
             groups,
             g,
-            *(part for _, part in parts),
+            *edges,
             key=f"merged-polygons-{g}-{stamp}",
         )
         for g in range(groups)
@@ -138,9 +141,9 @@ def submit_layers(
 @dataclass(frozen=True)
 class BlockLayer:
     """A block's share of the polygon layer: its finished polygons' rows, for the client, and its
-    pieces cut by block edges, for the merge tasks. One task makes both: a task costs the
-    scheduler and the worker ~2 ms whatever it does. The pieces travel as WKB (:func:`pack`):
-    the client, which fetches the whole, never builds their geometries."""
+    pieces cut by block edges, for the merge tasks (through :func:`edge_of`). One task makes
+    both: a task costs the scheduler and the worker ~2 ms whatever it does. The pieces travel as
+    WKB (:func:`pack`): the client, which fetches the whole, never builds their geometries."""
 
     rows: pa.Table
     edge: pa.Table
@@ -185,12 +188,17 @@ def block_layer(
     return BlockLayer(encode_rows(*vectorize.final_layer(part, crs, legend, simplify_tolerance), crs), pack(part.edge))
 
 
+def edge_of(layer: BlockLayer) -> pa.Table:
+    """A task: the pieces of a block cut by block edges (what the merge tasks need of it)."""
+    return layer.edge
+
+
 def merged_rows(transform: Affine, crs: str, legend: dict[int, str], tolerance: float, *args: Any) -> pa.Table:
-    """A task: the encoded rows of :func:`geoseg.vectorize.merged_layer` over the blocks'
-    :class:`BlockLayer` (the last of ``args``)."""
-    groups, group, *parts = args
-    edges = [unpack(part.edge) for part in parts]
-    return encode_rows(*vectorize.merged_layer(transform, crs, legend, tolerance, groups, group, *edges), crs)
+    """A task: the encoded rows of :func:`geoseg.vectorize.merged_layer` over the blocks' edge
+    pieces (:func:`edge_of`, the last of ``args``)."""
+    groups, group, *edges = args
+    pieces = [unpack(edge) for edge in edges]
+    return encode_rows(*vectorize.merged_layer(transform, crs, legend, tolerance, groups, group, *pieces), crs)
 
 
 class LayerSink:

@@ -234,6 +234,7 @@ class GeoPackageStream:
         self.schema = schema
         self._queue: queue.Queue[pa.Table | None] = queue.Queue(maxsize=self.QUEUED)
         self._aborted = False
+        self._ended = False  # the stream's end was read: nothing more will come
         self._error: BaseException | None = None
         reader = pa.RecordBatchReader.from_batches(schema, self._batches())
         self._thread = threading.Thread(target=self._write, args=(reader, path, crs), daemon=True)
@@ -244,6 +245,7 @@ class GeoPackageStream:
             if self._aborted:
                 raise RuntimeError("layer aborted")
             yield from table.to_batches()
+        self._ended = True
 
     def _write(self, reader: pa.RecordBatchReader, path: Path, crs: str | None) -> None:
         import pyogrio  # GeoPackage and FlatGeobuf only: GeoParquet needs no GDAL
@@ -254,7 +256,9 @@ class GeoPackageStream:
             )
         except BaseException as exc:
             self._error = exc
-            while self._queue.get() is not None:  # nothing waits on a writer that has stopped
+            # nothing may wait on a writer that has stopped: take what comes, up to the end (a
+            # failure after the last batch, closing the file, has read it already)
+            while not self._ended and self._queue.get() is not None:
                 pass
 
     def put(self, table: pa.Table) -> None:

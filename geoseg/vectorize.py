@@ -301,21 +301,21 @@ def layer_columns(
     """The polygon layer's attribute columns and geometries, one row per polygon in a stable
     order (so reruns write identical files); simplified as a coverage if asked (edges on this
     batch's outline stay exact, so batches still fit together)."""
-    geometries = polygons.geometries
-    if simplify_tolerance > 0 and len(polygons):
-        geometries = shapely.coverage_simplify(geometries, simplify_tolerance, simplify_boundary=False)
-    bounds = shapely.bounds(geometries).reshape(-1, 4)
+    bounds = shapely.bounds(polygons.geometries).reshape(-1, 4)
     order = np.lexsort((bounds[:, 0], -bounds[:, 3], polygons.class_ids))
+    geometries = polygons.geometries[order]
+    if simplify_tolerance > 0 and len(polygons):  # in the stable order: its result depends on it
+        geometries = shapely.coverage_simplify(geometries, simplify_tolerance, simplify_boundary=False)
     values = polygons.class_ids[order].astype(np.uint8)
     names = {int(v): legend.get(int(v), str(v)) for v in np.unique(values)}
     mean_confidence = polygons.confidence_sums[order] / np.maximum(polygons.pixels[order], 1)
     columns = {
         "class_id": values,
         "class_name": np.array([names[int(v)] for v in values], dtype=object),
-        "area_m2": areas_m2(geometries[order], crs),
+        "area_m2": areas_m2(geometries, crs),
         "mean_confidence": np.round(mean_confidence, 2),
     }
-    return columns, geometries[order]
+    return columns, geometries
 
 
 def to_geodataframe(polygons: Polygons, crs: str, legend: dict[int, str]) -> gpd.GeoDataFrame:

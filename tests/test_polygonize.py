@@ -136,3 +136,8 @@ def test_regions_are_scipys_4_connected_regions_of_each_class():
     # ids in the raster order of each region's first pixel
     first = np.unique(ids[ids > 0], return_index=True)[1]
     assert (np.diff(first) > 0).all()
+
+
+def test_weights_of_another_shape_are_refused():
+    with pytest.raises(ValueError, match=r"weights of shape \(2, 2\) for classes of shape \(8, 8\)"):
+        polygonize(np.zeros((8, 8), np.uint8), NODATA, np.ones((2, 2), np.uint8))
