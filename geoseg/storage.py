@@ -228,7 +228,8 @@ def _remote_error(loc: str, exc: BaseException) -> StorageError:
     text = str(exc)
     if _not_found(exc):
         reason = "no such object"
-    elif kind in ("PermissionDeniedError", "UnauthenticatedError") or "403" in text or "AccessDenied" in text:
+    # the status with its phrase: a bare "403" can be in the URL's port (127.0.0.1:40321)
+    elif kind in ("PermissionDeniedError", "UnauthenticatedError") or "403 Forbidden" in text or "AccessDenied" in text:
         reason = "access denied"
     elif "connect" in text.lower() or "dns" in text.lower():
         reason = "endpoint unreachable"

@@ -4,6 +4,7 @@ must be those of the same run on local disk."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -226,11 +228,11 @@ def test_bad_remote_inputs_are_named_and_the_good_scene_completes(
 
 
 def test_an_unreachable_endpoint_is_one_line_naming_the_url(tmp_path, remote):
-    dead = f"http://127.0.0.1:{_closed_port()}"
-    env = {**os.environ, "AWS_ENDPOINT_URL": dead, "PYTHONWARNINGS": "ignore"}
-    env.pop("AWS_S3_ENDPOINT", None)  # derived from the endpoint at start-up
-    args = [sys.executable, "-m", "geoseg", *run_cli_args(remote["cog"], tmp_path / "out", BLOCK)]
-    res = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    with _closed_port() as port:
+        env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "PYTHONWARNINGS": "ignore"}
+        env.pop("AWS_S3_ENDPOINT", None)  # derived from the endpoint at start-up
+        args = [sys.executable, "-m", "geoseg", *run_cli_args(remote["cog"], tmp_path / "out", BLOCK)]
+        res = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and remote["cog"] in lines[0] and "endpoint unreachable" in lines[0], res.stderr
@@ -276,12 +278,21 @@ def test_another_trainers_checkpoint_at_a_url_finds_its_sidecar_beside_it(tmp_pa
         load_checkpoint(lonely)
 
 
-def _closed_port() -> int:
+@contextlib.contextmanager
+def _closed_port() -> Iterator[int]:
+    """A port bound but not listening (connections are refused), held for the test so that no
+    other server takes it; one with "403" in it where free: an HTTP status must not be read
+    from the URL's port."""
     import socket
 
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        for port in [*range(40300, 40400), 0]:
+            try:
+                s.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                continue
+        yield s.getsockname()[1]
 
 
 def test_export_and_change_of_runs_on_s3_write_their_layers_to_the_store(remote, local_reference, client2):
