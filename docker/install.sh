@@ -17,6 +17,8 @@ else
   "$PY" -m pip install -q -c constraints.txt "$target"
 fi
 "$PY" -c "import geoseg.cli, torch; print('geoseg installed, torch', torch.__version__)"
-# numba compiles the polygon tracer once and caches the machine code beside it: here, not in
-# every worker of the first run
-"$PY" -c "import numpy; from geoseg.polygonize import polygonize; polygonize(numpy.zeros((2, 2), numpy.uint8), 255)"
+# numba compiles the polygon tracer and the sieve once and caches the machine code beside
+# them: here, not in every worker of the first run
+"$PY" -c "import numpy; from geoseg.polygonize import polygonize; from geoseg.vectorize import sieve
+classes = numpy.array([[0, 0], [0, 1]], numpy.uint8)
+polygonize(classes, 255, numpy.ones((2, 2), numpy.uint8)); polygonize(classes, 255); sieve(classes, 2)"

@@ -244,8 +244,11 @@ class LayerSink:
             self._next += 1
             if self.finish is not None:
                 rows = encode_frame(self.finish(decode_rows(rows)))
+            reprojected: dict[str, gpd.GeoDataFrame] = {}  # once per CRS, whatever the formats
             for writer, to_crs in self.writers:
-                writer.write(rows if to_crs is None else decode_rows(rows).to_crs(to_crs))
+                if to_crs is not None and to_crs not in reprojected:
+                    reprojected[to_crs] = decode_rows(rows).to_crs(to_crs)
+                writer.write(rows if to_crs is None else reprojected[to_crs])
             self.count += rows.num_rows
 
     def _fetch(self, fut: Future) -> pa.Table:

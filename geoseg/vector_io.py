@@ -1,8 +1,9 @@
 """Polygon layers written in batches: GeoPackage and GeoParquet grow as blocks finish.
 
 Rows travel as Arrow tables with the geometry already WKB (:func:`encode_rows`, made on the
-workers), so the client hands the same bytes to both formats and builds no geometry object:
-GeoPackage through GDAL's Arrow writer, GeoParquet through Arrow's own.
+workers), so the client hands the same bytes to both formats and builds no geometry object
+(but where it reprojects a layer or adapts its columns): GeoPackage through GDAL's Arrow
+writer, GeoParquet through Arrow's own.
 
 GeoParquet is version 1.1, with a ``bbox`` covering column; its row groups follow the blocks'
 order, so a reader's spatial filter skips most of them.
@@ -110,6 +111,8 @@ class LayerWriter:
     def write(self, rows: pa.Table | gpd.GeoDataFrame) -> None:
         """Add rows (:func:`encode_rows`' table, or a GeoDataFrame); they reach the file in
         order, in batches of ``BATCH_ROWS`` rows or ``BATCH_VERTICES`` vertices."""
+        if self._closed:
+            raise RuntimeError(f"{self.loc}: the layer is closed or aborted")
         if isinstance(rows, gpd.GeoDataFrame):
             rows = encode_frame(rows)
         if rows.num_rows == 0:
@@ -172,6 +175,8 @@ class LayerWriter:
 
     def close(self) -> None:
         """Write what is held and put the layer in its place, replacing an older one whole."""
+        if self._closed:
+            raise RuntimeError(f"{self.loc}: the layer is closed or aborted")
         self._flush()
         if self._parquet is not None:
             self._parquet.close()
@@ -219,6 +224,7 @@ class LayerWriter:
             self._staging = None
         else:
             self.path.unlink(missing_ok=True)
+        self._closed = True  # nothing more comes in
 
 
 class GeoPackageStream:
@@ -242,15 +248,17 @@ class GeoPackageStream:
 
     def _batches(self) -> Iterator[pa.RecordBatch]:
         while (table := self._queue.get()) is not None:
-            if self._aborted:
+            if self._aborted:  # the writer then takes what comes up to the end
                 raise RuntimeError("layer aborted")
             yield from table.to_batches()
         self._ended = True
+        if self._aborted:  # no layer to finish, nor its spatial index to build
+            raise RuntimeError("layer aborted")
 
     def _write(self, reader: pa.RecordBatchReader, path: Path, crs: str | None) -> None:
-        import pyogrio  # GeoPackage and FlatGeobuf only: GeoParquet needs no GDAL
-
         try:
+            import pyogrio  # GeoPackage and FlatGeobuf only: GeoParquet needs no GDAL
+
             pyogrio.write_arrow(
                 reader, path, layer=LAYER, driver="GPKG", geometry_name=GEOMETRY, geometry_type="Polygon", crs=crs
             )
