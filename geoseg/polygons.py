@@ -244,10 +244,10 @@ class LayerSink:
             self._next += 1
             if self.finish is not None:
                 rows = encode_frame(self.finish(decode_rows(rows)))
-            reprojected: dict[str, gpd.GeoDataFrame] = {}  # once per CRS, whatever the formats
+            reprojected: dict[str, pa.Table] = {}  # once per CRS, whatever the formats
             for writer, to_crs in self.writers:
                 if to_crs is not None and to_crs not in reprojected:
-                    reprojected[to_crs] = decode_rows(rows).to_crs(to_crs)
+                    reprojected[to_crs] = encode_frame(decode_rows(rows).to_crs(to_crs))
                 writer.write(rows if to_crs is None else reprojected[to_crs])
             self.count += rows.num_rows
 
