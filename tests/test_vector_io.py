@@ -112,3 +112,24 @@ def test_an_older_layer_stays_until_the_new_one_is_closed_and_an_aborted_one_lea
     newest.write(polygons(5))
     newest.close()
     assert rows() == 5
+
+
+@pytest.mark.parametrize("suffix", [".gpkg", ".parquet"])
+def test_rows_that_do_not_fit_the_layer_fail_it_and_an_aborted_layer_takes_nothing_more(tmp_path, suffix):
+    def boxes(n: int, **columns) -> gpd.GeoDataFrame:
+        return gpd.GeoDataFrame(columns, geometry=[shapely.box(i, 0, i + 1, 1) for i in range(n)], crs="EPSG:32633")
+
+    older = LayerWriter(tmp_path / f"polygons{suffix}", "EPSG:32633")
+    older.write(boxes(3, class_id=[1] * 3))
+    older.close()
+    writer = LayerWriter(tmp_path / f"polygons{suffix}", "EPSG:32633")
+    writer.write(boxes(5000, class_id=[1] * 5000))  # past a batch: the layer's columns are set
+    with pytest.raises(ValueError, match="field names are not matching"):  # a column the layer lacks
+        writer.write(boxes(5000, class_id=[2] * 5000, other=["x"] * 5000))
+    writer.abort()
+    with pytest.raises(RuntimeError, match="closed or aborted"):
+        writer.write(boxes(1, class_id=[3]))
+    path = tmp_path / f"polygons{suffix}"
+    kept = gpd.read_parquet(path) if suffix == ".parquet" else gpd.read_file(path)
+    assert kept["class_id"].tolist() == [1, 1, 1]  # the older layer, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"polygons{suffix}"]
