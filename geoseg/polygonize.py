@@ -64,11 +64,7 @@ def polygonize(classes: np.ndarray, nodata: int, weights: np.ndarray | None = No
     ``weights``: an integer raster of the same shape summed per polygon (zeros if not given)."""
     if weights is not None and weights.shape != classes.shape:  # read unchecked by the compiled loops
         raise ValueError(f"weights of shape {weights.shape} for classes of shape {classes.shape}")
-    padded = np.full((classes.shape[0] + 2, classes.shape[1] + 2), nodata, dtype=classes.dtype)
-    padded[1:-1, 1:-1] = classes
-    if weights is None:
-        weights = np.zeros(classes.shape, np.uint8)  # pages never written: nearly free
-    labels, parent, region_class, pixels, sums = _label_regions(padded, padded.dtype.type(nodata), weights)
+    padded, (labels, parent, region_class, pixels, sums) = _labelled(classes, nodata, weights)
     xs, ys, loop_start, loop_region = _trace_rings(padded, labels, parent, padded.dtype.type(nodata))
     values, ring_xy, ring_offsets, polygon_offsets, totals, weight_sums = _assemble(
         xs, ys, loop_start, loop_region, region_class, pixels, sums
@@ -80,11 +76,17 @@ def regions(classes: np.ndarray, nodata: int) -> tuple[np.ndarray, np.ndarray, n
     """The 4-connected regions of equal class: a region id per pixel (1, 2, ... in the raster
     order of their first pixel; 0 = nodata), each id's class (``nodata`` for 0) and pixel count
     (the nodata pixels' for 0)."""
+    _, (labels, parent, region_class, pixels, _) = _labelled(classes, nodata)
+    return _compact(labels, parent, region_class, pixels, nodata)
+
+
+def _labelled(classes: np.ndarray, nodata: int, weights: np.ndarray | None = None) -> tuple[np.ndarray, tuple]:
+    """``classes`` padded by one pixel of ``nodata`` all round, and :func:`_label_regions` of it
+    (zero weights if none are given: pages never written, nearly free)."""
     padded = np.full((classes.shape[0] + 2, classes.shape[1] + 2), nodata, dtype=classes.dtype)
     padded[1:-1, 1:-1] = classes
-    weights = np.zeros(classes.shape, np.uint8)
-    labels, parent, region_class, pixels, _ = _label_regions(padded, padded.dtype.type(nodata), weights)
-    return _compact(labels, parent, region_class, pixels, nodata)
+    weights = np.zeros(classes.shape, np.uint8) if weights is None else weights
+    return padded, _label_regions(padded, padded.dtype.type(nodata), weights)
 
 
 @numba.njit(cache=True, nogil=True)
