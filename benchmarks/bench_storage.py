@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -168,6 +169,13 @@ def reads(local: Path, url: str, repeat: int, block: int = 1024) -> None:
     print("GDAL settings:", " ".join(f"{k}={v}" for k, v in sorted(settings.items())))
 
 
+def process_tree_cpu() -> float:
+    """CPU seconds of this process and of its ended children (the run's worker processes, once
+    the run has closed them; the S3 server is still running and not among them)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def end_to_end(
     local: Path, url: str, work: Path, bucket: str, repeat: int, workers: int, server: subprocess.Popen, kind: str
 ) -> float:
@@ -185,10 +193,11 @@ def end_to_end(
                 [f"inputs=[{scene!r}]", f"out={out!r}", f"cluster.n_workers={workers}", "cluster.dashboard=false"],
             )
             server_cpu = sum(cpu.cpu_times()[:2])
+            run_cpu = process_tree_cpu()
             start = time.perf_counter()
             assert run(cfg).ok
             times[where] = min(times.get(where, np.inf), time.perf_counter() - start)
-            line = f"run {k} {where:5s} {time.perf_counter() - start:6.2f} s"
+            line = f"run {k} {where:5s} {time.perf_counter() - start:6.2f} s  (run: {process_tree_cpu() - run_cpu:5.2f} CPU-s)"
             if where == "s3":  # the server shares the cores: what it took of them, and for how many requests
                 log = (work / f"{kind}.log").read_text(errors="replace").splitlines()
                 requests = sum(f"/runs/{kind}{k}/" in text for text in log)

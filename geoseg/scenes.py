@@ -202,7 +202,7 @@ def open_dataset(info: SceneInfo) -> DatasetReader:
 
 def open_vrt(xml: str) -> DatasetReader:
     """A VRT document, its sources opened with the options for files over a network."""
-    with rasterio.Env(**storage.REMOTE_OPEN_OPTIONS):
+    with storage.gdal_env(**storage.REMOTE_OPEN_OPTIONS):
         return rasterio.open(xml)
 
 

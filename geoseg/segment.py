@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
-import rasterio
 from rasterio.io import DatasetReader
 from rasterio.windows import Window
 
+from geoseg import storage
 from geoseg.blending import NODATA, Accumulator, BlendMode, fixed_window, support
 from geoseg.device_blending import DeviceAccumulator
 from geoseg.grid import OutputGrid
@@ -337,7 +337,7 @@ _reader_env = threading.local()
 def _hold_gdal_env() -> None:
     """Give a reader thread a GDAL environment for its lifetime. rasterio's are per thread, and a
     dataset opened without one closes the one it made on close: only in the thread that opened it."""
-    _reader_env.env = rasterio.Env().__enter__()
+    _reader_env.env = storage.gdal_env().__enter__()
 
 
 def finish_block(
