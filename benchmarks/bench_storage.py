@@ -177,7 +177,7 @@ def process_tree_cpu() -> float:
 
 
 def end_to_end(
-    local: Path, url: str, work: Path, bucket: str, repeat: int, workers: int, server: subprocess.Popen, kind: str
+    local: Path, url: str, work: Path, bucket: str, repeat: int, workers: int, threads: int, server: subprocess.Popen, kind: str
 ) -> float:
     import psutil
 
@@ -190,7 +190,7 @@ def end_to_end(
         ):
             cfg = load_config(
                 Path("configs/demo.yaml"),
-                [f"inputs=[{scene!r}]", f"out={out!r}", f"cluster.n_workers={workers}", "cluster.dashboard=false"],
+                [f"inputs=[{scene!r}]", f"out={out!r}", f"cluster.n_workers={workers}", f"cluster.threads_per_worker={threads}", "cluster.dashboard=false"],
             )
             server_cpu = sum(cpu.cpu_times()[:2])
             run_cpu = process_tree_cpu()
@@ -212,6 +212,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="threads per worker")
     parser.add_argument("--servers", default="moto,s3rver")
     args = parser.parse_args()
     ratios: dict[str, float] = {}
@@ -229,7 +230,7 @@ def main() -> None:
                 url = f"s3://bench/scenes/{kind}/scene_cog.tif"  # GDAL caches what it read, by name
                 storage.write_bytes(url, cog.read_bytes())
                 reads(cog, url, args.repeat)
-                ratios[kind] = end_to_end(cog, url, work, "bench", args.repeat, args.workers, server, kind)
+                ratios[kind] = end_to_end(cog, url, work, "bench", args.repeat, args.workers, args.threads, server, kind)
             finally:
                 server.terminate()
                 server.wait()
