@@ -197,7 +197,8 @@ def merged_rows(transform: Affine, crs: str, legend: dict[int, str], tolerance: 
     """A task: the encoded rows of :func:`geoseg.vectorize.merged_layer` over the blocks' edge
     pieces (:func:`edge_of`, the last of ``args``)."""
     groups, group, *edges = args
-    pieces = [unpack(edge) for edge in edges]
+    # only this group's pieces are decoded (every group is handed every block's pieces)
+    pieces = [unpack(edge.filter(edge["class_id"].to_numpy() % groups == group)) for edge in edges]
     return encode_rows(*vectorize.merged_layer(transform, crs, legend, tolerance, groups, group, *pieces), crs)
 
 

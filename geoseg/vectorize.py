@@ -153,15 +153,17 @@ def polygonize_block(
     # there, and the merge is a coverage union (see merge_edge_polygons).
     ring_xy, ring_offsets = vertices_along(ring_xy, ring_offsets, edge_cols, edge_rows)
     mosaic_xy = (ring_xy + [block.cols.start, block.rows.start]).astype(np.float64)
-    geometries = shapely.from_ragged_array(shapely.GeometryType.POLYGON, mosaic_xy, (ring_offsets, polygon_offsets))
-    geometries[~touches] = to_crs(geometries[~touches], transform)
+    # finished polygons' vertices in the CRS, edge pieces' left in pixels for the merge
+    vertex_polygon = np.repeat(np.arange(len(values)), np.diff(ring_offsets[polygon_offsets]))
+    mapped = np.where(touches[vertex_polygon, None], mosaic_xy, mapped_xy(mosaic_xy, transform))
+    geometries = shapely.from_ragged_array(shapely.GeometryType.POLYGON, mapped, (ring_offsets, polygon_offsets))
     polygons = Polygons(values, geometries, pixels, conf_sums.astype(np.float64))
     return BlockPolygons(final=polygons.take(~touches), edge=polygons.take(touches))
 
 
-def to_crs(geometries: np.ndarray, transform: Affine) -> np.ndarray:
-    """Geometries in mosaic pixel coordinates (column, row) mapped by the mosaic's ``transform``."""
-    return shapely.transform(geometries, lambda xy: np.column_stack(transform * (xy[:, 0], xy[:, 1])))
+def mapped_xy(xy: np.ndarray, transform: Affine) -> np.ndarray:
+    """Mosaic pixel coordinates (column, row) mapped by the mosaic's ``transform``."""
+    return np.column_stack(transform * (xy[:, 0], xy[:, 1]))
 
 
 def vertices_along(
@@ -199,7 +201,7 @@ def merge_edge_polygons(pieces: Polygons, transform: Affine) -> Polygons:
         # The pieces of a class share their vertices along block edges (polygonize_block), so
         # they form a coverage: its union is linear-time. The vertices it leaves in straight
         # edges, where block edges were, are dropped.
-        parts = drop_straight_vertices(shapely.get_parts(shapely.coverage_union_all(group.geometries)))
+        parts = shapely.get_parts(shapely.coverage_union_all(group.geometries))
         # Each piece lies in exactly one part: find it by a point inside the piece.
         piece_idx, part_idx = shapely.STRtree(parts).query(
             shapely.point_on_surface(group.geometries), predicate="within"
@@ -207,15 +209,16 @@ def merge_edge_polygons(pieces: Polygons, transform: Affine) -> Polygons:
         # pixel counts are whole numbers far below 2**53: exact in float64
         pixels = np.bincount(part_idx, weights=group.pixels[piece_idx], minlength=len(parts)).astype(np.int64)
         conf = np.bincount(part_idx, weights=group.confidence_sums[piece_idx], minlength=len(parts))
-        merged.append(Polygons(np.full(len(parts), value), to_crs(parts, transform), pixels, conf))
+        mapped = drop_straight_vertices(parts, transform)
+        merged.append(Polygons(np.full(len(parts), value), mapped, pixels, conf))
     return Polygons.concat(merged)
 
 
-def drop_straight_vertices(polygons: np.ndarray) -> np.ndarray:
+def drop_straight_vertices(polygons: np.ndarray, transform: Affine | None = None) -> np.ndarray:
     """Polygons with pixel edges (in pixel coordinates: every edge is horizontal or vertical)
-    without the vertices inside a straight run of edges. A vertex goes when its neighbours on
-    the ring share its column, or its row: the shapes are unchanged, vectorised over all rings
-    (what ``simplify(0)`` gives, 5x faster)."""
+    without the vertices inside a straight run of edges, mapped by ``transform`` if given. A
+    vertex goes when its neighbours on the ring share its column, or its row: the shapes are
+    unchanged, vectorised over all rings (what ``simplify(0)`` gives, 5x faster)."""
     if len(polygons) == 0:
         return polygons
     _, xy, (ring_offsets, polygon_offsets) = shapely.to_ragged_array(polygons)
@@ -237,6 +240,8 @@ def drop_straight_vertices(polygons: np.ndarray) -> np.ndarray:
     position = np.repeat(new_offsets[:-1], kept) + np.arange(int(kept.sum())) - np.repeat(np.cumsum(kept) - kept, kept)
     out[position] = xy[keep]
     out[new_offsets[1:] - 1] = out[new_offsets[:-1]]  # closed again
+    if transform is not None:
+        out = mapped_xy(out, transform)
     return shapely.from_ragged_array(shapely.GeometryType.POLYGON, out, (new_offsets, polygon_offsets))
 
 
