@@ -177,7 +177,15 @@ def process_tree_cpu() -> float:
 
 
 def end_to_end(
-    local: Path, url: str, work: Path, bucket: str, repeat: int, workers: int, threads: int, server: subprocess.Popen, kind: str
+    local: Path,
+    url: str,
+    work: Path,
+    bucket: str,
+    repeat: int,
+    workers: int,
+    threads: int,
+    server: subprocess.Popen,
+    kind: str,
 ) -> float:
     import psutil
 
@@ -190,14 +198,21 @@ def end_to_end(
         ):
             cfg = load_config(
                 Path("configs/demo.yaml"),
-                [f"inputs=[{scene!r}]", f"out={out!r}", f"cluster.n_workers={workers}", f"cluster.threads_per_worker={threads}", "cluster.dashboard=false"],
+                [
+                    f"inputs=[{scene!r}]",
+                    f"out={out!r}",
+                    f"cluster.n_workers={workers}",
+                    f"cluster.threads_per_worker={threads}",
+                    "cluster.dashboard=false",
+                ],
             )
             server_cpu = sum(cpu.cpu_times()[:2])
             run_cpu = process_tree_cpu()
             start = time.perf_counter()
             assert run(cfg).ok
-            times[where] = min(times.get(where, np.inf), time.perf_counter() - start)
-            line = f"run {k} {where:5s} {time.perf_counter() - start:6.2f} s  (run: {process_tree_cpu() - run_cpu:5.2f} CPU-s)"
+            seconds = time.perf_counter() - start
+            times[where] = min(times.get(where, np.inf), seconds)
+            line = f"run {k} {where:5s} {seconds:6.2f} s  (run: {process_tree_cpu() - run_cpu:5.2f} CPU-s)"
             if where == "s3":  # the server shares the cores: what it took of them, and for how many requests
                 log = (work / f"{kind}.log").read_text(errors="replace").splitlines()
                 requests = sum(f"/runs/{kind}{k}/" in text for text in log)
@@ -230,7 +245,9 @@ def main() -> None:
                 url = f"s3://bench/scenes/{kind}/scene_cog.tif"  # GDAL caches what it read, by name
                 storage.write_bytes(url, cog.read_bytes())
                 reads(cog, url, args.repeat)
-                ratios[kind] = end_to_end(cog, url, work, "bench", args.repeat, args.workers, args.threads, server, kind)
+                ratios[kind] = end_to_end(
+                    cog, url, work, "bench", args.repeat, args.workers, args.threads, server, kind
+                )
             finally:
                 server.terminate()
                 server.wait()

@@ -17,8 +17,8 @@ else
   "$PY" -m pip install -q -c constraints.txt "$target"
 fi
 "$PY" -c "import geoseg.cli, torch; print('geoseg installed, torch', torch.__version__)"
-# numba compiles the polygon tracer and the sieve once and caches the machine code beside
-# them: here, not in every worker of the first run
-"$PY" -c "import numpy; from geoseg.polygonize import polygonize; from geoseg.vectorize import sieve
+# numba compiles the polygon tracer, the edge merge and the sieve once and caches the machine
+# code beside them: here, not in every worker of the first run
+"$PY" -c "import numpy; from geoseg.polygonize import polygonize, union_shared_edges; from geoseg.vectorize import sieve
 classes = numpy.array([[0, 0], [0, 1]], numpy.uint8)
-polygonize(classes, 255, numpy.ones((2, 2), numpy.uint8)); polygonize(classes, 255); sieve(classes, 2)"
+polygonize(classes, 255, numpy.ones((2, 2), numpy.uint8)); union_shared_edges(polygonize(classes, 255)); sieve(classes, 2)"

@@ -37,6 +37,8 @@ from typing import NamedTuple
 
 import numba
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 # Directions 0 east, 1 south, 2 west, 3 north; a step in direction d moves (STEP_X, STEP_Y).
 STEP_X = np.array([1, 0, -1, 0], np.int64)
@@ -340,3 +342,156 @@ def _assemble(xs, ys, loop_start, loop_region, region_class, pixels, sums):
         if p >= 0:
             values[p], totals[p], weight_sums[p] = region_class[region], pixels[region], sums[region]
     return values, ring_xy, ring_offsets, polygon_offsets, totals, weight_sums
+
+
+def union_shared_edges(pieces: PixelPolygons) -> PixelPolygons:
+    """The union of same-class ``pieces`` that share an edge.
+
+    ``pieces`` are polygons of neighbouring blocks in one pixel grid, as :func:`polygonize` gives
+    them (shells with the region on the left), each with a vertex at every pixel corner where it
+    runs along a block edge: two pieces then share an edge as unit segments run both ways. Those
+    cancel, and what is left is walked as :func:`polygonize` walks a raster: turning left at a
+    pinch, split there into simple rings, a vertex only where a ring turns. So the union is the
+    polygons of the whole raster, and pixel counts and weight sums add up.
+    """
+    values, xy, ring_offsets, polygon_offsets, pixels, sums = pieces
+    if len(values) == 0:
+        return pieces
+    xy = np.asarray(xy, np.int64)
+    if xy.min() < 0 or xy.max() >= 1 << COORD_BITS or values.min() < 0 or values.max() >= 1 << CLASS_BITS:
+        raise ValueError(f"pieces beyond {1 << COORD_BITS} px or class {1 << CLASS_BITS}: not packed in a key")
+    ring_piece = np.repeat(np.arange(len(values)), np.diff(polygon_offsets))
+    starts = np.ones(len(xy), bool)
+    starts[ring_offsets[1:] - 1] = False  # a ring's closing vertex starts no segment
+    first = np.flatnonzero(starts)
+    piece = ring_piece[np.repeat(np.arange(len(ring_offsets) - 1), np.diff(ring_offsets))][first]
+    x0, y0, x1, y1 = xy[first, 0], xy[first, 1], xy[first + 1, 0], xy[first + 1, 1]
+    cls = values[piece].astype(np.int64)
+    # Shared edges: equal unit segments of one class, which only neighbouring pieces can have
+    unit = np.flatnonzero(np.abs(x1 - x0) + np.abs(y1 - y0) == 1)
+    horizontal = (y0[unit] == y1[unit]).astype(np.int64)
+    lower = np.minimum(x0[unit], x1[unit]), np.minimum(y0[unit], y1[unit])
+    undirected = (((cls[unit] << 1 | horizontal) << COORD_BITS | lower[0]) << COORD_BITS) | lower[1]
+    order = np.argsort(undirected, kind="stable")
+    same = np.flatnonzero(undirected[order][1:] == undirected[order][:-1])
+    a, b = unit[order[same]], unit[order[same + 1]]
+    opposite = (x0[a] == x1[b]) & (y0[a] == y1[b])  # run both ways: one edge of two pieces
+    a, b = a[opposite], b[opposite]
+    kept = np.ones(len(first), bool)
+    kept[a] = kept[b] = False
+    joined = coo_matrix((np.ones(len(a)), (piece[a], piece[b])), shape=(len(values), len(values)))
+    n_polygons, polygon_of = connected_components(joined, directed=False)
+    polygon_of = polygon_of.astype(np.int64)  # the type _assemble is compiled for
+    # What is left, walked: each segment's successor starts where it ends (two at a pinch)
+    k = np.flatnonzero(kept)
+    x0, y0, x1, y1, cls = x0[k], y0[k], x1[k], y1[k], cls[k]
+    start_key = (cls << COORD_BITS | x0) << COORD_BITS | y0
+    end_key = (cls << COORD_BITS | x1) << COORD_BITS | y1
+    by_start = np.argsort(start_key, kind="stable")
+    sorted_keys = start_key[by_start]
+    lo, hi = np.searchsorted(sorted_keys, end_key, "left"), np.searchsorted(sorted_keys, end_key, "right")
+    xs, ys, loop_start, loop_segment = _walk_segments(x0, y0, x1, y1, by_start, lo, hi)
+    loop_polygon = polygon_of[piece[k][loop_segment]]
+    region_class = np.zeros(n_polygons, np.int64)
+    region_class[polygon_of] = values
+    totals = np.bincount(polygon_of, weights=pixels, minlength=n_polygons).astype(np.int64)
+    weight_sums = np.bincount(polygon_of, weights=sums, minlength=n_polygons).astype(np.int64)
+    return PixelPolygons(*_assemble(xs, ys, loop_start, loop_polygon, region_class, totals, weight_sums))
+
+
+COORD_BITS = 26  # pixel corners up to 67 million along each axis
+CLASS_BITS = 63 - 2 * COORD_BITS - 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _walk_segments(x0, y0, x1, y1, by_start, lo, hi):
+    """Closed walks over the segments (each followed by one starting where it ends, the left turn
+    where two do), split at pinches into simple rings of the corners where they turn: ring
+    vertices (closed), ring starts, and a segment of each ring."""
+    n = x0.shape[0]
+    direction = np.empty(n, np.int64)
+    for s in range(n):
+        dx, dy = x1[s] - x0[s], y1[s] - y0[s]
+        direction[s] = 0 if dx > 0 else (2 if dx < 0 else (1 if dy > 0 else 3))
+    visited = np.zeros(n, np.bool_)
+    walk = np.empty(n, np.int64)
+    pinch_after = np.empty(n, np.bool_)
+    turn_x = np.empty(n, np.int64)
+    turn_y = np.empty(n, np.int64)
+    turn_pinch = np.empty(n, np.bool_)
+    turn_segment = np.empty(n, np.int64)
+    stack = np.empty(n, np.int64)
+    xs = np.empty(2 * n, np.int64)
+    ys = np.empty(2 * n, np.int64)
+    loop_start = np.empty(n + 1, np.int64)
+    loop_segment = np.empty(n, np.int64)
+    on_stack = dict()
+    on_stack[np.int64(0)] = np.int64(0)
+    n_vertices = 0
+    n_rings = 0
+    for first in by_start:
+        if visited[first]:
+            continue
+        length, s = 0, first
+        while True:
+            visited[s] = True
+            walk[length] = s
+            if hi[s] == lo[s]:
+                raise ValueError("a boundary that does not close: the pieces are not a raster's")
+            nxt = by_start[lo[s]]
+            pinch_after[length] = hi[s] - lo[s] > 1
+            if pinch_after[length] and direction[nxt] != (direction[s] + 3) & 3:
+                nxt = by_start[lo[s] + 1]
+            length += 1
+            s = nxt
+            if s == first:
+                break
+            if length == n:  # a walk that never returns: inconsistent pieces (numba checks no bounds)
+                raise ValueError("a boundary that does not close: the pieces are not a raster's")
+        # the corners where the walk turns, and whether two walks cross there
+        n_turns = 0
+        for i in range(length):
+            before = i - 1 if i else length - 1
+            s = walk[i]
+            if direction[s] != direction[walk[before]]:
+                turn_x[n_turns], turn_y[n_turns] = x0[s], y0[s]
+                turn_pinch[n_turns] = pinch_after[before]
+                turn_segment[n_turns] = s
+                n_turns += 1
+        # split as polygonize's walks are (a corner seen again closes the ring pushed since)
+        on_stack.clear()
+        top = 0
+        for i in range(n_turns + 1):
+            j = i if i < n_turns else 0
+            closes = -1
+            if i == n_turns:
+                closes = 0
+            elif turn_pinch[j]:
+                key = turn_x[j] << COORD_BITS | turn_y[j]
+                q = on_stack[key] if key in on_stack else -1  # noqa: SIM401 (numba: get() is Optional)
+                if 0 <= q < top and turn_x[stack[q]] == turn_x[j] and turn_y[stack[q]] == turn_y[j]:
+                    closes = q
+                else:
+                    on_stack[key] = top
+            if closes < 0:
+                stack[top] = j
+                top += 1
+                continue
+            loop_start[n_rings] = n_vertices
+            loop_segment[n_rings] = turn_segment[stack[closes]]
+            n_rings += 1
+            for q in range(closes, top):
+                xs[n_vertices] = turn_x[stack[q]]
+                ys[n_vertices] = turn_y[stack[q]]
+                n_vertices += 1
+            xs[n_vertices] = turn_x[stack[closes]]
+            ys[n_vertices] = turn_y[stack[closes]]
+            n_vertices += 1
+            top = closes + 1
+    loop_start[n_rings] = n_vertices
+    return (
+        xs[:n_vertices].copy(),
+        ys[:n_vertices].copy(),
+        loop_start[: n_rings + 1].copy(),
+        loop_segment[:n_rings].copy(),
+    )
