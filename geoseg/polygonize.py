@@ -25,6 +25,8 @@ How, and why it gives GDAL's rings:
 
 The regions themselves (:func:`regions`) and the classes around each one
 (:func:`neighbour_votes`) are what the sieve needs (:func:`geoseg.vectorize.sieve`).
+Polygons of neighbouring blocks that a region crosses are joined by :func:`union_shared_edges`,
+which walks what is left of their rings by the same rules: the whole raster's polygons.
 
 Tested against GDAL on many small random rasters (every pinch and nodata pattern they reach)
 and on the synthetic land cover. numba compiles the loops once; the machine code is cached on
@@ -426,7 +428,7 @@ def _walk_segments(x0, y0, x1, y1, by_start, lo, hi):
     loop_start = np.empty(n + 1, np.int64)
     loop_segment = np.empty(n, np.int64)
     on_stack = dict()
-    on_stack[np.int64(0)] = np.int64(0)
+    on_stack[np.int64(0)] = np.int64(0)  # types the dict (cleared before each walk)
     n_vertices = 0
     n_rings = 0
     for first in by_start:

@@ -149,8 +149,8 @@ def polygonize_block(
     for reduce, side in ((np.minimum, 0), (np.maximum, 1)):
         touches |= np.isin(reduce.reduceat(x, shells), [c for c in edge_cols if (c > 0) == side])
         touches |= np.isin(reduce.reduceat(y, shells), [r for r in edge_rows if (r > 0) == side])
-    # A vertex at every pixel corner along a shared edge: both sides then have the same vertices
-    # there, and the merge is a coverage union (see merge_edge_polygons).
+    # A vertex at every pixel corner along a shared edge: both sides then have the same unit
+    # segments there, which the merge cancels (see merge_edge_polygons).
     ring_xy, ring_offsets = vertices_along(ring_xy, ring_offsets, edge_cols, edge_rows)
     mosaic_xy = (ring_xy + [block.cols.start, block.rows.start]).astype(np.float64)
     # finished polygons' vertices in the CRS, edge pieces' left in pixels for the merge
