@@ -394,6 +394,12 @@ def union_shared_edges(pieces: PixelPolygons) -> PixelPolygons:
     lo, hi = np.searchsorted(sorted_keys, end_key, "left"), np.searchsorted(sorted_keys, end_key, "right")
     xs, ys, loop_start, loop_segment = _walk_segments(x0, y0, x1, y1, by_start, lo, hi)
     loop_polygon = polygon_of[piece[k][loop_segment]]
+    # one shell (negative shoelace area) per polygon, or _assemble would write out of bounds
+    cross = xs[:-1] * ys[1:] - xs[1:] * ys[:-1]
+    cross[loop_start[1:-1] - 1] = 0  # no term across two rings
+    shells = np.add.reduceat(cross, loop_start[:-1]) < 0 if len(cross) else np.zeros(0, bool)
+    if (np.bincount(loop_polygon[shells], minlength=n_polygons) != 1).any():
+        raise ValueError("pieces whose rings do not keep their region on the left: not a raster's polygons")
     region_class = np.zeros(n_polygons, np.int64)
     region_class[polygon_of] = values
     totals = np.bincount(polygon_of, weights=pixels, minlength=n_polygons).astype(np.int64)

@@ -289,6 +289,22 @@ def test_merged_random_rasters_are_the_whole_rasters_polygons_vertex_for_vertex(
         assert shapely.is_valid(got.geometries).all()
 
 
+def test_pieces_that_are_not_a_rasters_are_refused_by_the_merge():
+    """The merge trusts the polygonizer's orientation (region on the left in pixel coordinates):
+    pieces turned the other way are an error, not a crash or invalid polygons."""
+    classes = np.array([[0, 0, 1, 1], [0, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 1]], np.uint8)
+    edge = Polygons.concat(
+        polygonize_block(
+            classes[b.rows.start : b.rows.stop, b.cols.start : b.cols.stop], b, Affine.identity(), 4, 4
+        ).edge
+        for b in iter_blocks(4, 4, 2)
+    )
+    merge_edge_polygons(edge, Affine.identity())  # as they come: fine
+    reversed_rings = Polygons(edge.class_ids, shapely.reverse(edge.geometries), edge.pixels, edge.confidence_sums)
+    with pytest.raises(ValueError, match="not a raster's polygons"):
+        merge_edge_polygons(reversed_rings, Affine.identity())
+
+
 def test_a_blocks_polygons_wait_for_every_block_its_sieve_reads():
     from geoseg.blocks import sieve_reach
 
