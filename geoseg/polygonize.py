@@ -222,10 +222,8 @@ def _trace_rings(padded, labels, parent, nodata):
     loop_region = np.empty(2 * h * w, np.int64)
     walk_x = np.empty(2 * corners, np.int64)
     walk_y = np.empty(2 * corners, np.int64)
-    pinch = np.empty(2 * corners, np.bool_)
+    pinch_key = np.empty(2 * corners, np.int64)  # a pinch's corner index, -1 at other turns
     stack = np.empty(2 * corners, np.int64)
-    # stack position of a pinch corner; never cleared: an entry counts only where the stack
-    # holds that very corner
     on_stack = np.empty(corners, np.int32)
     started = np.zeros((h + 1, w), np.bool_)  # westward edges with the region below, walked
     n_vertices = 0
@@ -253,44 +251,70 @@ def _trace_rings(padded, labels, parent, nodata):
                     walk_x[n_turns] = cx
                     walk_y[n_turns] = cy
                     # a left turn with the region ahead on the right: two of its pixels meet here
-                    pinch[n_turns] = turn == (d + 3) & 3 and padded[cy + AHEAD_RIGHT[d, 0], cx + AHEAD_RIGHT[d, 1]] == v
+                    pinched = turn == (d + 3) & 3 and padded[cy + AHEAD_RIGHT[d, 0], cx + AHEAD_RIGHT[d, 1]] == v
+                    pinch_key[n_turns] = cy * (w + 1) + cx if pinched else -1
                     n_turns += 1
                 d = turn
                 if cx == x + 1 and cy == y and d == WEST:
                     break
-            # Split the closed walk into simple rings: a corner seen again closes the ring of
-            # the corners pushed since, and the walk's end closes the last one.
-            top = 0
-            for i in range(n_turns + 1):
-                j = i if i < n_turns else 0
-                closes = -1
-                if i == n_turns:
-                    closes = 0
-                elif pinch[j]:
-                    key = walk_y[j] * (w + 1) + walk_x[j]
-                    q = on_stack[key]
-                    if 0 <= q < top and walk_y[stack[q]] * (w + 1) + walk_x[stack[q]] == key:
-                        closes = q
-                    else:
-                        on_stack[key] = top
-                if closes < 0:
-                    stack[top] = j
-                    top += 1
-                    continue
-                loop_start[n_rings] = n_vertices
-                loop_region[n_rings] = region
-                n_rings += 1
-                for q in range(closes, top):
-                    xs[n_vertices] = walk_x[stack[q]]
-                    ys[n_vertices] = walk_y[stack[q]]
-                    n_vertices += 1
-                xs[n_vertices] = walk_x[stack[closes]]
-                ys[n_vertices] = walk_y[stack[closes]]
-                n_vertices += 1
-                top = closes + 1
+            n_vertices, n_rings = _split_at_pinches(
+                walk_x,
+                walk_y,
+                pinch_key,
+                n_turns,
+                region,
+                stack,
+                on_stack,
+                xs,
+                ys,
+                loop_start,
+                loop_region,
+                n_vertices,
+                n_rings,
+            )
     loop_start[n_rings] = n_vertices
     xs, ys = xs[:n_vertices].copy(), ys[:n_vertices].copy()
     return xs, ys, loop_start[: n_rings + 1].copy(), loop_region[:n_rings].copy()
+
+
+@numba.njit(cache=True, nogil=True)
+def _split_at_pinches(
+    turn_x, turn_y, pinch_key, n_turns, label, stack, on_stack, xs, ys, loop_start, loop_label, n_vertices, n_rings
+):
+    """A closed walk's turns (``[:n_turns]``) split into simple rings, appended (closed) to ``xs``,
+    ``ys``, with their starts and ``label``: a corner seen again closes the ring of the corners
+    pushed since, and the walk's end closes the last one. ``pinch_key``: the index of a pinch
+    corner into ``on_stack`` (-1 at other turns). ``on_stack`` holds a pinch corner's stack
+    position; never cleared, an entry counts only where the stack holds that very corner.
+    Returns the new vertex and ring counts."""
+    top = 0
+    for i in range(n_turns + 1):
+        j = i if i < n_turns else 0
+        closes = -1
+        if i == n_turns:
+            closes = 0
+        elif pinch_key[j] >= 0:
+            q = on_stack[pinch_key[j]]
+            if 0 <= q < top and pinch_key[stack[q]] == pinch_key[j]:
+                closes = q
+            else:
+                on_stack[pinch_key[j]] = top
+        if closes < 0:
+            stack[top] = j
+            top += 1
+            continue
+        loop_start[n_rings] = n_vertices
+        loop_label[n_rings] = label
+        n_rings += 1
+        for q in range(closes, top):
+            xs[n_vertices] = turn_x[stack[q]]
+            ys[n_vertices] = turn_y[stack[q]]
+            n_vertices += 1
+        xs[n_vertices] = turn_x[stack[closes]]
+        ys[n_vertices] = turn_y[stack[closes]]
+        n_vertices += 1
+        top = closes + 1
+    return n_vertices, n_rings
 
 
 @numba.njit(cache=True, nogil=True)
@@ -392,8 +416,12 @@ def union_shared_edges(pieces: PixelPolygons) -> PixelPolygons:
     by_start = np.argsort(start_key, kind="stable")
     sorted_keys = start_key[by_start]
     lo, hi = np.searchsorted(sorted_keys, end_key, "left"), np.searchsorted(sorted_keys, end_key, "right")
-    xs, ys, loop_start, loop_segment = _walk_segments(x0, y0, x1, y1, by_start, lo, hi)
-    loop_polygon = polygon_of[piece[k][loop_segment]]
+    pinched = hi - lo > 1
+    corners, corner_of = np.unique(end_key[pinched], return_inverse=True)
+    end_pinch = np.full(len(k), -1, np.int64)
+    end_pinch[pinched] = corner_of
+    label = polygon_of[piece[k]]
+    xs, ys, loop_start, loop_polygon = _walk_segments(x0, y0, x1, y1, label, end_pinch, len(corners), by_start, lo, hi)
     # one shell (negative shoelace area) per polygon, or _assemble would write out of bounds
     cross = xs[:-1] * ys[1:] - xs[1:] * ys[:-1]
     cross[loop_start[1:-1] - 1] = 0  # no term across two rings
@@ -412,10 +440,11 @@ CLASS_BITS = 63 - 2 * COORD_BITS - 1
 
 
 @numba.njit(cache=True, nogil=True)
-def _walk_segments(x0, y0, x1, y1, by_start, lo, hi):
+def _walk_segments(x0, y0, x1, y1, label, end_pinch, n_pinches, by_start, lo, hi):
     """Closed walks over the segments (each followed by one starting where it ends, the left turn
-    where two do), split at pinches into simple rings of the corners where they turn: ring
-    vertices (closed), ring starts, and a segment of each ring."""
+    where two do: ``end_pinch`` numbers those corners), split at pinches into simple rings of the
+    corners where they turn: ring vertices (closed), ring starts, and each ring's ``label`` (a
+    walk hugs one region: the label of its segments)."""
     n = x0.shape[0]
     direction = np.empty(n, np.int64)
     for s in range(n):
@@ -423,18 +452,15 @@ def _walk_segments(x0, y0, x1, y1, by_start, lo, hi):
         direction[s] = 0 if dx > 0 else (2 if dx < 0 else (1 if dy > 0 else 3))
     visited = np.zeros(n, np.bool_)
     walk = np.empty(n, np.int64)
-    pinch_after = np.empty(n, np.bool_)
     turn_x = np.empty(n, np.int64)
     turn_y = np.empty(n, np.int64)
-    turn_pinch = np.empty(n, np.bool_)
-    turn_segment = np.empty(n, np.int64)
+    pinch_key = np.empty(n, np.int64)
     stack = np.empty(n, np.int64)
+    on_stack = np.empty(max(n_pinches, 1), np.int32)
     xs = np.empty(2 * n, np.int64)
     ys = np.empty(2 * n, np.int64)
     loop_start = np.empty(n + 1, np.int64)
-    loop_segment = np.empty(n, np.int64)
-    on_stack = dict()
-    on_stack[np.int64(0)] = np.int64(0)  # types the dict (cleared before each walk)
+    loop_label = np.empty(n, np.int64)
     n_vertices = 0
     n_rings = 0
     for first in by_start:
@@ -447,8 +473,7 @@ def _walk_segments(x0, y0, x1, y1, by_start, lo, hi):
             if hi[s] == lo[s]:
                 raise ValueError("a boundary that does not close: the pieces are not a raster's")
             nxt = by_start[lo[s]]
-            pinch_after[length] = hi[s] - lo[s] > 1
-            if pinch_after[length] and direction[nxt] != (direction[s] + 3) & 3:
+            if end_pinch[s] >= 0 and direction[nxt] != (direction[s] + 3) & 3:
                 nxt = by_start[lo[s] + 1]
             length += 1
             s = nxt
@@ -456,50 +481,28 @@ def _walk_segments(x0, y0, x1, y1, by_start, lo, hi):
                 break
             if length == n:  # a walk that never returns: inconsistent pieces (numba checks no bounds)
                 raise ValueError("a boundary that does not close: the pieces are not a raster's")
-        # the corners where the walk turns, and whether two walks cross there
         n_turns = 0
         for i in range(length):
-            before = i - 1 if i else length - 1
+            before = walk[i - 1 if i else length - 1]
             s = walk[i]
-            if direction[s] != direction[walk[before]]:
+            if direction[s] != direction[before]:
                 turn_x[n_turns], turn_y[n_turns] = x0[s], y0[s]
-                turn_pinch[n_turns] = pinch_after[before]
-                turn_segment[n_turns] = s
+                pinch_key[n_turns] = end_pinch[before]
                 n_turns += 1
-        # split as polygonize's walks are (a corner seen again closes the ring pushed since)
-        on_stack.clear()
-        top = 0
-        for i in range(n_turns + 1):
-            j = i if i < n_turns else 0
-            closes = -1
-            if i == n_turns:
-                closes = 0
-            elif turn_pinch[j]:
-                key = turn_x[j] << COORD_BITS | turn_y[j]
-                q = on_stack[key] if key in on_stack else -1  # noqa: SIM401 (numba: get() is Optional)
-                if 0 <= q < top and turn_x[stack[q]] == turn_x[j] and turn_y[stack[q]] == turn_y[j]:
-                    closes = q
-                else:
-                    on_stack[key] = top
-            if closes < 0:
-                stack[top] = j
-                top += 1
-                continue
-            loop_start[n_rings] = n_vertices
-            loop_segment[n_rings] = turn_segment[stack[closes]]
-            n_rings += 1
-            for q in range(closes, top):
-                xs[n_vertices] = turn_x[stack[q]]
-                ys[n_vertices] = turn_y[stack[q]]
-                n_vertices += 1
-            xs[n_vertices] = turn_x[stack[closes]]
-            ys[n_vertices] = turn_y[stack[closes]]
-            n_vertices += 1
-            top = closes + 1
+        n_vertices, n_rings = _split_at_pinches(
+            turn_x,
+            turn_y,
+            pinch_key,
+            n_turns,
+            label[first],
+            stack,
+            on_stack,
+            xs,
+            ys,
+            loop_start,
+            loop_label,
+            n_vertices,
+            n_rings,
+        )
     loop_start[n_rings] = n_vertices
-    return (
-        xs[:n_vertices].copy(),
-        ys[:n_vertices].copy(),
-        loop_start[: n_rings + 1].copy(),
-        loop_segment[:n_rings].copy(),
-    )
+    return xs[:n_vertices].copy(), ys[:n_vertices].copy(), loop_start[: n_rings + 1].copy(), loop_label[:n_rings].copy()
