@@ -21,6 +21,7 @@ import json
 import os
 import queue
 import shutil
+import sqlite3
 import tempfile
 import threading
 import uuid
@@ -188,6 +189,10 @@ class LayerWriter:
         if self._gpkg is not None:
             self._gpkg.close()
             self._gpkg = None
+            # GDAL builds the index on closing the file and says nothing if the disk is full
+            # (empty geometries, which a user's columns could hold, are not indexed: any row is)
+            if not indexed_rows(self.path):
+                raise OSError(f"{self.loc}: no spatial index was built for its {self.count} polygons (disk full?)")
         if self.suffix == ".gpkg":
             import pyogrio
 
@@ -225,6 +230,18 @@ class LayerWriter:
         else:
             self.path.unlink(missing_ok=True)
         self._closed = True  # nothing more comes in
+
+
+def indexed_rows(path: Path) -> int:
+    """The rows of a GeoPackage layer's spatial index (0 if it has none), read with SQLite."""
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        (column,) = db.execute(
+            "SELECT column_name FROM gpkg_geometry_columns WHERE table_name = ?", (LAYER,)
+        ).fetchone()
+        index = f"rtree_{LAYER}_{column}_rowid"  # the R-tree's plain table: no module needed
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (index,)).fetchone() is None:
+            return 0
+        return db.execute(f'SELECT COUNT(*) FROM "{index}"').fetchone()[0]
 
 
 class GeoPackageStream:

@@ -133,3 +133,51 @@ def test_rows_that_do_not_fit_the_layer_fail_it_and_an_aborted_layer_takes_nothi
     kept = gpd.read_parquet(path) if suffix == ".parquet" else gpd.read_file(path)
     assert kept["class_id"].tolist() == [1, 1, 1]  # the older layer, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"polygons{suffix}"]
+
+
+WRITE_UNDER_A_FILE_SIZE_LIMIT = """
+import resource, signal, sys
+import geopandas as gpd, shapely
+from geoseg.vector_io import LayerWriter
+path, limit = sys.argv[1], int(sys.argv[2])
+boxes = [shapely.box(i, 0, i + 1, 1) for i in range(3000)]
+rows = gpd.GeoDataFrame({"class_id": [1] * 3000}, geometry=boxes, crs=32633)
+if limit:  # a full disk, as the writing process meets it: EFBIG past the limit, not a signal
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+writer = LayerWriter(path, "EPSG:32633")
+writer.write(rows)
+try:
+    writer.close()
+except OSError as exc:
+    writer.abort()
+    sys.exit(str(exc))
+"""
+
+
+def test_a_geopackage_whose_spatial_index_the_disk_could_not_hold_fails_and_leaves_the_older_layer(tmp_path):
+    """GDAL builds the index when it closes the file and reports no error if the disk is full:
+    the layer would open without its index. The writer counts the index's rows instead."""
+    import subprocess
+    import sys
+
+    whole = tmp_path / "whole.gpkg"
+    subprocess.run([sys.executable, "-c", WRITE_UNDER_A_FILE_SIZE_LIMIT, str(whole), "0"], check=True)
+    assert vector_io.indexed_rows(whole) == 3000
+    older = LayerWriter(tmp_path / "polygons.gpkg", "EPSG:32633")
+    older.write(gpd.GeoDataFrame({"class_id": [7]}, geometry=[shapely.box(0, 0, 1, 1)], crs=32633))
+    older.close()
+    # room for the rows, not for their index (the index is about a third of the file)
+    limit = str(int(whole.stat().st_size * 0.9))
+    failed = subprocess.run(
+        [sys.executable, "-c", WRITE_UNDER_A_FILE_SIZE_LIMIT, str(tmp_path / "polygons.gpkg"), limit],
+        capture_output=True,
+        text=True,
+    )
+    assert failed.returncode == 1
+    assert (
+        failed.stderr.strip()
+        == f"{tmp_path / 'polygons.gpkg'}: no spatial index was built for its 3000 polygons (disk full?)"
+    )
+    assert gpd.read_file(tmp_path / "polygons.gpkg")["class_id"].tolist() == [7]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["polygons.gpkg", "whole.gpkg"]
