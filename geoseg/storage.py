@@ -789,6 +789,10 @@ def gdal_settings(environ: dict[str, str] | None = None) -> dict[str, str]:
         settings["AWS_VIRTUAL_HOSTING"] = "FALSE"
     if env.get("AWS_REGION") and "AWS_DEFAULT_REGION" not in env:
         settings["AWS_DEFAULT_REGION"] = env["AWS_REGION"]
+    elif env.get("AWS_ACCESS_KEY_ID") and not env.get("AWS_DEFAULT_REGION") and (region := _profile_region(env)):
+        # with keys in the environment GDAL (and obstore) look no further for the region: the
+        # profile's, as boto3 and the AWS CLI would take it
+        settings["AWS_REGION"] = settings["AWS_DEFAULT_REGION"] = region
     # obstore's (and Azure's tools') names for the account, GDAL's own
     for theirs, gdals in (
         ("AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT"),
@@ -826,6 +830,18 @@ def gdal_settings(environ: dict[str, str] | None = None) -> dict[str, str]:
     return {k: v for k, v in settings.items() if k not in env}
 
 
+def _profile_region(env: Any) -> str | None:
+    """The region of the AWS profile (``AWS_PROFILE``, or ``default``) in the AWS config file."""
+    import configparser
+
+    profile = env.get("AWS_PROFILE") or "default"
+    config = configparser.ConfigParser()
+    with contextlib.suppress(OSError, configparser.Error):
+        config.read(env.get("AWS_CONFIG_FILE") or Path.home() / ".aws" / "config")
+    section = profile if profile == "default" else f"profile {profile}"
+    return config.get(section, "region", fallback=None)
+
+
 # Given to GDAL only while a URL is opened: for a local file they would hide its sidecars
 # (.tfw, .msk, .ovr, .aux.xml) and change how it is cached.
 REMOTE_OPEN_OPTIONS = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "VSI_CACHE": "TRUE"}
@@ -833,9 +849,10 @@ REMOTE_OPEN_OPTIONS = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "VSI_CACHE":
 
 def gdal_env(**options):
     """A ``rasterio.Env`` that leaves credentials to GDAL, which reads the same variables (and
-    profiles, web identity tokens and instance metadata) itself. rasterio's default, where
-    ``AWS_ACCESS_KEY_ID`` is set, builds a boto3 session for every environment: 6-15 ms of CPU
-    per scene opened, ~0.5 CPU-s of a 4096 px run (benchmarks/README.md)."""
+    profiles, web identity tokens and instance metadata) itself; the profile's region is put in
+    the environment by :func:`gdal_settings`. rasterio's default, where ``AWS_ACCESS_KEY_ID``
+    and ``AWS_SECRET_ACCESS_KEY`` are set, builds a boto3 session for every environment: 6-15 ms
+    of CPU per scene opened, ~0.5 CPU-s of a 4096 px run (benchmarks/README.md)."""
     import rasterio
     from rasterio.session import DummySession
 

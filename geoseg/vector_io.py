@@ -234,7 +234,8 @@ class LayerWriter:
 
 def indexed_rows(path: Path) -> int:
     """The rows of a GeoPackage layer's spatial index (0 if it has none), read with SQLite."""
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+    # immutable: no journal files of its own beside a layer written in WAL mode
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)) as db:
         (column,) = db.execute(
             "SELECT column_name FROM gpkg_geometry_columns WHERE table_name = ?", (LAYER,)
         ).fetchone()

@@ -478,6 +478,20 @@ def test_a_run_on_azure_blob_storage_and_on_google_cloud_storage_equals_the_loca
         np.testing.assert_array_equal(src.read(), pixels)
 
 
+def test_the_profiles_region_reaches_gdal_when_the_keys_are_in_the_environment(tmp_path):
+    """With keys in the environment, GDAL and obstore take the region from AWS_REGION or
+    AWS_DEFAULT_REGION only; the AWS tools take it from the profile too. geoseg puts it there."""
+    config = tmp_path / "config"
+    config.write_text("[default]\nregion = eu-central-1\n\n[profile paris]\nregion = eu-west-3\n")
+    keys = {"AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_CONFIG_FILE": str(config)}
+    assert storage.gdal_settings(keys)["AWS_REGION"] == "eu-central-1"
+    assert storage.gdal_settings({**keys, "AWS_PROFILE": "paris"})["AWS_REGION"] == "eu-west-3"
+    named = storage.gdal_settings({**keys, "AWS_REGION": "us-west-2"})  # the user's own stands
+    assert "AWS_REGION" not in named and named["AWS_DEFAULT_REGION"] == "us-west-2"
+    assert "AWS_REGION" not in storage.gdal_settings({"AWS_CONFIG_FILE": str(config)})  # GDAL reads the file
+    assert "AWS_REGION" not in storage.gdal_settings({**keys, "AWS_CONFIG_FILE": str(tmp_path / "none")})
+
+
 def test_gdal_gets_the_endpoints_the_cloud_tools_variables_name():
     s3 = storage.gdal_settings({"AWS_ENDPOINT_URL": "http://minio.local:9000", "AWS_REGION": "eu-central-1"})
     assert (s3["AWS_S3_ENDPOINT"], s3["AWS_HTTPS"], s3["AWS_VIRTUAL_HOSTING"]) == ("minio.local:9000", "NO", "FALSE")
