@@ -337,6 +337,14 @@ def _assemble(xs, ys, loop_start, loop_region, region_class, pixels, sums):
         for i in range(loop_start[k], loop_start[k + 1] - 1):
             twice_area += xs[i] * ys[i + 1] - xs[i + 1] * ys[i]
         shell[k] = twice_area < 0
+    # one shell per polygon, or the slots below would be written out of bounds: the tracer's
+    # rings always have one, pieces handed to the union with their rings reversed would not
+    shells_of = np.zeros(n_polygons, np.int64)
+    for k in range(n_rings):
+        shells_of[polygon[k]] += shell[k]
+    for p in range(n_polygons):
+        if shells_of[p] != 1:
+            raise ValueError("pieces whose rings do not keep their region on the left: not a raster's polygons")
     polygon_offsets = np.cumsum(rings_of[: n_polygons + 1])
     # slot of each ring: the shell at its polygon's first, holes after it in the order they came
     next_hole = polygon_offsets[:-1] + 1
@@ -422,12 +430,6 @@ def union_shared_edges(pieces: PixelPolygons) -> PixelPolygons:
     end_pinch[pinched] = corner_of
     label = polygon_of[piece[k]]
     xs, ys, loop_start, loop_polygon = _walk_segments(x0, y0, x1, y1, label, end_pinch, len(corners), by_start, lo, hi)
-    # one shell (negative shoelace area) per polygon, or _assemble would write out of bounds
-    cross = xs[:-1] * ys[1:] - xs[1:] * ys[:-1]
-    cross[loop_start[1:-1] - 1] = 0  # no term across two rings
-    shells = np.add.reduceat(cross, loop_start[:-1]) < 0 if len(cross) else np.zeros(0, bool)
-    if (np.bincount(loop_polygon[shells], minlength=n_polygons) != 1).any():
-        raise ValueError("pieces whose rings do not keep their region on the left: not a raster's polygons")
     region_class = np.zeros(n_polygons, np.int64)
     region_class[polygon_of] = values
     totals = np.bincount(polygon_of, weights=pixels, minlength=n_polygons).astype(np.int64)
