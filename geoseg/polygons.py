@@ -195,11 +195,12 @@ def edge_of(layer: BlockLayer) -> pa.Table:
 
 def merged_rows(transform: Affine, crs: str, legend: dict[int, str], tolerance: float, *args: Any) -> pa.Table:
     """A task: the encoded rows of :func:`geoseg.vectorize.merged_layer` over the blocks' edge
-    pieces (:func:`edge_of`, the last of ``args``)."""
+    pieces (:func:`edge_of`, the last of ``args``) of the classes in ``group`` (of ``groups``,
+    by class id)."""
     groups, group, *edges = args
     # only this group's pieces are decoded (every group is handed every block's pieces)
     pieces = [unpack(edge.filter(edge["class_id"].to_numpy() % groups == group)) for edge in edges]
-    return encode_rows(*vectorize.merged_layer(transform, crs, legend, tolerance, groups, group, *pieces), crs)
+    return encode_rows(*vectorize.merged_layer(transform, crs, legend, tolerance, *pieces), crs)
 
 
 class LayerSink:
@@ -243,12 +244,15 @@ class LayerSink:
             if rows is None:
                 rows = self._fetch(self.layers[self._next])
             self._next += 1
+            frame = None  # the rows decoded, once, where columns are adapted or reprojected
             if self.finish is not None:
-                rows = encode_frame(self.finish(decode_rows(rows)))
+                frame = self.finish(decode_rows(rows))
+                rows = encode_frame(frame)
             reprojected: dict[str, pa.Table] = {}  # once per CRS, whatever the formats
             for writer, to_crs in self.writers:
                 if to_crs is not None and to_crs not in reprojected:
-                    reprojected[to_crs] = encode_frame(decode_rows(rows).to_crs(to_crs))
+                    frame = decode_rows(rows) if frame is None else frame
+                    reprojected[to_crs] = encode_frame(frame.to_crs(to_crs))
                 writer.write(rows if to_crs is None else reprojected[to_crs])
             self.count += rows.num_rows
 

@@ -196,7 +196,7 @@ def merge_edge_polygons(pieces: Polygons, transform: Affine) -> Polygons:
     every pixel corner along block edges: the union cancels the edges they share and walks
     what is left as the polygonizer walks a raster (:func:`geoseg.polygonize.union_shared_edges`),
     so the merged polygons are the whole mosaic's. They are mapped by ``transform`` at the end."""
-    if len(pieces.class_ids) == 0:
+    if len(pieces) == 0:
         return pieces
     _, xy, (ring_offsets, polygon_offsets) = shapely.to_ragged_array(pieces.geometries)
     # pixel counts and confidence sums are whole numbers far below 2**53: exact in float64
@@ -225,18 +225,10 @@ def final_layer(
 
 
 def merged_layer(
-    transform: Affine,
-    crs: str,
-    legend: dict[int, str],
-    simplify_tolerance: float,
-    groups: int,
-    group: int,
-    *pieces: Polygons,
+    transform: Affine, crs: str, legend: dict[int, str], simplify_tolerance: float, *pieces: Polygons
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The rows of the polygons that edge ``pieces`` (one per block) of the classes in
-    ``group`` (of ``groups``, by class id) merge into."""
-    edge = Polygons.concat(p.take(p.class_ids % groups == group) for p in pieces)
-    return layer_columns(merge_edge_polygons(edge, transform), crs, legend, simplify_tolerance)
+    """The rows of the polygons that edge ``pieces`` (one per block) merge into."""
+    return layer_columns(merge_edge_polygons(Polygons.concat(pieces), transform), crs, legend, simplify_tolerance)
 
 
 def areas_m2(geometries: np.ndarray, crs: str) -> np.ndarray:
@@ -265,8 +257,7 @@ def pixel_area_m2(grid) -> float:
         t = grid.affine
         px = shapely.box(cx, cy, cx + abs(t.a), cy + abs(t.e))
         return float(areas_m2(np.array([px]), grid.crs_wkt)[0])
-    factor = crs.linear_units_factor[1] if crs.linear_units_factor else 1.0
-    return grid.pixel_area * factor**2
+    return grid.pixel_area * crs_units(grid.crs_wkt)[1] ** 2
 
 
 COLUMNS = ["class_id", "class_name", "area_m2", "mean_confidence", "geometry"]
