@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import dask
 from distributed import Client, LocalCluster
@@ -78,12 +80,65 @@ def worker_exports() -> list[str]:
     return [f"export {name}={shlex.quote(value)}" for name, value in {**WORKER_ENVIRON, **dask_env}.items()]
 
 
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity (which batch schedulers set), and its
+    cgroup's CPU limit (which Docker's ``--cpus`` and a Kubernetes pod's ``limits.cpu`` set)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = cgroup_cpu_limit()
+    return cores if limit is None else max(1, min(cores, math.ceil(limit)))
+
+
+def cgroup_cpu_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> float | None:
+    """The CPUs per period this process's cgroup may use (the least over it and its ancestors,
+    cgroup v1 or v2), None without a limit. Affinity does not show it: a pod limited to 4 CPUs
+    on a 64-core node has 64 cores in its affinity, and 64 torch threads there are throttled."""
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers and "cpu" not in controllers.split(","):
+            continue
+        mount = Path(root, controllers)  # v2 (no controllers listed): the unified hierarchy's root
+        group = mount / path.lstrip("/")
+        # up to the mount: a limit on any ancestor holds, and in a container the mount is often
+        # its own group while the path names it as the host does
+        for folder in [group, *group.parents]:
+            if not folder.is_relative_to(mount):
+                break
+            limits.append(_cpu_quota(folder, v2=not controllers))
+    limits = [limit for limit in limits if limit is not None]
+    return min(limits, default=None)
+
+
+def _cpu_quota(folder: Path, v2: bool) -> float | None:
+    """A cgroup's CPU quota over its period, None where it sets none (or has no such files)."""
+    try:
+        if v2:
+            quota, period = (folder / "cpu.max").read_text().split()
+        else:
+            quota, period = ((folder / name).read_text().strip() for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
+        return None if quota in ("max", "-1") else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def scheduler_address(cfg: ClusterConfig) -> str | None:
+    """The existing scheduler to connect to: ``cluster.address``, else (without a jobqueue cluster)
+    Dask's own ``scheduler-address`` setting, as ``Client()`` takes it: ``DASK_SCHEDULER_ADDRESS``,
+    which the Dask Kubernetes operator sets in a DaskJob's runner pod."""
+    if cfg.address:
+        return cfg.address
+    return None if cfg.jobqueue is not None else dask.config.get("scheduler-address", None)
+
+
 def torch_threads_per_worker(cfg: ClusterConfig) -> int:
     """Intra-op threads for torch so that workers x threads never oversubscribe the cores."""
-    if cfg.address or cfg.jobqueue:
+    if scheduler_address(cfg) or cfg.jobqueue:
         return -1  # remote workers size themselves: see geoseg.inference.auto_threads
-    cores = os.cpu_count() or 1
-    return max(1, cores // (cfg.n_workers * cfg.threads_per_worker))
+    return max(1, usable_cores() // (cfg.n_workers * cfg.threads_per_worker))
 
 
 def jobqueue_cluster(cfg: ClusterConfig):
@@ -116,14 +171,16 @@ def jobqueue_cluster(cfg: ClusterConfig):
 @contextmanager
 def dask_client(cfg: ClusterConfig) -> Iterator[Client]:
     """Yield a connected client; a LocalCluster started here is closed on exit."""
-    if cfg.address is None and cfg.jobqueue is not None:
+    address = scheduler_address(cfg)
+    if address is None and cfg.jobqueue is not None:
         with jobqueue_cluster(cfg) as cluster, Client(cluster) as client:
             log.info("%s cluster: %d jobs; dashboard %s", cfg.jobqueue.kind, cfg.jobqueue.jobs, client.dashboard_link)
             yield client
         return
-    if cfg.address:
-        client = Client(cfg.address, timeout=f"{cfg.connect_timeout_s}s")
-        log.info("connected to scheduler %s (%d workers)", cfg.address, len(client.scheduler_info()["workers"]))
+    if address:
+        client = Client(address, timeout=f"{cfg.connect_timeout_s}s")
+        source = "" if cfg.address else ", from DASK_SCHEDULER_ADDRESS"
+        log.info("connected to scheduler %s (%d workers%s)", address, len(client.scheduler_info()["workers"]), source)
         try:
             yield client
         finally:

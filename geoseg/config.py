@@ -167,7 +167,8 @@ class JobqueueConfig(_Strict):
 
 class ClusterConfig(_Strict):
     address: str | None = None
-    """An existing scheduler (tcp://host:8786); takes precedence over a local or jobqueue cluster."""
+    """An existing scheduler (tcp://host:8786); takes precedence over a local or jobqueue cluster.
+    Unset, Dask's own ``DASK_SCHEDULER_ADDRESS`` is taken where there is no jobqueue cluster."""
     connect_timeout_s: float = Field(30.0, gt=0)
     """How long to wait for the scheduler at ``address`` before giving up."""
     n_workers: int = Field(1, ge=1)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import sys
 import threading
 import time
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from geoseg.cluster import usable_cores
 from geoseg.models.checkpoint import Checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -60,11 +60,6 @@ def tune_allocator() -> bool:
         return all(libc.mallopt(option, value) == 1 for option, value in settings)
     except OSError:  # not glibc (musl, ...): nothing to tune
         return False
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity, which batch schedulers set)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def auto_threads() -> int:

@@ -28,9 +28,10 @@ from rasterio.windows import Window
 
 from geoseg import storage
 from geoseg.blending import NODATA, Accumulator, BlendMode, fixed_window, support
+from geoseg.cluster import usable_cores
 from geoseg.device_blending import DeviceAccumulator
 from geoseg.grid import OutputGrid
-from geoseg.inference import PassTimer, Predictor, usable_cores
+from geoseg.inference import PassTimer, Predictor
 from geoseg.scenes import SceneInfo, open_dataset, read_window, same_grid
 from geoseg.tiling import AxisOwnership, Block, Rect, Span, TileGrid, axis_ownership, relative_slices, ring, row_bands
 

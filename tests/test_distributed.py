@@ -387,6 +387,53 @@ def test_workers_started_with_geoseg_worker_env_keep_forward_pass_buffers(tmp_pa
     assert seen["plain"]["faults"] > 5 * (seen["tuned"]["faults"] + 20), seen  # what the settings avoid
 
 
+def test_the_cpu_limit_of_a_container_is_read_from_its_cgroup_or_an_ancestor(tmp_path):
+    from geoseg.cluster import cgroup_cpu_limit
+
+    def write(path: Path, text: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+    # cgroup v2, a pod's limit on the pod's group and none on the container's
+    write(tmp_path / "v2" / "proc", "0::/kubepods/pod1/ctr\n")
+    write(tmp_path / "v2" / "fs" / "kubepods" / "pod1" / "cpu.max", "400000 100000\n")
+    write(tmp_path / "v2" / "fs" / "kubepods" / "pod1" / "ctr" / "cpu.max", "max 100000\n")
+    assert cgroup_cpu_limit(str(tmp_path / "v2" / "proc"), str(tmp_path / "v2" / "fs")) == 4.0
+    # cgroup v1 in a container: the path named as the host names it, the limit at the mount
+    write(tmp_path / "v1" / "proc", "5:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n")
+    write(tmp_path / "v1" / "fs" / "cpu,cpuacct" / "cpu.cfs_quota_us", "150000\n")
+    write(tmp_path / "v1" / "fs" / "cpu,cpuacct" / "cpu.cfs_period_us", "100000\n")
+    write(tmp_path / "v1" / "fs" / "memory" / "cpu.cfs_quota_us", "50000\n")  # not the cpu controller's
+    assert cgroup_cpu_limit(str(tmp_path / "v1" / "proc"), str(tmp_path / "v1" / "fs")) == 1.5
+    write(tmp_path / "v1" / "fs" / "cpu,cpuacct" / "cpu.cfs_quota_us", "-1\n")
+    assert cgroup_cpu_limit(str(tmp_path / "v1" / "proc"), str(tmp_path / "v1" / "fs")) is None
+
+
+def test_a_worker_in_a_cgroup_limited_to_one_cpu_gives_torch_one_thread():
+    """What Docker's --cpus and a pod's limits.cpu do, with the kernel's own cgroup (v1 here)."""
+    from geoseg.cluster import usable_cores
+
+    if usable_cores() < 2:
+        pytest.skip("one core here: a limit of one CPU changes nothing")
+    group = Path("/sys/fs/cgroup/cpu") / f"geoseg-test-{os.getpid()}"
+    try:
+        group.mkdir()
+        (group / "cpu.cfs_quota_us").write_text(str(int((group / "cpu.cfs_period_us").read_text())))
+    except OSError as exc:
+        pytest.skip(f"no cgroup v1 cpu controller this process may write: {exc}")
+    try:
+        code = (
+            f"import os; open({str(group / 'cgroup.procs')!r}, 'w').write(str(os.getpid()))\n"
+            "from geoseg.cluster import usable_cores; from geoseg.inference import auto_threads\n"
+            "print(usable_cores(), auto_threads())"
+        )
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.split() == ["1", "1"]
+    finally:
+        group.rmdir()
+
+
 def test_geoseg_malloc_settings_join_the_users_own_and_leave_theirs_alone():
     from geoseg.cluster import with_malloc_tunables
 
@@ -446,6 +493,31 @@ def test_two_runs_on_one_scheduler_at_once_each_get_their_own_mosaic(
         json.loads((outs[0] / "manifest.json").read_text())["run_id"]
         != json.loads((outs[1] / "manifest.json").read_text())["run_id"]
     )
+
+
+def test_a_run_without_an_address_joins_the_scheduler_dask_scheduler_address_names(
+    tmp_path, dask_processes, random_checkpoint, scene_1000x700
+):
+    """As in a DaskJob of the Dask Kubernetes operator, which sets DASK_SCHEDULER_ADDRESS in the
+    runner's pod: the blocks run on that scheduler's workers, not on a LocalCluster of the run's."""
+    address, _ = dask_processes
+    out = tmp_path / "out"
+    since = time.time()
+    args = cli_run(scene_1000x700[0], out, random_checkpoint, "output.polygons=false")
+    res = subprocess.run(
+        args,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "DASK_SCHEDULER_ADDRESS": address},
+    )
+    assert res.returncode == 0, res.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["summary"]["computed"] == 48
+    with Client(address, timeout="30s") as client:
+        done = {key for key, _, finish in predict_transitions(client, since) if finish == "memory"}
+    assert len(done) == 48  # every block's step 1 went through the external scheduler
 
 
 def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(
