@@ -209,8 +209,8 @@ def view(
 
 @app.command("worker-env")
 def worker_env() -> None:
-    """Print the shell exports that make a Dask worker you start yourself run like geoseg's own:
-    eval "$(geoseg worker-env)" before `dask worker ...`."""
+    """Print the shell exports that make a Dask worker (or scheduler) you start yourself run like
+    geoseg's own: eval "$(geoseg worker-env)" before `dask worker ...` or `dask scheduler`."""
     from geoseg.cluster import worker_exports
 
     typer.echo("\n".join(worker_exports()))

@@ -64,16 +64,18 @@ WORKER_DASK_CONFIG = {
 
 # The scheduler of a LocalCluster gives a worker thread one queued step 1 at a time (Dask's
 # default, 1.1, lets a block wait behind another on a busy worker while a thread elsewhere frees
-# up). On a scheduler of your own: DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION=1.0.
+# up). On a scheduler of your own: DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION=1.0, which
+# `geoseg worker-env` exports too.
 SCHEDULER_DASK_CONFIG = {"distributed.scheduler.worker-saturation": 1.0}
 
 
 def worker_exports() -> list[str]:
     """Shell lines that give a worker geoseg did not start (a batch job, ``dask worker``) the
-    environment and Dask settings of the workers of its LocalCluster."""
+    environment and Dask settings of the workers of its LocalCluster, and a ``dask scheduler``
+    its scheduler's (each ignores the other's)."""
     dask_env = {
         "DASK_" + key.upper().replace(".", "__").replace("-", "_"): str(value)
-        for key, value in WORKER_DASK_CONFIG.items()
+        for key, value in {**WORKER_DASK_CONFIG, **SCHEDULER_DASK_CONFIG}.items()
     }
     # GDAL's settings for cloud reads need no export: geoseg.storage derives them in every
     # process that imports geoseg (a worker does with its first task), from its own environment.
