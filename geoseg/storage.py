@@ -278,10 +278,8 @@ def exists(loc: str) -> bool:
     try:
         obstore.head(store, key)
         return True
-    except FileNotFoundError:
-        return False
     except Exception as exc:
-        if "404" in str(exc):
+        if _not_found(exc):  # not a bare "404": a key or a port may hold one
             return False
         raise _remote_error(loc, exc) from None
 

@@ -239,6 +239,21 @@ def test_an_unreachable_endpoint_is_one_line_naming_the_url(tmp_path, remote):
     assert S3_SECRET not in res.stdout + res.stderr
 
 
+def test_a_key_with_404_in_it_on_an_unreachable_endpoint_is_not_a_missing_object(remote):
+    """A resume asks whether OUT's state exists: an error taken for "no such object" would start
+    the run afresh and throw away its committed blocks."""
+    loc = f"{remote['bucket']}/runs/20240404/.geoseg/fingerprint"
+    code = (
+        "from geoseg import storage\n"
+        f"try:\n    print(storage.exists({loc!r}))\nexcept storage.StorageError as e:\n    print(e)"
+    )
+    with _closed_port() as port:
+        env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "PYTHONWARNINGS": "ignore"}
+        env.pop("AWS_S3_ENDPOINT", None)
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert res.stdout.strip() == f"{loc}: endpoint unreachable", res.stderr
+
+
 def test_an_http_output_is_refused_and_an_s3_out_is_not_a_local_folder(tmp_path, remote, random_checkpoint):
     from geoseg.runstate import RunError
 
