@@ -115,8 +115,13 @@ def join(loc: str | Path, *parts: str) -> str:
     return str(Path(text, *parts))
 
 
+def without_query(loc: str) -> str:
+    """An http(s) URL without its query and fragment (a signed URL's signature): the object it names."""
+    return loc.split("?", 1)[0].split("#", 1)[0] if scheme(loc) in READ_ONLY else loc
+
+
 def name(loc: str) -> str:
-    return loc.rstrip("/").rsplit("/", 1)[-1] if is_url(loc) else Path(loc).name
+    return without_query(loc).rstrip("/").rsplit("/", 1)[-1] if is_url(loc) else Path(loc).name
 
 
 def parent(loc: str) -> str:
@@ -145,7 +150,11 @@ def redact(text: str) -> str:
         value = os.environ.get(variable)
         if value and len(value) >= 4:
             text = text.replace(value, "***")
-    text = re.sub(r"(https?://[^\s?'\"]+)\?[^\s'\"]*", r"\1?***", text)
+    # up to a space or a quote, or the ": " that ends a location in an error line
+    text = re.sub(r"(https?://[^\s?'\"]+)\?(?:[^\s'\":]|:(?!\s|$))*", r"\1?***", text)
+    # a signature's parameters wherever they are, e.g. a local copy named after a signed URL
+    signed = r"(?i)\b(sig|signature|x-amz-signature|x-goog-signature|x-amz-security-token|token)="
+    text = re.sub(signed + r"(?:[^&\s'\":]|:(?!\s|$))+", r"\1=***", text)
     return re.sub(r"(\w+://)[^/\s@:]+:[^/\s@]+@", r"\1***@", text)  # user:password@host
 
 
@@ -421,12 +430,23 @@ def cached_copy(loc: str) -> Path:
         meta = obstore.head(store, key)
     except Exception as exc:
         raise _remote_error(loc, exc) from None
-    tag = f"{loc}|{meta['size']}|{meta['last_modified']}|{meta.get('e_tag')}"
-    folder = Path(tempfile.gettempdir()) / "geoseg-cache"
-    path = folder / f"{hashlib.sha256(tag.encode()).hexdigest()[:16]}-{name(loc)}"
+    # the object, not its signature: a URL signed again finds the same copy
+    tag = f"{without_query(loc)}|{meta['size']}|{meta['last_modified']}|{meta.get('e_tag')}"
+    path = _private_cache() / f"{hashlib.sha256(tag.encode()).hexdigest()[:16]}-{name(loc)}"
     if not path.is_file():
         write_bytes(str(path), read_bytes(loc))
     return path
+
+
+def _private_cache() -> Path:
+    """This user's cache folder in the temporary folder, which others may list but not enter (a
+    folder of that name someone else made is not used)."""
+    folder = Path(tempfile.gettempdir()) / f"geoseg-cache-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    info = folder.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise StorageError(f"{folder}: not this user's private cache folder", str(folder), "not private")
+    return folder
 
 
 # ---------------------------------------------------------------- writing

@@ -393,3 +393,21 @@ def test_a_sparse_file_with_no_data_block_is_a_named_error_and_a_mask_band_keeps
         dst.write(np.full((4, 256, 256), 7, np.uint16), window=rasterio.windows.Window(0, 0, 256, 256))
         dst.write_mask(np.full((1024, 1024), 255, np.uint8))
     assert data_coverage(nothing) is not None and data_coverage(masked) is None
+
+
+@pytest.mark.parametrize(
+    "line, shown",
+    [
+        (  # an Azure SAS: colons inside the query, the ": " of the error line after it
+            "https://acct.blob.core.windows.net/c/a.tif?se=2030-01-01T00:00:00Z&sig=SECRET: no such object",
+            "https://acct.blob.core.windows.net/c/a.tif?***: no such object",
+        ),
+        ("'https://h/a.tif?X-Amz-Signature=SECRET&X-Amz-Credential=c' is bad", "'https://h/a.tif?***' is bad"),
+        ("/tmp/copy/a.tif?sv=1&sig=SECRET: cannot read", "/tmp/copy/a.tif?sv=1&sig=***: cannot read"),
+        ("s3://user:SECRET@bucket/a.tif: access denied", "s3://***@bucket/a.tif: access denied"),
+    ],
+)
+def test_a_secret_in_an_error_line_is_redacted_and_the_rest_of_the_line_kept(line, shown):
+    from geoseg.storage import redact
+
+    assert redact(line) == shown

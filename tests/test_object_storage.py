@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -165,6 +166,18 @@ def test_a_signed_urls_query_stays_out_of_the_manifest_and_the_log(tmp_path, rem
     assert "s3cr3tSIGNATURE" not in manifest + res.stdout + res.stderr
     res = subprocess.run([*args, "--set", f"model.checkpoint={checkpoint}"], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 2 and "none.pt?***" in res.stderr and "s3cr3tSIGNATURE" not in res.stderr
+    # one that is fetched but is no checkpoint: its local copy is named without the signature,
+    # and the error names the URL as given
+    (tmp_path / "garbage.safetensors").write_bytes(b"not a checkpoint")
+    garbage = put(tmp_path / "garbage.safetensors", f"{remote['bucket']}/models/garbage.safetensors", public=True)
+    signed = f"{S3_ENDPOINT}/{garbage.removeprefix('s3://')}?sv=2030&sig=s3cr3tSIGNATURE"
+    res = subprocess.run([*args, "--set", f"model.checkpoint={signed}"], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 2 and "models/garbage.safetensors?***: cannot read checkpoint" in res.stderr, res.stderr
+    assert "s3cr3tSIGNATURE" not in res.stdout + res.stderr
+    cache = Path(tempfile.gettempdir()) / f"geoseg-cache-{os.getuid()}"
+    assert cache.stat().st_mode & 0o777 == 0o700
+    copies = [p.name for p in cache.iterdir() if p.name.endswith("-garbage.safetensors")]
+    assert copies and not any("s3cr3t" in name for name in copies)
 
 
 def test_a_client_killed_at_a_random_block_on_s3_resumes_to_the_same_mosaic(remote, local_reference):

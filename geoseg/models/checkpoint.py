@@ -81,7 +81,7 @@ def resolve_checkpoint_path(spec: str) -> Path:
 
 def sidecar_beside_url(spec: str) -> Path:
     """A local copy of the sidecar beside another trainer's checkpoint at a URL (``NAME.yaml``)."""
-    base = spec.split("?", 1)[0]  # a signed URL's query signs the weights, not the sidecar
+    base = storage.without_query(spec)  # a signed URL's query signs the weights, not the sidecar
     loc = storage.join(storage.parent(base), Path(storage.name(base)).stem + ".yaml")
     try:
         return storage.cached_copy(loc)
@@ -115,14 +115,16 @@ def load_checkpoint(spec: str | Path) -> Checkpoint:
     from geoseg.models import importers
 
     path = resolve_checkpoint_path(str(spec))
+    # a URL is named as the user gave it, not by its local copy
+    shown = str(spec) if storage.is_url(str(spec)) else str(path)
     if path.is_dir() and not (path / "config.json").is_file():
-        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
+        raise CheckpointError(f"{shown}: is a folder, not a checkpoint file")
     if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint not found")
+        raise CheckpointError(f"{shown}: checkpoint not found")
     try:
         foreign = importers.is_foreign(path)
     except Exception as exc:
-        raise CheckpointError(f"{path}: cannot read checkpoint ({exc})") from None
+        raise CheckpointError(f"{shown}: cannot read checkpoint ({exc})") from None
     if foreign:  # another trainer's, with its sidecar
         if not storage.is_url(str(spec)):
             return importers.load_foreign(path)
