@@ -190,12 +190,11 @@ def view(
     port: Annotated[int, typer.Option(help="Port (0: any free one)")] = 8000,
 ) -> None:
     """Serve a run's layers on a web map: classes, confidence, polygons, legend (Ctrl-C stops)."""
-    from geoseg import runstate
-    from geoseg.mosaic import CHANGE_STORE
+    from geoseg import mosaic, runstate
     from geoseg.view import ViewServer
 
     with _user_errors():
-        if not storage.exists(storage.join(out, CHANGE_STORE)):
+        if not mosaic.exists(storage.join(out, mosaic.CHANGE_STORE)):  # a store on a bucket is a prefix
             runstate.read_finished_manifest(out)  # a run that did not finish is refused in one line
         server = ViewServer(out, host, port)
     typer.echo(f"geoseg view: {server.url}/ (Ctrl-C stops)")

@@ -180,7 +180,7 @@ class ViewHandler(BaseHTTPRequestHandler):
         if path == "/run.json":
             return self.send_json(
                 {
-                    "name": tiles.out.rstrip("/").rsplit("/", 1)[-1],
+                    "name": storage.name(tiles.out),
                     "kind": tiles.kind,
                     "bounds": list(tiles.bounds_lonlat),
                     "layers": [{"name": layer.name, "title": layer.title} for layer in tiles.layers.values()],

@@ -376,6 +376,18 @@ def test_export_and_change_of_runs_on_s3_write_their_layers_to_the_store(remote,
     finally:
         server.shutdown()
         server.server_close()
+    # `geoseg view` of the change in the bucket (a Zarr store there is a prefix, not an object)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "geoseg", "view", change_out, "--port", "0"], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        url = proc.stdout.readline().split("geoseg view: ", 1)[1].split()[0]
+        page = urllib.request.urlopen(url, timeout=30).read().decode()
+        described = json.loads(urllib.request.urlopen(f"{url}run.json", timeout=30).read())
+        assert described["kind"] == "change" and described["name"] == "change" and "<html" in page.lower()
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_a_stac_collection_in_the_bucket_names_its_cogs_relatively_and_globs_stay_in_their_folder(remote):
