@@ -27,21 +27,35 @@ def stac_items(loc: str) -> list[dict[str, Any]]:
         doc = json.loads(storage.read_text(loc))
     except ValueError as exc:
         raise RunError(f"{loc}: not a STAC document ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("type") not in ("Feature", "FeatureCollection"):
+        raise RunError(f"{loc}: not a STAC Item or ItemCollection")
     return doc.get("features", [doc] if doc.get("type") == "Feature" else [])
 
 
-def stac_assets(loc: str, asset: str) -> list[str]:
+def stac_assets(
+    loc: str, asset: str, dates: dict[str, str] | None = None, bad: dict[str, str] | None = None
+) -> list[str]:
     """The ``asset`` of every item of a STAC Item or ItemCollection, as locations; an item with
-    one asset per band instead (``eo:bands``/``raster:bands``) as a reference to its band assets."""
+    one asset per band instead (``eo:bands``/``raster:bands``) as a reference to its band assets.
+    Each one's acquisition time (``properties.datetime``) goes into ``dates``. An item with
+    neither is named in ``bad`` (by its reference) with the reason, or raises without it."""
     hrefs = []
     for item in stac_items(loc):
         assets = item.get("assets", {})
         if asset in assets:
-            hrefs.append(storage.resolve_href(loc, assets[asset]["href"]))
+            href = storage.resolve_href(loc, assets[asset]["href"])
         elif any(band_assets.band_names(a) or band_assets.raster_band(a) for a in assets.values()):
-            hrefs.append(band_assets.item_ref(loc, item))  # one asset per band: stacked when opened
+            href = band_assets.item_ref(loc, item)  # one asset per band: stacked when opened
         else:
-            raise RunError(f"{loc}: item {item.get('id')!r} has no asset {asset!r} (has: {', '.join(assets)})")
+            reason = f"item {item.get('id')!r} has no asset {asset!r} (has: {', '.join(assets)})"
+            if bad is None:
+                raise RunError(f"{loc}: {reason}")
+            bad[band_assets.item_ref(loc, item)] = reason
+            log.error("skipping scene %s: %s", band_assets.item_ref(loc, item), reason)
+            continue
+        hrefs.append(href)
+        if dates is not None and (when := item.get("properties", {}).get("datetime")):
+            dates[href] = when
     return hrefs
 
 
@@ -51,43 +65,70 @@ def _is_pattern(loc: str) -> bool:
     return any(ch in loc for ch in wildcards)
 
 
-def expand_inputs(inputs: list[str], stac_asset: str = "image", empty: dict[str, str] | None = None) -> list[str]:
+def expand_inputs(
+    inputs: list[str],
+    stac_asset: str = "image",
+    empty: dict[str, str] | None = None,
+    dates: dict[str, str] | None = None,
+) -> list[str]:
     """Paths and URLs, folders and URL prefixes (their .tif/.tiff files; a prefix's at any depth),
-    glob patterns and STAC Item(Collection) files.
+    glob patterns and STAC Item(Collection) files, whose items' acquisition times go into ``dates``.
 
-    A folder, prefix or pattern that gives no file is named in ``empty`` (if given) with the reason.
+    A folder, prefix or pattern that gives no file, and a STAC document or item that cannot be
+    used, is named in ``empty`` (if given; else a bad STAC document raises) with the reason.
     """
     found_all: list[str] = []
     for item in inputs:
         item = str(item)
-        remote = storage.is_url(item)
-        # what the name ends with: an http(s) URL's query (a signed URL's signature) is not in it
-        name = item.split("?", 1)[0].lower() if storage.scheme(item) in storage.READ_ONLY else item.lower()
-        if band_assets.is_item_ref(item):
-            found, reason = [item], ""
-        elif name.endswith(".json") and not _is_pattern(item) and (remote or storage.exists(item)):
-            found, reason = stac_assets(item, stac_asset), "no STAC item in it"
-        elif _is_pattern(item):
-            found, reason = storage.glob(item), "pattern that matches no file"
-        elif remote and (item.endswith("/") or not name.endswith(SCENE_SUFFIXES)):
-            found = [loc for loc in storage.list_files(item.rstrip("/") + "/") if loc.lower().endswith(SCENE_SUFFIXES)]
-            reason = "prefix with no .tif/.tiff object"
-        elif not remote and storage.is_dir(item):
-            found = sorted(str(p) for p in Path(item).iterdir() if p.suffix.lower() in SCENE_SUFFIXES)
-            reason = "folder with no .tif/.tiff file"
-        else:
-            found, reason = [item], ""
-        if not found and empty is not None:
+        try:
+            found, reason = _expand(item, stac_asset, empty, dates)
+        except (RunError, storage.StorageError) as exc:  # one bad input; the others go on
+            if empty is None:
+                raise
+            found, reason = [], str(exc).removeprefix(f"{item}: ")
+        if not found and empty is not None and reason:
+            log.error("skipping input %s: %s", item, reason)
             empty[item] = reason
         found_all.extend(found)
     return found_all
 
 
+def _expand(
+    item: str, stac_asset: str, bad: dict[str, str] | None, dates: dict[str, str] | None
+) -> tuple[list[str], str]:
+    """One input's scenes, and the reason where it gives none ("" where its items were reported
+    one by one in ``bad``)."""
+    remote = storage.is_url(item)
+    name = storage.without_query(item).lower()  # a signed URL's signature is not in the name
+    if band_assets.is_item_ref(item):
+        return [item], ""
+    if name.endswith(".json") and not _is_pattern(item) and (remote or storage.exists(item)):
+        reported = len(bad or {})
+        found = stac_assets(item, stac_asset, dates, bad)
+        return found, "" if len(bad or {}) > reported else "no STAC item in it"
+    if _is_pattern(item):
+        return storage.glob(item), "pattern that matches no file"
+    if remote and (item.endswith("/") or not name.endswith(SCENE_SUFFIXES)):
+        found = [loc for loc in storage.list_files(item.rstrip("/") + "/") if loc.lower().endswith(SCENE_SUFFIXES)]
+        return found, "prefix with no .tif/.tiff object"
+    if not remote and storage.is_dir(item):
+        found = sorted(str(p) for p in Path(item).iterdir() if p.suffix.lower() in SCENE_SUFFIXES)
+        return found, "folder with no .tif/.tiff file"
+    return [item], ""
+
+
 def search_inputs(
-    url: str, collections: list[str], bbox: list[float] | None, when: str | None, asset: str, max_items: int
+    url: str,
+    collections: list[str],
+    bbox: list[float] | None,
+    when: str | None,
+    asset: str,
+    max_items: int,
+    dates: dict[str, str] | None = None,
 ) -> list[str]:
     """The scenes a STAC API search finds (pystac-client): each item's ``asset`` where it has
-    one, else a reference to its band assets (by the item's own URL)."""
+    one, else a reference to its band assets (by the item's own URL); their acquisition times
+    go into ``dates``."""
     from pystac_client import Client
 
     asked = ", ".join(
@@ -110,24 +151,10 @@ def search_inputs(
             found.append(f"{item.get_self_href()}{band_assets.ITEM_MARK}{item.id}")
         else:
             raise RunError(f"{storage.redact(url)}: item {item.id!r} has no {asset!r} asset and no self link")
+        if dates is not None and (acquired := item.properties.get("datetime")):
+            dates[found[-1]] = acquired
     log.info("%s: %d items (%s)", storage.redact(url), len(found), asked)
     return found
-
-
-def input_dates(inputs: list[str], asset: str) -> dict[str, str]:
-    """Acquisition times that STAC items give for their assets (``properties.datetime``)."""
-    dates: dict[str, str] = {}
-    for item in inputs:
-        if not str(item).lower().endswith(".json") or _is_pattern(str(item)):
-            continue
-        for feature in stac_items(str(item)):
-            when = feature.get("properties", {}).get("datetime")
-            href = feature.get("assets", {}).get(asset, {}).get("href")
-            if when and href:
-                dates[storage.resolve_href(str(item), href)] = when
-            elif when:
-                dates[band_assets.item_ref(str(item), feature)] = when
-    return dates
 
 
 def order_scenes(scenes: list[SceneInfo], rule: str) -> list[SceneInfo]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 
 from geoseg import runstate, storage
 from geoseg.blocks import Footprint, footprints_on
-from geoseg.catalog import catalog, expand_inputs, input_dates, order_scenes, search_inputs
+from geoseg.catalog import catalog, expand_inputs, order_scenes, search_inputs
 from geoseg.config import GridConfig, RunConfig
 from geoseg.grid import OutputGrid, aoi_bounds, chosen_grid, grid_from_scenes
 from geoseg.models.checkpoint import Checkpoint, load_checkpoint
@@ -116,14 +116,15 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     if "classes" in cfg.model_fields_set and cfg.class_names() != legend:
         raise RunError(f"{ckpt.path}: the model's classes {legend} do not match the config's {cfg.class_names()}")
     empty_inputs: dict[str, str] = {}
+    dates: dict[str, str] = {}  # acquisition times that STAC items give their scenes
     inputs = list(cfg.inputs)
     search = cfg.stac_search
     if search.url:
         inputs += search_inputs(
-            search.url, search.collections, search.bbox, search.datetime, cfg.stac_asset, search.max_items
+            search.url, search.collections, search.bbox, search.datetime, cfg.stac_asset, search.max_items, dates
         )
     scenes, failed_scenes = catalog(
-        expand_inputs(inputs, cfg.stac_asset, empty_inputs), len(ckpt.bands), band_selection(cfg, ckpt)
+        expand_inputs(inputs, cfg.stac_asset, empty_inputs, dates), len(ckpt.bands), band_selection(cfg, ckpt)
     )
     failed_scenes = {**empty_inputs, **failed_scenes}
     coverage = {s.path: None if s.vrt else data_coverage(s.path) for s in scenes}
@@ -138,7 +139,6 @@ def plan_run(cfg: RunConfig) -> RunPlan:
             if failed_scenes
             else "no input scene given"
         )
-    dates = input_dates(cfg.inputs, cfg.stac_asset)
     scenes = [replace(s, acquired=dates.get(s.path, s.acquired)) for s in scenes]
     grid = output_grid(cfg, scenes)
     scenes = order_scenes(scenes, cfg.output.mosaic_rule)

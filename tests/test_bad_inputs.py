@@ -190,6 +190,23 @@ def test_latest_acquisition_wins_where_scenes_overlap(tmp_path, random_checkpoin
     assert not np.array_equal(maps["first_old"], maps["first_new"])
     manifest = json.loads((tmp_path / "latest_items" / "manifest.json").read_text())
     assert {s["path"]: s["status"] for s in manifest["scenes"]} == {str(new): "ok", str(old): "unused"}
+    # STAC documents that cannot be used are bad inputs, each named with its reason: the run goes on
+    (tmp_path / "array.json").write_text("[]")
+    other = {"type": "Feature", "id": "x", "properties": {}, "assets": {"visual": {"href": "new.tif"}}}
+    (tmp_path / "visual.json").write_text(json.dumps(other))
+    inputs = [tmp_path / "items.json", tmp_path / "array.json", tmp_path / "missing.json", tmp_path / "visual.json"]
+    out = tmp_path / "with_bad"
+    cfg = run_config(random_checkpoint, inputs, out, "output.mosaic_rule=latest", "output.polygons=false")
+    assert not run(cfg, client2).ok
+    np.testing.assert_array_equal(xr.open_zarr(out / "mosaic.zarr")["classes"].values, maps["first_new"])
+    failed = {
+        s["path"]: s["error"]
+        for s in json.loads((out / "manifest.json").read_text())["scenes"]
+        if s["status"] == "failed"
+    }
+    assert failed[str(tmp_path / "array.json")] == "not a STAC Item or ItemCollection"
+    assert "not found" in failed[str(tmp_path / "missing.json")]
+    assert failed[f"{tmp_path / 'visual.json'}#x"] == "item 'x' has no asset 'image' (has: visual)"
     a = open_scene(old)
     assert order_scenes([a], "latest") == [a]
 

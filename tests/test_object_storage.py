@@ -408,6 +408,28 @@ def test_a_stac_collection_in_the_bucket_names_its_cogs_relatively_and_globs_sta
     empty: dict[str, str] = {}
     assert expand_inputs([f"{bucket}/nothing/*.tif", f"{bucket}/nothing/"], empty=empty) == []
     assert set(empty.values()) == {"pattern that matches no file", "prefix with no .tif/.tiff object"}
+    # a signed URL of a dated collection: the items' times reach the scenes (mosaic_rule latest);
+    # a document that cannot be read is one bad input, not the end of the run
+    hrefs = ["../scenes/cog/scene.tif", "../scenes/scene.tif"]  # over http, "/" is the host's root
+    dated = {
+        "type": "FeatureCollection",
+        "features": [
+            {"type": "Feature", "id": f"d{k}", "properties": {"datetime": f"2026-0{k + 5}-01T10:00:00Z"},
+             "assets": {"image": {"href": href}}}
+            for k, href in enumerate(hrefs)
+        ],
+    }  # fmt: skip
+    public = bucket.removeprefix("s3://")
+    boto3.client("s3", endpoint_url=S3_ENDPOINT).put_object(
+        Bucket=public.split("/")[0], Key="stac/dated.json", Body=json.dumps(dated).encode(), ACL="public-read"
+    )
+    signed = f"{S3_ENDPOINT}/{public}/stac/dated.json?sv=2030&sig=abc"
+    dates: dict[str, str] = {}
+    missing = f"{bucket}/stac/missing.json"
+    found = expand_inputs([signed, missing], empty=empty, dates=dates)
+    assert found == [f"{S3_ENDPOINT}/{public}/scenes/cog/scene.tif", f"{S3_ENDPOINT}/{public}/scenes/scene.tif"]
+    assert dates == {found[0]: "2026-05-01T10:00:00Z", found[1]: "2026-06-01T10:00:00Z"}
+    assert empty[missing] == "no such object"
 
 
 def test_local_sidecar_files_are_still_read(tmp_path):
