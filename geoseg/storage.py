@@ -604,22 +604,41 @@ def clear_tree(loc: str) -> None:
 
 
 def upload(path: Path, loc: str) -> None:
-    """Copy a finished local file to ``loc`` (a plain copy where ``loc`` is local)."""
+    """Copy a finished local file to ``loc``: locally under a temporary name moved into place,
+    remotely streamed from the file (a multipart upload when large: never whole in memory)."""
     if not is_url(loc):
         if Path(loc).resolve() != Path(path).resolve():
-            Path(loc).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, loc)
+            target = Path(loc)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, target)
         return
-    write_bytes(loc, Path(path).read_bytes())
+    import obstore
+
+    _writable(loc)
+    store, key = _split(loc)
+    try:
+        obstore.put(store, key, Path(path))
+    except Exception as exc:
+        raise _remote_error(loc, exc) from None
 
 
 @contextlib.contextmanager
 def staged(loc: str) -> Iterator[Path]:
-    """A local path to write ``loc`` at: the place itself when local, else a temporary file
-    uploaded whole when the block ends without an error (GeoPackage, COG: formats written in place)."""
+    """A local path to write ``loc`` at (GeoPackage, COG: formats written in place), put in its
+    place whole when the block ends without an error: a temporary file beside it moved there, or
+    uploaded. An error leaves what was at ``loc`` before."""
     if not is_url(loc):
-        Path(loc).parent.mkdir(parents=True, exist_ok=True)
-        yield Path(loc)
+        target = Path(loc)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # the suffix kept: some writers pick their format by it
+        tmp = target.with_name(f".{target.stem}.tmp-{uuid.uuid4().hex[:8]}{target.suffix}")
+        try:
+            yield tmp
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
         return
     _writable(loc)
     with tempfile.TemporaryDirectory(prefix="geoseg-") as tmp:

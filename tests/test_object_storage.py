@@ -540,6 +540,21 @@ def test_a_run_on_azure_blob_storage_and_on_google_cloud_storage_equals_the_loca
         np.testing.assert_array_equal(src.read(), pixels)
 
 
+def test_a_local_file_written_in_place_replaces_the_old_one_only_once_whole(tmp_path):
+    """An export stopped by an error (a full disk) leaves the previous COG or GeoPackage, not half
+    of a new one, and no temporary file beside it."""
+    target = tmp_path / "classes.tif"
+    target.write_bytes(b"the previous export")
+    with pytest.raises(OSError, match="No space"), storage.staged(str(target)) as path:
+        assert path.parent == tmp_path and path.suffix == ".tif"  # writers that go by the suffix
+        path.write_bytes(b"half of a new one")
+        raise OSError(28, "No space left on device")
+    assert target.read_bytes() == b"the previous export" and [p.name for p in tmp_path.iterdir()] == ["classes.tif"]
+    with storage.staged(str(target)) as path:
+        path.write_bytes(b"a new one")
+    assert target.read_bytes() == b"a new one" and [p.name for p in tmp_path.iterdir()] == ["classes.tif"]
+
+
 def test_the_profiles_region_reaches_gdal_when_the_keys_are_in_the_environment(tmp_path):
     """With keys in the environment, GDAL and obstore take the region from AWS_REGION or
     AWS_DEFAULT_REGION only; the AWS tools take it from the profile too. geoseg puts it there."""
