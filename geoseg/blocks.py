@@ -112,8 +112,8 @@ def predict_task(
             for name, scenes in layers.items()
         }
         counts: dict[str, list[int]] = {}
-        for partial in results.values():
-            counts.update(partial.valid_pixels)
+        for partial in results.values():  # by the scene's name as the manifest gives it (no signature)
+            counts.update({storage.redact(path): n for path, n in partial.valid_pixels.items()})
         record = {
             "status": "done",
             "tiles": sum(p.tiles for p in results.values()),
@@ -125,7 +125,7 @@ def predict_task(
         record = partials.save_block(folder, results, record)
         return {"block": block.key, **record}
     except Exception as exc:
-        return {"block": block.key, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        return {"block": block.key, "status": "failed", "error": storage.redact(f"{type(exc).__name__}: {exc}")}
 
 
 def finish_task(
@@ -183,7 +183,7 @@ def finish_task(
         # memory instead of reading the store again
         return {"block": block.key, **record, LEVELS: levels, ARRAYS: (classes, confidence) if written else None}
     except Exception as exc:
-        return {"block": block.key, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        return {"block": block.key, "status": "failed", "error": storage.redact(f"{type(exc).__name__}: {exc}")}
 
 
 LEVELS = "overview_levels"  # what step 2 hands its overview chunks: each level's windows of the block

@@ -233,7 +233,10 @@ def collect_blocks(
         if fut.key in chunk_of:  # failed: in the records as a failed block is (a rerun writes it)
             if fut.status == "error":
                 exc = fut.exception()
-                records[chunk_of[fut.key]] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+                records[chunk_of[fut.key]] = {
+                    "status": "failed",
+                    "error": storage.redact(f"{type(exc).__name__}: {exc}"),
+                }
             fut.release()
             continue
         if fut not in step2:
@@ -273,8 +276,9 @@ def empty_scenes(scenes: list[SceneInfo], records: dict[str, dict]) -> dict[str,
         return {}  # blocks from an older run carry no counts: no verdict
     verdicts: dict[str, str | None] = {}
     for s in scenes:
-        if s.path in valid and valid[s.path] == 0:
+        name = storage.redact(s.path)  # as the blocks' records name it
+        if name in valid and valid[name] == 0:
             verdicts[s.path] = "all pixels are nodata"
-        elif filled.get(s.path, 0) == 0:
+        elif filled.get(name, 0) == 0:
             verdicts[s.path] = None
     return verdicts

@@ -164,6 +164,14 @@ def test_a_signed_urls_query_stays_out_of_the_manifest_and_the_log(tmp_path, rem
     manifest = (out / "manifest.json").read_text()
     assert json.loads(manifest)["scenes"][0]["path"].endswith("/scenes/scene.tif?***")
     assert "s3cr3tSIGNATURE" not in manifest + res.stdout + res.stderr
+    # nor in any file the run left (the blocks' records name their scenes), and the same scene
+    # signed again resumes the run: its blocks are reused
+    assert not [p for p in out.rglob("*") if p.is_file() and b"s3cr3t" in p.read_bytes()]
+    resigned = [a.replace("s3cr3tSIGNATURE", "an0therSIGNATURE") for a in args]
+    res = subprocess.run([*resigned, "--set", "cluster.n_workers=1"], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((out / "manifest.json").read_text())["summary"]
+    assert summary["computed"] == 0 and summary["reused"] > 0, summary
     res = subprocess.run([*args, "--set", f"model.checkpoint={checkpoint}"], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 2 and "none.pt?***" in res.stderr and "s3cr3tSIGNATURE" not in res.stderr
     # one that is fetched but is no checkpoint: its local copy is named without the signature,
