@@ -77,11 +77,10 @@ def expand_inputs(
     A folder, prefix or pattern that gives no file, and a STAC document or item that cannot be
     used, is named in ``empty`` (if given; else a bad STAC document raises) with the reason.
     """
-    found_all: list[str] = []
-    for item in inputs:
-        item = str(item)
+
+    def one(item: str, document: bool = False) -> list[str]:
         try:
-            found, reason = _expand(item, stac_asset, empty, dates)
+            found, reason = (_stac_document if document else _expand)(item, stac_asset, empty, dates)
         except (RunError, storage.StorageError) as exc:  # one bad input; the others go on
             if empty is None:
                 raise
@@ -89,8 +88,25 @@ def expand_inputs(
         if not found and empty is not None and reason:
             log.error("skipping input %s: %s", item, reason)
             empty[item] = reason
-        found_all.extend(found)
-    return found_all
+        if _is_pattern(item):  # STAC documents a pattern matches give their scenes
+            return [scene for loc in found for scene in (one(loc, document=True) if _is_stac(loc) else [loc])]
+        return found
+
+    return [scene for item in inputs for scene in one(str(item))]
+
+
+def _is_stac(loc: str) -> bool:
+    return storage.without_query(loc).lower().endswith(".json")
+
+
+def _stac_document(
+    loc: str, stac_asset: str, bad: dict[str, str] | None, dates: dict[str, str] | None
+) -> tuple[list[str], str]:
+    """A STAC document's scenes, and the reason where it gives none ("" where its items were
+    reported one by one in ``bad``)."""
+    reported = len(bad or {})
+    found = stac_assets(loc, stac_asset, dates, bad)
+    return found, "" if len(bad or {}) > reported else "no STAC item in it"
 
 
 def _expand(
@@ -102,10 +118,8 @@ def _expand(
     name = storage.without_query(item).lower()  # a signed URL's signature is not in the name
     if band_assets.is_item_ref(item):
         return [item], ""
-    if name.endswith(".json") and not _is_pattern(item) and (remote or storage.exists(item)):
-        reported = len(bad or {})
-        found = stac_assets(item, stac_asset, dates, bad)
-        return found, "" if len(bad or {}) > reported else "no STAC item in it"
+    if _is_stac(item) and not _is_pattern(item) and (remote or storage.exists(item)):
+        return _stac_document(item, stac_asset, bad, dates)
     if _is_pattern(item):
         return storage.glob(item), "pattern that matches no file"
     if remote and (item.endswith("/") or not name.endswith(SCENE_SUFFIXES)):

@@ -438,6 +438,14 @@ def test_a_stac_collection_in_the_bucket_names_its_cogs_relatively_and_globs_sta
     assert found == [f"{S3_ENDPOINT}/{public}/scenes/cog/scene.tif", f"{S3_ENDPOINT}/{public}/scenes/scene.tif"]
     assert dates == {found[0]: "2026-05-01T10:00:00Z", found[1]: "2026-06-01T10:00:00Z"}
     assert empty[missing] == "no such object"
+    # a pattern of STAC documents gives their scenes; a listing that fails is one bad input
+    stac_dates: dict[str, str] = {}
+    by_pattern = expand_inputs([f"{bucket}/stac/*.json"], dates=stac_dates)
+    assert by_pattern == [f"{bucket}/scenes/cog/scene.tif", f"{bucket}/scenes/scene.tif"] * 2
+    assert sorted(stac_dates.values()) == ["2026-05-01T10:00:00Z", "2026-06-01T10:00:00Z"]
+    empty.clear()
+    assert expand_inputs(["s3://no-such-bucket-here/*.tif", remote["scene"]], empty=empty) == [remote["scene"]]
+    assert list(empty) == ["s3://no-such-bucket-here/*.tif"]
 
 
 def test_local_sidecar_files_are_still_read(tmp_path):
