@@ -389,9 +389,12 @@ def read_finished_manifest(out: str | Path) -> dict[str, Any]:
     out = str(out)
     loc = storage.join(out, MANIFEST_NAME)
     try:
-        text = storage.read_text(loc)
-    except OSError:
-        raise RunError(f"{out}: not a geoseg run (no {MANIFEST_NAME})") from None
+        data = storage.read_if_exists(loc)
+    except storage.StorageError as exc:  # the store cannot be reached, access denied: say so
+        raise RunError(str(exc)) from None
+    if data is None:
+        raise RunError(f"{out}: not a geoseg run (no {MANIFEST_NAME})")
+    text = data.decode()
     try:
         manifest = json.loads(text)
     except ValueError as exc:

@@ -254,10 +254,21 @@ def test_an_unreachable_endpoint_is_one_line_naming_the_url(tmp_path, remote):
         env.pop("AWS_S3_ENDPOINT", None)  # derived from the endpoint at start-up
         args = [sys.executable, "-m", "geoseg", *run_cli_args(remote["cog"], tmp_path / "out", BLOCK)]
         res = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+        run_on_store = f"{remote['bucket']}/runs/finished"
+        exports = [
+            subprocess.run(
+                [sys.executable, "-m", "geoseg", *command], cwd=REPO, capture_output=True, text=True, env=env
+            )
+            for command in (["export", run_on_store], ["vectorize", run_on_store])
+        ]
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and remote["cog"] in lines[0] and "endpoint unreachable" in lines[0], res.stderr
     assert S3_SECRET not in res.stdout + res.stderr
+    for done in exports:  # not "not a geoseg run": the store could not be asked
+        assert (
+            done.returncode == 2 and done.stderr.strip() == f"error: {run_on_store}/manifest.json: endpoint unreachable"
+        )
 
 
 def test_a_key_with_404_in_it_on_an_unreachable_endpoint_is_not_a_missing_object(remote):
