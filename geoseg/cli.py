@@ -42,7 +42,8 @@ def _setup_logging(verbose: bool) -> None:
         handlers=[handler],
         force=True,
     )
-    for noisy in ("distributed", "rasterio", "fiona", "pyogrio", "matplotlib", "PIL", "numexpr"):
+    # botocore says at INFO where it found credentials, each time rasterio builds a session
+    for noisy in ("distributed", "rasterio", "fiona", "pyogrio", "matplotlib", "PIL", "numexpr", "botocore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -69,14 +70,21 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except (ConfigError, RunError, CheckpointError) as exc:
-        if _verbose:
-            raise
+        _traceback_if_verbose()
         _fail(str(exc))
     except OSError as exc:
-        if _verbose:
-            raise
+        _traceback_if_verbose()
         where = f"{exc.filename}: " if exc.filename else ""
         _fail(f"{where}{exc.strerror or exc}")
+
+
+def _traceback_if_verbose() -> None:
+    """With --verbose, the traceback of the error being handled (redacted) before its line: the
+    exit code stays the one of a user's error."""
+    if _verbose:
+        import traceback
+
+        typer.echo(storage.redact(traceback.format_exc()), err=True)
 
 
 @app.callback()

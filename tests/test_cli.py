@@ -72,6 +72,14 @@ def test_bad_set_key_is_a_one_line_error(tmp_path):
     assert "Traceback" not in res.stderr
 
 
+def test_verbose_adds_the_traceback_and_keeps_the_exit_code_of_a_users_error(tmp_path):
+    res = geoseg("-v", "export", str(tmp_path / "never-ran"))
+    assert res.returncode == 2
+    assert "Traceback" in res.stderr and res.stderr.strip().splitlines()[-1].endswith(
+        "not a geoseg run (no manifest.json)"
+    )
+
+
 def test_bad_set_value_names_the_key(tmp_path):
     res = geoseg("run", "configs/demo.yaml", "--set", "tiling.blend=bilinear", cwd=Path(__file__).parent.parent)
     assert res.returncode == 2
