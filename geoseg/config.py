@@ -150,6 +150,19 @@ class VectorConfig(_Strict):
     reproject_to: str | None = None
     """Also write a copy of the polygons in this CRS (e.g. EPSG:4326)."""
 
+    @field_validator("reproject_to")
+    @classmethod
+    def _a_crs(cls, value: str | None) -> str | None:
+        if value is not None:
+            from pyproj import CRS
+            from pyproj.exceptions import CRSError
+
+            try:
+                CRS.from_user_input(value)
+            except CRSError:
+                raise ValueError(f"not a CRS: {value!r}") from None
+        return value
+
 
 class JobqueueConfig(_Strict):
     """A batch-scheduler cluster through dask-jobqueue (``pip install geoseg[jobqueue]``)."""

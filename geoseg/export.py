@@ -23,10 +23,9 @@ from geoseg.blending import NODATA
 from geoseg.config import RunConfig
 from geoseg.grid import OutputGrid
 from geoseg.mosaic import MOSAIC_NAME
-from geoseg.polygons import blocks_with_classes, stream_polygons
+from geoseg.polygons import blocks_with_classes, layer_files, stream_polygons
 from geoseg.quicklook import write_quicklook
 from geoseg.tiling import iter_blocks
-from geoseg.vector_io import LayerWriter, write_flatgeobuf
 
 log = logging.getLogger(__name__)
 
@@ -229,9 +228,6 @@ def report_markdown(report: dict, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-SUFFIX = {"gpkg": ".gpkg", "parquet": ".parquet", "fgb": ".fgb"}
-
-
 @dataclass
 class ExportResult:
     files: dict[str, str] = field(default_factory=dict)
@@ -249,25 +245,10 @@ def export_layers(out: str, cfg: RunConfig, client: Client, manifest: dict) -> E
     result.files["cog"] = write_cog(mosaic_path, at("classes.tif"), legend, colors)
     size = cfg.output.block_size
     blocks = blocks_with_classes(manifest, size, list(iter_blocks(grid.height, grid.width, size)))
-    targets: list[tuple[str, str | None]] = [("", None)]
-    if cfg.vector.reproject_to:
-        targets.append(("_" + cfg.vector.reproject_to.replace(":", "").lower(), cfg.vector.reproject_to))
-    writers: list[tuple[LayerWriter, str | None]] = []
-    try:
-        for tag, crs in targets:
-            # FlatGeobuf cannot grow: it is converted from the GeoPackage at the end.
-            for suffix in {".gpkg"} | {SUFFIX[f] for f in cfg.vector.formats if f == "parquet"}:
-                writers.append((LayerWriter(at(f"polygons{tag}{suffix}"), crs or grid.crs_wkt), crs))
-    except BaseException:  # the layers begun are dropped: no staging left behind
-        for writer, _ in writers:
-            writer.abort()
-        raise
-    count = stream_polygons(client, blocks, grid, out, legend, writers, cfg.vector)
-    for tag, _ in targets:
-        if "fgb" in cfg.vector.formats:
-            write_flatgeobuf(at(f"polygons{tag}.gpkg"), at(f"polygons{tag}.fgb"))
-        for fmt in cfg.vector.formats:
-            result.files[f"{fmt}{tag}"] = at(f"polygons{tag}{SUFFIX[fmt]}")
+    layers = layer_files(out, grid.crs_wkt, cfg.vector)
+    count = stream_polygons(client, blocks, grid, out, legend, layers.writers, cfg.vector)
+    layers.convert()
+    result.files.update(layers.files)
     styles = {
         "qml_raster": ("classes.qml", raster_qml(legend, colors)),
         "qml_vector": ("polygons.qml", vector_qml(legend, colors)),
@@ -282,10 +263,8 @@ def export_layers(out: str, cfg: RunConfig, client: Client, manifest: dict) -> E
     storage.write_text(at("report.json"), json.dumps(report, indent=2))
     storage.write_text(at("report.md"), report_markdown(report, f"Land cover of {storage.name(out)}"))
     result.files.update(report_json=at("report.json"), report_md=at("report.md"))
-    # the gpkg a FlatGeobuf was converted from is an output too
     names = sorted(
         {storage.name(loc) for loc in result.files.values()}
-        | {f"polygons{t}.gpkg" for t, _ in targets}
         | {storage.name(result.files["cog"]) + ".aux.xml"}  # the COG's category names
     )
     result.files["item"] = stac_item.add_assets(out, manifest, legend, colors, names)

@@ -29,8 +29,9 @@ from geoseg.manifest import BlockRecord, ModelRecord, RunManifest, SceneRecord, 
 from geoseg.mosaic import MOSAIC_NAME
 from geoseg.planning import RunPlan, plan_run, with_numerics
 from geoseg.polygons import (
+    LayerSink,
     blocks_with_classes,
-    layer_file_sink,
+    layer_files,
     layer_task,
     submit_layers,
     submit_parts,
@@ -138,13 +139,16 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
         client, blocks, todo, layers, plan, settings, lease, ckpt.n_classes, polygonize, block_records, all_overviews
     )
     layers = polygon_tasks(client, plan, block_records, submitted, lease.run_id) if cfg.output.polygons else []
-    sink, polygons_path = None, None
+    sink, files = None, None
     try:
         if cfg.output.polygons:
-            sink, polygons_path = layer_file_sink(layers, grid, out)
+            files = layer_files(out, grid.crs_wkt, cfg.vector)
+            sink = LayerSink(layers, files.writers)
         del layers
         block_records.update(collect_blocks(submitted, out, lease, sink))
         count = sink.close() if sink is not None else 0
+        if files is not None:
+            files.convert()
         # the polygons' share after the last block: the last blocks' polygons, the merge, the writes
         t_segment, t_vec = submitted.finished_at - t0, time.perf_counter() - submitted.finished_at
     except BaseException:
@@ -152,8 +156,8 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
             sink.abort()
         raise
     del submitted
-    if sink is not None:
-        log.info("%d polygons -> %s", count, polygons_path)
+    if files is not None:
+        log.info("%d polygons -> %s", count, ", ".join(files.files.values()))
     failed_blocks = {k: v["error"] for k, v in block_records.items() if v["status"] != "done"}
     unused = []
     for scene, reason in empty_scenes(scenes, block_records).items():
@@ -180,7 +184,9 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
 
     quicklook = write_quicklook(mosaic_path, storage.join(out, QUICKLOOK_NAME))
     lease.check()
-    outputs = {"mosaic": mosaic_path, "polygons": polygons_path, "quicklook": quicklook}
+    polygons_path = files.gpkg if files is not None else None
+    other_layers = {f"polygons_{key}": loc for key, loc in (files.files if files else {}).items() if key != "gpkg"}
+    outputs = {"mosaic": mosaic_path, "polygons": polygons_path, **other_layers, "quicklook": quicklook}
     summary = Summary(
         blocks=len(blocks),
         computed=len(todo),

@@ -4,6 +4,7 @@ holds the maths)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
@@ -24,12 +25,9 @@ from geoseg.config import VectorConfig
 from geoseg.grid import OutputGrid
 from geoseg.progress import track
 from geoseg.tiling import Block
-from geoseg.vector_io import LayerWriter, decode_rows, encode_frame, encode_rows, slice_rows
+from geoseg.vector_io import LayerWriter, decode_rows, encode_frame, encode_rows, slice_rows, write_flatgeobuf
 
 log = logging.getLogger(__name__)
-
-
-POLYGONS_NAME = "polygons.gpkg"
 
 
 MERGE_GROUPS = 8  # tasks that merge the pieces cut by block edges, classes shared out by id
@@ -298,6 +296,59 @@ def write_layers(
         raise
 
 
+LAYER_SUFFIXES = {"gpkg": ".gpkg", "parquet": ".parquet", "fgb": ".fgb"}
+
+
+def crs_tag(crs: str) -> str:
+    """How the copy of a layer in ``crs`` is named: ``_epsg4326`` by the CRS's code, else by a
+    short hash of its text (a WKT or PROJ string is no file name)."""
+    from pyproj import CRS
+
+    authority = CRS.from_user_input(crs).to_authority()
+    if authority is not None:
+        return f"_{authority[0].lower()}{authority[1]}"
+    return "_crs" + hashlib.sha256(crs.encode()).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class LayerFiles:
+    """The polygon layer's files under a run's OUT: one per format of ``vector.formats``, and again
+    in ``vector.reproject_to``. Each ``writer`` is given the rows; a FlatGeobuf, which cannot grow,
+    is converted from its GeoPackage (always written) once the writers are closed."""
+
+    writers: list[tuple[LayerWriter, str | None]]
+    files: dict[str, str]  # by format, and the CRS's tag for the copy: gpkg, parquet, gpkg_epsg4326...
+    converted: list[tuple[str, str]]  # (GeoPackage, FlatGeobuf)
+
+    @property
+    def gpkg(self) -> str:
+        return self.files["gpkg"]
+
+    def convert(self) -> None:
+        for gpkg, fgb in self.converted:
+            write_flatgeobuf(gpkg, fgb)
+
+
+def layer_files(out: str, crs: str, vector: VectorConfig) -> LayerFiles:
+    """The writers of the layer's files (:class:`LayerFiles`); ``crs``: the mosaic's."""
+    targets = [("", None)] + ([(crs_tag(vector.reproject_to), vector.reproject_to)] if vector.reproject_to else [])
+    writers: list[tuple[LayerWriter, str | None]] = []
+    files, converted = {}, []
+    try:
+        for tag, to_crs in targets:
+            at = {fmt: storage.join(out, f"polygons{tag}{suffix}") for fmt, suffix in LAYER_SUFFIXES.items()}
+            for fmt in ["gpkg", *(["parquet"] if "parquet" in vector.formats else [])]:
+                writers.append((LayerWriter(at[fmt], to_crs or crs), to_crs))
+            files.update({f"{fmt}{tag}": at[fmt] for fmt in ["gpkg", *vector.formats]})
+            if "fgb" in vector.formats:
+                converted.append((at["gpkg"], at["fgb"]))
+    except BaseException:  # the layers begun are dropped: no staging left behind
+        for writer, _ in writers:
+            writer.abort()
+        raise
+    return LayerFiles(writers, files, converted)
+
+
 def write_polygons(
     client: Client,
     blocks: list[Block],
@@ -306,23 +357,12 @@ def write_polygons(
     legend: dict[int, str],
     vector: VectorConfig,
 ) -> str:
-    """The run's polygons as one GeoPackage layer."""
-    parts = submit_parts(client, blocks, out, grid, vector, legend)
-    return write_layer_file(submit_layers(client, parts, grid, legend, vector), grid, out)
-
-
-def write_layer_file(layers: list[Future], grid: OutputGrid, out: str) -> str:
-    """The rows of :func:`submit_layers` as the run's GeoPackage layer."""
-    path = storage.join(out, POLYGONS_NAME)
-    count = write_layers(layers, [(LayerWriter(path, grid.crs_wkt), None)])
-    log.info("%d polygons -> %s", count, path)
-    return path
-
-
-def layer_file_sink(layers: list[Future], grid: OutputGrid, out: str) -> tuple[LayerSink, str]:
-    """A :class:`LayerSink` of the run's GeoPackage layer, and the layer's location."""
-    path = storage.join(out, POLYGONS_NAME)
-    return LayerSink(layers, [(LayerWriter(path, grid.crs_wkt), None)]), path
+    """The run's polygon layer, in every format asked; the GeoPackage's location."""
+    files = layer_files(out, grid.crs_wkt, vector)
+    count = stream_polygons(client, blocks, grid, out, legend, files.writers, vector)
+    files.convert()
+    log.info("%d polygons -> %s", count, ", ".join(files.files.values()))
+    return files.gpkg
 
 
 def blocks_with_classes(manifest: dict, block_size: int, blocks: list[Block]) -> list[Block]:

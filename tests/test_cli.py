@@ -86,6 +86,13 @@ def test_bad_set_value_names_the_key(tmp_path):
     assert "tiling.blend" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_a_crs_to_reproject_to_that_is_none_is_one_line_before_any_work(tmp_path):
+    res = geoseg(
+        "run", "configs/demo.yaml", "--set", "vector.reproject_to=EPSG:99999", cwd=Path(__file__).parent.parent
+    )
+    assert res.returncode == 2 and "vector.reproject_to" in res.stderr and "not a CRS: 'EPSG:99999'" in res.stderr
+
+
 def test_missing_config_is_a_clear_error(tmp_path):
     res = geoseg("run", str(tmp_path / "nope.yaml"))
     assert res.returncode == 2 and "config file not found" in res.stderr

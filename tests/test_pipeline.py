@@ -36,7 +36,8 @@ def read_classes(out):
 def reference(tmp_path_factory, random_checkpoint, scene_1000x700, client2):
     """The mosaic with the whole scene as one block: what every other partition must equal."""
     out = tmp_path_factory.mktemp("ref")
-    cfg = run_config(random_checkpoint, [scene_1000x700[0]], out, "output.block_size=1024")
+    layers = ("vector.formats=[gpkg, parquet, fgb]", "vector.reproject_to=EPSG:4326")
+    cfg = run_config(random_checkpoint, [scene_1000x700[0]], out, "output.block_size=1024", *layers)
     result = run(cfg, client2)
     assert result.ok
     return out
@@ -254,6 +255,21 @@ def test_polygons_match_the_mosaic(reference):
     for k, n in enumerate(counts):
         assert per_class.get(k, 0.0) == pytest.approx(n * 100.0)  # 10 m pixels
     np.testing.assert_allclose(gdf["area_m2"], gdf.geometry.area)
+
+
+def test_a_run_writes_its_polygons_in_every_format_asked_and_in_the_other_crs(reference):
+    gpkg = gpd.read_file(reference / "polygons.gpkg")
+    for copy in (gpd.read_parquet(reference / "polygons.parquet"), gpd.read_file(reference / "polygons.fgb")):
+        assert copy.crs == gpkg.crs and len(copy) == len(gpkg)
+        assert copy["area_m2"].sum() == pytest.approx(gpkg["area_m2"].sum())
+    for suffix in ("gpkg", "parquet", "fgb"):
+        wgs84 = gpd.read_parquet if suffix == "parquet" else gpd.read_file
+        other = wgs84(reference / f"polygons_epsg4326.{suffix}")
+        assert other.crs.to_epsg() == 4326 and len(other) == len(gpkg)
+        assert other.to_crs(gpkg.crs).area.sum() == pytest.approx(gpkg.area.sum(), rel=1e-6)
+    outputs = json.loads((reference / "manifest.json").read_text())["outputs"]
+    assert outputs["polygons_parquet"] == str(reference / "polygons.parquet")
+    assert outputs["polygons_fgb_epsg4326"] == str(reference / "polygons_epsg4326.fgb")
 
 
 def test_manifest_records_the_run(reference, scene_1000x700, random_checkpoint):
