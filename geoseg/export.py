@@ -11,7 +11,7 @@ import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from xml.sax.saxutils import escape
+from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
 import rasterio
@@ -101,7 +101,7 @@ def pam_xml(legend: dict[int, str]) -> str:
 def raster_qml(legend: dict[int, str], colors: dict[int, str]) -> str:
     """A QGIS paletted renderer for the class raster."""
     entries = "\n".join(
-        f'        <paletteEntry value="{k}" color="{colors.get(k, "#808080")}" alpha="255" label="{escape(name)}"/>'
+        f'        <paletteEntry value="{k}" color="{colors.get(k, "#808080")}" alpha="255" label={quoteattr(name)}/>'
         for k, name in sorted(legend.items())
     )
     return f"""<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
@@ -122,7 +122,7 @@ def vector_qml(legend: dict[int, str], colors: dict[int, str]) -> str:
     categories, symbols = [], []
     for i, (k, name) in enumerate(sorted(legend.items())):
         r, g, b = hex_to_rgb(colors.get(k, "#808080"))
-        categories.append(f'      <category value="{k}" label="{escape(name)}" symbol="{i}" render="true"/>')
+        categories.append(f'      <category value="{k}" label={quoteattr(name)} symbol="{i}" render="true"/>')
         symbols.append(f"""      <symbol type="fill" name="{i}" alpha="1">
         <layer class="SimpleFill">
           <Option type="Map">

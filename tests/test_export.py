@@ -63,9 +63,29 @@ def test_cog_is_tiled_with_mode_overviews_colour_table_and_nodata(exported):
         assert cmap[0][:3] == (0x1F, 0x78, 0xB4)  # water's colour
         assert src.tags(1)["CLASS_4"] == "built-up"
         np.testing.assert_array_equal(src.read(1), classes)
-        # mode resampling: an overview only holds class values that exist, never averages
-        ov = src.read(1, out_shape=(src.height // 2, src.width // 2))
-        assert set(np.unique(ov)) <= set(np.unique(classes))
+
+
+def test_the_cogs_overviews_hold_each_windows_most_common_class(tmp_path):
+    """Three pixels of forest and one of water at the corner a nearest overview samples, in every
+    2 x 2 window: mode gives forest, nearest water, an average class 2 (neither)."""
+    from rasterio.crs import CRS
+
+    from geoseg import mosaic
+    from geoseg.export import write_cog
+    from geoseg.grid import OutputGrid
+    from geoseg.tiling import iter_blocks
+
+    classes = np.ones((1024, 1024), np.uint8)  # the COG's tiles are 512 px: one overview level
+    classes[0::2, 0::2] = 5
+    grid = OutputGrid(CRS.from_epsg(32633).to_wkt(), (10.0, 0.0, 500000.0, 0.0, -10.0, 5200000.0), 1024, 1024)
+    store = tmp_path / "mosaic.zarr"
+    mosaic.create_mosaic(store, grid, 512, {1: "forest", 5: "water"})
+    for b in iter_blocks(1024, 1024, 512):
+        mosaic.write_block(store, b, classes[b.region], np.full((512, 512), 90, np.uint8))
+    write_cog(str(store), str(tmp_path / "classes.tif"), {1: "forest", 5: "water"}, {1: "#1b7837", 5: "#1f78b4"})
+    with rasterio.open(tmp_path / "classes.tif") as src:
+        assert src.overviews(1)[0] == 2
+        assert (src.read(1, out_shape=(512, 512)) == 1).all()
 
 
 def test_polygons_are_valid_non_overlapping_and_match_the_sieved_raster(exported):
@@ -124,6 +144,19 @@ def test_styles_name_every_class_with_its_colour(exported):
     sld = ET.parse(out / "polygons.sld").getroot()
     ns = {"sld": "http://www.opengis.net/sld"}
     assert [r.find("sld:Name", ns).text for r in sld.findall(".//sld:Rule", ns)] == NAMES
+
+
+def test_styles_keep_class_names_with_quotes_and_markup():
+    from geoseg.export import pam_xml, raster_qml, vector_qml, vector_sld
+
+    legend = {0: 'water "open"', 1: "forest & <wood>", 2: "it's grass"}
+    colors = {0: "#1f78b4", 1: "#1b7837", 2: "#a6d96a"}
+    names = list(legend.values())
+    assert [e.get("label") for e in ET.fromstring(raster_qml(legend, colors)).iter("paletteEntry")] == names
+    assert [c.get("label") for c in ET.fromstring(vector_qml(legend, colors)).iter("category")] == names
+    sld = ET.fromstring(vector_sld(legend, colors))
+    assert [n.text for n in sld.iter("{http://www.opengis.net/sld}Name")][1:] == names
+    assert [c.text for c in ET.fromstring(pam_xml(legend)).iter("Category")] == names
 
 
 def test_quicklook_and_report(exported):
