@@ -330,14 +330,17 @@ def run_change(run_a: str, run_b: str, out: str, cfg: ChangeConfig, client: Clie
     The two runs are not locked (several change jobs may read one run); that each is the same
     finished run at the end as at the start is checked instead."""
     run_a, run_b, out = (storage.absolute(loc) for loc in (run_a, run_b, out))
+    for run in (run_a, run_b):  # its own state and outputs would be replaced
+        if storage.is_within(out, run):
+            raise RunError(f"{out}: is the run {run} or inside it; give the change an output folder of its own")
     before = [runstate.read_finished_manifest(r)["run_id"] for r in (run_a, run_b)]
     runstate.ensure_output_folder(out)
-    with Lease(out, runstate.new_run_id()):
+    with Lease(out, runstate.new_run_id()) as lease:
         if client is not None:
-            result = change_runs(run_a, run_b, out, cfg, client)
+            result = change_runs(run_a, run_b, out, cfg, client, lease.run_id)
         else:
             with dask_client(cfg.cluster) as own:
-                result = change_runs(run_a, run_b, out, cfg, own)
+                result = change_runs(run_a, run_b, out, cfg, own, lease.run_id)
     for run, run_id in zip((run_a, run_b), before, strict=True):
         if runstate.read_finished_manifest(run)["run_id"] != run_id:
             raise RunError(f"{run}: was run again while the change was computed; compute the change again")

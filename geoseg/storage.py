@@ -124,6 +124,16 @@ def name(loc: str) -> str:
     return without_query(loc).rstrip("/").rsplit("/", 1)[-1] if is_url(loc) else Path(loc).name
 
 
+def is_within(loc: str, folder: str) -> bool:
+    """Whether ``loc`` is ``folder`` or lies under it (both absolute, as :func:`absolute` gives them)."""
+    if is_url(loc) != is_url(folder):
+        return False
+    if is_url(loc):
+        loc, folder = loc.rstrip("/"), folder.rstrip("/")
+        return loc == folder or loc.startswith(folder + "/")
+    return Path(loc).resolve().is_relative_to(Path(folder).resolve())
+
+
 def parent(loc: str) -> str:
     return loc.rstrip("/").rsplit("/", 1)[0] if is_url(loc) else str(Path(loc).parent)
 

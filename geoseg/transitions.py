@@ -96,9 +96,17 @@ def read_on_grid(store: str, target: OutputGrid, rows: Span, cols: Span) -> tupl
 
 
 def change_task(
-    block: Block, run_a: str, run_b: str, grid: OutputGrid, n_classes: int, cfg: ChangeConfig, out: str
+    block: Block,
+    run_a: str,
+    run_b: str,
+    grid: OutputGrid,
+    n_classes: int,
+    cfg: ChangeConfig,
+    out: str,
+    run_id: str | None = None,
 ) -> np.ndarray:
-    """A Dask task: change of one block (read with a halo for the MMU), written to the store; its matrix."""
+    """A Dask task: change of one block (read with a halo for the MMU), written to the store; its
+    matrix. With ``run_id``, nothing is written unless that change job still holds OUT's lease."""
     halo = cfg.mmu_pixels if cfg.mmu_pixels > 1 else 0
     rows = Span(max(0, block.rows.start - halo), min(grid.height, block.rows.stop + halo))
     cols = Span(max(0, block.cols.start - halo), min(grid.width, block.cols.stop + halo))
@@ -110,6 +118,8 @@ def change_task(
         slice(block.cols.start - cols.start, block.cols.stop - cols.start),
     )
     arrays = {name: getattr(result, name)[inner] for name in ARRAYS}
+    if run_id is not None and not runstate.holds_lease(out, run_id):
+        raise RuntimeError("this change job no longer holds the output folder's lease; nothing written")
     mosaic.write_region(storage.join(out, CHANGE_STORE), block, arrays)
     matrix = change.transition_matrix(arrays["transition"], n_classes)
     # Written after the region: a block with a marker is complete, a rerun skips it.
@@ -148,11 +158,15 @@ def check_overlap(a: OutputGrid, b: OutputGrid, run_a: str, run_b: str) -> None:
         raise RunError(f"{run_a} and {run_b} do not overlap: nothing to compare")
 
 
-def change_runs(run_a: str, run_b: str, out: str, cfg: ChangeConfig, client: Client) -> ChangeResult:
+def change_runs(
+    run_a: str, run_b: str, out: str, cfg: ChangeConfig, client: Client, run_id: str | None = None
+) -> ChangeResult:
     store_a, store_b = storage.join(run_a, MOSAIC_NAME), storage.join(run_b, MOSAIC_NAME)
     legend = mosaic.read_legend(store_a)
     if mosaic.read_legend(store_b) != legend:
         raise RunError(f"{run_a} and {run_b} use different classes: {legend} vs {mosaic.read_legend(store_b)}")
+    if sorted(legend) != list(range(len(legend))):  # a transition is coded from * n + to
+        raise RunError(f"{run_a}: change detection needs classes numbered 0 to n-1, the run has {sorted(legend)}")
     grid = mosaic.read_grid(store_a)
     check_overlap(grid, mosaic.read_grid(store_b), run_a, run_b)
     n = len(legend)
@@ -184,7 +198,9 @@ def change_runs(run_a: str, run_b: str, out: str, cfg: ChangeConfig, client: Cli
     stamp = time.time_ns()
     todo = [b for b in blocks if reused.get(b.key, {}).get("status") != "done"]
     futures = [
-        client.submit(change_task, b, str(run_a), str(run_b), grid, n, cfg, str(out), key=f"change-{b.key}-{stamp}")
+        client.submit(
+            change_task, b, str(run_a), str(run_b), grid, n, cfg, str(out), run_id, key=f"change-{b.key}-{stamp}"
+        )
         for b in todo
     ]
     matrix = np.zeros((n, n), dtype=np.int64)

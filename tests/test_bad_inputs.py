@@ -233,9 +233,18 @@ def test_rerun_reuses_finished_blocks_and_refuses_a_changed_config(
     cfg = run_config(random_checkpoint, [scene_1000x700[0]], tmp_path, "output.block_size=512", "output.polygons=false")
     run(cfg, client2)
     first = xr.open_zarr(tmp_path / "mosaic.zarr")["classes"].values
-    # lose two blocks' markers, as if the run had been killed before them
-    for key in ("0_1", "1_0"):
-        (tmp_path / ".geoseg" / "blocks" / f"{key}.json").unlink()
+    # lose two blocks' markers, as if the run had been killed before them, and their pixels with
+    # them (a rerun that skipped them would leave this)
+    from geoseg import mosaic
+    from geoseg.tiling import iter_blocks
+
+    for block in iter_blocks(700, 1000, 512):
+        if block.key in ("0_1", "1_0"):
+            (tmp_path / ".geoseg" / "blocks" / f"{block.key}.json").unlink()
+            rows, cols = block.rows.size, block.cols.size
+            garbage = (np.full((rows, cols), 3, np.uint8), np.zeros((rows, cols), np.uint8))
+            mosaic.write_block(tmp_path / "mosaic.zarr", block, *garbage)
+    assert not np.array_equal(xr.open_zarr(tmp_path / "mosaic.zarr")["classes"].values, first)
     run(cfg, client2)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["summary"]["computed"] == 2 and manifest["summary"]["reused"] == 2

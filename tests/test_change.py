@@ -16,10 +16,12 @@ import xarray as xr
 from conftest import run_config
 from PIL import Image
 
+from geoseg import mosaic
 from geoseg.change import detect_change, drop_small_regions, transition_matrix
 from geoseg.config import load_change_config
 from geoseg.jobs import RunError, run, run_change
 from geoseg.synth import SceneSpec, write_scene, write_second_date
+from geoseg.tiling import iter_blocks
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +113,14 @@ def test_change_does_not_depend_on_the_block_size(two_dates, client2):
 
 def test_change_run_resumes_only_missing_blocks(two_dates, client2):
     d, first, _ = two_dates
-    for key in ("0_1", "1_2"):
-        (d / "change" / ".geoseg" / "blocks" / f"{key}.json").unlink()
     before = xr.open_zarr(d / "change" / "change.zarr")["transition"].values
+    grid = mosaic.read_grid(d / "change" / "change.zarr")
+    for block in iter_blocks(grid.height, grid.width, 256):  # markers and pixels lost: a rerun writes them
+        if block.key in ("0_1", "1_2"):
+            (d / "change" / ".geoseg" / "blocks" / f"{block.key}.json").unlink()
+            sentinel = np.full((block.rows.size, block.cols.size), 254, np.uint8)
+            mosaic.write_region(d / "change" / "change.zarr", block, {"transition": sentinel})
+    assert not np.array_equal(xr.open_zarr(d / "change" / "change.zarr")["transition"].values, before)
     cfg = load_change_config(None, ["block_size=256", "mmu_pixels=20", "min_confidence=50"])
     again = run_change(d / "run_a", d / "run_b", d / "change", cfg, client2)
     assert (again.computed, again.reused) == (2, 10)
@@ -122,6 +129,14 @@ def test_change_run_resumes_only_missing_blocks(two_dates, client2):
     changed = load_change_config(None, ["block_size=256", "mmu_pixels=5"])
     with pytest.raises(RunError, match="--overwrite"):
         run_change(d / "run_a", d / "run_b", d / "change", changed, client2)
+
+
+def test_a_change_is_not_written_into_either_run(two_dates, client2):
+    d, _, _ = two_dates
+    for out in (d / "run_a", d / "run_b" / "change"):
+        with pytest.raises(RunError, match="is the run .* or inside it"):
+            run_change(d / "run_a", d / "run_b", out, load_change_config(None), client2)
+    assert not (d / "run_b" / "change").exists()
 
 
 def test_runs_that_do_not_overlap_are_refused(tmp_path, two_dates, client2):
