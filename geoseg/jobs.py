@@ -371,6 +371,7 @@ def _version() -> str:
 def vectorize_run(out: str, cfg: RunConfig, client: Client | None = None) -> str:
     """A finished run's polygons written again (e.g. with another ``vector.mmu_pixels``), holding its lease."""
     out = storage.absolute(out)
+    runstate.read_finished_manifest(out)  # before a lease is taken on what is not a run
     with Lease(out, runstate.new_run_id()):
         manifest = runstate.read_finished_manifest(out)  # again, now that no run can change it
         store = storage.join(out, MOSAIC_NAME)
