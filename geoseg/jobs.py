@@ -41,6 +41,7 @@ from geoseg.quicklook import write_quicklook
 from geoseg.runstate import MANIFEST_NAME, Lease, RunError, prepare_output
 from geoseg.segmentation import (
     SubmittedBlocks,
+    check_workers_see_output,
     collect_blocks,
     empty_scenes,
     step_one_resources,
@@ -107,6 +108,7 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
         cfg.model.compile,
     )
     plan = with_numerics(plan, workers_numerics(client, settings, step_one_resources(cfg.cluster)))
+    check_workers_see_output(client, str(out), lease.run_id)
     reused, all_overviews = start_output(plan, lease)
     mosaic_path = storage.join(out, MOSAIC_NAME)
     blocks = plan.blocks

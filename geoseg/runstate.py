@@ -289,6 +289,18 @@ def read_lease_file(loc: str) -> LeaseHolder | None:
         return None
 
 
+def lease_as_seen(out: str, run_id: str) -> str:
+    """What this process finds at OUT's lease: "" where it is run ``run_id``'s, else why not, in a
+    few words (run on every worker at the start: one that sees another store, or none, says so)."""
+    try:
+        holder = _holder(storage.read_bytes(state(out, LEASE_NAME)))
+    except storage.StorageError as exc:
+        return exc.reason
+    if holder is None:
+        return "a lease it cannot read"
+    return "" if holder.run_id == run_id else f"the lease of another run ({holder.describe()})"
+
+
 def holds_lease(out: str, run_id: str) -> bool:
     """Whether run ``run_id`` holds OUT's lease: a block task asks before it commits anything."""
     holder = read_lease(out)

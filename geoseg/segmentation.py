@@ -77,6 +77,20 @@ def workers_numerics(client: Client, settings: InferenceSettings, resources: dic
     return kinds[0]
 
 
+def check_workers_see_output(client: Client, out: str, run_id: str) -> None:
+    """Every worker must find this run's lease at OUT: one that sees another store, no store (no
+    credentials), or a local folder of another machine would fail every block it gets."""
+    seen = client.run(runstate.lease_as_seen, out, run_id)
+    blind = {addr: why for addr, why in seen.items() if why}
+    if blind:
+        addr, why = next(iter(blind.items()))
+        raise RunError(
+            f"{len(blind)} of {len(seen)} workers cannot use {out}: worker {addr} finds {why} at "
+            f"{runstate.state(out, runstate.LEASE_NAME)}; give the workers this process's storage "
+            "settings and credentials, and an OUT they all reach"
+        )
+
+
 def worker_slots(client: Client, resources: dict[str, float] | None) -> dict[str, int]:
     """How many step-1 tasks each worker runs at once: its threads, or its units of ``resources``."""
     workers = client.scheduler_info(n_workers=-1)["workers"]

@@ -31,7 +31,7 @@ from distributed import Client
 from test_distributed import _spawn, _start_scheduler, _stop
 
 from geoseg import storage
-from geoseg.jobs import run
+from geoseg.jobs import RunError, run
 
 REPO = Path(__file__).parent.parent
 BLOCK = "output.block_size=256"
@@ -269,6 +269,30 @@ def test_an_unreachable_endpoint_is_one_line_naming_the_url(tmp_path, remote):
         assert (
             done.returncode == 2 and done.stderr.strip() == f"error: {run_on_store}/manifest.json: endpoint unreachable"
         )
+
+
+def test_a_worker_that_cannot_reach_the_store_stops_the_run_before_any_block(tmp_path, remote, random_checkpoint):
+    """A worker started with another endpoint (or no credentials) would fail every block it got;
+    the run says which worker and why, at the start, and nothing is computed."""
+    scheduler, sched_file = _start_scheduler(tmp_path)
+    with _closed_port() as port:
+        env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_S3_ENDPOINT": ""}
+        args = ["--scheduler-file", str(sched_file), "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"]
+        worker = _spawn("worker", *args, log=tmp_path / "worker.log", env=env)
+        try:
+            with Client(scheduler_file=str(sched_file), timeout="30s") as client:
+                client.wait_for_workers(1, timeout=60)
+                address = client.scheduler.address
+            out = f"{remote['bucket']}/runs/blind-worker"
+            cfg = run_config(random_checkpoint, [remote["cog"]], Path("unused"), BLOCK, f"out={out!r}")
+            with pytest.raises(
+                RunError,
+                match=r"1 of 1 workers cannot use .*: worker tcp:.* finds endpoint unreachable at .*lease.json",
+            ):
+                run(cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"address": address})}))
+        finally:
+            _stop([scheduler, worker])
+    assert not storage.list_files(f"{out}/.geoseg/blocks/")
 
 
 def test_a_key_with_404_in_it_on_an_unreachable_endpoint_is_not_a_missing_object(remote):
