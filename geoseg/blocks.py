@@ -163,8 +163,7 @@ def finish_task(
         else:  # no scene reaches the block
             classes, confidence = finish_block(block, None, [], n_classes)
         histogram = np.bincount(classes.ravel(), minlength=256)
-        if run_id is not None and not runstate.holds_lease(out, run_id):
-            raise RuntimeError("this run no longer holds the output folder's lease; nothing written")
+        runstate.require_lease(out, run_id)
         levels, written = {}, bool(histogram[:NODATA].any())
         if written:  # an all-nodata block is what the store holds already (fill values)
             store = storage.join(out, MOSAIC_NAME)
@@ -223,8 +222,7 @@ def overview_chunk_task(
 ) -> None:
     """A Dask task: one chunk of an overview level, written whole from its blocks' windows, then
     its marker."""
-    if run_id is not None and not runstate.holds_lease(out, run_id):
-        raise RuntimeError("this run no longer holds the output folder's lease; nothing written")
+    runstate.require_lease(out, run_id)
     mosaic.write_overview_chunk(storage.join(out, MOSAIC_NAME), factor, origin, span, list(pieces), run_id)
     runstate.commit_overview_chunk(out, chunk_name(factor, origin[0] // span, origin[1] // span))
 

@@ -138,7 +138,7 @@ class Lease:
     the new lease linked in its place; on an object store it is overwritten only if it is still
     the version judged gone (If-Match). Should another run take the lease over anyway, the
     heartbeat notices, :meth:`check` raises and the workers' block commits stop
-    (:func:`holds_lease`), so this run writes nothing more.
+    (:func:`require_lease`), so this run writes nothing more.
     """
 
     def __init__(self, out: str | Path, run_id: str, heartbeat_s: float = HEARTBEAT_S) -> None:
@@ -299,6 +299,12 @@ def lease_as_seen(out: str, run_id: str) -> str:
     if holder is None:
         return "a lease it cannot read"
     return "" if holder.run_id == run_id else f"the lease of another run ({holder.describe()})"
+
+
+def require_lease(out: str, run_id: str | None) -> None:
+    """Raise unless run ``run_id`` (if any) holds OUT's lease: a task asks before it writes."""
+    if run_id is not None and (seen := lease_as_seen(out, run_id)):
+        raise RuntimeError(f"this worker finds {seen} at the output folder; nothing written")
 
 
 def holds_lease(out: str, run_id: str) -> bool:

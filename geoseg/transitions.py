@@ -118,8 +118,7 @@ def change_task(
         slice(block.cols.start - cols.start, block.cols.stop - cols.start),
     )
     arrays = {name: getattr(result, name)[inner] for name in ARRAYS}
-    if run_id is not None and not runstate.holds_lease(out, run_id):
-        raise RuntimeError("this change job no longer holds the output folder's lease; nothing written")
+    runstate.require_lease(out, run_id)
     mosaic.write_region(storage.join(out, CHANGE_STORE), block, arrays)
     matrix = change.transition_matrix(arrays["transition"], n_classes)
     # Written after the region: a block with a marker is complete, a rerun skips it.

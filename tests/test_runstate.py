@@ -68,6 +68,8 @@ def test_the_heartbeat_refreshes_the_lease_and_a_run_whose_lease_was_taken_stops
     time.sleep(0.3)
     with pytest.raises(RunError, match="another run took the output folder over"):
         lease.check()
+    with pytest.raises(RuntimeError, match=r"this worker finds the lease of another run \(pid .*; nothing written"):
+        runstate.require_lease(str(tmp_path), "mine")  # what a block task asks before it writes
     lease.release()
     assert read_lease(tmp_path).run_id == "usurper"  # not ours to remove
 
