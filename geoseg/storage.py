@@ -475,7 +475,7 @@ def write_bytes(loc: str, data: bytes) -> None:
     if not is_url(loc):
         path = Path(loc)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp = temporary_beside(path)
         tmp.write_bytes(data)
         os.replace(tmp, path)
         return
@@ -489,6 +489,12 @@ def write_bytes(loc: str, data: bytes) -> None:
         raise _remote_error(loc, exc) from None
 
 
+def temporary_beside(path: Path) -> Path:
+    """A temporary name in ``path``'s folder (a rename from it is atomic), hidden, with its
+    suffix kept: some writers pick their format by it."""
+    return path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
+
+
 def write_text(loc: str, text: str) -> None:
     write_bytes(loc, text.encode())
 
@@ -499,7 +505,7 @@ def create(loc: str, data: bytes) -> bool:
     if not is_url(loc):
         path = Path(loc)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp = temporary_beside(path)
         tmp.write_bytes(data)
         try:
             os.link(tmp, path)
@@ -620,7 +626,7 @@ def upload(path: Path, loc: str) -> None:
         if Path(loc).resolve() != Path(path).resolve():
             target = Path(loc)
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+            tmp = temporary_beside(target)
             shutil.copyfile(path, tmp)
             os.replace(tmp, target)
         return
@@ -642,8 +648,7 @@ def staged(loc: str) -> Iterator[Path]:
     if not is_url(loc):
         target = Path(loc)
         target.parent.mkdir(parents=True, exist_ok=True)
-        # the suffix kept: some writers pick their format by it
-        tmp = target.with_name(f".{target.stem}.tmp-{uuid.uuid4().hex[:8]}{target.suffix}")
+        tmp = temporary_beside(target)
         try:
             yield tmp
             os.replace(tmp, target)

@@ -24,7 +24,6 @@ import shutil
 import sqlite3
 import tempfile
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -100,7 +99,7 @@ class LayerWriter:
         else:  # written beside its place (the same file system) and renamed into it when closed
             final = Path(self.loc)
             final.parent.mkdir(parents=True, exist_ok=True)
-            self.path = final.with_name(f".{final.stem}.tmp-{uuid.uuid4().hex[:8]}{final.suffix}")
+            self.path = storage.temporary_beside(final)
         self.count = 0
         self._parquet = None
         self._sink = None
