@@ -245,13 +245,16 @@ def _remote_error(loc: str, exc: BaseException) -> StorageError:
     """One line naming the location and the reason, whatever obstore raised."""
     kind = type(exc).__name__
     text = str(exc)
-    if _not_found(exc):
+    if "NoSuchBucket" in text or "ContainerNotFound" in text:
+        reason = "no such bucket"
+    elif _not_found(exc):
         reason = "no such object"
     # the status with its phrase: a bare "403" can be in the URL's port (127.0.0.1:40321)
     elif kind in ("PermissionDeniedError", "UnauthenticatedError") or "403 Forbidden" in text or "AccessDenied" in text:
         reason = "access denied"
     elif "connect" in text.lower() or "dns" in text.lower():
-        reason = "endpoint unreachable"
+        endpoint = _endpoint(scheme(loc), os.environ)  # which one: the environment may name another
+        reason = f"endpoint unreachable ({endpoint})" if endpoint else "endpoint unreachable"
     else:
         reason = text.strip().splitlines()[0] if text.strip() else kind
     reason = redact(reason)

@@ -250,7 +250,8 @@ def test_bad_remote_inputs_are_named_and_the_good_scene_completes(
 
 def test_an_unreachable_endpoint_is_one_line_naming_the_url(tmp_path, remote):
     with _closed_port() as port:
-        env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "PYTHONWARNINGS": "ignore"}
+        endpoint = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "AWS_ENDPOINT_URL": endpoint, "PYTHONWARNINGS": "ignore"}
         env.pop("AWS_S3_ENDPOINT", None)  # derived from the endpoint at start-up
         args = [sys.executable, "-m", "geoseg", *run_cli_args(remote["cog"], tmp_path / "out", BLOCK)]
         res = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
@@ -267,7 +268,8 @@ def test_an_unreachable_endpoint_is_one_line_naming_the_url(tmp_path, remote):
     assert S3_SECRET not in res.stdout + res.stderr
     for done in exports:  # not "not a geoseg run": the store could not be asked
         assert (
-            done.returncode == 2 and done.stderr.strip() == f"error: {run_on_store}/manifest.json: endpoint unreachable"
+            done.returncode == 2
+            and done.stderr.strip() == f"error: {run_on_store}/manifest.json: endpoint unreachable ({endpoint})"
         )
 
 
@@ -285,10 +287,10 @@ def test_a_worker_that_cannot_reach_the_store_stops_the_run_before_any_block(tmp
                 address = client.scheduler.address
             out = f"{remote['bucket']}/runs/blind-worker"
             cfg = run_config(random_checkpoint, [remote["cog"]], Path("unused"), BLOCK, f"out={out!r}")
-            with pytest.raises(
-                RunError,
-                match=r"1 of 1 workers cannot use .*: worker tcp:.* finds endpoint unreachable at .*lease.json",
-            ):
+            blind = (
+                r"1 of 1 workers cannot use .*: worker tcp:.* finds endpoint unreachable \(http://127.0.0.1:\d+\) at "
+            )
+            with pytest.raises(RunError, match=blind + ".*lease.json"):
                 run(cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"address": address})}))
         finally:
             _stop([scheduler, worker])
@@ -307,7 +309,7 @@ def test_a_key_with_404_in_it_on_an_unreachable_endpoint_is_not_a_missing_object
         env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "PYTHONWARNINGS": "ignore"}
         env.pop("AWS_S3_ENDPOINT", None)
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
-    assert res.stdout.strip() == f"{loc}: endpoint unreachable", res.stderr
+    assert res.stdout.strip() == f"{loc}: endpoint unreachable (http://127.0.0.1:{port})", res.stderr
 
 
 def test_an_http_output_is_refused_and_an_s3_out_is_not_a_local_folder(tmp_path, remote, random_checkpoint):
@@ -480,7 +482,7 @@ def test_a_stac_collection_in_the_bucket_names_its_cogs_relatively_and_globs_sta
     assert sorted(stac_dates.values()) == ["2026-05-01T10:00:00Z", "2026-06-01T10:00:00Z"]
     empty.clear()
     assert expand_inputs(["s3://no-such-bucket-here/*.tif", remote["scene"]], empty=empty) == [remote["scene"]]
-    assert list(empty) == ["s3://no-such-bucket-here/*.tif"]
+    assert empty == {"s3://no-such-bucket-here/*.tif": "s3://no-such-bucket-here/: no such bucket"}
 
 
 def test_local_sidecar_files_are_still_read(tmp_path):
