@@ -44,6 +44,9 @@ LEASE_NAME = "lease.json"
 # host a holder whose process is gone is dead at once). Heartbeats come far more often.
 LEASE_TTL_S = 60.0
 HEARTBEAT_S = 5.0
+# Each holder beats in a file of its own: the lease itself is written only by the run that
+# creates or takes it, so a stalled holder that wakes up cannot overwrite a taker's lease.
+HEARTBEATS = "heartbeats"
 
 RUNNING, FINISHED, INCOMPLETE = "running", "finished", "incomplete"
 
@@ -203,8 +206,12 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        if holds_lease(self.out, self.run_id):
-            storage.delete(self.path)
+        if storage.is_url(self.path):
+            if holds_lease(self.out, self.run_id):
+                storage.delete(self.path)
+        else:  # moved aside first: a taker's lease that replaced ours meanwhile is put back
+            self._move_aside(self._me)
+        storage.delete(heartbeat_loc(self.out, self.run_id))
 
     def _payload(self) -> str:
         return json.dumps(asdict(replace(self._me, heartbeat=time.time())))
@@ -236,9 +243,9 @@ class Lease:
         return storage.replace_if(self.path, self._payload().encode(), version)
 
     def _move_aside(self, stale: LeaseHolder | None) -> bool:
-        """Locally, take the lease judged gone out of the way by a rename (of two takers only one
-        can move it), put back if what moved was not it (a taker that came first linked a fresh
-        one meanwhile)."""
+        """Locally, take the lease judged gone (or, releasing, our own) out of the way by a rename
+        (of two takers only one can move it), put back if what moved was not it (a taker that
+        came first linked a fresh one meanwhile)."""
         path = Path(self.path)
         aside = path.with_name(f".{LEASE_NAME}.gone-{uuid.uuid4().hex[:8]}")
         try:
@@ -254,18 +261,15 @@ class Lease:
 
     def _beat(self) -> None:
         failing_since: float | None = None
+        beat = heartbeat_loc(self.out, self.run_id)
         while not self._stop.wait(self.heartbeat_s):
             try:
-                data, version = storage.read_versioned(self.path)
-                current = _holder(data)
+                current = _holder(storage.read_bytes(self.path))
                 if current is not None and current.run_id != self.run_id:
                     self.lost_reason = f"another run took the output folder over ({current.describe()})"
                     log.error("%s: %s", self.out, self.lost_reason)
                     return
-                if version is None:
-                    storage.write_text(self.path, self._payload())
-                else:  # only over our own lease: a taker's write in between wins, seen next beat
-                    storage.replace_if(self.path, self._payload().encode(), version)
+                storage.write_text(beat, repr(time.time()))  # our own file: never the lease
                 failing_since = None
             except OSError as exc:  # a passing storage error; a lasting one loses the lease
                 failing_since = failing_since or time.time()
@@ -308,14 +312,27 @@ def require_lease(out: str, run_id: str | None) -> None:
 
 
 def holds_lease(out: str, run_id: str) -> bool:
-    """Whether run ``run_id`` holds OUT's lease: a block task asks before it commits anything."""
-    holder = read_lease(out)
+    """Whether run ``run_id`` holds OUT's lease."""
+    holder = read_lease_file(state(out, LEASE_NAME))
     return holder is not None and holder.run_id == run_id
 
 
 def read_lease(out: str | Path) -> LeaseHolder | None:
-    """The holder of OUT's lease, or None if there is none (or it cannot be read)."""
-    return read_lease_file(state(str(out), LEASE_NAME))
+    """The holder of OUT's lease with its last heartbeat, or None if there is none (or it cannot
+    be read)."""
+    holder = read_lease_file(state(str(out), LEASE_NAME))
+    if holder is None:
+        return None
+    try:
+        beat = storage.read_if_exists(heartbeat_loc(str(out), holder.run_id))
+        return replace(holder, heartbeat=max(holder.heartbeat, float(beat))) if beat else holder
+    except (OSError, ValueError):  # a heartbeat that cannot be read: the lease's own time
+        return holder
+
+
+def heartbeat_loc(out: str, run_id: str) -> str:
+    """Where the run ``run_id`` beats while it holds OUT's lease."""
+    return state(out, HEARTBEATS, f"{run_id}.json")
 
 
 def prepare_output(out: str, run_fingerprint: str, overwrite: bool, store: str) -> dict[str, dict[str, Any]]:

@@ -61,8 +61,12 @@ def test_the_heartbeat_refreshes_the_lease_and_a_run_whose_lease_was_taken_stops
     lease = Lease(tmp_path, "mine", heartbeat_s=0.05)
     lease.acquire()
     first = read_lease(tmp_path).heartbeat
+    written = (tmp_path / ".geoseg" / "lease.json").read_bytes()
     time.sleep(0.3)
     assert read_lease(tmp_path).heartbeat > first
+    # the holder beats in a file of its own and never writes the lease again: waking from a stall
+    # it cannot overwrite the lease of a run that took over meanwhile
+    assert (tmp_path / ".geoseg" / "lease.json").read_bytes() == written
     lease.check()
     write_holder(tmp_path, replace(read_lease(tmp_path), run_id="usurper"))
     time.sleep(0.3)
@@ -72,6 +76,7 @@ def test_the_heartbeat_refreshes_the_lease_and_a_run_whose_lease_was_taken_stops
         runstate.require_lease(str(tmp_path), "mine")  # what a block task asks before it writes
     lease.release()
     assert read_lease(tmp_path).run_id == "usurper"  # not ours to remove
+    assert not list((tmp_path / ".geoseg" / "heartbeats").iterdir())
 
 
 def test_only_a_finished_manifest_is_accepted_and_the_error_says_what_is_missing(tmp_path):
