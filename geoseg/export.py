@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
@@ -41,8 +39,8 @@ def write_cog(
     class names; built in a local temporary folder and moved (or uploaded) to ``path`` whole."""
     grid = mosaic.read_grid(mosaic_path)
     classes = mosaic.open_array(mosaic_path)
-    with tempfile.TemporaryDirectory(prefix="geoseg-cog-") as tmp, storage.staged(str(path)) as target:
-        staging = Path(tmp) / "classes.tif"
+    with storage.scratch("cog") as tmp, storage.staged(str(path)) as target:
+        staging = tmp / "classes.tif"
         profile = {
             "driver": "GTiff",
             "width": grid.width,

@@ -98,11 +98,7 @@ def ensure_output_folder(out: str) -> bool:
 def local_node() -> str:
     """This machine and process space: the host name and the PID namespace (containers on one
     host may share its name, never a PID namespace)."""
-    try:
-        namespace = os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        namespace = 0
-    return f"{socket.gethostname()}:{namespace}"
+    return f"{socket.gethostname()}:{storage.pid_namespace()}"
 
 
 @dataclass(frozen=True)
@@ -196,6 +192,8 @@ class Lease:
             raise RunError(f"{self.out}: could not take the output folder's lease; another run is starting there")
         self._thread = threading.Thread(target=self._beat, name="geoseg-lease", daemon=True)
         self._thread.start()
+        for folder in (self.out, state(self.out)):  # what writers killed in OUT left there
+            storage.remove_temporaries(folder)
 
     def check(self) -> None:
         """Raise if this run lost OUT (taken over, or the heartbeat could not be written)."""

@@ -36,6 +36,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -419,14 +420,62 @@ def glob(pattern: str) -> list[str]:
     return [loc for loc in list_files(prefix) if loc.count("/") == depth and fnmatch.fnmatchcase(loc, pattern)]
 
 
+def scratch_dir(kind: str) -> Path:
+    """A new folder in the temporary folder for files built here before they go to their place (a
+    COG, a layer for a store), named by this process: those that processes killed before their
+    cleanup left (here: the same PID namespace, their PID gone) are removed first."""
+    import psutil
+
+    mark = f"geoseg-scratch-{pid_namespace()}-"
+    for old in Path(tempfile.gettempdir()).glob(f"{mark}*"):
+        pid = old.name.removeprefix(mark).split("-", 1)[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)) and old.stat().st_uid == os.getuid():
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{mark}{os.getpid()}-{kind}-"))
+
+
+@contextlib.contextmanager
+def scratch(kind: str) -> Iterator[Path]:
+    """A :func:`scratch_dir` for the length of the block."""
+    folder = scratch_dir(kind)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def pid_namespace() -> int:
+    """This process's PID namespace (containers on one host never share one)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def remove_temporaries(folder: str, older_than_s: float = 60.0) -> None:
+    """Remove what :func:`temporary_beside` left in a local ``folder`` (a process killed while it
+    wrote there), untouched for ``older_than_s``; for a folder no other process writes files in
+    (OUT, under its lease: another run only tries its lease there, in seconds)."""
+    if is_url(folder) or not Path(folder).is_dir():
+        return
+    for leftover in Path(folder).glob(".*.tmp-*"):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            if (
+                re.fullmatch(r"\..*\.tmp-[0-9a-f]{8}(\.\w+)?", leftover.name)
+                and leftover.is_file()
+                and time.time() - leftover.stat().st_mtime > older_than_s
+            ):
+                leftover.unlink()
+
+
 @contextlib.contextmanager
 def local_copy(loc: str, suffix: str = "") -> Iterator[Path]:
     """``loc`` as a local file for the length of the block (a download for a URL)."""
     if not is_url(loc):
         yield Path(loc)
         return
-    with tempfile.TemporaryDirectory(prefix="geoseg-") as tmp:
-        path = Path(tmp) / (name(loc) or f"object{suffix}")
+    with scratch("copy") as tmp:
+        path = tmp / (name(loc) or f"object{suffix}")
         path.write_bytes(read_bytes(loc))
         yield path
 
@@ -659,8 +708,8 @@ def staged(loc: str) -> Iterator[Path]:
             tmp.unlink(missing_ok=True)
         return
     _writable(loc)
-    with tempfile.TemporaryDirectory(prefix="geoseg-") as tmp:
-        path = Path(tmp) / name(loc)
+    with scratch("upload") as tmp:
+        path = tmp / name(loc)
         yield path
         upload(path, loc)
 

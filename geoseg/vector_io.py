@@ -22,7 +22,6 @@ import os
 import queue
 import shutil
 import sqlite3
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,7 +93,7 @@ class LayerWriter:
         # An older layer at the location stays until this one is closed, then is replaced whole.
         self._staging: str | None = None
         if storage.is_url(self.loc):
-            self._staging = tempfile.mkdtemp(prefix="geoseg-layer-")
+            self._staging = str(storage.scratch_dir("layer"))
             self.path = Path(self._staging) / storage.name(self.loc)
         else:  # written beside its place (the same file system) and renamed into it when closed
             final = Path(self.loc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -136,3 +137,39 @@ def test_a_lease_moved_aside_by_a_late_taker_is_put_back(tmp_path):
     assert not late._move_aside(stale) or read_lease(tmp_path).run_id == "fresh"
     assert read_lease(tmp_path).run_id == "fresh"
     fresh.release()
+
+
+def test_what_killed_writers_left_is_removed_and_nothing_a_live_one_writes(tmp_path):
+    """A process killed while it built a layer leaves its scratch folder, and one killed while it
+    wrote in OUT a temporary file there: the next scratch folder, or the next run that takes OUT,
+    removes them; a live process's scratch folder and a fresh temporary stay."""
+    import os
+    import tempfile
+
+    from geoseg import storage
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    mark = f"geoseg-scratch-{storage.pid_namespace()}-"
+    dead = Path(tempfile.gettempdir()) / f"{mark}{int(gone.stdout)}-layer-x1"
+    live = Path(tempfile.gettempdir()) / f"{mark}{os.getpid()}-layer-x2"
+    for folder in (dead, live):
+        folder.mkdir()
+        (folder / "polygons.gpkg").write_bytes(b"a layer")
+    try:
+        with storage.scratch("cog") as mine:
+            assert mine.is_dir() and mine.name.startswith(f"{mark}{os.getpid()}-cog-")
+            assert not dead.exists() and live.exists()
+        assert not mine.exists()
+    finally:
+        shutil.rmtree(live, ignore_errors=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    old = out / ".polygons.tmp-0123abcd.gpkg"
+    old.write_bytes(b"half a layer")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    fresh = out / ".manifest.tmp-89abcdef.json"
+    fresh.write_bytes(b"{")
+    keep = out / ".notes.txt"
+    keep.write_text("the user's")
+    with Lease(out, "next"):
+        assert not old.exists() and fresh.exists() and keep.exists()
