@@ -163,6 +163,8 @@ def create_store(
         georeferenced_arrays(layer_group, level_grid, chunk_shape, layers, zarr_format)
     with warnings.catch_warnings():  # consolidated metadata is not in the v3 spec yet; xarray reads it
         warnings.simplefilter("ignore")
+        for f in levels:  # each level opens on its own too (xr.open_zarr(".../overviews/2"))
+            zarr.consolidate_metadata(store, path=f"{OVERVIEWS}/{f}")
         zarr.consolidate_metadata(store)
     storage.writable_output(str(path))
     storage.clear_tree(str(path))  # a replaced store leaves no chunk behind

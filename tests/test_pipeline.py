@@ -217,7 +217,11 @@ def test_geozarr_attributes_and_overviews_written_with_the_blocks(
         assert root.attrs["spatial:shape"] == [700, 1000]
         assert root.attrs["spatial:bbox"] == pytest.approx(list(src.bounds))
     assert {c["name"] for c in root.attrs["zarr_conventions"]} == {"spatial", "proj", "multiscales"}
-    level = xr.open_zarr(tmp_path / "mosaic.zarr", group="overviews/4")  # a level is georeferenced too
+    import warnings
+
+    with warnings.catch_warnings():  # a level is georeferenced too, and has its metadata in one document
+        warnings.simplefilter("error")
+        level = xr.open_zarr(tmp_path / "mosaic.zarr" / "overviews" / "4")  # as a store of its own
     with rasterio.open(scene_1000x700[0]) as src:
         assert level.rio.crs == src.crs and level.rio.transform() == src.transform * Affine.scale(4)
     layout = root.attrs["multiscales"]["layout"]
