@@ -112,8 +112,8 @@ def predict_task(
             for name, scenes in layers.items()
         }
         counts: dict[str, list[int]] = {}
-        for partial in results.values():  # by the scene's name as the manifest gives it (no signature)
-            counts.update({storage.redact(path): n for path, n in partial.valid_pixels.items()})
+        for partial in results.values():  # by a name without a signature (storage.record_name)
+            counts.update({storage.record_name(path): n for path, n in partial.valid_pixels.items()})
         record = {
             "status": "done",
             "tiles": sum(p.tiles for p in results.values()),

@@ -58,7 +58,7 @@ def run_fingerprint(cfg: RunConfig, model_sha: str, scenes: list[SceneInfo], gri
             "block_size": cfg.output.block_size,
             "mosaic_rule": cfg.output.mosaic_rule,
             # a signed URL signed again is the same scene: a run on expiring URLs resumes
-            "scenes": [storage.without_query(s.path) for s in scenes],
+            "scenes": [storage.unsigned(s.path) for s in scenes],
             **({"zarr_format": 2} if cfg.output.zarr_format == 2 else {}),  # v3 runs keep their old fingerprint
             **(
                 {

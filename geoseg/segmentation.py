@@ -290,7 +290,7 @@ def empty_scenes(scenes: list[SceneInfo], records: dict[str, dict]) -> dict[str,
         return {}  # blocks from an older run carry no counts: no verdict
     verdicts: dict[str, str | None] = {}
     for s in scenes:
-        name = storage.redact(s.path)  # as the blocks' records name it
+        name = storage.record_name(s.path)  # as the blocks' records name it
         if name in valid and valid[name] == 0:
             verdicts[s.path] = "all pixels are nodata"
         elif filled.get(name, 0) == 0:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import glob as local_glob
+import hashlib
 import io
 import os
 import posixpath
@@ -43,7 +44,7 @@ from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, cast
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 # URL scheme -> GDAL virtual file system prefix
 GDAL_PREFIX = {
@@ -117,8 +118,39 @@ def join(loc: str | Path, *parts: str) -> str:
 
 
 def without_query(loc: str) -> str:
-    """An http(s) URL without its query and fragment (a signed URL's signature): the object it names."""
+    """An http(s) URL without its query and fragment: the path of the object, for its name."""
     return loc.split("?", 1)[0].split("#", 1)[0] if scheme(loc) in READ_ONLY else loc
+
+
+# The query parameters that sign a URL (S3, GCS, Azure SAS, CloudFront): they change each time
+# the URL is signed, and name nothing about the object.
+SIGNING_PARAMETERS = frozenset(
+    {"sig", "se", "sp", "sv", "st", "spr", "sr", "skoid", "sktid", "skt", "ske", "sks", "skv", "signature",
+     "expires", "key-pair-id", "policy", "token", "awsaccesskeyid", "x-amz-security-token"}
+)  # fmt: skip
+
+
+def unsigned(loc: str) -> str:
+    """An http(s) URL without the parameters that sign it (others, such as ``versionId``, and a
+    ``#fragment`` stay): the same for every signing of one object, different for two objects."""
+    if scheme(loc) not in READ_ONLY or "?" not in loc:
+        return loc
+    parts = urlsplit(loc)
+    kept = [
+        (key, value)
+        for key, value in parse_qsl(parts.query, keep_blank_values=True)
+        if key.lower() not in SIGNING_PARAMETERS and not key.lower().startswith(("x-amz-", "x-goog-"))
+    ]
+    return urlunsplit(parts._replace(query=urlencode(kept)))
+
+
+def record_name(loc: str) -> str:
+    """How a run's stored records name a location: as :func:`redact` shows it, with a digest of
+    :func:`unsigned` where a query was masked (stable when signed again, distinct per object)."""
+    shown = redact(loc)
+    if shown == loc:
+        return loc
+    return f"{shown} ({hashlib.sha256(unsigned(loc).encode()).hexdigest()[:12]})"
 
 
 def name(loc: str) -> str:
@@ -162,7 +194,7 @@ def redact(text: str) -> str:
         if value and len(value) >= 4:
             text = text.replace(value, "***")
     # up to a space or a quote, or the ": " that ends a location in an error line
-    text = re.sub(r"(https?://[^\s?'\"]+)\?(?:[^\s'\":]|:(?!\s|$))*", r"\1?***", text)
+    text = re.sub(r"(https?://[^\s?'\"]+)\?(?:[^\s'\":#]|:(?!\s|$))*", r"\1?***", text)
     # a signature's parameters wherever they are, e.g. a local copy named after a signed URL
     signed = r"(?i)\b(sig|signature|x-amz-signature|x-goog-signature|x-amz-security-token|token)="
     text = re.sub(signed + r"(?:[^&\s'\":]|:(?!\s|$))+", r"\1=***", text)
@@ -483,8 +515,6 @@ def local_copy(loc: str, suffix: str = "") -> Iterator[Path]:
 def cached_copy(loc: str) -> Path:
     """A local copy of a URL kept across calls in this machine's temporary folder, fetched again
     when the object changes (its size or time differ): a worker loads a checkpoint once."""
-    import hashlib
-
     import obstore
 
     store, key = _split(loc)
@@ -493,7 +523,7 @@ def cached_copy(loc: str) -> Path:
     except Exception as exc:
         raise _remote_error(loc, exc) from None
     # the object, not its signature: a URL signed again finds the same copy
-    tag = f"{without_query(loc)}|{meta['size']}|{meta['last_modified']}|{meta.get('e_tag')}"
+    tag = f"{unsigned(loc)}|{meta['size']}|{meta['last_modified']}|{meta.get('e_tag')}"
     path = _private_cache() / f"{hashlib.sha256(tag.encode()).hexdigest()[:16]}-{name(loc)}"
     if not path.is_file():
         write_bytes(str(path), read_bytes(loc))

@@ -437,3 +437,18 @@ def test_a_secret_in_an_error_line_is_redacted_and_the_rest_of_the_line_kept(lin
     from geoseg.storage import redact
 
     assert redact(line) == shown
+
+
+def test_a_url_signed_again_names_the_same_object_and_two_objects_stay_two():
+    """What a run's fingerprint and records know a scene by: without the signing parameters that
+    change each time a URL is signed, with what tells objects apart (a version, an item)."""
+    from geoseg.storage import record_name, unsigned
+
+    signed = "https://h/b/a.tif?versionId=3&X-Amz-Signature={}&X-Amz-Date=20261130T101010Z"
+    assert unsigned(signed.format("one")) == unsigned(signed.format("two")) == "https://h/b/a.tif?versionId=3"
+    assert unsigned(signed.format("one")) != unsigned(signed.replace("versionId=3", "versionId=4").format("one"))
+    sas = "https://acct.blob.core.windows.net/c/items.json?sv=2024&se=2030&sig={}#{}"
+    assert unsigned(sas.format("s1", "june")) == "https://acct.blob.core.windows.net/c/items.json#june"
+    assert record_name(sas.format("s1", "june")) == record_name(sas.format("s2", "june"))
+    assert record_name(sas.format("s1", "june")) != record_name(sas.format("s1", "may"))
+    assert "s1" not in record_name(sas.format("s1", "june")) and record_name("/data/a.tif") == "/data/a.tif"
