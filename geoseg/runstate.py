@@ -10,8 +10,10 @@ committed, and whether it finished.
 OUT is a local folder or a URL prefix (:mod:`geoseg.storage`). Every file here is written whole
 (under a temporary name moved into place, or as one object), so a reader sees an old or a new
 version, never half of one. The lease needs no file lock (object stores have none): it is
-created only if absent (a link, or a conditional PUT), refreshed by a heartbeat, and a holder
-that stops beating (or whose process is gone, on the same host) may be replaced.
+created only if absent (a link, or a conditional PUT), refreshed by a heartbeat (on a store a
+conditional PUT of the lease; on a disk a file of the holder's own, OUT/.geoseg/heartbeats/, so
+that a holder waking from a stall never overwrites a taker's lease), and a holder that stops
+beating (or whose process is gone, on the same host) may be replaced.
 """
 
 from __future__ import annotations
@@ -112,6 +114,9 @@ class LeaseHolder:
     pid_started: float
     started: str
     heartbeat: float
+    # "file": on a disk the holder beats in a file of its own (heartbeat_loc), never rewriting
+    # the lease; a geoseg without this field cannot read such a lease, so refuses, never evicts
+    beats: str = "lease"
 
     def alive(self, ttl: float = LEASE_TTL_S) -> bool:
         """Same process space: whether the process is still there (its start time tells a reused
@@ -152,6 +157,9 @@ class Lease:
             proc.create_time(),
             datetime.now(timezone.utc).isoformat(timespec="seconds"),
             time.time(),
+            # on a store, a conditional PUT of the lease itself is safe, and tells a taker the
+            # holder beat (its version changed); a disk has no such PUT
+            "lease" if storage.is_url(self.path) else "file",
         )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -167,10 +175,11 @@ class Lease:
 
     def acquire(self) -> None:
         storage.make_dirs(state(self.out))
+        replaced: LeaseHolder | None = None
         for _ in range(5):
             if self._create():
                 break
-            holder = self._read_settled()
+            holder = replaced = self._read_settled()
             if holder is None and storage.exists(self.path):  # a passing error must not evict a live run
                 raise RunError(
                     f"{self.path}: the lease of the output folder cannot be read; "
@@ -192,6 +201,8 @@ class Lease:
             raise RunError(f"{self.out}: could not take the output folder's lease; another run is starting there")
         self._thread = threading.Thread(target=self._beat, name="geoseg-lease", daemon=True)
         self._thread.start()
+        if replaced is not None and replaced.run_id != self.run_id:
+            storage.delete(heartbeat_loc(self.out, replaced.run_id))
         for folder in (self.out, state(self.out)):  # what writers killed in OUT left there
             storage.remove_temporaries(folder)
 
@@ -204,12 +215,15 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        if storage.is_url(self.path):
+        if self.lost_reason:  # another run holds the lease now: only our own heartbeat goes
+            pass
+        elif storage.is_url(self.path):
             if holds_lease(self.out, self.run_id):
                 storage.delete(self.path)
         else:  # moved aside first: a taker's lease that replaced ours meanwhile is put back
             self._move_aside(self._me)
-        storage.delete(heartbeat_loc(self.out, self.run_id))
+        if self._me.beats == "file":
+            storage.delete(heartbeat_loc(self.out, self.run_id))
 
     def _payload(self) -> str:
         return json.dumps(asdict(replace(self._me, heartbeat=time.time())))
@@ -262,12 +276,17 @@ class Lease:
         beat = heartbeat_loc(self.out, self.run_id)
         while not self._stop.wait(self.heartbeat_s):
             try:
-                current = _holder(storage.read_bytes(self.path))
+                data, version = storage.read_versioned(self.path)
+                current = _holder(data)
                 if current is not None and current.run_id != self.run_id:
-                    self.lost_reason = f"another run took the output folder over ({current.describe()})"
+                    taker = read_lease(self.out) or current
+                    self.lost_reason = f"another run took the output folder over ({taker.describe()})"
                     log.error("%s: %s", self.out, self.lost_reason)
                     return
-                storage.write_text(beat, repr(time.time()))  # our own file: never the lease
+                if self._me.beats == "file":
+                    storage.write_text(beat, repr(time.time()))  # our own file: never the lease
+                else:  # only over our own lease: a taker's write in between wins, seen next beat
+                    storage.replace_if(self.path, self._payload().encode(), version)
                 failing_since = None
             except OSError as exc:  # a passing storage error; a lasting one loses the lease
                 failing_since = failing_since or time.time()
@@ -300,7 +319,9 @@ def lease_as_seen(out: str, run_id: str) -> str:
         return exc.reason
     if holder is None:
         return "a lease it cannot read"
-    return "" if holder.run_id == run_id else f"the lease of another run ({holder.describe()})"
+    if holder.run_id == run_id:
+        return ""
+    return f"the lease of another run ({(read_lease(out) or holder).describe()})"
 
 
 def require_lease(out: str, run_id: str | None) -> None:
@@ -319,13 +340,13 @@ def read_lease(out: str | Path) -> LeaseHolder | None:
     """The holder of OUT's lease with its last heartbeat, or None if there is none (or it cannot
     be read)."""
     holder = read_lease_file(state(str(out), LEASE_NAME))
-    if holder is None:
-        return None
+    if holder is None or holder.beats != "file":
+        return holder
     try:
         beat = storage.read_if_exists(heartbeat_loc(str(out), holder.run_id))
         return replace(holder, heartbeat=max(holder.heartbeat, float(beat))) if beat else holder
-    except (OSError, ValueError):  # a heartbeat that cannot be read: the lease's own time
-        return holder
+    except (OSError, ValueError):  # a heartbeat that cannot be read is no sign of death
+        return replace(holder, heartbeat=time.time())
 
 
 def heartbeat_loc(out: str, run_id: str) -> str:

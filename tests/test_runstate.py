@@ -53,8 +53,22 @@ def test_a_holder_on_another_host_is_alive_until_its_heartbeat_is_older_than_the
     write_holder(tmp_path, other)
     with pytest.raises(RunError, match="another-node"):
         Lease(tmp_path, "mine").acquire()
-    write_holder(tmp_path, replace(other, heartbeat=time.time() - runstate.LEASE_TTL_S - 1))
-    with Lease(tmp_path, "mine"):
+    # on a disk it beats in a file of its own: a recent beat there keeps it, one that cannot be
+    # read is no sign of death (a passing error must not evict a live run)
+    stale = replace(other, heartbeat=time.time() - runstate.LEASE_TTL_S - 1)
+    assert stale.beats == "file"
+    write_holder(tmp_path, stale)
+    beat = Path(runstate.heartbeat_loc(str(tmp_path), "remote"))
+    beat.parent.mkdir(parents=True, exist_ok=True)
+    beat.write_text(repr(time.time() - 2))
+    with pytest.raises(RunError, match=r"another-node.*heartbeat 2 s ago"):
+        Lease(tmp_path, "mine").acquire()
+    beat.unlink()
+    beat.mkdir()  # unreadable as a heartbeat
+    with pytest.raises(RunError, match="is in use by another geoseg run"):
+        Lease(tmp_path, "mine").acquire()
+    beat.rmdir()
+    with Lease(tmp_path, "mine"):  # no beat for over the TTL: gone
         assert read_lease(tmp_path).run_id == "mine"
 
 
