@@ -21,12 +21,22 @@ log = logging.getLogger(__name__)
 SCENE_SUFFIXES = (".tif", ".tiff")
 
 
+class NotItemsError(RunError):
+    """A STAC document that holds no items: a Catalog or a Collection."""
+
+    def __init__(self, loc: str, kind: str) -> None:
+        super().__init__(f"{loc}: a STAC {kind}, not an Item or ItemCollection")
+        self.kind = f"a STAC {kind}"
+
+
 def stac_items(loc: str) -> list[dict[str, Any]]:
     """The items of a STAC Item or ItemCollection document."""
     try:
         doc = json.loads(storage.read_text(loc))
     except ValueError as exc:
         raise RunError(f"{loc}: not a STAC document ({exc})") from None
+    if isinstance(doc, dict) and doc.get("type") in ("Catalog", "Collection"):
+        raise NotItemsError(loc, doc["type"])
     if not isinstance(doc, dict) or doc.get("type") not in ("Feature", "FeatureCollection"):
         raise RunError(f"{loc}: not a STAC Item or ItemCollection")
     return doc.get("features", [doc] if doc.get("type") == "Feature" else [])
@@ -84,6 +94,13 @@ def expand_inputs(
         except (RunError, storage.StorageError) as exc:  # one bad input; the others go on
             if empty is None:
                 raise
+            if isinstance(exc, storage.StorageError) and not exc.lasting:
+                # the store did not answer: going on without the input would give another grid
+                # and fingerprint, and the rerun after the outage would be refused
+                raise RunError(str(exc)) from None
+            if document and isinstance(exc, NotItemsError):  # a catalog or collection beside the items
+                log.info("%s: %s, not scenes", item, exc.kind)
+                return []
             found, reason = [], str(exc).removeprefix(f"{item}: ")
         if not found and empty is not None and reason:
             log.error("skipping input %s: %s", item, reason)
@@ -92,7 +109,8 @@ def expand_inputs(
             return [scene for loc in found for scene in (one(loc, document=True) if _is_stac(loc) else [loc])]
         return found
 
-    return [scene for item in inputs for scene in one(str(item))]
+    # a scene reached twice (two documents, a pattern and a document) is segmented once
+    return list(dict.fromkeys(scene for item in inputs for scene in one(str(item))))
 
 
 def _is_stac(loc: str) -> bool:

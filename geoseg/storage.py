@@ -81,9 +81,12 @@ SECRET_VARIABLES = (
 class StorageError(OSError):
     """A location that cannot be read or written; the message names it and the reason."""
 
-    def __init__(self, message: str, loc: str = "", reason: str = "") -> None:
+    def __init__(self, message: str, loc: str = "", reason: str = "", lasting: bool = True) -> None:
         super().__init__(message)
         self.loc, self.reason = loc, reason or message
+        # whether asking again would give the same answer (no such object, access denied), unlike
+        # an endpoint that did not answer or a server error
+        self.lasting = lasting
 
     def __str__(self) -> str:
         return self.args[0]
@@ -278,6 +281,7 @@ def _remote_error(loc: str, exc: BaseException) -> StorageError:
     """One line naming the location and the reason, whatever obstore raised."""
     kind = type(exc).__name__
     text = str(exc)
+    lasting = True
     if "NoSuchBucket" in text or "ContainerNotFound" in text:
         reason = "no such bucket"
     elif _not_found(exc):
@@ -288,10 +292,12 @@ def _remote_error(loc: str, exc: BaseException) -> StorageError:
     elif "connect" in text.lower() or "dns" in text.lower():
         endpoint = _endpoint(scheme(loc), os.environ)  # which one: the environment may name another
         reason = f"endpoint unreachable ({endpoint})" if endpoint else "endpoint unreachable"
+        lasting = False
     else:
         reason = text.strip().splitlines()[0] if text.strip() else kind
+        lasting = False
     reason = redact(reason)
-    return StorageError(f"{loc}: {reason}", loc, reason)
+    return StorageError(f"{loc}: {reason}", loc, reason, lasting)
 
 
 def probe_writable(folder: str) -> None:

@@ -301,15 +301,22 @@ def test_a_key_with_404_in_it_on_an_unreachable_endpoint_is_not_a_missing_object
     """A resume asks whether OUT's state exists: an error taken for "no such object" would start
     the run afresh and throw away its committed blocks."""
     loc = f"{remote['bucket']}/runs/20240404/.geoseg/fingerprint"
+    # and an input that cannot be listed then stops the run: without it, the rerun after the
+    # outage would find another input list and be refused
+    pattern = f"{remote['bucket']}/stac/*.json"
     code = (
-        "from geoseg import storage\n"
-        f"try:\n    print(storage.exists({loc!r}))\nexcept storage.StorageError as e:\n    print(e)"
+        "from geoseg import storage\nfrom geoseg.catalog import expand_inputs\n"
+        f"try:\n    print(storage.exists({loc!r}))\nexcept storage.StorageError as e:\n    print(e)\n"
+        f"try:\n    print(expand_inputs([{pattern!r}], empty={{}}))\nexcept Exception as e:\n"
+        "    print(type(e).__name__, e)"
     )
     with _closed_port() as port:
         env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "PYTHONWARNINGS": "ignore"}
         env.pop("AWS_S3_ENDPOINT", None)
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
-    assert res.stdout.strip() == f"{loc}: endpoint unreachable (http://127.0.0.1:{port})", res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert lines[0] == f"{loc}: endpoint unreachable (http://127.0.0.1:{port})", res.stderr
+    assert lines[1].startswith("RunError ") and lines[1].endswith(f": endpoint unreachable (http://127.0.0.1:{port})")
 
 
 def test_an_http_output_is_refused_and_an_s3_out_is_not_a_local_folder(tmp_path, remote, random_checkpoint):
@@ -477,9 +484,12 @@ def test_a_stac_collection_in_the_bucket_names_its_cogs_relatively_and_globs_sta
     assert empty[missing] == "no such object"
     # a pattern of STAC documents gives their scenes; a listing that fails is one bad input
     stac_dates: dict[str, str] = {}
-    by_pattern = expand_inputs([f"{bucket}/stac/*.json"], dates=stac_dates)
-    assert by_pattern == [f"{bucket}/scenes/cog/scene.tif", f"{bucket}/scenes/scene.tif"] * 2
+    catalog = {"type": "Catalog", "id": "c", "stac_version": "1.1.0", "description": "the items", "links": []}
+    storage.write_text(f"{bucket}/stac/catalog.json", json.dumps(catalog))  # beside the items: no scene
+    by_pattern = expand_inputs([f"{bucket}/stac/*.json"], empty=empty, dates=stac_dates)
+    assert by_pattern == [f"{bucket}/scenes/cog/scene.tif", f"{bucket}/scenes/scene.tif"]  # each once
     assert sorted(stac_dates.values()) == ["2026-05-01T10:00:00Z", "2026-06-01T10:00:00Z"]
+    assert f"{bucket}/stac/catalog.json" not in empty
     empty.clear()
     assert expand_inputs(["s3://no-such-bucket-here/*.tif", remote["scene"]], empty=empty) == [remote["scene"]]
     assert empty == {"s3://no-such-bucket-here/*.tif": "s3://no-such-bucket-here/: no such bucket"}
