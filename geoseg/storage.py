@@ -35,6 +35,7 @@ import os
 import posixpath
 import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -464,11 +465,12 @@ def scratch_dir(kind: str) -> Path:
     cleanup left (here: the same PID namespace, their PID gone) are removed first."""
     import psutil
 
-    mark = f"geoseg-scratch-{pid_namespace()}-"
+    mark = f"geoseg-scratch-{_process_space()}-"
     for old in Path(tempfile.gettempdir()).glob(f"{mark}*"):
         pid = old.name.removeprefix(mark).split("-", 1)[0]
-        if pid.isdigit() and not psutil.pid_exists(int(pid)) and old.stat().st_uid == os.getuid():
-            shutil.rmtree(old, ignore_errors=True)
+        with contextlib.suppress(OSError):  # swept by another process meanwhile
+            if pid.isdigit() and not psutil.pid_exists(int(pid)) and old.stat().st_uid == os.getuid():
+                shutil.rmtree(old, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"{mark}{os.getpid()}-{kind}-"))
 
 
@@ -482,6 +484,12 @@ def scratch(kind: str) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _process_space() -> str:
+    """This host and PID namespace, as a short digest: a temporary folder shared by hosts (a
+    cluster's scratch disk) holds other hosts' folders, whose PIDs mean nothing here."""
+    return hashlib.sha256(f"{socket.gethostname()}:{pid_namespace()}".encode()).hexdigest()[:8]
+
+
 def pid_namespace() -> int:
     """This process's PID namespace (containers on one host never share one)."""
     try:
@@ -491,15 +499,17 @@ def pid_namespace() -> int:
 
 
 def remove_temporaries(folder: str, older_than_s: float = 60.0) -> None:
-    """Remove what :func:`temporary_beside` left in a local ``folder`` (a process killed while it
-    wrote there), untouched for ``older_than_s``; for a folder no other process writes files in
-    (OUT, under its lease: another run only tries its lease there, in seconds)."""
+    """Remove what :func:`temporary_beside` (and a lease moved aside) left in a local ``folder``
+    (a process killed while it wrote there), untouched for ``older_than_s``; for a folder no
+    other process writes files in (OUT, under its lease: another run only tries its lease
+    there, in seconds)."""
     if is_url(folder) or not Path(folder).is_dir():
         return
-    for leftover in Path(folder).glob(".*.tmp-*"):
+    for leftover in Path(folder).glob(".*"):
         with contextlib.suppress(OSError):  # gone meanwhile
             if (
-                re.fullmatch(r"\..*\.tmp-[0-9a-f]{8}(\.\w+)?", leftover.name)
+                # a temporary, the journal SQLite keeps beside one, a lease moved aside
+                re.fullmatch(r"\..*\.tmp-[0-9a-f]{8}.*|\.lease\.json\.gone-[0-9a-f]{8}", leftover.name)
                 and leftover.is_file()
                 and time.time() - leftover.stat().st_mtime > older_than_s
             ):

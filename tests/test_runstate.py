@@ -163,27 +163,35 @@ def test_what_killed_writers_left_is_removed_and_nothing_a_live_one_writes(tmp_p
     from geoseg import storage
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    mark = f"geoseg-scratch-{storage.pid_namespace()}-"
+    with storage.scratch("probe") as probe:  # how this host and process space name theirs
+        mark = probe.name.split(f"{os.getpid()}-probe-")[0]
     dead = Path(tempfile.gettempdir()) / f"{mark}{int(gone.stdout)}-layer-x1"
     live = Path(tempfile.gettempdir()) / f"{mark}{os.getpid()}-layer-x2"
-    for folder in (dead, live):
+    elsewhere = Path(tempfile.gettempdir()) / f"geoseg-scratch-0123abcd-{int(gone.stdout)}-layer-x3"  # another host
+    for folder in (dead, live, elsewhere):
         folder.mkdir()
         (folder / "polygons.gpkg").write_bytes(b"a layer")
     try:
         with storage.scratch("cog") as mine:
             assert mine.is_dir() and mine.name.startswith(f"{mark}{os.getpid()}-cog-")
-            assert not dead.exists() and live.exists()
+            assert not dead.exists() and live.exists() and elsewhere.exists()
         assert not mine.exists()
     finally:
         shutil.rmtree(live, ignore_errors=True)
+        shutil.rmtree(elsewhere, ignore_errors=True)
     out = tmp_path / "out"
     out.mkdir()
     old = out / ".polygons.tmp-0123abcd.gpkg"
-    old.write_bytes(b"half a layer")
-    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    journal = out / ".polygons.tmp-0123abcd.gpkg-journal"
+    aside = out / ".geoseg" / ".lease.json.gone-4567cdef"
+    aside.parent.mkdir()
+    for leftover in (old, journal, aside):
+        leftover.write_bytes(b"half a layer")
+        os.utime(leftover, (time.time() - 3600, time.time() - 3600))
     fresh = out / ".manifest.tmp-89abcdef.json"
     fresh.write_bytes(b"{")
     keep = out / ".notes.txt"
     keep.write_text("the user's")
     with Lease(out, "next"):
-        assert not old.exists() and fresh.exists() and keep.exists()
+        assert not old.exists() and not journal.exists() and not aside.exists()
+        assert fresh.exists() and keep.exists()
