@@ -524,8 +524,28 @@ def local_copy(loc: str, suffix: str = "") -> Iterator[Path]:
         return
     with scratch("copy") as tmp:
         path = tmp / (name(loc) or f"object{suffix}")
-        path.write_bytes(read_bytes(loc))
+        download(loc, path)
         yield path
+
+
+def download(loc: str, path: Path) -> None:
+    """The object at URL ``loc`` into the local file ``path``, in chunks (never whole in memory)."""
+    import obstore
+
+    store, key = _split(loc)
+    try:
+        chunks = iter(obstore.get(store, key).stream(min_chunk_size=8 * 2**20))
+    except Exception as exc:
+        raise _remote_error(loc, exc) from None
+    with open(path, "wb") as sink:
+        while True:
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                break
+            except Exception as exc:  # the store's (a local write error is the file's own)
+                raise _remote_error(loc, exc) from None
+            sink.write(chunk)
 
 
 def cached_copy(loc: str) -> Path:

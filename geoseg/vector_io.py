@@ -311,5 +311,14 @@ def write_flatgeobuf(source: str, loc: str) -> None:
 
     with storage.local_copy(str(source)) as src, storage.staged(str(loc)) as path:
         path.unlink(missing_ok=True)
-        gdf = pyogrio.read_dataframe(src, layer=LAYER)
-        pyogrio.write_dataframe(gdf, path, layer=LAYER, driver="FlatGeobuf")
+        # batch by batch: the layer is never whole in memory
+        with pyogrio.open_arrow(src, layer=LAYER, use_pyarrow=True, batch_size=BATCH_ROWS) as (meta, batches):
+            pyogrio.write_arrow(
+                batches,
+                path,
+                layer=LAYER,
+                driver="FlatGeobuf",
+                geometry_name=meta["geometry_name"] or "geometry",
+                geometry_type=meta["geometry_type"],
+                crs=meta["crs"],
+            )

@@ -264,7 +264,7 @@ def test_polygons_match_the_mosaic(reference):
 def test_a_run_writes_its_polygons_in_every_format_asked_and_in_the_other_crs(reference):
     gpkg = gpd.read_file(reference / "polygons.gpkg")
     for copy in (gpd.read_parquet(reference / "polygons.parquet"), gpd.read_file(reference / "polygons.fgb")):
-        assert copy.crs == gpkg.crs and len(copy) == len(gpkg)
+        assert copy.crs == gpkg.crs and len(copy) == len(gpkg) and list(copy.columns) == list(gpkg.columns)
         assert copy["area_m2"].sum() == pytest.approx(gpkg["area_m2"].sum())
     for suffix in ("gpkg", "parquet", "fgb"):
         wgs84 = gpd.read_parquet if suffix == "parquet" else gpd.read_file
