@@ -32,6 +32,7 @@ from geoseg.polygons import (
     LayerSink,
     blocks_with_classes,
     layer_files,
+    layer_outputs,
     layer_task,
     submit_layers,
     submit_parts,
@@ -187,8 +188,7 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
     quicklook = write_quicklook(mosaic_path, storage.join(out, QUICKLOOK_NAME))
     lease.check()
     polygons_path = files.gpkg if files is not None else None
-    other_layers = {f"polygons_{key}": loc for key, loc in (files.files if files else {}).items() if key != "gpkg"}
-    outputs = {"mosaic": mosaic_path, "polygons": polygons_path, **other_layers, "quicklook": quicklook}
+    outputs = {"mosaic": mosaic_path, **layer_outputs(files), "quicklook": quicklook}
     summary = Summary(
         blocks=len(blocks),
         computed=len(todo),
@@ -380,7 +380,15 @@ def vectorize_run(out: str, cfg: RunConfig, client: Client | None = None) -> str
         grid = mosaic.read_grid(store)
         size = cfg.output.block_size
         blocks = blocks_with_classes(manifest, size, list(iter_blocks(grid.height, grid.width, size)))
+        legend = mosaic.read_legend(store)
         if client is not None:
-            return write_polygons(client, blocks, grid, out, mosaic.read_legend(store), cfg.vector)
-        with dask_client(cfg.cluster) as own:
-            return write_polygons(own, blocks, grid, out, mosaic.read_legend(store), cfg.vector)
+            files = write_polygons(client, blocks, grid, out, legend, cfg.vector)
+        else:
+            with dask_client(cfg.cluster) as own:
+                files = write_polygons(own, blocks, grid, out, legend, cfg.vector)
+        # the manifest and the item name the layers as they are now
+        outputs = {k: v for k, v in manifest.get("outputs", {}).items() if not k.startswith("polygons")}
+        runstate.write_manifest(out, {**manifest, "outputs": {**outputs, **layer_outputs(files)}})
+        colors = mosaic.read_colors(store) or {k: "#808080" for k in legend}
+        stac_item.add_assets(out, manifest, legend, colors, [storage.name(loc) for loc in files.files.values()])
+        return files.gpkg

@@ -356,13 +356,21 @@ def write_polygons(
     out: str,
     legend: dict[int, str],
     vector: VectorConfig,
-) -> str:
-    """The run's polygon layer, in every format asked; the GeoPackage's location."""
+) -> LayerFiles:
+    """The run's polygon layer, in every format asked (:class:`LayerFiles`)."""
     files = layer_files(out, grid.crs_wkt, vector)
     count = stream_polygons(client, blocks, grid, out, legend, files.writers, vector)
     files.convert()
     log.info("%d polygons -> %s", count, ", ".join(files.files.values()))
-    return files.gpkg
+    return files
+
+
+def layer_outputs(files: LayerFiles | None) -> dict[str, str | None]:
+    """The polygon layers as a manifest names its outputs: ``polygons`` (the GeoPackage) and
+    ``polygons_<format><crs tag>`` for the others."""
+    if files is None:
+        return {"polygons": None}
+    return {"polygons": files.gpkg} | {f"polygons_{key}": loc for key, loc in files.files.items() if key != "gpkg"}
 
 
 def blocks_with_classes(manifest: dict, block_size: int, blocks: list[Block]) -> list[Block]:

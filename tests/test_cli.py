@@ -117,12 +117,21 @@ def test_vectorize_again_with_a_minimum_mapping_unit(tmp_path, random_checkpoint
     args = run_cli_args(scene_1000x700[0], out, f"model.checkpoint={random_checkpoint}", "cluster.n_workers=1")
     assert geoseg(*args, cwd=root).returncode == 0
     before = gpd.read_file(out / "polygons.gpkg")
-    res = geoseg("vectorize", str(out), "--set", "vector.mmu_pixels=50", "--set", "cluster.n_workers=1")
+    res = geoseg(
+        "vectorize", str(out), "--set", "vector.mmu_pixels=50", "--set", "cluster.n_workers=1",
+        "--set", "vector.formats=[gpkg, parquet]",
+    )  # fmt: skip
     assert res.returncode == 0, res.stderr
     after = gpd.read_file(out / "polygons.gpkg")
     assert len(after) < len(before)
     assert after["area_m2"].min() >= 50 * 100 * 0.999
     assert after["area_m2"].sum() == pytest.approx(before["area_m2"].sum())
+    assert len(gpd.read_parquet(out / "polygons.parquet")) == len(after)
+    # the manifest and the run's item name the layer written again
+    assert json.loads((out / "manifest.json").read_text())["outputs"]["polygons_parquet"] == str(
+        out / "polygons.parquet"
+    )
+    assert "polygons.parquet" in json.loads((out / "item.json").read_text())["assets"]
     # every command that takes --set reports a bad key or value in one line, as `run` does
     for command, item in (("export", "vector.mmu_pixel=9"), ("vectorize", "vector.mmu_pixels=lots")):
         assert_one_line_error(geoseg(command, str(out), "--set", item), item.split("=")[0])
