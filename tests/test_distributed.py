@@ -410,17 +410,23 @@ def test_the_cpu_limit_of_a_container_is_read_from_its_cgroup_or_an_ancestor(tmp
 
 
 def test_a_worker_in_a_cgroup_limited_to_one_cpu_gives_torch_one_thread():
-    """What Docker's --cpus and a pod's limits.cpu do, with the kernel's own cgroup (v1 here)."""
+    """What Docker's --cpus and a pod's limits.cpu do, with the kernel's own cgroup (v1 or v2)."""
     from geoseg.cluster import usable_cores
 
     if usable_cores() < 2:
         pytest.skip("one core here: a limit of one CPU changes nothing")
-    group = Path("/sys/fs/cgroup/cpu") / f"geoseg-test-{os.getpid()}"
+    v1 = Path("/sys/fs/cgroup/cpu").is_dir()
+    group = (Path("/sys/fs/cgroup/cpu") if v1 else Path("/sys/fs/cgroup")) / f"geoseg-test-{os.getpid()}"
     try:
         group.mkdir()
-        (group / "cpu.cfs_quota_us").write_text(str(int((group / "cpu.cfs_period_us").read_text())))
+        if v1:
+            (group / "cpu.cfs_quota_us").write_text(str(int((group / "cpu.cfs_period_us").read_text())))
+        else:  # cgroup v2: the cpu controller must be on for the root's children
+            (group / "cpu.max").write_text("100000 100000")
     except OSError as exc:
-        pytest.skip(f"no cgroup v1 cpu controller this process may write: {exc}")
+        with contextlib.suppress(OSError):
+            group.rmdir()
+        pytest.skip(f"no cgroup cpu controller this process may write: {exc}")
     try:
         code = (
             f"import os; open({str(group / 'cgroup.procs')!r}, 'w').write(str(os.getpid()))\n"
