@@ -46,8 +46,8 @@ LEASE_NAME = "lease.json"
 # host a holder whose process is gone is dead at once). Heartbeats come far more often.
 LEASE_TTL_S = 60.0
 HEARTBEAT_S = 5.0
-# Each holder beats in a file of its own: the lease itself is written only by the run that
-# creates or takes it, so a stalled holder that wakes up cannot overwrite a taker's lease.
+# On a disk each holder beats in a file of its own: the lease itself is written only by the run
+# that creates or takes it, so a stalled holder that wakes up cannot overwrite a taker's lease.
 HEARTBEATS = "heartbeats"
 
 RUNNING, FINISHED, INCOMPLETE = "running", "finished", "incomplete"
@@ -285,6 +285,8 @@ class Lease:
                     return
                 if self._me.beats == "file":
                     storage.write_text(beat, repr(time.time()))  # our own file: never the lease
+                elif version is None:  # a store that gives no version
+                    storage.write_text(self.path, self._payload())
                 else:  # only over our own lease: a taker's write in between wins, seen next beat
                     storage.replace_if(self.path, self._payload().encode(), version)
                 failing_since = None
