@@ -49,6 +49,7 @@ HEARTBEAT_S = 5.0
 # On a disk each holder beats in a file of its own: the lease itself is written only by the run
 # that creates or takes it, so a stalled holder that wakes up cannot overwrite a taker's lease.
 HEARTBEATS = "heartbeats"
+BEATS_IN_FILE = 1e11  # the lease's heartbeat of such a holder (the year 5138)
 
 RUNNING, FINISHED, INCOMPLETE = "running", "finished", "incomplete"
 
@@ -114,9 +115,14 @@ class LeaseHolder:
     pid_started: float
     started: str
     heartbeat: float
-    # "file": on a disk the holder beats in a file of its own (heartbeat_loc), never rewriting
-    # the lease; a geoseg without this field cannot read such a lease, so refuses, never evicts
-    beats: str = "lease"
+
+    @property
+    def beats_in_file(self) -> bool:
+        """Whether the holder beats in a file of its own (on a disk: :func:`heartbeat_loc`), which
+        its lease says with a heartbeat far in the future: a geoseg that knows only the lease's
+        own heartbeat then takes the holder for alive, and a holder of that kind that reads this
+        lease sees another run's and stops."""
+        return self.heartbeat >= BEATS_IN_FILE
 
     def alive(self, ttl: float = LEASE_TTL_S) -> bool:
         """Same process space: whether the process is still there (its start time tells a reused
@@ -156,14 +162,13 @@ class Lease:
             proc.pid,
             proc.create_time(),
             datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            time.time(),
             # on a store, a conditional PUT of the lease itself is safe, and tells a taker the
             # holder beat (its version changed); a disk has no such PUT
-            "lease" if storage.is_url(self.path) else "file",
+            time.time() if storage.is_url(self.path) else BEATS_IN_FILE,
         )
+        self.taken_over = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.lost_to: LeaseHolder | None = None
         self.lost_reason = ""
 
     def __enter__(self) -> Lease:
@@ -201,10 +206,14 @@ class Lease:
             raise RunError(f"{self.out}: could not take the output folder's lease; another run is starting there")
         self._thread = threading.Thread(target=self._beat, name="geoseg-lease", daemon=True)
         self._thread.start()
-        if replaced is not None and replaced.run_id != self.run_id:
-            storage.delete(heartbeat_loc(self.out, replaced.run_id))
-        for folder in (self.out, state(self.out)):  # what writers killed in OUT left there
-            storage.remove_temporaries(folder)
+        try:  # what the run replaced, and writers killed in OUT, left there
+            if replaced is not None and replaced.beats_in_file and replaced.run_id != self.run_id:
+                storage.delete(heartbeat_loc(self.out, replaced.run_id))
+            for folder in (self.out, state(self.out)):
+                storage.remove_temporaries(folder)
+        except BaseException:
+            self.release()
+            raise
 
     def check(self) -> None:
         """Raise if this run lost OUT (taken over, or the heartbeat could not be written)."""
@@ -215,18 +224,20 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        if self.lost_reason:  # another run holds the lease now: only our own heartbeat goes
-            pass
-        elif storage.is_url(self.path):
-            if holds_lease(self.out, self.run_id):
-                storage.delete(self.path)
-        else:  # moved aside first: a taker's lease that replaced ours meanwhile is put back
-            self._move_aside(self._me)
-        if self._me.beats == "file":
-            storage.delete(heartbeat_loc(self.out, self.run_id))
+        with contextlib.suppress(OSError):  # best effort: a lease left behind expires
+            if self.taken_over:  # another run holds the lease now: only our own heartbeat goes
+                pass
+            elif storage.is_url(self.path):
+                if holds_lease(self.out, self.run_id):
+                    storage.delete(self.path)
+            else:  # moved aside first: a taker's lease that replaced ours meanwhile is put back
+                self._move_aside(self._me)
+            if self._me.beats_in_file:
+                storage.delete(heartbeat_loc(self.out, self.run_id))
 
     def _payload(self) -> str:
-        return json.dumps(asdict(replace(self._me, heartbeat=time.time())))
+        beat = self._me.heartbeat if self._me.beats_in_file else time.time()
+        return json.dumps(asdict(replace(self._me, heartbeat=beat)))
 
     def _create(self) -> bool:
         """Create the lease only if there is none (:func:`geoseg.storage.create`: two runs
@@ -250,8 +261,8 @@ class Lease:
         except storage.StorageError:
             return False  # gone meanwhile: create it again
         current = _holder(data)
-        if version is None or (current.run_id if current else None) != (stale.run_id if stale else None):
-            return False  # changed since it was judged: judge again
+        if version is None or current != stale:
+            return False  # changed since it was judged (a beat too): judge again
         return storage.replace_if(self.path, self._payload().encode(), version)
 
     def _move_aside(self, stale: LeaseHolder | None) -> bool:
@@ -280,10 +291,11 @@ class Lease:
                 current = _holder(data)
                 if current is not None and current.run_id != self.run_id:
                     taker = read_lease(self.out) or current
+                    self.taken_over = True
                     self.lost_reason = f"another run took the output folder over ({taker.describe()})"
                     log.error("%s: %s", self.out, self.lost_reason)
                     return
-                if self._me.beats == "file":
+                if self._me.beats_in_file:
                     storage.write_text(beat, repr(time.time()))  # our own file: never the lease
                 elif version is None:  # a store that gives no version
                     storage.write_text(self.path, self._payload())
@@ -342,18 +354,21 @@ def read_lease(out: str | Path) -> LeaseHolder | None:
     """The holder of OUT's lease with its last heartbeat, or None if there is none (or it cannot
     be read)."""
     holder = read_lease_file(state(str(out), LEASE_NAME))
-    if holder is None or holder.beats != "file":
+    if holder is None or not holder.beats_in_file:
         return holder
     try:
         beat = storage.read_if_exists(heartbeat_loc(str(out), holder.run_id))
-        return replace(holder, heartbeat=max(holder.heartbeat, float(beat))) if beat else holder
+        if beat is None:  # not beaten yet: as of when it started
+            return replace(holder, heartbeat=datetime.fromisoformat(holder.started).timestamp())
+        return replace(holder, heartbeat=float(beat))
     except (OSError, ValueError):  # a heartbeat that cannot be read is no sign of death
         return replace(holder, heartbeat=time.time())
 
 
 def heartbeat_loc(out: str, run_id: str) -> str:
-    """Where the run ``run_id`` beats while it holds OUT's lease."""
-    return state(out, HEARTBEATS, f"{run_id}.json")
+    """Where the run ``run_id`` beats while it holds OUT's lease (a lease's run id is only a name
+    there, whatever the file says)."""
+    return state(out, HEARTBEATS, f"{hashlib.sha256(run_id.encode()).hexdigest()[:16]}.json")
 
 
 def prepare_output(out: str, run_fingerprint: str, overwrite: bool, store: str) -> dict[str, dict[str, Any]]:

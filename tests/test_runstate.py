@@ -47,17 +47,25 @@ def test_a_lease_left_by_a_process_that_is_gone_is_taken_over_at_once(tmp_path):
 
 
 def test_a_holder_on_another_host_is_alive_until_its_heartbeat_is_older_than_the_ttl(tmp_path):
+    from datetime import datetime, timezone
+
     with Lease(tmp_path, "probe"):
         me = read_lease(tmp_path)
+    # a holder that beats in its lease (on a store, or an older geoseg)
     other = replace(me, run_id="remote", host="another-node", node="another-node:1", pid=1, heartbeat=time.time() - 5)
     write_holder(tmp_path, other)
     with pytest.raises(RunError, match="another-node"):
         Lease(tmp_path, "mine").acquire()
+    write_holder(tmp_path, replace(other, heartbeat=time.time() - runstate.LEASE_TTL_S - 1))
+    with Lease(tmp_path, "mine"):
+        assert read_lease(tmp_path).run_id == "mine"
     # on a disk it beats in a file of its own: a recent beat there keeps it, one that cannot be
-    # read is no sign of death (a passing error must not evict a live run)
-    stale = replace(other, heartbeat=time.time() - runstate.LEASE_TTL_S - 1)
-    assert stale.beats == "file"
-    write_holder(tmp_path, stale)
+    # read is no sign of death (a passing error must not evict a live run), none since it
+    # started over the TTL ago is
+    long_ago = datetime.fromtimestamp(time.time() - runstate.LEASE_TTL_S - 1, timezone.utc).isoformat()
+    in_file = replace(other, heartbeat=runstate.BEATS_IN_FILE, started=long_ago)
+    assert in_file.beats_in_file and not other.beats_in_file
+    write_holder(tmp_path, in_file)
     beat = Path(runstate.heartbeat_loc(str(tmp_path), "remote"))
     beat.parent.mkdir(parents=True, exist_ok=True)
     beat.write_text(repr(time.time() - 2))
@@ -68,8 +76,19 @@ def test_a_holder_on_another_host_is_alive_until_its_heartbeat_is_older_than_the
     with pytest.raises(RunError, match="is in use by another geoseg run"):
         Lease(tmp_path, "mine").acquire()
     beat.rmdir()
-    with Lease(tmp_path, "mine"):  # no beat for over the TTL: gone
+    with Lease(tmp_path, "mine"):  # no beat since it started, over the TTL ago: gone
         assert read_lease(tmp_path).run_id == "mine"
+
+
+def test_a_lease_on_a_disk_reads_as_an_older_geoseg_reads_it():
+    """The fields an older geoseg's lease had, and no other (it could not read the lease, and would
+    go on beating over a taker's); its heartbeat far in the future: it takes the holder for alive."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out, Lease(out, "mine"):
+        written = json.loads((Path(out) / ".geoseg" / "lease.json").read_text())
+    assert set(written) == {"run_id", "host", "node", "pid", "pid_started", "started", "heartbeat"}
+    assert written["heartbeat"] - time.time() > 100 * 365 * 86400
 
 
 def test_the_heartbeat_refreshes_the_lease_and_a_run_whose_lease_was_taken_stops(tmp_path):
