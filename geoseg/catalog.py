@@ -109,8 +109,20 @@ def expand_inputs(
             return [scene for loc in found for scene in (one(loc, document=True) if _is_stac(loc) else [loc])]
         return found
 
-    # a scene reached twice (two documents, a pattern and a document) is segmented once
-    return list(dict.fromkeys(scene for item in inputs for scene in one(str(item))))
+    # a scene reached twice (two documents, a folder and a document, two signings) is segmented
+    # once, named as it was first
+    scenes: dict[str, str] = {}
+    for item in inputs:
+        for scene in one(str(item)):
+            scenes.setdefault(_same_scene_key(scene), scene)
+    return list(scenes.values())
+
+
+def _same_scene_key(scene: str) -> str:
+    try:
+        return storage.unsigned(storage.absolute(scene))
+    except storage.StorageError:  # a scheme no store takes: opening it says so
+        return scene
 
 
 def _is_stac(loc: str) -> bool:

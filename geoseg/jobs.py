@@ -388,7 +388,9 @@ def vectorize_run(out: str, cfg: RunConfig, client: Client | None = None) -> str
                 files = write_polygons(own, blocks, grid, out, legend, cfg.vector)
         # the manifest and the item name the layers as they are now
         outputs = {k: v for k, v in manifest.get("outputs", {}).items() if not k.startswith("polygons")}
-        runstate.write_manifest(out, {**manifest, "outputs": {**outputs, **layer_outputs(files)}})
+        # the vector settings with them: an export of the run later starts from these
+        config = {**manifest.get("config", {}), "vector": cfg.vector.model_dump(mode="json")}
+        runstate.write_manifest(out, {**manifest, "config": config, "outputs": {**outputs, **layer_outputs(files)}})
         colors = mosaic.read_colors(store) or {k: "#808080" for k in legend}
         stac_item.add_assets(out, manifest, legend, colors, [storage.name(loc) for loc in files.files.values()])
         return files.gpkg

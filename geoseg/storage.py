@@ -27,6 +27,7 @@ finished file into place, the remote one writes the object that commits a result
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import glob as local_glob
 import hashlib
@@ -126,26 +127,30 @@ def without_query(loc: str) -> str:
     return loc.split("?", 1)[0].split("#", 1)[0] if scheme(loc) in READ_ONLY else loc
 
 
-# The query parameters that sign a URL (S3, GCS, Azure SAS, CloudFront): they change each time
-# the URL is signed, and name nothing about the object.
+# The query parameters that sign a URL or carry a credential (S3, GCS, Azure SAS, CloudFront,
+# API keys and tokens): they change when the URL is signed again, and name nothing about the object.
 SIGNING_PARAMETERS = frozenset(
-    {"sig", "se", "sp", "sv", "st", "spr", "sr", "skoid", "sktid", "skt", "ske", "sks", "skv", "signature",
-     "expires", "key-pair-id", "policy", "token", "awsaccesskeyid", "x-amz-security-token"}
+    {"se", "sp", "sv", "st", "spr", "sr", "skoid", "sktid", "skt", "ske", "sks", "skv", "key-pair-id", "policy",
+     "awsaccesskeyid", "code"}
 )  # fmt: skip
+CREDENTIAL_PARAMETER = re.compile(r"(?i)(^|[_-])(sig|signature|token|secret|key|apikey|password|credential|expires?)$")
 
 
 def unsigned(loc: str) -> str:
-    """An http(s) URL without the parameters that sign it (others, such as ``versionId``, and a
-    ``#fragment`` stay): the same for every signing of one object, different for two objects."""
-    if scheme(loc) not in READ_ONLY or "?" not in loc:
+    """An http(s) URL without its credentials: the parameters that sign it or carry a key or a
+    token, and a ``user:password@`` (others, such as ``versionId``, and a ``#fragment`` stay).
+    The same for every signing of one object, different for two objects."""
+    if scheme(loc) not in READ_ONLY:
         return loc
     parts = urlsplit(loc)
     kept = [
         (key, value)
         for key, value in parse_qsl(parts.query, keep_blank_values=True)
-        if key.lower() not in SIGNING_PARAMETERS and not key.lower().startswith(("x-amz-", "x-goog-"))
+        if key.lower() not in SIGNING_PARAMETERS
+        and not key.lower().startswith(("x-amz-", "x-goog-"))
+        and not CREDENTIAL_PARAMETER.search(key)
     ]
-    return urlunsplit(parts._replace(query=urlencode(kept)))
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1], query=urlencode(kept)))
 
 
 def record_name(loc: str) -> str:
@@ -370,8 +375,9 @@ def _read(loc: str, missing_ok: bool) -> bytes | None:
             if missing_ok:
                 return None
             raise StorageError(f"{loc}: No such file or directory") from None
-        except OSError as exc:
-            raise StorageError(f"{loc}: {exc.strerror or exc}") from None
+        except OSError as exc:  # on a network file system some pass (EIO, ESTALE, ETIMEDOUT)
+            lasting = exc.errno in (errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM)
+            raise StorageError(f"{loc}: {exc.strerror or exc}", loc, lasting=lasting) from None
     import obstore
 
     store, key = _split(loc)

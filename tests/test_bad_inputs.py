@@ -255,7 +255,9 @@ def test_rerun_reuses_finished_blocks_and_refuses_a_changed_config(
     shutil.rmtree(tmp_path / ".geoseg")
 
 
-def test_inputs_from_a_stac_item_collection_and_a_directory(tmp_path, random_checkpoint, scene_1000x700, client2):
+def test_inputs_from_a_stac_item_collection_and_a_directory(
+    tmp_path, random_checkpoint, scene_1000x700, client2, monkeypatch
+):
     from geoseg.catalog import expand_inputs
 
     d = tmp_path / "scenes"
@@ -275,6 +277,9 @@ def test_inputs_from_a_stac_item_collection_and_a_directory(tmp_path, random_che
     assert expand_inputs([str(d / "*.tif")]) == [str(a), str(b)]
     with pytest.raises(RunError, match="has no asset 'visual'"):
         expand_inputs([str(tmp_path / "items.json")], "visual")
+    # the folder (relative to where geoseg runs) and the collection name the same scenes: once each
+    monkeypatch.chdir(tmp_path)
+    assert expand_inputs(["scenes", "items.json"]) == [str(Path("scenes") / "a.tif"), str(Path("scenes") / "b.tif")]
 
 
 @pytest.mark.parametrize("readers", [1, 3])
@@ -452,3 +457,8 @@ def test_a_url_signed_again_names_the_same_object_and_two_objects_stay_two():
     assert record_name(sas.format("s1", "june")) == record_name(sas.format("s2", "june"))
     assert record_name(sas.format("s1", "june")) != record_name(sas.format("s1", "may"))
     assert "s1" not in record_name(sas.format("s1", "june")) and record_name("/data/a.tif") == "/data/a.tif"
+    # credentials under other names, and in the host part, are no part of the object either
+    keyed = "https://user:pw@tiles.example.org/a.tif?api_key={}&access_token=t&generation=7"
+    assert (
+        unsigned(keyed.format("k1")) == unsigned(keyed.format("k2")) == "https://tiles.example.org/a.tif?generation=7"
+    )

@@ -128,9 +128,9 @@ def test_vectorize_again_with_a_minimum_mapping_unit(tmp_path, random_checkpoint
     assert after["area_m2"].sum() == pytest.approx(before["area_m2"].sum())
     assert len(gpd.read_parquet(out / "polygons.parquet")) == len(after)
     # the manifest and the run's item name the layer written again
-    assert json.loads((out / "manifest.json").read_text())["outputs"]["polygons_parquet"] == str(
-        out / "polygons.parquet"
-    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["outputs"]["polygons_parquet"] == str(out / "polygons.parquet")
+    assert manifest["config"]["vector"]["mmu_pixels"] == 50  # what an export of the run starts from
     assert "polygons.parquet" in json.loads((out / "item.json").read_text())["assets"]
     # every command that takes --set reports a bad key or value in one line, as `run` does
     for command, item in (("export", "vector.mmu_pixel=9"), ("vectorize", "vector.mmu_pixels=lots")):
