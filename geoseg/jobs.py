@@ -387,10 +387,18 @@ def vectorize_run(out: str, cfg: RunConfig, client: Client | None = None) -> str
             with dask_client(cfg.cluster) as own:
                 files = write_polygons(own, blocks, grid, out, legend, cfg.vector)
         # the manifest and the item name the layers as they are now
-        outputs = {k: v for k, v in manifest.get("outputs", {}).items() if not k.startswith("polygons")}
+        before = manifest.get("outputs", {})
+        outputs = {k: v for k, v in before.items() if not k.startswith("polygons")}
         # the vector settings with them: an export of the run later starts from these
         config = {**manifest.get("config", {}), "vector": cfg.vector.model_dump(mode="json")}
         runstate.write_manifest(out, {**manifest, "config": config, "outputs": {**outputs, **layer_outputs(files)}})
+        # the run's layers of formats or CRSs no longer asked for would be the old polygons
+        stale = [
+            loc for k, loc in before.items() if k.startswith("polygons") and loc and loc not in files.files.values()
+        ]
+        for loc in stale:
+            storage.delete(loc)
         colors = mosaic.read_colors(store) or {k: "#808080" for k in legend}
-        stac_item.add_assets(out, manifest, legend, colors, [storage.name(loc) for loc in files.files.values()])
+        names = [storage.name(loc) for loc in files.files.values()]
+        stac_item.add_assets(out, manifest, legend, colors, names, [storage.name(loc) for loc in stale])
         return files.gpkg

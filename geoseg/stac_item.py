@@ -163,12 +163,18 @@ def write_item(out: str, item: pystac.Item) -> str:
 
 
 def add_assets(
-    out: str, manifest: dict[str, Any], legend: dict[int, str], colors: dict[int, str], names: list[str]
+    out: str,
+    manifest: dict[str, Any],
+    legend: dict[int, str],
+    colors: dict[int, str],
+    names: list[str],
+    dropped: list[str] | None = None,
 ) -> str:
-    """The run's Item with the output files ``names`` added (``geoseg export``); made anew if it has none."""
+    """The run's Item with the output files ``names`` added (``geoseg export``) and those
+    ``dropped`` taken out; made anew if it has none."""
     loc = storage.join(out, ITEM_NAME)
     old = json.loads(storage.read_text(loc)) if storage.exists(loc) else {}
-    known = list(old.get("assets", {}))
+    known = [name for name in old.get("assets", {}) if name not in (dropped or [])]
     made = old.get("properties", {}).get("datetime")  # the item keeps its date
     item = run_item(
         out,

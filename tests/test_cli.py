@@ -132,6 +132,12 @@ def test_vectorize_again_with_a_minimum_mapping_unit(tmp_path, random_checkpoint
     assert manifest["outputs"]["polygons_parquet"] == str(out / "polygons.parquet")
     assert manifest["config"]["vector"]["mmu_pixels"] == 50  # what an export of the run starts from
     assert "polygons.parquet" in json.loads((out / "item.json").read_text())["assets"]
+    # written again without the GeoParquet: the old one (the old polygons) goes, from the item too
+    res = geoseg("vectorize", str(out), "--set", "vector.formats=[gpkg]", "--set", "cluster.n_workers=1")
+    assert res.returncode == 0, res.stderr
+    assert not (out / "polygons.parquet").exists() and (out / "polygons.gpkg").exists()
+    assert "polygons_parquet" not in json.loads((out / "manifest.json").read_text())["outputs"]
+    assert "polygons.parquet" not in json.loads((out / "item.json").read_text())["assets"]
     # every command that takes --set reports a bad key or value in one line, as `run` does
     for command, item in (("export", "vector.mmu_pixel=9"), ("vectorize", "vector.mmu_pixels=lots")):
         assert_one_line_error(geoseg(command, str(out), "--set", item), item.split("=")[0])
