@@ -21,7 +21,7 @@ from geoseg.blending import NODATA
 from geoseg.config import RunConfig
 from geoseg.grid import OutputGrid
 from geoseg.mosaic import MOSAIC_NAME
-from geoseg.polygons import blocks_with_classes, layer_files, stream_polygons
+from geoseg.polygons import blocks_with_classes, write_polygons
 from geoseg.quicklook import write_quicklook
 from geoseg.tiling import iter_blocks
 
@@ -243,9 +243,7 @@ def export_layers(out: str, cfg: RunConfig, client: Client, manifest: dict) -> E
     result.files["cog"] = write_cog(mosaic_path, at("classes.tif"), legend, colors)
     size = cfg.output.block_size
     blocks = blocks_with_classes(manifest, size, list(iter_blocks(grid.height, grid.width, size)))
-    layers = layer_files(out, grid.crs_wkt, cfg.vector)
-    count = stream_polygons(client, blocks, grid, out, legend, layers.writers, cfg.vector)
-    layers.convert()
+    layers, count = write_polygons(client, blocks, grid, out, legend, cfg.vector)
     result.files.update(layers.files)
     styles = {
         "qml_raster": ("classes.qml", raster_qml(legend, colors)),

@@ -150,8 +150,6 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
         del layers
         block_records.update(collect_blocks(submitted, out, lease, sink))
         count = sink.close() if sink is not None else 0
-        if files is not None:
-            files.convert()
         # the polygons' share after the last block: the last blocks' polygons, the merge, the writes
         t_segment, t_vec = submitted.finished_at - t0, time.perf_counter() - submitted.finished_at
     except BaseException:
@@ -382,10 +380,10 @@ def vectorize_run(out: str, cfg: RunConfig, client: Client | None = None) -> str
         blocks = blocks_with_classes(manifest, size, list(iter_blocks(grid.height, grid.width, size)))
         legend = mosaic.read_legend(store)
         if client is not None:
-            files = write_polygons(client, blocks, grid, out, legend, cfg.vector)
+            files, _ = write_polygons(client, blocks, grid, out, legend, cfg.vector)
         else:
             with dask_client(cfg.cluster) as own:
-                files = write_polygons(own, blocks, grid, out, legend, cfg.vector)
+                files, _ = write_polygons(own, blocks, grid, out, legend, cfg.vector)
         # the manifest and the item name the layers as they are now
         before = manifest.get("outputs", {})
         outputs = {k: v for k, v in before.items() if not k.startswith("polygons")}

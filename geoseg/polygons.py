@@ -25,7 +25,7 @@ from geoseg.config import VectorConfig
 from geoseg.grid import OutputGrid
 from geoseg.progress import track
 from geoseg.tiling import Block
-from geoseg.vector_io import LayerWriter, decode_rows, encode_frame, encode_rows, slice_rows, write_flatgeobuf
+from geoseg.vector_io import LayerWriter, decode_rows, encode_frame, encode_rows, slice_rows
 
 log = logging.getLogger(__name__)
 
@@ -314,39 +314,34 @@ def crs_tag(crs: str) -> str:
 class LayerFiles:
     """The polygon layer's files under a run's OUT: one per format of ``vector.formats``, and again
     in ``vector.reproject_to``. Each ``writer`` is given the rows; a FlatGeobuf, which cannot grow,
-    is converted from its GeoPackage (always written) once the writers are closed."""
+    is converted from its GeoPackage (always written) as that is closed."""
 
     writers: list[tuple[LayerWriter, str | None]]
     files: dict[str, str]  # by format, and the CRS's tag for the copy: gpkg, parquet, gpkg_epsg4326...
-    converted: list[tuple[str, str]]  # (GeoPackage, FlatGeobuf)
 
     @property
     def gpkg(self) -> str:
         return self.files["gpkg"]
-
-    def convert(self) -> None:
-        for gpkg, fgb in self.converted:
-            write_flatgeobuf(gpkg, fgb)
 
 
 def layer_files(out: str, crs: str, vector: VectorConfig) -> LayerFiles:
     """The writers of the layer's files (:class:`LayerFiles`); ``crs``: the mosaic's."""
     targets = [("", None)] + ([(crs_tag(vector.reproject_to), vector.reproject_to)] if vector.reproject_to else [])
     writers: list[tuple[LayerWriter, str | None]] = []
-    files, converted = {}, []
+    files = {}
     try:
         for tag, to_crs in targets:
             at = {fmt: storage.join(out, f"polygons{tag}{suffix}") for fmt, suffix in LAYER_SUFFIXES.items()}
-            for fmt in ["gpkg", *(["parquet"] if "parquet" in vector.formats else [])]:
-                writers.append((LayerWriter(at[fmt], to_crs or crs), to_crs))
+            fgb = at["fgb"] if "fgb" in vector.formats else None
+            writers.append((LayerWriter(at["gpkg"], to_crs or crs, flatgeobuf=fgb), to_crs))
+            if "parquet" in vector.formats:
+                writers.append((LayerWriter(at["parquet"], to_crs or crs), to_crs))
             files.update({f"{fmt}{tag}": at[fmt] for fmt in ["gpkg", *vector.formats]})
-            if "fgb" in vector.formats:
-                converted.append((at["gpkg"], at["fgb"]))
     except BaseException:  # the layers begun are dropped: no staging left behind
         for writer, _ in writers:
             writer.abort()
         raise
-    return LayerFiles(writers, files, converted)
+    return LayerFiles(writers, files)
 
 
 def write_polygons(
@@ -356,13 +351,12 @@ def write_polygons(
     out: str,
     legend: dict[int, str],
     vector: VectorConfig,
-) -> LayerFiles:
-    """The run's polygon layer, in every format asked (:class:`LayerFiles`)."""
+) -> tuple[LayerFiles, int]:
+    """The run's polygon layer, in every format asked (:class:`LayerFiles`), and its polygon count."""
     files = layer_files(out, grid.crs_wkt, vector)
     count = stream_polygons(client, blocks, grid, out, legend, files.writers, vector)
-    files.convert()
     log.info("%d polygons -> %s", count, ", ".join(files.files.values()))
-    return files
+    return files, count
 
 
 def layer_outputs(files: LayerFiles | None) -> dict[str, str | None]:

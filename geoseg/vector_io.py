@@ -83,13 +83,16 @@ def slice_rows(rows: pa.Table, k: int, n: int) -> pa.Table:
 class LayerWriter:
     """Appends GeoDataFrames to one layer file; the format follows the suffix (.gpkg or .parquet)."""
 
-    def __init__(self, loc: str | Path, crs: str | None = None) -> None:
+    def __init__(self, loc: str | Path, crs: str | None = None, flatgeobuf: str | None = None) -> None:
         """``crs`` (WKT or a code) is given to the layer should no polygon come: an empty layer
-        still says where it is."""
-        self.loc, self.crs = str(loc), crs
+        still says where it is. A GeoPackage's ``flatgeobuf`` copy (a format that cannot grow)
+        is converted from its local file when it is closed, before it goes to its place."""
+        self.loc, self.crs, self.flatgeobuf = str(loc), crs, flatgeobuf
         self.suffix = Path(storage.name(self.loc)).suffix
         if self.suffix not in (".gpkg", ".parquet"):
             raise ValueError(f"{self.loc}: batched writing supports .gpkg and .parquet")
+        if flatgeobuf is not None and self.suffix != ".gpkg":
+            raise ValueError(f"{self.loc}: a FlatGeobuf copy is made from a GeoPackage")
         # An older layer at the location stays until this one is closed, then is replaced whole.
         self._staging: str | None = None
         if storage.is_url(self.loc):
@@ -198,6 +201,8 @@ class LayerWriter:
                 pyogrio.write_dataframe(
                     gpd.GeoDataFrame({"class_id": []}, geometry=[], crs=self.crs), self.path, layer=LAYER, driver="GPKG"
                 )
+            if self.flatgeobuf is not None:  # from the local file: on a store, not fetched back
+                write_flatgeobuf(self.path, self.flatgeobuf)
             if self._staging is not None:
                 storage.upload(self.path, self.loc)
         if self._staging is None and self.path.exists():
@@ -305,14 +310,14 @@ class GeoPackageStream:
         self._thread.join()
 
 
-def write_flatgeobuf(source: str, loc: str) -> None:
-    """A FlatGeobuf copy of a finished layer (local, or downloaded and uploaded)."""
+def write_flatgeobuf(source: Path, loc: str) -> None:
+    """A FlatGeobuf copy at ``loc`` (uploaded to a store) of a finished local GeoPackage."""
     import pyogrio
 
-    with storage.local_copy(str(source)) as src, storage.staged(str(loc)) as path:
+    with storage.staged(str(loc)) as path:
         path.unlink(missing_ok=True)
         # batch by batch: the layer is never whole in memory
-        with pyogrio.open_arrow(src, layer=LAYER, use_pyarrow=True, batch_size=BATCH_ROWS) as (meta, batches):
+        with pyogrio.open_arrow(source, layer=LAYER, use_pyarrow=True, batch_size=BATCH_ROWS) as (meta, batches):
             pyogrio.write_arrow(
                 batches,
                 path,
