@@ -125,7 +125,7 @@ def predict_task(
         record = partials.save_block(folder, results, record)
         return {"block": block.key, **record}
     except Exception as exc:
-        return {"block": block.key, "status": "failed", "error": storage.redact(f"{type(exc).__name__}: {exc}")}
+        return {"block": block.key, "status": "failed", "error": runstate.error_text(exc)}
 
 
 def finish_task(
@@ -182,7 +182,7 @@ def finish_task(
         # memory instead of reading the store again
         return {"block": block.key, **record, LEVELS: levels, ARRAYS: (classes, confidence) if written else None}
     except Exception as exc:
-        return {"block": block.key, "status": "failed", "error": storage.redact(f"{type(exc).__name__}: {exc}")}
+        return {"block": block.key, "status": "failed", "error": runstate.error_text(exc)}
 
 
 LEVELS = "overview_levels"  # what step 2 hands its overview chunks: each level's windows of the block

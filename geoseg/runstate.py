@@ -62,6 +62,11 @@ class RunError(RuntimeError):
     """The run cannot start or go on (no usable scene, OUT held by another run, ...); one line for the user."""
 
 
+def error_text(exc: BaseException) -> str:
+    """A task's error as its record keeps it: its type and message, without a secret."""
+    return storage.redact(f"{type(exc).__name__}: {exc}")
+
+
 def one_line(message: str, limit: int = 300) -> str:
     """The first line of a message, cut to ``limit`` characters (worker errors can be long)."""
     first = message.strip().splitlines()[0] if message.strip() else ""
@@ -225,8 +230,8 @@ class Lease:
         if self._thread is not None:
             self._thread.join()
         with contextlib.suppress(OSError):  # best effort: a lease left behind expires
-            if self.taken_over:  # another run holds the lease now: only our own heartbeat goes
-                pass
+            if self.taken_over:
+                pass  # another run holds the lease now: only our own heartbeat goes
             elif storage.is_url(self.path):
                 if holds_lease(self.out, self.run_id):
                     storage.delete(self.path)

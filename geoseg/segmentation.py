@@ -249,7 +249,7 @@ def collect_blocks(
                 exc = fut.exception()
                 records[chunk_of[fut.key]] = {
                     "status": "failed",
-                    "error": storage.redact(f"{type(exc).__name__}: {exc}"),
+                    "error": runstate.error_text(exc),
                 }
             fut.release()
             continue

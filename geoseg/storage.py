@@ -133,7 +133,9 @@ SIGNING_PARAMETERS = frozenset(
     {"se", "sp", "sv", "st", "spr", "sr", "skoid", "sktid", "skt", "ske", "sks", "skv", "key-pair-id", "policy",
      "awsaccesskeyid", "code"}
 )  # fmt: skip
-CREDENTIAL_PARAMETER = re.compile(r"(?i)(^|[_-])(sig|signature|token|secret|key|apikey|password|credential|expires?)$")
+# a parameter's name that says it holds a secret: sig, X-Amz-Signature, access_token, api_key...
+CREDENTIAL_NAME = r"(?:[\w-]*[_-])?(?:sig|signature|token|secret|key|apikey|password|credential)"
+CREDENTIAL_PARAMETER = re.compile(rf"(?i){CREDENTIAL_NAME}|(?:[\w-]*[_-])?expires?")
 
 
 def unsigned(loc: str) -> str:
@@ -148,7 +150,7 @@ def unsigned(loc: str) -> str:
         for key, value in parse_qsl(parts.query, keep_blank_values=True)
         if key.lower() not in SIGNING_PARAMETERS
         and not key.lower().startswith(("x-amz-", "x-goog-"))
-        and not CREDENTIAL_PARAMETER.search(key)
+        and not CREDENTIAL_PARAMETER.fullmatch(key)
     ]
     return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1], query=urlencode(kept)))
 
@@ -205,8 +207,7 @@ def redact(text: str) -> str:
     # up to a space or a quote, or the ": " that ends a location in an error line
     text = re.sub(r"(https?://[^\s?'\"]+)\?(?:[^\s'\":#]|:(?!\s|$))*", r"\1?***", text)
     # a signature's parameters wherever they are, e.g. a local copy named after a signed URL
-    signed = r"(?i)\b(sig|signature|x-amz-signature|x-goog-signature|x-amz-security-token|token)="
-    text = re.sub(signed + r"(?:[^&\s'\":]|:(?!\s|$))+", r"\1=***", text)
+    text = re.sub(rf"(?i)\b({CREDENTIAL_NAME})=(?:[^&\s'\":]|:(?!\s|$))+", r"\1=***", text)
     return re.sub(r"(\w+://)[^/\s@:]+:[^/\s@]+@", r"\1***@", text)  # user:password@host
 
 
@@ -567,8 +568,13 @@ def cached_copy(loc: str) -> Path:
     # the object, not its signature: a URL signed again finds the same copy
     tag = f"{unsigned(loc)}|{meta['size']}|{meta['last_modified']}|{meta.get('e_tag')}"
     path = _private_cache() / f"{hashlib.sha256(tag.encode()).hexdigest()[:16]}-{name(loc)}"
-    if not path.is_file():
-        write_bytes(str(path), read_bytes(loc))
+    if not path.is_file():  # streamed beside it, then moved into place: never half a copy there
+        tmp = temporary_beside(path)
+        try:
+            download(loc, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return path
 
 
