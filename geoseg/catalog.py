@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,18 @@ from geoseg.scenes import BandSelection, SceneError, SceneInfo, open_scene
 log = logging.getLogger(__name__)
 
 SCENE_SUFFIXES = (".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class ItemOrigin:
+    """The STAC item a scene's location came from, and its acquisition time."""
+
+    item_id: str
+    source: str  # the document that holds the item, or the STAC API that found it
+    acquired: str | None = None
+
+    def __str__(self) -> str:
+        return f"item {self.item_id!r} of {self.source}"
 
 
 class NotItemsError(RunError):
@@ -43,12 +56,12 @@ def stac_items(loc: str) -> list[dict[str, Any]]:
 
 
 def stac_assets(
-    loc: str, asset: str, dates: dict[str, str] | None = None, bad: dict[str, str] | None = None
+    loc: str, asset: str, origins: dict[str, ItemOrigin] | None = None, bad: dict[str, str] | None = None
 ) -> list[str]:
     """The ``asset`` of every item of a STAC Item or ItemCollection, as locations; an item with
     one asset per band instead (``eo:bands``/``raster:bands``) as a reference to its band assets.
-    Each one's acquisition time (``properties.datetime``) goes into ``dates``. An item with
-    neither is named in ``bad`` (by its reference) with the reason, or raises without it."""
+    Each one's item and acquisition time (``properties.datetime``) go into ``origins``. An item
+    with neither is named in ``bad`` (by its reference) with the reason, or raises without it."""
     hrefs = []
     for item in stac_items(loc):
         assets = item.get("assets", {})
@@ -64,9 +77,16 @@ def stac_assets(
             log.error("skipping scene %s: %s", band_assets.item_ref(loc, item), reason)
             continue
         hrefs.append(href)
-        if dates is not None and (when := item.get("properties", {}).get("datetime")):
-            dates[href] = when
+        if origins is not None:
+            _note_origin(origins, href, ItemOrigin(str(item.get("id")), loc, item.get("properties", {}).get("datetime")))
     return hrefs
+
+
+def _note_origin(origins: dict[str, ItemOrigin], loc: str, origin: ItemOrigin) -> None:
+    """A scene named by two items keeps the first, unless only the second is dated."""
+    known = origins.get(loc)
+    if known is None or (known.acquired is None and origin.acquired):
+        origins[loc] = origin
 
 
 def _is_pattern(loc: str) -> bool:
@@ -79,10 +99,10 @@ def expand_inputs(
     inputs: list[str],
     stac_asset: str = "image",
     empty: dict[str, str] | None = None,
-    dates: dict[str, str] | None = None,
+    origins: dict[str, ItemOrigin] | None = None,
 ) -> list[str]:
     """Paths and URLs, folders and URL prefixes (their .tif/.tiff files; a prefix's at any depth),
-    glob patterns and STAC Item(Collection) files, whose items' acquisition times go into ``dates``.
+    glob patterns and STAC Item(Collection) files, whose items go into ``origins``.
 
     A folder, prefix or pattern that gives no file, and a STAC document or item that cannot be
     used, is named in ``empty`` (if given; else a bad STAC document raises) with the reason.
@@ -90,7 +110,7 @@ def expand_inputs(
 
     def one(item: str, document: bool = False) -> list[str]:
         try:
-            found, reason = (_stac_document if document else _expand)(item, stac_asset, empty, dates)
+            found, reason = (_stac_document if document else _expand)(item, stac_asset, empty, origins)
         except (RunError, storage.StorageError) as exc:  # one bad input; the others go on
             if empty is None:
                 raise
@@ -130,17 +150,17 @@ def _is_stac(loc: str) -> bool:
 
 
 def _stac_document(
-    loc: str, stac_asset: str, bad: dict[str, str] | None, dates: dict[str, str] | None
+    loc: str, stac_asset: str, bad: dict[str, str] | None, origins: dict[str, ItemOrigin] | None
 ) -> tuple[list[str], str]:
     """A STAC document's scenes, and the reason where it gives none ("" where its items were
     reported one by one in ``bad``)."""
     reported = len(bad or {})
-    found = stac_assets(loc, stac_asset, dates, bad)
+    found = stac_assets(loc, stac_asset, origins, bad)
     return found, "" if len(bad or {}) > reported else "no STAC item in it"
 
 
 def _expand(
-    item: str, stac_asset: str, bad: dict[str, str] | None, dates: dict[str, str] | None
+    item: str, stac_asset: str, bad: dict[str, str] | None, origins: dict[str, ItemOrigin] | None
 ) -> tuple[list[str], str]:
     """One input's scenes, and the reason where it gives none ("" where its items were reported
     one by one in ``bad``)."""
@@ -149,7 +169,7 @@ def _expand(
     if band_assets.is_item_ref(item):
         return [item], ""
     if _is_stac(item) and not _is_pattern(item) and (remote or storage.exists(item)):
-        return _stac_document(item, stac_asset, bad, dates)
+        return _stac_document(item, stac_asset, bad, origins)
     if _is_pattern(item):
         return storage.glob(item), "pattern that matches no file"
     if remote and (item.endswith("/") or not name.endswith(SCENE_SUFFIXES)):
@@ -168,11 +188,11 @@ def search_inputs(
     when: str | None,
     asset: str,
     max_items: int,
-    dates: dict[str, str] | None = None,
+    origins: dict[str, ItemOrigin] | None = None,
 ) -> list[str]:
     """The scenes a STAC API search finds (pystac-client): each item's ``asset`` where it has
-    one, else a reference to its band assets (by the item's own URL); their acquisition times
-    go into ``dates``."""
+    one, else a reference to its band assets (by the item's own URL); their items go into
+    ``origins``."""
     from pystac_client import Client
 
     asked = ", ".join(
@@ -195,8 +215,8 @@ def search_inputs(
             found.append(f"{item.get_self_href()}{band_assets.ITEM_MARK}{item.id}")
         else:
             raise RunError(f"{storage.redact(url)}: item {item.id!r} has no {asset!r} asset and no self link")
-        if dates is not None and (acquired := item.properties.get("datetime")):
-            dates[found[-1]] = acquired
+        if origins is not None:
+            _note_origin(origins, found[-1], ItemOrigin(item.id, storage.redact(url), item.properties.get("datetime")))
     log.info("%s: %d items (%s)", storage.redact(url), len(found), asked)
     return found
 
@@ -211,15 +231,24 @@ def order_scenes(scenes: list[SceneInfo], rule: str) -> list[SceneInfo]:
 
 
 def catalog(
-    locations: list[str], n_bands: int, selection: BandSelection | None = None
+    locations: list[str],
+    n_bands: int,
+    selection: BandSelection | None = None,
+    origins: dict[str, ItemOrigin] | None = None,
 ) -> tuple[list[SceneInfo], dict[str, str]]:
     """Open every header, finding the model's bands by ``selection`` if given; bad scenes are
-    reported (location -> reason), not fatal."""
+    reported (location -> reason, with the STAC item it came from in ``origins``), not fatal.
+    A scene's item's acquisition time is the scene's."""
     good, bad = [], {}
+    origins = origins or {}
     for loc in locations:
+        origin = origins.get(loc)
         try:
-            good.append(open_scene(loc, expected_bands=n_bands, selection=selection))
+            info = open_scene(loc, expected_bands=n_bands, selection=selection)
         except SceneError as exc:
-            log.error("skipping scene %s", exc)
-            bad[str(loc)] = exc.reason
+            named = origin and not band_assets.is_item_ref(loc)  # a reference names its item already
+            bad[str(loc)] = f"{exc.reason} (the asset of {origin})" if named else exc.reason
+            log.error("skipping scene %s: %s", loc, bad[str(loc)])
+            continue
+        good.append(replace(info, acquired=origin.acquired or info.acquired) if origin else info)
     return good, bad

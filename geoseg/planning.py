@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 
 from geoseg import runstate, storage
 from geoseg.blocks import Footprint, footprints_on
-from geoseg.catalog import catalog, expand_inputs, order_scenes, search_inputs
+from geoseg.catalog import ItemOrigin, catalog, expand_inputs, order_scenes, search_inputs
 from geoseg.config import GridConfig, RunConfig
 from geoseg.grid import OutputGrid, aoi_bounds, chosen_grid, grid_from_scenes
 from geoseg.models.checkpoint import Checkpoint, load_checkpoint
@@ -117,15 +117,18 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     if "classes" in cfg.model_fields_set and cfg.class_names() != legend:
         raise RunError(f"{ckpt.path}: the model's classes {legend} do not match the config's {cfg.class_names()}")
     empty_inputs: dict[str, str] = {}
-    dates: dict[str, str] = {}  # acquisition times that STAC items give their scenes
+    origins: dict[str, ItemOrigin] = {}  # the STAC items scenes come from, with their acquisition times
     inputs = list(cfg.inputs)
     search = cfg.stac_search
     if search.url:
         inputs += search_inputs(
-            search.url, search.collections, search.bbox, search.datetime, cfg.stac_asset, search.max_items, dates
+            search.url, search.collections, search.bbox, search.datetime, cfg.stac_asset, search.max_items, origins
         )
     scenes, failed_scenes = catalog(
-        expand_inputs(inputs, cfg.stac_asset, empty_inputs, dates), len(ckpt.bands), band_selection(cfg, ckpt)
+        expand_inputs(inputs, cfg.stac_asset, empty_inputs, origins),
+        len(ckpt.bands),
+        band_selection(cfg, ckpt),
+        origins,
     )
     failed_scenes = {**empty_inputs, **failed_scenes}
     coverage = {s.path: None if s.vrt else data_coverage(s.path) for s in scenes}
@@ -140,7 +143,6 @@ def plan_run(cfg: RunConfig) -> RunPlan:
             if failed_scenes
             else "no input scene given"
         )
-    scenes = [replace(s, acquired=dates.get(s.path, s.acquired)) for s in scenes]
     grid = output_grid(cfg, scenes)
     scenes = order_scenes(scenes, cfg.output.mosaic_rule)
     footprints = footprints_on(grid, scenes, coverage)

@@ -143,7 +143,10 @@ def open_scene(
     try:
         src = open_vrt(vrt) if vrt else storage.open_raster(path)
     except Exception as exc:
-        raise SceneError(path, f"not a readable raster ({storage.redact(_gdal_message(exc))})") from None
+        reason = storage.redact(_gdal_message(exc))
+        if not vrt and _starts_as_tiff(path):  # a TIFF's header cut off or damaged
+            raise SceneError(path, f"a TIFF that cannot be read, truncated or corrupt ({reason})") from None
+        raise SceneError(path, f"not a readable raster ({reason})") from None
     with src:
         info = SceneInfo(
             path=str(path),
@@ -299,6 +302,17 @@ def acquisition_time(tags: dict[str, str]) -> str | None:
                 date = date.replace(":", "-")
             return f"{date}T{time}" if time else date
     return None
+
+
+TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
+
+
+def _starts_as_tiff(loc: str) -> bool:
+    try:
+        (head,) = storage.read_ranges(loc, [[0, 4]])
+    except (OSError, ValueError):
+        return False
+    return head in TIFF_SIGNATURES
 
 
 def _gdal_message(exc: BaseException) -> str:

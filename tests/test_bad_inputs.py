@@ -66,7 +66,7 @@ def bad_scenes(tmp_path_factory, scene_1000x700):
 @pytest.mark.parametrize(
     ("name", "reason"),
     [
-        ("truncated", "not a readable raster"),
+        ("truncated", "a TIFF that cannot be read, truncated or corrupt"),
         ("truncated_cog", "cannot read pixel data"),
         ("text", "not a readable raster"),
         ("no_crs", "has no CRS"),
@@ -280,6 +280,31 @@ def test_inputs_from_a_stac_item_collection_and_a_directory(
     # the folder (relative to where geoseg runs) and the collection name the same scenes: once each
     monkeypatch.chdir(tmp_path)
     assert expand_inputs(["scenes", "items.json"]) == [str(Path("scenes") / "a.tif"), str(Path("scenes") / "b.tif")]
+
+
+def test_a_stac_assets_bad_file_is_named_with_its_item_and_a_good_one_takes_the_items_date(tmp_path):
+    from geoseg.catalog import catalog, expand_inputs
+
+    good = write_scene(SceneSpec(64, 64, seed=1), tmp_path / "good.tif")[0]
+    items = {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "id": "S2B_33UVP_20240612",
+                "properties": {"datetime": "2024-06-12T10:06:29Z"},
+                "assets": {"image": {"href": "good.tif"}},
+            },
+            {"type": "Feature", "id": "S2A_33UVP_20240601", "assets": {"image": {"href": "gone.tif"}}},
+        ],
+    }
+    (tmp_path / "items.json").write_text(json.dumps(items))
+    origins = {}
+    scenes, failed = catalog(expand_inputs([str(tmp_path / "items.json")], origins=origins), 4, origins=origins)
+    assert [(s.path, s.acquired) for s in scenes] == [(str(good), "2024-06-12T10:06:29Z")]
+    assert failed == {
+        str(tmp_path / "gone.tif"): f"file not found (the asset of item 'S2A_33UVP_20240601' of {tmp_path / 'items.json'})"
+    }
 
 
 @pytest.mark.parametrize("readers", [1, 3])

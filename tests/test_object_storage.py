@@ -443,7 +443,7 @@ def test_export_and_change_of_runs_on_s3_write_their_layers_to_the_store(remote,
 
 
 def test_a_stac_collection_in_the_bucket_names_its_cogs_relatively_and_globs_stay_in_their_folder(remote):
-    from geoseg.catalog import expand_inputs
+    from geoseg.catalog import ItemOrigin, expand_inputs
 
     bucket = remote["bucket"]
     items = {
@@ -476,19 +476,22 @@ def test_a_stac_collection_in_the_bucket_names_its_cogs_relatively_and_globs_sta
         Bucket=public.split("/")[0], Key="stac/dated.json", Body=json.dumps(dated).encode(), ACL="public-read"
     )
     signed = f"{S3_ENDPOINT}/{public}/stac/dated.json?sv=2030&sig=abc"
-    dates: dict[str, str] = {}
+    origins: dict[str, ItemOrigin] = {}
     missing = f"{bucket}/stac/missing.json"
-    found = expand_inputs([signed, missing], empty=empty, dates=dates)
+    found = expand_inputs([signed, missing], empty=empty, origins=origins)
     assert found == [f"{S3_ENDPOINT}/{public}/scenes/cog/scene.tif", f"{S3_ENDPOINT}/{public}/scenes/scene.tif"]
-    assert dates == {found[0]: "2026-05-01T10:00:00Z", found[1]: "2026-06-01T10:00:00Z"}
+    assert {loc: origin.acquired for loc, origin in origins.items()} == {
+        found[0]: "2026-05-01T10:00:00Z",
+        found[1]: "2026-06-01T10:00:00Z",
+    }
     assert empty[missing] == "no such object"
     # a pattern of STAC documents gives their scenes; a listing that fails is one bad input
-    stac_dates: dict[str, str] = {}
+    stac_origins: dict[str, ItemOrigin] = {}
     catalog = {"type": "Catalog", "id": "c", "stac_version": "1.1.0", "description": "the items", "links": []}
     storage.write_text(f"{bucket}/stac/catalog.json", json.dumps(catalog))  # beside the items: no scene
-    by_pattern = expand_inputs([f"{bucket}/stac/*.json"], empty=empty, dates=stac_dates)
+    by_pattern = expand_inputs([f"{bucket}/stac/*.json"], empty=empty, origins=stac_origins)
     assert by_pattern == [f"{bucket}/scenes/cog/scene.tif", f"{bucket}/scenes/scene.tif"]  # each once
-    assert sorted(stac_dates.values()) == ["2026-05-01T10:00:00Z", "2026-06-01T10:00:00Z"]
+    assert sorted(o.acquired for o in stac_origins.values()) == ["2026-05-01T10:00:00Z", "2026-06-01T10:00:00Z"]
     assert f"{bucket}/stac/catalog.json" not in empty
     empty.clear()
     assert expand_inputs(["s3://no-such-bucket-here/*.tif", remote["scene"]], empty=empty) == [remote["scene"]]
