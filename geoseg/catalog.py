@@ -78,7 +78,8 @@ def stac_assets(
             continue
         hrefs.append(href)
         if origins is not None:
-            _note_origin(origins, href, ItemOrigin(str(item.get("id")), loc, item.get("properties", {}).get("datetime")))
+            acquired = item.get("properties", {}).get("datetime")
+            _note_origin(origins, href, ItemOrigin(str(item.get("id")), loc, acquired))
     return hrefs
 
 

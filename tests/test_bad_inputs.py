@@ -302,9 +302,8 @@ def test_a_stac_assets_bad_file_is_named_with_its_item_and_a_good_one_takes_the_
     origins = {}
     scenes, failed = catalog(expand_inputs([str(tmp_path / "items.json")], origins=origins), 4, origins=origins)
     assert [(s.path, s.acquired) for s in scenes] == [(str(good), "2024-06-12T10:06:29Z")]
-    assert failed == {
-        str(tmp_path / "gone.tif"): f"file not found (the asset of item 'S2A_33UVP_20240601' of {tmp_path / 'items.json'})"
-    }
+    origin = f"item 'S2A_33UVP_20240601' of {tmp_path / 'items.json'}"
+    assert failed == {str(tmp_path / "gone.tif"): f"file not found (the asset of {origin})"}
 
 
 @pytest.mark.parametrize("readers", [1, 3])
