@@ -21,7 +21,7 @@ from geoseg.blending import NODATA
 from geoseg.config import RunConfig
 from geoseg.grid import OutputGrid
 from geoseg.mosaic import MOSAIC_NAME
-from geoseg.polygons import blocks_with_classes, write_polygons
+from geoseg.polygons import blocks_with_classes, record_layers, write_polygons
 from geoseg.quicklook import write_quicklook
 from geoseg.tiling import iter_blocks
 
@@ -244,6 +244,7 @@ def export_layers(out: str, cfg: RunConfig, client: Client, manifest: dict) -> E
     size = cfg.output.block_size
     blocks = blocks_with_classes(manifest, size, list(iter_blocks(grid.height, grid.width, size)))
     layers, count = write_polygons(client, blocks, grid, out, legend, cfg.vector)
+    dropped = record_layers(out, manifest, cfg.vector, layers)  # the run's polygons are export's now
     result.files.update(layers.files)
     styles = {
         "qml_raster": ("classes.qml", raster_qml(legend, colors)),
@@ -263,6 +264,6 @@ def export_layers(out: str, cfg: RunConfig, client: Client, manifest: dict) -> E
         {storage.name(loc) for loc in result.files.values()}
         | {storage.name(result.files["cog"]) + ".aux.xml"}  # the COG's category names
     )
-    result.files["item"] = stac_item.add_assets(out, manifest, legend, colors, names)
+    result.files["item"] = stac_item.add_assets(out, manifest, legend, colors, names, dropped)
     log.info("%d polygons; layers in %s", count, out)
     return result

@@ -34,6 +34,7 @@ from geoseg.polygons import (
     layer_files,
     layer_outputs,
     layer_task,
+    record_layers,
     submit_layers,
     submit_parts,
     write_polygons,
@@ -384,19 +385,8 @@ def vectorize_run(out: str, cfg: RunConfig, client: Client | None = None) -> str
         else:
             with dask_client(cfg.cluster) as own:
                 files, _ = write_polygons(own, blocks, grid, out, legend, cfg.vector)
-        # the manifest and the item name the layers as they are now
-        before = manifest.get("outputs", {})
-        outputs = {k: v for k, v in before.items() if not k.startswith("polygons")}
-        # the vector settings with them: an export of the run later starts from these
-        config = {**manifest.get("config", {}), "vector": cfg.vector.model_dump(mode="json")}
-        runstate.write_manifest(out, {**manifest, "config": config, "outputs": {**outputs, **layer_outputs(files)}})
-        # the run's layers of formats or CRSs no longer asked for would be the old polygons
-        stale = [
-            loc for k, loc in before.items() if k.startswith("polygons") and loc and loc not in files.files.values()
-        ]
-        for loc in stale:
-            storage.delete(loc)
+        dropped = record_layers(out, manifest, cfg.vector, files)
         colors = mosaic.read_colors(store) or {k: "#808080" for k in legend}
         names = [storage.name(loc) for loc in files.files.values()]
-        stac_item.add_assets(out, manifest, legend, colors, names, [storage.name(loc) for loc in stale])
+        stac_item.add_assets(out, manifest, legend, colors, names, dropped)
         return files.gpkg

@@ -19,7 +19,7 @@ import shapely
 from distributed import Client, Future, as_completed
 from rasterio.transform import Affine
 
-from geoseg import storage, vectorize
+from geoseg import runstate, storage, vectorize
 from geoseg.blocks import has_classes, polygonize_task
 from geoseg.config import VectorConfig
 from geoseg.grid import OutputGrid
@@ -365,6 +365,24 @@ def layer_outputs(files: LayerFiles | None) -> dict[str, str | None]:
     if files is None:
         return {"polygons": None}
     return {"polygons": files.gpkg} | {f"polygons_{key}": loc for key, loc in files.files.items() if key != "gpkg"}
+
+
+def record_layers(out: str, manifest: dict, vector: VectorConfig, files: LayerFiles) -> list[str]:
+    """Name a finished run's polygon layers as they are now in its manifest, with the vector
+    settings that made them (a later export starts from these), and remove its layers of formats
+    or CRSs no longer asked for (they hold the old polygons): the names of those removed.
+
+    Layers are known by name in ``out``: a run folder copied elsewhere names its old location
+    in its manifest, whose files are not this run's to remove."""
+    before = manifest.get("outputs", {})
+    outputs = {k: v for k, v in before.items() if not k.startswith("polygons")} | layer_outputs(files)
+    config = {**manifest.get("config", {}), "vector": vector.model_dump(mode="json")}
+    runstate.write_manifest(out, {**manifest, "config": config, "outputs": outputs})
+    written = {storage.name(loc) for loc in files.files.values()}
+    stale = sorted({storage.name(loc) for k, loc in before.items() if k.startswith("polygons") and loc} - written)
+    for name in stale:
+        storage.delete(storage.join(out, name))
+    return stale
 
 
 def blocks_with_classes(manifest: dict, block_size: int, blocks: list[Block]) -> list[Block]:

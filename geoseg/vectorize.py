@@ -117,7 +117,7 @@ def sieve_once(classes: np.ndarray, min_pixels: int, enclosed_only: bool = False
     new_class = region_class.copy()
     new_class[small] = np.where(has_vote, winner, region_class[small])
     new_class[0] = NODATA
-    return new_class[labels].astype(np.uint8)
+    return new_class[labels].astype(classes.dtype, copy=False)
 
 
 def polygonize_block(

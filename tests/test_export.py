@@ -133,6 +133,24 @@ def test_all_formats_and_the_reprojected_copy(exported):
     assert geo.total_bounds[0] == pytest.approx(15.0, abs=0.2) and 45 < geo.total_bounds[1] < 48
 
 
+def test_export_records_its_layers_and_a_later_one_removes_those_no_longer_asked_for(exported, tmp_path, client2):
+    out, result = exported
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["vector"]["mmu_pixels"] == MMU  # a later export or vectorize starts from these
+    assert manifest["outputs"]["polygons_fgb_epsg4326"] == str(out / "polygons_epsg4326.fgb")
+    # exported again, from a copy of the run, with the GeoPackage only
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    again = export_run(moved, run_config_of(moved, ["vector.formats=[gpkg]", "vector.reproject_to=null"]), client2)
+    assert sorted(p.name for p in moved.glob("polygons*")) == ["polygons.gpkg", "polygons.qml", "polygons.sld"]
+    outputs = json.loads((moved / "manifest.json").read_text())["outputs"]
+    assert {k: v for k, v in outputs.items() if k.startswith("polygons")} == {"polygons": str(moved / "polygons.gpkg")}
+    assets = json.loads(Path(again.files["item"]).read_text())["assets"]
+    assert "polygons.gpkg" in assets and not {"polygons.parquet", "polygons_epsg4326.fgb"} & set(assets)
+    # the run copied from keeps its own layers: they are not the copy's to remove
+    assert {"polygons.parquet", "polygons_epsg4326.fgb"} <= {p.name for p in out.iterdir()}
+
+
 def test_styles_name_every_class_with_its_colour(exported):
     out, _ = exported
     raster = ET.parse(out / "classes.qml").getroot()
