@@ -21,6 +21,20 @@ from geoseg.scenes import SceneError, open_scene
 from geoseg.synth import SceneSpec, write_scene
 
 
+def item_collection(*items: tuple[str, str | None, str]) -> str:
+    """A STAC ItemCollection of (id, datetime or None, href of the "image" asset), as JSON."""
+    features = [
+        {
+            "type": "Feature",
+            "id": id_,
+            "properties": {"datetime": when} if when else {},
+            "assets": {"image": {"href": href}},
+        }
+        for id_, when, href in items
+    ]
+    return json.dumps({"type": "FeatureCollection", "features": features})
+
+
 @pytest.fixture(scope="module")
 def bad_scenes(tmp_path_factory, scene_1000x700):
     d = tmp_path_factory.mktemp("bad")
@@ -163,24 +177,8 @@ def test_latest_acquisition_wins_where_scenes_overlap(tmp_path, random_checkpoin
 
     old = write_scene(SceneSpec(200, 150, seed=1, nodata_border=False), tmp_path / "old.tif")[0]
     new = write_scene(SceneSpec(200, 150, seed=2, nodata_border=False), tmp_path / "new.tif")[0]
-    items = {
-        "type": "FeatureCollection",
-        "features": [
-            {
-                "type": "Feature",
-                "id": "old",
-                "properties": {"datetime": "2024-05-01T10:00:00Z"},
-                "assets": {"image": {"href": "old.tif"}},
-            },
-            {
-                "type": "Feature",
-                "id": "new",
-                "properties": {"datetime": "2025-05-01T10:00:00Z"},
-                "assets": {"image": {"href": "new.tif"}},
-            },
-        ],
-    }
-    (tmp_path / "items.json").write_text(json.dumps(items))
+    items = item_collection(("old", "2024-05-01T10:00:00Z", "old.tif"), ("new", "2025-05-01T10:00:00Z", "new.tif"))
+    (tmp_path / "items.json").write_text(items)
     maps = {}
     for rule, inputs in (("first", [old]), ("first", [new]), ("latest", [tmp_path / "items.json"])):
         out = tmp_path / f"{rule}_{inputs[0].stem}"
@@ -264,14 +262,8 @@ def test_inputs_from_a_stac_item_collection_and_a_directory(
     a = write_scene(SceneSpec(64, 64, seed=1), d / "a.tif")[0]
     b = write_scene(SceneSpec(64, 64, seed=2), d / "b.tif")[0]
     (d / "readme.txt").write_text("not a scene")
-    items = {
-        "type": "FeatureCollection",
-        "features": [
-            {"type": "Feature", "id": "b", "assets": {"image": {"href": "scenes/b.tif"}}},
-            {"type": "Feature", "id": "a", "assets": {"image": {"href": str(a)}}},
-        ],
-    }
-    (tmp_path / "items.json").write_text(json.dumps(items))
+    items = item_collection(("b", None, "scenes/b.tif"), ("a", None, str(a)))
+    (tmp_path / "items.json").write_text(items)
     assert expand_inputs([str(tmp_path / "items.json")]) == [str(b), str(a)]
     assert expand_inputs([str(d)]) == [str(a), str(b)]
     assert expand_inputs([str(d / "*.tif")]) == [str(a), str(b)]
@@ -286,19 +278,10 @@ def test_a_stac_assets_bad_file_is_named_with_its_item_and_a_good_one_takes_the_
     from geoseg.catalog import catalog, expand_inputs
 
     good = write_scene(SceneSpec(64, 64, seed=1), tmp_path / "good.tif")[0]
-    items = {
-        "type": "FeatureCollection",
-        "features": [
-            {
-                "type": "Feature",
-                "id": "S2B_33UVP_20240612",
-                "properties": {"datetime": "2024-06-12T10:06:29Z"},
-                "assets": {"image": {"href": "good.tif"}},
-            },
-            {"type": "Feature", "id": "S2A_33UVP_20240601", "assets": {"image": {"href": "gone.tif"}}},
-        ],
-    }
-    (tmp_path / "items.json").write_text(json.dumps(items))
+    items = item_collection(
+        ("S2B_33UVP_20240612", "2024-06-12T10:06:29Z", "good.tif"), ("S2A_33UVP_20240601", None, "gone.tif")
+    )
+    (tmp_path / "items.json").write_text(items)
     origins = {}
     scenes, failed = catalog(expand_inputs([str(tmp_path / "items.json")], origins=origins), 4, origins=origins)
     assert [(s.path, s.acquired) for s in scenes] == [(str(good), "2024-06-12T10:06:29Z")]
