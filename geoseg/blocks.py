@@ -1,6 +1,6 @@
 """The block tasks of a segmentation run, and the Dask graph of them (run by the caller).
 
-    step 1, predict_task: the tiles a block owns -> votes, saved under OUT/.geoseg/partials
+    step 1, predict_task: the tiles a block owns -> votes, saved under OUT/.geoseg/partials/<run>
     step 2, finish_task:  its own and its neighbours' votes -> classes, confidence -> store, marker
     polygonize_task:      a finished block -> polygons (pieces cut by block edges kept apart)
 
@@ -34,6 +34,13 @@ from geoseg.segment import TilingSettings, finish_block, most_confident, predict
 from geoseg.tiling import Block, Rect, level_chunks
 
 PARTIALS_DIR = f"{STATE_DIR}/partials"
+
+
+def partials_root(out: str, fingerprint: str) -> str:
+    """Where a run's step-1 results lie: apart from those of runs with another fingerprint. The
+    step 1 of a killed run may still be running on the workers, and save its votes after a run
+    with another model or grid (``--overwrite``) has begun: that run must never read them."""
+    return storage.join(out, PARTIALS_DIR, fingerprint[:16])
 
 
 @dataclass(frozen=True)
@@ -83,26 +90,27 @@ def predict_task(
     grid: OutputGrid,
     tiling: TilingSettings,
     settings: InferenceSettings,
-    out: str,
+    partials_at: str,
     read_threads: int = 0,
     numerics: str | None = None,
 ) -> dict[str, Any]:
     """A Dask task (step 1): the block's own tiles, saved for itself and its neighbours.
 
     ``layers`` maps a layer name to the scenes composited in it (one layer with all scenes, or
-    one per scene for the ``confidence`` rule). A block saved by an earlier attempt is reused.
+    one per scene for the ``confidence`` rule). A block saved by an earlier attempt at the same
+    run (in ``partials_at``, :func:`partials_root`) is reused.
     With ``numerics`` (the run's :func:`geoseg.inference.numerics`), a worker that computes
     votes otherwise (one that joined late) fails the block rather than mix them.
     Errors are returned, not raised: one bad block must not sink the run.
     """
-    folder = storage.join(out, PARTIALS_DIR, block.key)
-    # asked each time, though a fresh run gets a 404: Dask computes step 1 again when a worker
-    # holding its result is lost, and the saved record spares that forward pass
-    record = partials.load_record(folder)
-    if record is not None:
-        return {"block": block.key, **record}
+    folder = storage.join(partials_at, block.key)
     start = time.perf_counter()
     try:
+        # asked each time, though a fresh run gets a 404: Dask computes step 1 again when a
+        # worker holding its result is lost, and the saved record spares that forward pass
+        record = partials.load_record(folder)
+        if record is not None:
+            return {"block": block.key, **record}
         if numerics is not None and (own := numerics_of(settings)) != numerics:
             raise RuntimeError(f"this worker computes votes as {own}, the run as {numerics}")
         predictor = get_predictor(settings)
@@ -129,12 +137,18 @@ def predict_task(
 
 
 def finish_task(
-    block: Block, reaching: list[dict[str, Any]], n_classes: int, out: str, run_id: str | None = None
+    block: Block,
+    reaching: list[dict[str, Any]],
+    n_classes: int,
+    out: str,
+    partials_at: str,
+    run_id: str | None = None,
 ) -> dict[str, Any]:
     """A Dask task (step 2): add the neighbours' frames, write the block's region, leave a marker.
 
-    ``reaching`` are the step-1 records of the blocks whose tiles reach this one, its own first.
-    With ``run_id``, nothing is written unless that run still holds OUT's lease.
+    ``reaching`` are the step-1 records of the blocks whose tiles reach this one, its own first,
+    saved in ``partials_at``. With ``run_id``, nothing is written unless that run still holds
+    OUT's lease.
     """
     start = time.perf_counter()
     own = reaching[0]
@@ -144,14 +158,13 @@ def finish_task(
             reason = failed[0]["error"]
             which = "" if failed[0]["block"] == block.key else f"block {failed[0]['block']}, which reaches it, failed: "
             raise RuntimeError(which + reason)
-        root = storage.join(out, PARTIALS_DIR)
         bounds = Rect(block.rows, block.cols)
         loaded = storage.concurrently(  # on a store: the neighbours' objects in flight together
             lambda r: partials.load_layers(
-                storage.join(root, r["block"]), r.get("layers"), interior=r is own, within=bounds
+                storage.join(partials_at, r["block"]), r.get("layers"), interior=r is own, within=bounds
             ),
             reaching,
-            remote=storage.is_url(root),
+            remote=storage.is_url(partials_at),
         )
         own_layers, others = loaded[0], loaded[1:]
         results = []

@@ -171,7 +171,7 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
     for key, err in failed_blocks.items():
         log.error("block %s failed: %s", key, err)
     if not failed_blocks:  # every reader is done: what a lost worker may have left goes too
-        partials.remove_block(storage.join(out, PARTIALS_DIR))
+        partials.discard(storage.join(out, PARTIALS_DIR))
 
     computed = [r for r in block_records.values() if r["status"] == "done" and not r.get("reused")]
     forward_s = sum(r.get("forward_s", 0.0) for r in computed)

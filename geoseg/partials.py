@@ -1,9 +1,10 @@
 """Step 1 results on disk, where the workers that finish the neighbouring blocks find them.
 
-One folder (or URL prefix) per block, under the run's OUT: workers meet only there, never in
-each other's local files. The record is written last and commits the block: a rerun (or a
-retried task) reuses a committed block instead of computing its tiles again. Local frames are
-read memory-mapped: a neighbour reads only the rows it needs.
+One folder (or URL prefix) per block, under the run's OUT and its fingerprint
+(:func:`geoseg.blocks.partials_root`): workers meet only there, never in each other's local
+files. The record is written last and commits the block: a rerun (or a retried task) reuses a
+committed block instead of computing its tiles again. Local frames are read memory-mapped: a
+neighbour reads only the rows it needs.
 Only votes are stored: a layer that computed no tile (no valid pixel) has no folder, and a
 frame only the pixels that got votes (:func:`geoseg.segment.voted_frames`). On an object store
 the arrays are zstd-compressed (level 1: votes shrink ~5x at ~600 MB/s), since every byte there
@@ -21,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,8 @@ from numcodecs import Zstd
 from geoseg import storage
 from geoseg.segment import Frame, Partial
 from geoseg.tiling import Rect, Span
+
+log = logging.getLogger(__name__)
 
 RECORD = "record.json"
 _ZSTD = Zstd(level=1)
@@ -181,3 +185,12 @@ def remove_block(folder: str) -> None:
     """Uncommit a block (its record first), then remove the rest: never a record without its layers."""
     storage.delete(storage.join(folder, RECORD))
     storage.delete_tree(folder)
+
+
+def discard(folder: str) -> None:
+    """:func:`remove_block` once every reader is done: what cannot be removed is only litter (a
+    run with another fingerprint never reads it), so a failure is logged, and the run goes on."""
+    try:
+        remove_block(folder)
+    except OSError as exc:
+        log.warning("could not remove step-1 results %s: %s", storage.redact(folder), storage.redact(str(exc)))

@@ -4,7 +4,7 @@ committed, and whether it finished.
     OUT/.geoseg/lease.json         the live run that holds OUT, with a heartbeat
     OUT/.geoseg/fingerprint        what determines the pixels (another one is refused without --overwrite)
     OUT/.geoseg/blocks/<key>.json  a block's commit marker, written after its region
-    OUT/.geoseg/partials/          step-1 results for the neighbours (:mod:`geoseg.partials`)
+    OUT/.geoseg/partials/<run>/    step-1 results for the neighbours, by fingerprint (:mod:`geoseg.partials`)
     OUT/manifest.json              ``status``: "running" from the start, "finished" or "incomplete" at the end
 
 OUT is a local folder or a URL prefix (:mod:`geoseg.storage`). Every file here is written whole

@@ -15,12 +15,12 @@ from distributed import Client, Future, as_completed
 
 from geoseg import mosaic, partials, runstate, storage
 from geoseg.blocks import (
-    PARTIALS_DIR,
     block_graph,
     finish_task,
     has_classes,
     overview_chunk_task,
     overview_graph,
+    partials_root,
     polygon_halo,
     predict_task,
     sieve_reach,
@@ -111,6 +111,7 @@ class SubmittedBlocks:
     reach: dict[str, list[Block]]  # block key -> the blocks whose step 1 it reads, itself first
     readers: dict[str, int]  # block key -> how many step 2 read its partial results
     overviews: dict[str, Future]  # "overviews/<f>/<i>_<j>" -> the task writing that chunk
+    partials_at: str  # where the step-1 results lie (:func:`geoseg.blocks.partials_root`)
     finished_at: float = 0.0  # perf_counter() when collect_blocks had the last block's record
 
 
@@ -170,16 +171,17 @@ def submit_blocks(
             readers[n.key] = readers.get(n.key, 0) + 1
     tag = f"{plan.fingerprint}-{lease.run_id}"
     resources = step_one_resources(cfg.cluster)  # the workers that declare them: see workers_numerics
+    partials_at = partials_root(str(out), plan.fingerprint)
     predict = partial(
         predict_task,
         grid=grid,
         tiling=tiling,
         settings=settings,
-        out=str(out),
+        partials_at=partials_at,
         read_threads=cfg.cluster.read_threads,
         numerics=plan.numerics,
     )
-    finish = partial(finish_task, n_classes=n_classes, out=str(out), run_id=lease.run_id)
+    finish = partial(finish_task, n_classes=n_classes, out=str(out), partials_at=partials_at, run_id=lease.run_id)
     sieved = {}
     if polygonize is not None:  # each block's polygons wait for the blocks to do that its sieve reads
         halo, todo_keys = polygon_halo(cfg.vector), {b.key for b in todo}
@@ -223,6 +225,7 @@ def submit_blocks(
         reach,
         readers,
         dict(zip(chunks, futures[n_step2 + n_parts :], strict=True)),
+        partials_at,
     )
 
 
@@ -269,7 +272,7 @@ def collect_blocks(
             # on a store, space is not short and a removal costs three requests: the run
             # removes them all at its end, in one listing
             if readers[n.key] == 0 and not storage.is_url(out):
-                partials.remove_block(storage.join(out, PARTIALS_DIR, n.key))
+                partials.discard(storage.join(submitted.partials_at, n.key))
         if finished_blocks == len(step2):
             submitted.finished_at = time.perf_counter()
     submitted.finished_at = submitted.finished_at or time.perf_counter()

@@ -46,7 +46,7 @@ from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, cast
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 # URL scheme -> GDAL virtual file system prefix
 GDAL_PREFIX = {
@@ -190,11 +190,11 @@ def resolve_href(base: str, href: str) -> str:
     href = href.removeprefix("file://")
     if not is_url(base):
         return href if href.startswith("/") else str((Path(base).parent / href).resolve())
-    parts = urlsplit(base)
+    root, key = _root_and_key(base)
     # An href from "/" starts at the bucket or host; a relative one at the item's folder (by hand:
     # urljoin resolves the http schemes only).
-    relative = posixpath.normpath(posixpath.join(posixpath.dirname(parts.path), href))
-    return f"{parts.scheme}://{parts.netloc}{href if href.startswith('/') else relative}"
+    relative = posixpath.normpath(posixpath.join(posixpath.dirname("/" + key), href))
+    return f"{root}{href if href.startswith('/') else relative}"
 
 
 def redact(text: str) -> str:
@@ -271,13 +271,23 @@ def _store(root: str):
     return from_url(root, config=config or None, client_options=_client_options(kind), retry_config=RETRIES)
 
 
+def _root_and_key(loc: str) -> tuple[str, str]:
+    """``scheme://bucket`` (or host) and the key under it. An object key is taken as written: in
+    it "#", "?" and "%" are characters (only an http(s) URL has a query and a fragment)."""
+    if scheme(loc) in READ_ONLY:
+        parts = urlsplit(loc)
+        return f"{parts.scheme}://{parts.netloc}", parts.path.lstrip("/")
+    kind, rest = loc.split("://", 1)
+    bucket, _, key = rest.partition("/")
+    return f"{kind}://{bucket}", key
+
+
 def _split(loc: str) -> tuple[Any, str]:
     """The store holding ``loc`` and the key within it."""
-    parts = urlsplit(loc)
-    if parts.scheme in READ_ONLY and parts.query:  # a signed URL: the store is the whole URL
+    if scheme(loc) in READ_ONLY and urlsplit(loc).query:  # a signed URL: the store is the whole URL
         return _store(loc), ""
-    root = f"{parts.scheme}://{parts.netloc}"
-    return _store(root), parts.path.lstrip("/")
+    root, key = _root_and_key(loc)
+    return _store(root), key
 
 
 def _not_found(exc: BaseException) -> bool:
@@ -443,8 +453,7 @@ def list_files(prefix: str, limit: int | None = None) -> list[str]:
     import obstore
 
     store, key = _split(prefix)
-    parts = urlsplit(prefix)
-    root = f"{parts.scheme}://{parts.netloc}/"
+    root = _root_and_key(prefix)[0] + "/"
     found: list[str] = []
     try:
         for batch in obstore.list(store, key or None):
@@ -920,7 +929,9 @@ def zarr_store(loc: str, read_only: bool = False):
 
     if not read_only:
         _writable(loc)
-    return ObjectStore(_store(loc.rstrip("/")), read_only=read_only)
+    root, key = _root_and_key(loc.rstrip("/"))
+    # the store's URL decodes its path: a key's "#", "?" or "%" are sent encoded
+    return ObjectStore(_store(f"{root}/{quote(key, safe='/')}"), read_only=read_only)
 
 
 def storage_options(loc: str) -> dict[str, Any]:

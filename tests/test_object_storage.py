@@ -498,6 +498,33 @@ def test_a_stac_collection_in_the_bucket_names_its_cogs_relatively_and_globs_sta
     assert empty == {"s3://no-such-bucket-here/*.tif": "s3://no-such-bucket-here/: no such bucket"}
 
 
+def test_keys_with_hash_question_mark_percent_and_space_are_read_and_written_as_named(remote, scene_1000x700):
+    """In an object key "#", "?", "%41" and " " are characters: a scene listed under such a key
+    opens, and an OUT with them gets every object under its own name (a "#" once cut the key
+    there, and every output landed on one object)."""
+    import zarr
+
+    from geoseg.catalog import expand_inputs
+    from geoseg.scenes import open_scene
+
+    odd = f"{remote['bucket']}/odd keys/scene #1?v=2 %41.tif"
+    put(scene_1000x700[0], odd)
+    assert expand_inputs([f"{remote['bucket']}/odd keys/"]) == [odd]
+    assert open_scene(odd, expected_bands=4).width == 1000  # through GDAL's /vsis3/
+    out = f"{remote['bucket']}/runs/a#b?c %41"
+    storage.write_text(f"{out}/manifest.json", "{}")
+    storage.write_text(f"{out}/.geoseg/lease.json", "[]")
+    group = zarr.open_group(storage.zarr_store(f"{out}/mosaic.zarr"), mode="w")
+    group.create_array("classes", shape=(4, 4), dtype="uint8", fill_value=255)[:] = np.arange(16).reshape(4, 4)
+    public = remote["bucket"].removeprefix("s3://")
+    listing = boto3.client("s3", endpoint_url=S3_ENDPOINT).list_objects_v2(Bucket=public, Prefix="runs/a#b")
+    keys = {o["Key"].removeprefix("runs/a#b?c %41/") for o in listing["Contents"]}
+    assert {"manifest.json", ".geoseg/lease.json", "mosaic.zarr/zarr.json", "mosaic.zarr/classes/zarr.json"} <= keys
+    assert storage.read_text(f"{out}/.geoseg/lease.json") == "[]" and storage.exists(f"{out}/manifest.json")
+    classes = zarr.open_group(storage.zarr_store(f"{out}/mosaic.zarr", read_only=True), mode="r")["classes"]
+    np.testing.assert_array_equal(classes[:], np.arange(16).reshape(4, 4))
+
+
 def test_local_sidecar_files_are_still_read(tmp_path):
     """GDAL's settings for network opens (no directory listing) must not hide a local file's sidecars."""
     path = tmp_path / "plain.tif"

@@ -12,12 +12,12 @@ import pytest
 import rasterio
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
-from conftest import predict_transitions, run_config
+from conftest import make_random_checkpoint, predict_transitions, run_config
 from rasterio.crs import CRS
 from rasterio.transform import Affine
 
 from geoseg import mosaic
-from geoseg.blocks import predict_task, work_order
+from geoseg.blocks import partials_root, predict_task, work_order
 from geoseg.grid import OutputGrid, grid_from_scenes
 from geoseg.inference import InferenceSettings, Predictor
 from geoseg.jobs import run
@@ -349,25 +349,51 @@ def test_confidence_rule_keeps_the_most_confident_scene(tmp_path, random_checkpo
 
 
 def test_rerun_reuses_saved_partial_results(tmp_path, random_checkpoint, scene_1000x700, client2, reference):
-    """A run killed between the two steps finds its step-1 results on disk and does not redo them."""
+    """A run killed between the two steps finds its step-1 results on disk and does not redo them;
+    those another run saved there (the step 1 of a killed run with another model, still running
+    on the workers after a rerun with --overwrite began) are never read."""
     cfg = run_config(random_checkpoint, [scene_1000x700[0]], tmp_path, "output.block_size=256", "output.polygons=false")
     assert run(cfg, client2).ok
-    # As if the run had died after step 1 of block 1_1: its partial results saved, the block unfinished.
-    (tmp_path / ".geoseg" / "blocks" / "1_1.json").unlink()
+    fingerprint = json.loads((tmp_path / "manifest.json").read_text())["fingerprint"]
+    # As if the run had died after step 1 of blocks 1_1 and 0_1, the blocks unfinished: 1_1's
+    # saved by this run, 0_1's by a run with another model and fingerprint.
     tiling = TilingSettings(128, 16, "gaussian", 256)
-    block = next(b for b in iter_blocks(700, 1000, 256) if b.key == "1_1")
-    settings = InferenceSettings(str(random_checkpoint), 8, "cpu", False, 1)
     grid = mosaic.read_grid(tmp_path / "mosaic.zarr")
-    record = predict_task(block, {"all": [open_scene(scene_1000x700[0])]}, grid, tiling, settings, str(tmp_path))
-    assert record["status"] == "done" and record["tiles"] > 0
-    saved = tmp_path / ".geoseg" / "partials" / "1_1" / "record.json"
-    saved.write_text(json.dumps({**json.loads(saved.read_text()), "predict_s": 9999.0}))  # a mark to find
+    other = make_random_checkpoint(tmp_path.parent / "other.safetensors", seed=5)
+    for key, checkpoint, run_fingerprint in (("1_1", random_checkpoint, fingerprint), ("0_1", other, "f" * 64)):
+        (tmp_path / ".geoseg" / "blocks" / f"{key}.json").unlink()
+        block = next(b for b in iter_blocks(700, 1000, 256) if b.key == key)
+        settings = InferenceSettings(str(checkpoint), 8, "cpu", False, 1)
+        at = partials_root(str(tmp_path), run_fingerprint)
+        record = predict_task(block, {"all": [open_scene(scene_1000x700[0])]}, grid, tiling, settings, at)
+        assert record["status"] == "done" and record["tiles"] > 0
+        saved = Path(at) / key / "record.json"
+        saved.write_text(json.dumps({**json.loads(saved.read_text()), "predict_s": 9999.0}))  # a mark to find
     result = run(cfg, client2)
     manifest = json.loads(Path(result.manifest).read_text())
-    assert manifest["summary"]["computed"] == 1
+    assert manifest["summary"]["computed"] == 2
     assert manifest["blocks"]["1_1"]["seconds"] >= 9999.0  # its step 1 was read back, not run again
+    assert manifest["blocks"]["0_1"]["seconds"] < 9999.0  # the other run's was not read
     np.testing.assert_array_equal(read_classes(tmp_path), read_classes(reference))
     assert not (tmp_path / ".geoseg" / "partials").exists()
+
+
+def test_a_saved_step_one_that_cannot_be_read_fails_its_blocks_not_the_run(
+    tmp_path, random_checkpoint, scene_1000x700, client2, reference
+):
+    cfg = run_config(random_checkpoint, [scene_1000x700[0]], tmp_path, "output.block_size=256", "output.polygons=false")
+    assert run(cfg, client2).ok
+    fingerprint = json.loads((tmp_path / "manifest.json").read_text())["fingerprint"]
+    (tmp_path / ".geoseg" / "blocks" / "1_1.json").unlink()
+    unreadable = Path(partials_root(str(tmp_path), fingerprint)) / "1_1" / "record.json"
+    unreadable.mkdir(parents=True)  # a read of it fails, as one denied or timing out on a store does
+    result = run(cfg, client2)
+    assert not result.ok and set(result.failed_blocks) == {"1_1"}
+    assert str(unreadable) in result.failed_blocks["1_1"]
+    assert json.loads(Path(result.manifest).read_text())["status"] == "incomplete"
+    unreadable.rmdir()
+    assert run(cfg, client2).ok  # the rerun computes the block
+    np.testing.assert_array_equal(read_classes(tmp_path), read_classes(reference))
 
 
 def test_votes_added_on_the_model_device_give_the_same_blocks(random_checkpoint, scene_1000x700):
