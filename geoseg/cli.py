@@ -33,15 +33,15 @@ def _setup_logging(verbose: bool) -> None:
     import distributed  # noqa: F401  (configures its loggers on import; we override below)
     from rich.logging import RichHandler
 
-    handler = RichHandler(show_path=False, rich_tracebacks=False, console=None)
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        handler = RichHandler(show_path=False, rich_tracebacks=False, console=None)
+        handler.setFormatter(logging.Formatter("%(message)s", datefmt="[%X]"))
+    else:  # a batch job's log: a record per line, never wrapped (a URL stays whole for grep)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
     handler.addFilter(_redact_record)
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        datefmt="[%X]",
-        handlers=[handler],
-        force=True,
-    )
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
     # botocore says at INFO where it found credentials, each time rasterio builds a session
     for noisy in ("distributed", "rasterio", "fiona", "pyogrio", "matplotlib", "PIL", "numexpr", "botocore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
