@@ -63,8 +63,9 @@ class RunError(RuntimeError):
 
 
 def error_text(exc: BaseException) -> str:
-    """A task's error as its record keeps it: its type and message, without a secret."""
-    return storage.redact(f"{type(exc).__name__}: {exc}")
+    """A task's error as its record keeps it: its type and message's first line (a store's error
+    adds a page of debug output), without a secret."""
+    return storage.redact(one_line(f"{type(exc).__name__}: {exc}", 500))
 
 
 def one_line(message: str, limit: int = 300) -> str:

@@ -144,6 +144,8 @@ def open_scene(
         src = open_vrt(vrt) if vrt else storage.open_raster(path)
     except Exception as exc:
         reason = storage.redact(_gdal_message(exc))
+        if said := storage.http_reason(reason):
+            raise SceneError(path, f"{said} ({reason})") from None
         if not vrt and _starts_as_tiff(path):  # a TIFF's header cut off or damaged
             raise SceneError(path, f"a TIFF that cannot be read, truncated or corrupt ({reason})") from None
         raise SceneError(path, f"not a readable raster ({reason})") from None
@@ -170,6 +172,8 @@ def open_scene(
             src.read(1, window=Window(src.width - 1, src.height - 1, 1, 1))
         except Exception as exc:
             reason = storage.redact(_gdal_message(exc))
+            if said := storage.http_reason(reason):
+                raise SceneError(path, f"{said} reading pixel data ({reason})") from None
             raise SceneError(path, f"cannot read pixel data, truncated or corrupt ({reason})") from None
     if not info.crs_wkt:
         raise SceneError(path, "has no CRS; georeference it first (e.g. gdal_edit.py -a_srs)")

@@ -317,6 +317,16 @@ def _remote_error(loc: str, exc: BaseException) -> StorageError:
     return StorageError(f"{loc}: {reason}", loc, reason, lasting)
 
 
+HTTP_REASONS = {401: "access denied", 403: "access denied", 404: "no such object"}
+
+
+def http_reason(message: str) -> str | None:
+    """What the HTTP status in a GDAL message says of the object (GDAL reads with its own
+    requests: its 403 on pixels can follow a HEAD that was allowed), or None."""
+    found = re.search(r"HTTP response code: (\d{3})", message)
+    return HTTP_REASONS.get(int(found.group(1))) if found else None
+
+
 def probe_writable(folder: str) -> None:
     """Create ``folder`` (a prefix on a store) and write and delete a small file in it: a job
     learns that it cannot write its outputs before its work, not after; ``StorageError`` if not."""

@@ -229,11 +229,20 @@ def test_bad_remote_inputs_are_named_and_the_good_scene_completes(
     cog = scene_1000x700[0].with_name("scene_cog.tif")
     truncated = tmp_path / "truncated.tif"
     truncated.write_bytes(cog.read_bytes()[: int(cog.stat().st_size * 0.6)])
+    # its header may be asked (HEAD), its bytes not (GET): on S3, an object under a KMS key the
+    # reader may not use
+    s3 = boto3.client("s3", endpoint_url=S3_ENDPOINT)
+    locked = f"locked-{os.getpid()}"
+    s3.create_bucket(Bucket=locked)
+    s3.put_object(Bucket=locked, Key="scene.tif", Body=cog.read_bytes())
+    deny = {"Effect": "Deny", "Principal": "*", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{locked}/*"}
+    s3.put_bucket_policy(Bucket=locked, Policy=json.dumps({"Version": "2012-10-17", "Statement": [deny]}))
     bad = {
         f"{bucket}/scenes/missing.tif": "no such object",
         put(text, f"{bucket}/bad/notes.tif"): "not a readable raster",
         put(truncated, f"{bucket}/bad/truncated.tif"): "cannot read pixel data",
         f"{S3_ENDPOINT}/{bucket.removeprefix('s3://')}/scenes/cog/scene.tif": "access denied",  # not public
+        f"s3://{locked}/scene.tif": "access denied (",
     }
     out = f"{bucket}/runs/bad-inputs"
     cfg = run_config(random_checkpoint, [], Path("unused"), BLOCK, f"inputs={[remote['cog'], *bad]!r}", f"out={out!r}")
@@ -246,6 +255,24 @@ def test_bad_remote_inputs_are_named_and_the_good_scene_completes(
     assert manifest["status"] == "finished"
     assert {s["path"] for s in manifest["scenes"] if s["status"] == "failed"} == set(bad)
     assert S3_SECRET not in json.dumps(manifest) and S3_SECRET not in caplog.text
+
+
+def test_a_store_that_refuses_the_chunks_fails_the_blocks_with_one_line_each(remote, random_checkpoint, client2):
+    s3 = boto3.client("s3", endpoint_url=S3_ENDPOINT)
+    refusing = f"refusing-{os.getpid()}"
+    s3.create_bucket(Bucket=refusing)
+    chunks = f"arn:aws:s3:::{refusing}/run/mosaic.zarr/classes/c/*"
+    deny = {"Effect": "Deny", "Principal": "*", "Action": "s3:PutObject", "Resource": chunks}
+    s3.put_bucket_policy(Bucket=refusing, Policy=json.dumps({"Version": "2012-10-17", "Statement": [deny]}))
+    out = f"s3://{refusing}/run"
+    cfg = run_config(random_checkpoint, [], Path("unused"), BLOCK, f"inputs=[{remote['cog']!r}]", f"out={out!r}")
+    result = run(cfg, client2)
+    assert result.failed_blocks and not result.ok
+    manifest = json.loads(storage.read_text(f"{out}/manifest.json"))
+    errors = [b["error"] for b in manifest["blocks"].values() if b["status"] == "failed"]
+    assert len(errors) == len(result.failed_blocks)
+    for error in errors:  # not the store client's page of debug output
+        assert "\n" not in error and "mosaic.zarr/classes/c/" in error and "403" in error, error
 
 
 def test_an_unreachable_endpoint_is_one_line_naming_the_url(tmp_path, remote):
