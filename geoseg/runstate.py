@@ -92,9 +92,9 @@ def new_run_id() -> str:
 
 def ensure_output_folder(out: str) -> bool:
     """Create ``out`` if needed and check that it can be written; returns whether it was created."""
-    if not storage.is_url(out) and Path(out).exists() and not Path(out).is_dir():
-        raise RunError(f"{out}: the output exists and is not a folder")
     try:
+        if storage.is_file(out):  # on a store the outputs would go under the object's name, beside it
+            raise RunError(f"{out}: the output exists and is not a folder")
         created = not storage.is_dir(out)
         storage.probe_writable(state(out))
     except storage.StorageError as exc:

@@ -372,6 +372,13 @@ def exists(loc: str) -> bool:
         raise _remote_error(loc, exc) from None
 
 
+def is_file(loc: str) -> bool:
+    """Whether ``loc`` is there and no folder: a file, or on a store an object (not a prefix)."""
+    if not is_url(loc):
+        return Path(loc).exists() and not Path(loc).is_dir()
+    return bool(_root_and_key(loc.rstrip("/"))[1]) and exists(loc.rstrip("/"))
+
+
 def is_dir(loc: str) -> bool:
     """A local folder, or a URL prefix with at least one object under it."""
     if not is_url(loc):

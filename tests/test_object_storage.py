@@ -352,6 +352,10 @@ def test_an_http_output_is_refused_and_an_s3_out_is_not_a_local_folder(tmp_path,
     with pytest.raises(RunError, match="read-only"):
         run(run_config(random_checkpoint, [remote["cog"]], Path("unused"), f"out={S3_ENDPOINT + '/x/run'!r}"))
     assert not Path("s3:").exists() and not (REPO / "s3:").exists()
+    # an object as OUT, as a file is on a disk: its name would become a prefix beside it
+    with pytest.raises(RunError, match=rf"^{re.escape(remote['cog'])}: the output exists and is not a folder$"):
+        run(run_config(random_checkpoint, [remote["cog"]], Path("unused"), f"out={remote['cog']!r}"))
+    assert storage.list_files(remote["cog"] + "/") == []
 
 
 def test_another_trainers_checkpoint_at_a_url_finds_its_sidecar_beside_it(tmp_path, remote, random_checkpoint):
