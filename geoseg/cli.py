@@ -34,11 +34,12 @@ def _setup_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
 
     handler: logging.Handler
-    if sys.stderr.isatty():
+    # the log goes to stdout, as rich's console writes: stderr keeps the one-line error
+    if sys.stdout.isatty():
         handler = RichHandler(show_path=False, rich_tracebacks=False, console=None)
         handler.setFormatter(logging.Formatter("%(message)s", datefmt="[%X]"))
     else:  # a batch job's log: a record per line, never wrapped (a URL stays whole for grep)
-        handler = logging.StreamHandler(sys.stderr)
+        handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
     handler.addFilter(_redact_record)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)

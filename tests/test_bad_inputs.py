@@ -371,7 +371,7 @@ def write_patch_scene(path, scene, size: int, patch: tuple[int, int, int], spars
 def test_blocks_without_data_cost_no_pass_and_leave_no_votes(tmp_path, random_checkpoint, scene_1000x700, client2):
     """A sparse file's absent blocks are left out before any task; all-nodata blocks of a dense
     file compute no tile and save no votes. Both give the mosaic of the same pixels."""
-    from geoseg.blocks import predict_task
+    from geoseg.blocks import partials_root, predict_task
     from geoseg.planning import plan_run
 
     patch = (1100, 700, 300)
@@ -403,9 +403,10 @@ def test_blocks_without_data_cost_no_pass_and_leave_no_votes(tmp_path, random_ch
     far = plan.blocks[0]
     layers = {"all": plan.scenes}
     settings = InferenceSettings(str(random_checkpoint), 8, "cpu", False, 1, False)
-    record = predict_task(far, layers, plan.grid, plan.tiling, settings, str(tmp_path / "probe"))
+    at = partials_root(str(tmp_path / "probe"), plan.fingerprint)
+    record = predict_task(far, layers, plan.grid, plan.tiling, settings, at)
     assert record["status"] == "done" and record["tiles"] == 0
-    folder = tmp_path / "probe" / ".geoseg" / "partials" / far.key
+    folder = Path(at) / far.key
     assert [p.name for p in folder.iterdir()] == ["record.json"]
     assert plan.footprints[0].coverage is None  # dense: every file block is there
     assert plan_run(run_config(random_checkpoint, [sparse_file], tmp_path / "p2")).footprints[0].coverage is not None

@@ -113,11 +113,11 @@ def test_jobqueue_without_its_extra_is_a_clear_error(tmp_path, scene_1000x700):
 
 
 def test_a_log_that_is_no_terminal_keeps_each_record_on_one_line(tmp_path):
-    """A batch job's log (stderr to a file or a pipe): a long location stays whole on its line."""
+    """A batch job's log (to a file or a pipe): a long location stays whole on its line."""
     missing = tmp_path / ("S2B_MSIL2A_20240612T100559_N0510_R022_T33UVP_20240612T143412_" * 2 + "missing.tif")
     res = geoseg(*run_cli_args(missing, tmp_path / "out"), cwd=Path(__file__).parent.parent)
     assert res.returncode == 2
-    line = next(ln for ln in res.stderr.splitlines() if "skipping scene" in ln)
+    line = next(ln for ln in res.stdout.splitlines() if "skipping scene" in ln)
     stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
     assert re.fullmatch(rf"{stamp} ERROR skipping scene {re.escape(str(missing))}: file not found", line), line
 
