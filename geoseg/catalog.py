@@ -242,13 +242,20 @@ def catalog(
     A scene's item's acquisition time is the scene's."""
     good, bad = [], {}
     origins = origins or {}
-    for loc in locations:
-        origin = origins.get(loc)
+
+    def opened(loc: str) -> SceneInfo | SceneError:
         try:
-            info = open_scene(loc, expected_bands=n_bands, selection=selection)
+            return open_scene(loc, expected_bands=n_bands, selection=selection)
         except SceneError as exc:
+            return exc
+
+    # on a store each header costs a few requests: hundreds of scenes are opened concurrently
+    remote = any(storage.is_url(loc) or band_assets.is_item_ref(loc) for loc in locations)
+    for loc, info in zip(locations, storage.concurrently(opened, locations, remote), strict=True):
+        origin = origins.get(loc)
+        if isinstance(info, SceneError):
             named = origin and not band_assets.is_item_ref(loc)  # a reference names its item already
-            bad[str(loc)] = f"{exc.reason} (the asset of {origin})" if named else exc.reason
+            bad[str(loc)] = f"{info.reason} (the asset of {origin})" if named else info.reason
             log.error("skipping scene %s: %s", loc, bad[str(loc)])
             continue
         good.append(replace(info, acquired=origin.acquired or info.acquired) if origin else info)

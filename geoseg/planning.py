@@ -131,7 +131,9 @@ def plan_run(cfg: RunConfig) -> RunPlan:
         origins,
     )
     failed_scenes = {**empty_inputs, **failed_scenes}
-    coverage = {s.path: None if s.vrt else data_coverage(s.path) for s in scenes}
+    remote = any(storage.is_url(s.path) for s in scenes)
+    found = storage.concurrently(lambda s: None if s.vrt else data_coverage(s.path), scenes, remote)
+    coverage = {s.path: cov for s, cov in zip(scenes, found, strict=True)}
     for path, cov in coverage.items():
         if cov is not None and not cov.present.any():
             failed_scenes[path] = "all pixels are nodata (the file stores no data block)"
