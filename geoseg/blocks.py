@@ -1,6 +1,6 @@
 """The block tasks of a segmentation run, and the Dask graph of them (run by the caller).
 
-    step 1, predict_task: the tiles a block owns -> votes, saved under OUT/.geoseg/partials/<run>
+    step 1, predict_task: the tiles a block owns -> votes, saved under OUT/.geoseg/partials/<fingerprint>
     step 2, finish_task:  its own and its neighbours' votes -> classes, confidence -> store, marker
     polygonize_task:      a finished block -> polygons (pieces cut by block edges kept apart)
 

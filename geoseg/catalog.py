@@ -79,7 +79,7 @@ def stac_assets(
         hrefs.append(href)
         if origins is not None:
             acquired = item.get("properties", {}).get("datetime")
-            _note_origin(origins, href, ItemOrigin(str(item.get("id")), loc, acquired))
+            _note_origin(origins, href, ItemOrigin(str(item.get("id", "(no id)")), loc, acquired))
     return hrefs
 
 
@@ -91,7 +91,9 @@ def _note_origin(origins: dict[str, ItemOrigin], loc: str, origin: ItemOrigin) -
 
 
 def _is_pattern(loc: str) -> bool:
-    """Whether ``loc`` is a glob pattern (in an http(s) URL a "?" starts the query, as in a signed URL)."""
+    """Whether ``loc`` is a glob pattern (in an http(s) URL a "?" starts the query, as in a signed
+    URL). An object key with "*", "?" or "[" in it is read as a pattern too, as a file's name is
+    by a shell: "?" still matches it, "[" must be written "[[]"."""
     wildcards = "*[" if storage.scheme(loc) in storage.READ_ONLY else "*?["
     return any(ch in loc for ch in wildcards)
 
@@ -136,6 +138,10 @@ def expand_inputs(
     for item in inputs:
         for scene in one(str(item)):
             scenes.setdefault(_same_scene_key(scene), scene)
+    if origins is not None:  # an item's scene under the name it was first reached by
+        for loc, origin in list(origins.items()):
+            if (first := scenes.get(_same_scene_key(loc), loc)) != loc:
+                _note_origin(origins, first, origin)
     return list(scenes.values())
 
 

@@ -244,7 +244,8 @@ def export_layers(out: str, cfg: RunConfig, client: Client, manifest: dict) -> E
     size = cfg.output.block_size
     blocks = blocks_with_classes(manifest, size, list(iter_blocks(grid.height, grid.width, size)))
     layers, count = write_polygons(client, blocks, grid, out, legend, cfg.vector)
-    dropped = record_layers(out, manifest, cfg.vector, layers)  # the run's polygons are export's now
+    # these are the run's polygon layers now: the manifest names them, as after vectorize
+    dropped = record_layers(out, manifest, cfg.vector, layers)
     result.files.update(layers.files)
     styles = {
         "qml_raster": ("classes.qml", raster_qml(legend, colors)),

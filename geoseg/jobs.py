@@ -35,6 +35,8 @@ from geoseg.polygons import (
     layer_outputs,
     layer_task,
     record_layers,
+    remove_layers,
+    stale_layers,
     submit_layers,
     submit_parts,
     write_polygons,
@@ -111,6 +113,7 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
     )
     plan = with_numerics(plan, workers_numerics(client, settings, step_one_resources(cfg.cluster)))
     check_workers_see_output(client, str(out), lease.run_id)
+    before = runstate.recorded_outputs(out)  # the previous run's layers: those no longer written go
     reused, all_overviews = start_output(plan, lease)
     mosaic_path = storage.join(out, MOSAIC_NAME)
     blocks = plan.blocks
@@ -206,6 +209,7 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
     )
     manifest = run_manifest(plan, lease.run_id, block_records, failed_scenes, unused, summary, timings, outputs)
     manifest_loc = finish_output(plan, manifest)
+    remove_layers(out, stale_layers(before, files))
     return RunResult(out, mosaic_path, polygons_path, manifest_loc, failed_scenes, failed_blocks, quicklook)
 
 

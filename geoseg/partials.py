@@ -120,9 +120,17 @@ def save_block(folder: str, layers: dict[str, Partial], record: dict[str, Any]) 
 
 
 def load_record(folder: str) -> dict[str, Any] | None:
-    """The step-1 record of a committed block folder, or None when there is none."""
-    data = storage.read_if_exists(storage.join(folder, RECORD))
-    return None if data is None else json.loads(data)
+    """The step-1 record of a committed block folder, or None when there is none, or none that
+    can be used (step 1 is then computed again and saved over it: every rerun would fail on it)."""
+    loc = storage.join(folder, RECORD)
+    data = storage.read_if_exists(loc)
+    if data is None:
+        return None
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        log.warning("step-1 record %s is damaged (%s): computing the block again", storage.redact(loc), exc)
+        return None
 
 
 def _index_of(folder: str) -> dict[str, dict[str, Any]]:

@@ -367,22 +367,30 @@ def layer_outputs(files: LayerFiles | None) -> dict[str, str | None]:
     return {"polygons": files.gpkg} | {f"polygons_{key}": loc for key, loc in files.files.items() if key != "gpkg"}
 
 
-def record_layers(out: str, manifest: dict, vector: VectorConfig, files: LayerFiles) -> list[str]:
+def record_layers(out: str, manifest: dict[str, Any], vector: VectorConfig, files: LayerFiles) -> list[str]:
     """Name a finished run's polygon layers as they are now in its manifest, with the vector
     settings that made them (a later export starts from these), and remove its layers of formats
-    or CRSs no longer asked for (they hold the old polygons): the names of those removed.
-
-    Layers are known by name in ``out``: a run folder copied elsewhere names its old location
-    in its manifest, whose files are not this run's to remove."""
+    or CRSs no longer asked for (:func:`stale_layers`): the names of those removed."""
     before = manifest.get("outputs", {})
     outputs = {k: v for k, v in before.items() if not k.startswith("polygons")} | layer_outputs(files)
     config = {**manifest.get("config", {}), "vector": vector.model_dump(mode="json")}
     runstate.write_manifest(out, {**manifest, "config": config, "outputs": outputs})
-    written = {storage.name(loc) for loc in files.files.values()}
-    stale = sorted({storage.name(loc) for k, loc in before.items() if k.startswith("polygons") and loc} - written)
-    for name in stale:
-        storage.delete(storage.join(out, name))
+    stale = stale_layers(before, files)
+    remove_layers(out, stale)
     return stale
+
+
+def stale_layers(before: dict[str, Any], files: LayerFiles | None) -> list[str]:
+    """The names of the polygon layers a run's manifest named (its ``outputs``, ``before``) that
+    ``files`` no longer writes: they hold the old polygons. Layers are known by name in OUT: a
+    run folder copied elsewhere names its old location, whose files are not its own."""
+    written = {storage.name(loc) for loc in files.files.values()} if files is not None else set()
+    return sorted({storage.name(loc) for k, loc in before.items() if k.startswith("polygons") and loc} - written)
+
+
+def remove_layers(out: str, names: list[str]) -> None:
+    for name in names:
+        storage.delete(storage.join(out, name))
 
 
 def blocks_with_classes(manifest: dict, block_size: int, blocks: list[Block]) -> list[Block]:

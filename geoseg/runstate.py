@@ -4,7 +4,7 @@ committed, and whether it finished.
     OUT/.geoseg/lease.json         the live run that holds OUT, with a heartbeat
     OUT/.geoseg/fingerprint        what determines the pixels (another one is refused without --overwrite)
     OUT/.geoseg/blocks/<key>.json  a block's commit marker, written after its region
-    OUT/.geoseg/partials/<run>/    step-1 results for the neighbours, by fingerprint (:mod:`geoseg.partials`)
+    OUT/.geoseg/partials/<fp>/     step-1 results for the neighbours, by fingerprint (:mod:`geoseg.partials`)
     OUT/manifest.json              ``status``: "running" from the start, "finished" or "incomplete" at the end
 
 OUT is a local folder or a URL prefix (:mod:`geoseg.storage`). Every file here is written whole
@@ -65,13 +65,18 @@ class RunError(RuntimeError):
 def error_text(exc: BaseException) -> str:
     """A task's error as its record keeps it: its type and message's first line (a store's error
     adds a page of debug output), without a secret."""
-    return storage.redact(one_line(f"{type(exc).__name__}: {exc}", 500))
+    # redacted whole, then cut: a secret cut in two would no longer be recognised
+    return one_line(storage.redact(f"{type(exc).__name__}: {exc}"), 500)
 
 
 def one_line(message: str, limit: int = 300) -> str:
-    """The first line of a message, cut to ``limit`` characters (worker errors can be long)."""
+    """The first line of a message, at most ``limit`` characters: its start and its end, where a
+    store's error says the status after a long URL (worker errors can be long)."""
     first = message.strip().splitlines()[0] if message.strip() else ""
-    return first if len(first) <= limit else first[: limit - 3] + "..."
+    if len(first) <= limit:
+        return first
+    head = (limit - 5) // 2
+    return f"{first[:head]} ... {first[len(first) - (limit - 5 - head) :]}"
 
 
 def state(out: str, *parts: str) -> str:
@@ -91,7 +96,8 @@ def new_run_id() -> str:
 
 
 def ensure_output_folder(out: str) -> bool:
-    """Create ``out`` if needed and check that it can be written; returns whether it was created."""
+    """Create ``out`` if needed and check that it can be written; returns whether it was created.
+    A file, or on a store an object, of that name is refused: it is no folder."""
     try:
         if storage.is_file(out):  # on a store the outputs would go under the object's name, beside it
             raise RunError(f"{out}: the output exists and is not a folder")
@@ -438,6 +444,12 @@ def write_manifest(out: str, manifest: dict[str, Any]) -> str:
     loc = storage.join(out, MANIFEST_NAME)
     storage.write_text(loc, storage.redact(json.dumps(manifest, indent=2)))
     return loc
+
+
+def recorded_outputs(out: str) -> dict[str, str | None]:
+    """The outputs the manifest in ``out`` names (none where it has none)."""
+    data = storage.read_if_exists(storage.join(out, MANIFEST_NAME))
+    return json.loads(data).get("outputs", {}) if data is not None else {}
 
 
 def finished_before(out: str) -> bool:

@@ -18,6 +18,7 @@ from rasterio.windows import Window
 from geoseg import band_assets, storage
 
 SUPPORTED_DTYPES = frozenset({"uint8", "uint16", "int16", "uint32", "int32", "float32", "float64"})
+TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
 
 
 class SceneError(Exception):
@@ -146,7 +147,7 @@ def open_scene(
         reason = storage.redact(_gdal_message(exc))
         if said := storage.http_reason(reason):
             raise SceneError(path, f"{said} ({reason})") from None
-        if not vrt and _starts_as_tiff(path):  # a TIFF's header cut off or damaged
+        if not vrt and _signature(path) in TIFF_SIGNATURES:  # a TIFF's header cut off or damaged
             raise SceneError(path, f"a TIFF that cannot be read, truncated or corrupt ({reason})") from None
         raise SceneError(path, f"not a readable raster ({reason})") from None
     with src:
@@ -308,15 +309,18 @@ def acquisition_time(tags: dict[str, str]) -> str | None:
     return None
 
 
-TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
-
-
-def _starts_as_tiff(loc: str) -> bool:
+def _signature(loc: str) -> bytes:
+    """A file's first 4 bytes, which tell a TIFF; b"" where they cannot be read for a reason
+    that may pass. A store that refuses them (a HEAD allowed, a GET not) says why."""
     try:
         (head,) = storage.read_ranges(loc, [[0, 4]])
+    except storage.StorageError as exc:
+        if exc.lasting:
+            raise SceneError(loc, exc.reason) from None
+        return b""
     except (OSError, ValueError):
-        return False
-    return head in TIFF_SIGNATURES
+        return b""
+    return head
 
 
 def _gdal_message(exc: BaseException) -> str:

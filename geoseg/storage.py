@@ -46,7 +46,7 @@ from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, cast
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 # URL scheme -> GDAL virtual file system prefix
 GDAL_PREFIX = {
@@ -63,6 +63,7 @@ GDAL_PREFIX = {
 READ_ONLY = frozenset({"http", "https"})
 AZURE_SCHEMES = frozenset({"az", "azure", "abfs", "abfss"})
 GCS_SCHEMES = frozenset({"gs", "gcs"})
+HTTP_REASONS = {401: "access denied", 403: "access denied", 404: "no such object"}  # what GDAL's statuses say
 SECRET_VARIABLES = (
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
@@ -274,9 +275,9 @@ def _store(root: str):
 def _root_and_key(loc: str) -> tuple[str, str]:
     """``scheme://bucket`` (or host) and the key under it. An object key is taken as written: in
     it "#", "?" and "%" are characters (only an http(s) URL has a query and a fragment)."""
-    if scheme(loc) in READ_ONLY:
+    if scheme(loc) in READ_ONLY:  # a URL's path is percent-encoded: the store encodes the key again
         parts = urlsplit(loc)
-        return f"{parts.scheme}://{parts.netloc}", parts.path.lstrip("/")
+        return f"{parts.scheme}://{parts.netloc}", unquote(parts.path.lstrip("/"))
     kind, rest = loc.split("://", 1)
     bucket, _, key = rest.partition("/")
     return f"{kind}://{bucket}", key
@@ -315,9 +316,6 @@ def _remote_error(loc: str, exc: BaseException) -> StorageError:
         lasting = False
     reason = redact(reason)
     return StorageError(f"{loc}: {reason}", loc, reason, lasting)
-
-
-HTTP_REASONS = {401: "access denied", 403: "access denied", 404: "no such object"}
 
 
 def http_reason(message: str) -> str | None:
@@ -376,7 +374,16 @@ def is_file(loc: str) -> bool:
     """Whether ``loc`` is there and no folder: a file, or on a store an object (not a prefix)."""
     if not is_url(loc):
         return Path(loc).exists() and not Path(loc).is_dir()
-    return bool(_root_and_key(loc.rstrip("/"))[1]) and exists(loc.rstrip("/"))
+    if not _root_and_key(loc.rstrip("/"))[1]:
+        return False
+    try:
+        return exists(loc.rstrip("/"))
+    except StorageError as exc:
+        # a policy that grants a prefix's objects only (runs/r1/*) refuses a HEAD of runs/r1
+        # itself: no object of that name is readable, and writing is probed next
+        if exc.reason == "access denied":
+            return False
+        raise
 
 
 def is_dir(loc: str) -> bool:

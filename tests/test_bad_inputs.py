@@ -269,9 +269,15 @@ def test_inputs_from_a_stac_item_collection_and_a_directory(
     assert expand_inputs([str(d / "*.tif")]) == [str(a), str(b)]
     with pytest.raises(RunError, match="has no asset 'visual'"):
         expand_inputs([str(tmp_path / "items.json")], "visual")
-    # the folder (relative to where geoseg runs) and the collection name the same scenes: once each
+    # the folder (relative to where geoseg runs) and the collection name the same scenes: once
+    # each, by the name first met, with the item that named it and the date of the one dated
     monkeypatch.chdir(tmp_path)
-    assert expand_inputs(["scenes", "items.json"]) == [str(Path("scenes") / "a.tif"), str(Path("scenes") / "b.tif")]
+    (tmp_path / "dated.json").write_text(item_collection(("a-dated", "2024-06-12T10:06:29Z", "scenes/a.tif")))
+    origins: dict = {}
+    found = expand_inputs(["scenes", "items.json", "dated.json"], origins=origins)
+    assert found == [str(Path("scenes") / "a.tif"), str(Path("scenes") / "b.tif")]
+    assert (origins[found[0]].item_id, origins[found[0]].acquired) == ("a-dated", "2024-06-12T10:06:29Z")
+    assert (origins[found[1]].item_id, origins[found[1]].acquired) == ("b", None)
 
 
 def test_a_stac_assets_bad_file_is_named_with_its_item_and_a_good_one_takes_the_items_date(tmp_path):

@@ -235,6 +235,7 @@ def test_bad_remote_inputs_are_named_and_the_good_scene_completes(
     locked = f"locked-{os.getpid()}"
     s3.create_bucket(Bucket=locked)
     s3.put_object(Bucket=locked, Key="scene.tif", Body=cog.read_bytes())
+    s3.put_object(Bucket=locked, Key="public.tif", Body=cog.read_bytes(), ACL="public-read")
     deny = {"Effect": "Deny", "Principal": "*", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{locked}/*"}
     s3.put_bucket_policy(Bucket=locked, Policy=json.dumps({"Version": "2012-10-17", "Statement": [deny]}))
     bad = {
@@ -243,6 +244,7 @@ def test_bad_remote_inputs_are_named_and_the_good_scene_completes(
         put(truncated, f"{bucket}/bad/truncated.tif"): "cannot read pixel data",
         f"{S3_ENDPOINT}/{bucket.removeprefix('s3://')}/scenes/cog/scene.tif": "access denied",  # not public
         f"s3://{locked}/scene.tif": "access denied (",
+        f"{S3_ENDPOINT}/{locked}/public.tif": "access denied",  # over plain HTTP: GDAL's message has no status
     }
     out = f"{bucket}/runs/bad-inputs"
     cfg = run_config(random_checkpoint, [], Path("unused"), BLOCK, f"inputs={[remote['cog'], *bad]!r}", f"out={out!r}")
@@ -531,10 +533,8 @@ def test_a_stac_collection_in_the_bucket_names_its_cogs_relatively_and_globs_sta
 
 def test_keys_with_hash_question_mark_percent_and_space_are_read_and_written_as_named(remote, scene_1000x700):
     """In an object key "#", "?", "%41" and " " are characters: a scene listed under such a key
-    opens, and an OUT with them gets every object under its own name (a "#" once cut the key
-    there, and every output landed on one object)."""
-    import zarr
-
+    opens, and an object is written under its own name (a "#" once cut the key there, and every
+    output of an OUT with one landed on one object)."""
     from geoseg.catalog import expand_inputs
     from geoseg.scenes import open_scene
 
@@ -542,16 +542,29 @@ def test_keys_with_hash_question_mark_percent_and_space_are_read_and_written_as_
     put(scene_1000x700[0], odd)
     assert expand_inputs([f"{remote['bucket']}/odd keys/"]) == [odd]
     assert open_scene(odd, expected_bands=4).width == 1000  # through GDAL's /vsis3/
-    out = f"{remote['bucket']}/runs/a#b?c %41"
+    public = remote["bucket"].removeprefix("s3://")
+    storage.write_text(f"{remote['bucket']}/runs/a#b?c %41/manifest.json", "{}")
+    listing = boto3.client("s3", endpoint_url=S3_ENDPOINT).list_objects_v2(Bucket=public, Prefix="runs/a#b")
+    assert [o["Key"] for o in listing["Contents"]] == ["runs/a#b?c %41/manifest.json"]  # as named, on the server
+    # over plain HTTP the path is percent-encoded once, as a browser sends it
+    spaced = put(scene_1000x700[0], f"{remote['bucket']}/odd keys/my scene.tif", public=True)
+    http = f"{S3_ENDPOINT}/{spaced.removeprefix('s3://').replace(' ', '%20')}"
+    assert storage.exists(http) and storage.read_bytes(http) == scene_1000x700[0].read_bytes()
+    assert open_scene(http, expected_bands=4).width == 1000
+
+
+@pytest.mark.parametrize("store", ["bucket", "gcs_bucket", "container"])
+def test_an_out_with_hash_question_mark_percent_and_space_keeps_every_object_apart(store, request):
+    import zarr
+
+    out = f"{request.getfixturevalue(store)}/runs/a#b?c %41"
     storage.write_text(f"{out}/manifest.json", "{}")
     storage.write_text(f"{out}/.geoseg/lease.json", "[]")
     group = zarr.open_group(storage.zarr_store(f"{out}/mosaic.zarr"), mode="w")
     group.create_array("classes", shape=(4, 4), dtype="uint8", fill_value=255)[:] = np.arange(16).reshape(4, 4)
-    public = remote["bucket"].removeprefix("s3://")
-    listing = boto3.client("s3", endpoint_url=S3_ENDPOINT).list_objects_v2(Bucket=public, Prefix="runs/a#b")
-    keys = {o["Key"].removeprefix("runs/a#b?c %41/") for o in listing["Contents"]}
-    assert {"manifest.json", ".geoseg/lease.json", "mosaic.zarr/zarr.json", "mosaic.zarr/classes/zarr.json"} <= keys
-    assert storage.read_text(f"{out}/.geoseg/lease.json") == "[]" and storage.exists(f"{out}/manifest.json")
+    names = {loc.removeprefix(f"{out}/") for loc in storage.list_files(f"{out}/")}
+    assert {"manifest.json", ".geoseg/lease.json", "mosaic.zarr/zarr.json", "mosaic.zarr/classes/zarr.json"} <= names
+    assert storage.read_text(f"{out}/.geoseg/lease.json") == "[]" and storage.is_dir(out)
     classes = zarr.open_group(storage.zarr_store(f"{out}/mosaic.zarr", read_only=True), mode="r")["classes"]
     np.testing.assert_array_equal(classes[:], np.arange(16).reshape(4, 4))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -276,6 +277,19 @@ def test_a_run_writes_its_polygons_in_every_format_asked_and_in_the_other_crs(re
     assert outputs["polygons_fgb_epsg4326"] == str(reference / "polygons_epsg4326.fgb")
 
 
+def test_a_rerun_asking_fewer_layers_removes_the_others_in_its_own_folder_only(
+    tmp_path, reference, random_checkpoint, scene_1000x700, client2
+):
+    copy = tmp_path / "copy"
+    shutil.copytree(reference, copy)
+    result = run(run_config(random_checkpoint, [scene_1000x700[0]], copy, "output.block_size=1024"), client2)
+    assert result.ok and json.loads(Path(result.manifest).read_text())["summary"]["reused"] == 1
+    assert sorted(p.name for p in copy.glob("polygons*")) == ["polygons.gpkg"]  # the rest held old polygons
+    outputs = json.loads((copy / "manifest.json").read_text())["outputs"]
+    assert {k: v for k, v in outputs.items() if k.startswith("polygons")} == {"polygons": str(copy / "polygons.gpkg")}
+    assert (reference / "polygons.parquet").exists() and (reference / "polygons_epsg4326.fgb").exists()
+
+
 def test_manifest_records_the_run(reference, scene_1000x700, random_checkpoint):
     manifest = json.loads((reference / "manifest.json").read_text())
     assert manifest["scenes"] == [{"path": str(scene_1000x700[0]), "status": "ok", "acquired": None}]
@@ -379,7 +393,7 @@ def test_rerun_reuses_saved_partial_results(tmp_path, random_checkpoint, scene_1
 
 
 def test_a_saved_step_one_that_cannot_be_read_fails_its_blocks_not_the_run(
-    tmp_path, random_checkpoint, scene_1000x700, client2, reference
+    tmp_path, random_checkpoint, scene_1000x700, client2, reference, caplog
 ):
     cfg = run_config(random_checkpoint, [scene_1000x700[0]], tmp_path, "output.block_size=256", "output.polygons=false")
     assert run(cfg, client2).ok
@@ -391,8 +405,15 @@ def test_a_saved_step_one_that_cannot_be_read_fails_its_blocks_not_the_run(
     assert not result.ok and set(result.failed_blocks) == {"1_1"}
     assert str(unreadable) in result.failed_blocks["1_1"]
     assert json.loads(Path(result.manifest).read_text())["status"] == "incomplete"
+    assert f"could not remove step-1 results {unreadable.parent}" in caplog.text  # litter, logged
     unreadable.rmdir()
     assert run(cfg, client2).ok  # the rerun computes the block
+    np.testing.assert_array_equal(read_classes(tmp_path), read_classes(reference))
+    # a record that reads but is damaged would fail the block on every rerun: computed again instead
+    (tmp_path / ".geoseg" / "blocks" / "1_1.json").unlink()
+    unreadable.parent.mkdir(parents=True)
+    unreadable.write_text('{"status": "do')
+    assert run(cfg, client2).ok  # (the worker logs that it computes the block again)
     np.testing.assert_array_equal(read_classes(tmp_path), read_classes(reference))
 
 

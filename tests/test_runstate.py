@@ -135,6 +135,19 @@ def test_only_a_finished_manifest_is_accepted_and_the_error_says_what_is_missing
     assert read_finished_manifest(tmp_path)["status"] == "finished"
 
 
+def test_a_tasks_error_is_one_line_with_its_end_and_no_piece_of_a_secret(monkeypatch):
+    secret = "SUPERSECRETVALUE0123456789"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    url = "http://127.0.0.1:9000/bucket/" + "runs/a-long-prefix/" * 20 + "mosaic.zarr/classes/c/1/1"
+    # the secret where a cut at 500 characters would split it, the status at the end
+    message = (
+        f"{'x' * 460} key {secret} PUT {url} - Server returned non-2xx status code: 403 Forbidden:\n\nDebug source"
+    )
+    text = runstate.error_text(PermissionError(message))
+    assert "\n" not in text and len(text) <= 500
+    assert "SUPERSECRET" not in text and text.endswith("403 Forbidden:")
+
+
 def test_an_output_that_is_a_file_or_cannot_be_written_is_one_line(tmp_path):
     (tmp_path / "taken").write_text("")
     with pytest.raises(RunError, match="exists and is not a folder"):

@@ -318,3 +318,13 @@ def test_a_blocks_polygons_wait_for_every_block_its_sieve_reads():
     assert len(wide) == 25 and wide[0] is centre
     corner = sieve_reach(blocks[(0, 0)], blocks, 129, 128)
     assert {(b.row, b.col) for b in corner} == {(r, c) for r in range(3) for c in range(3)}
+
+
+def test_the_sieve_keeps_the_classes_dtype():
+    """Codes above 255 (a uint16 map of change transitions, say) come out as they went in."""
+    classes = np.full((8, 8), 300, np.uint16)
+    classes[3, 3] = 301  # a speck: absorbed
+    classes[:, 6:] = 254
+    sieved = sieve(classes, 4)
+    assert sieved.dtype == np.uint16
+    np.testing.assert_array_equal(np.unique(sieved), [254, 300])
