@@ -8,55 +8,25 @@ Every pass reads copies of its own (GDAL caches what it read, by name). Ends wit
 ``ratio[SERVER]=X`` per server: the one-by-one time over the concurrent one (best of
 ``--repeat``). On loopback a request waits on the server's CPU only. A store over a network
 adds a round trip to every request: ``--latency-ms`` puts a proxy in front of the server that
-holds each chunk of a request that long before passing it on (this kernel has no netem).
+holds each chunk of a request that long before passing it on (bench_storage.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import bench_storage  # sets the S3 environment before geoseg is imported
+import bench_storage  # noqa: F401  (sets the S3 environment before geoseg is imported)
 import psutil
 import rasterio.shutil
-from bench_storage import start_server
+from bench_storage import behind_a_delaying_proxy, start_server
 
 from geoseg import storage
 from geoseg.catalog import catalog
 from geoseg.scenes import data_coverage, open_scene
 from geoseg.synth import SceneSpec, write_scene
-
-
-def delaying_proxy(listen_port: int, target_port: int, latency_s: float) -> None:
-    """A TCP proxy on 127.0.0.1:``listen_port`` to ``target_port``, in a thread of its own, that
-    holds what the client sends ``latency_s`` before passing it on: a round trip per request."""
-
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
-        try:
-            while data := await reader.read(1 << 16):
-                if delay:
-                    await asyncio.sleep(delay)
-                writer.write(data)
-                await writer.drain()
-        except OSError:
-            pass
-        finally:
-            writer.close()
-
-    async def handle(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", target_port)
-        await asyncio.gather(pipe(client_reader, server_writer, latency_s), pipe(server_reader, client_writer, 0.0))
-
-    async def serve() -> None:
-        server = await asyncio.start_server(handle, "127.0.0.1", listen_port)
-        async with server:
-            await server.serve_forever()
-
-    threading.Thread(target=asyncio.run, args=(serve(),), daemon=True).start()
 
 
 def one_by_one(locs: list[str]) -> None:
@@ -77,10 +47,8 @@ def main() -> None:
     parser.add_argument("--servers", default="moto,s3rver")
     parser.add_argument("--latency-ms", type=float, default=0.0)
     args = parser.parse_args()
-    if args.latency_ms:  # geoseg's requests (to PORT) go through the proxy, the server listens behind it
-        behind = bench_storage.free_port()
-        delaying_proxy(bench_storage.PORT, behind, args.latency_ms / 1000)
-        bench_storage.PORT, bench_storage.ENDPOINT = behind, f"http://127.0.0.1:{behind}"
+    if args.latency_ms:
+        behind_a_delaying_proxy(args.latency_ms)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         scene = write_scene(SceneSpec(512, 512, seed=3), work / "scene.tif")[0]

@@ -2,6 +2,7 @@
 and s3rver (from the npm registry, installed into .cache/ on first use).
 
     python benchmarks/bench_storage.py [--size 4096] [--repeat 2] [--workers 2] [--servers moto,s3rver]
+                                       [--latency-ms 0]
 
 1. The storage library: obstore against fsspec/s3fs, 200 small objects (markers, records) and
    5 x 8 MB (partial results) put and got, alternating.
@@ -19,12 +20,14 @@ store does; s3rver streams the range from a file. Ends with ``ratio[SERVER]=X`` 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import resource
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -101,6 +104,43 @@ def start_server(kind: str, work: Path) -> subprocess.Popen:
 
         boto3.client("s3", endpoint_url=ENDPOINT).create_bucket(Bucket="bench")
     return proc
+
+
+def delaying_proxy(listen_port: int, target_port: int, latency_s: float) -> None:
+    """A TCP proxy on 127.0.0.1:``listen_port`` to ``target_port``, in a thread of its own, that
+    holds what the client sends ``latency_s`` before passing it on: a round trip per request."""
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
+        try:
+            while data := await reader.read(1 << 16):
+                if delay:
+                    await asyncio.sleep(delay)
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def handle(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", target_port)
+        await asyncio.gather(pipe(client_reader, server_writer, latency_s), pipe(server_reader, client_writer, 0.0))
+
+    async def serve() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", listen_port)
+        async with server:
+            await server.serve_forever()
+
+    threading.Thread(target=asyncio.run, args=(serve(),), daemon=True).start()
+
+
+def behind_a_delaying_proxy(latency_ms: float) -> None:
+    """geoseg's requests (to PORT) go through a proxy that delays them ``latency_ms``, and the
+    server listens behind it (this kernel has no netem to delay loopback itself)."""
+    global PORT, ENDPOINT
+    behind = free_port()
+    delaying_proxy(PORT, behind, latency_ms / 1000)
+    PORT, ENDPOINT = behind, f"http://127.0.0.1:{behind}"
 
 
 def backends(bucket: str, repeat: int) -> None:
@@ -229,7 +269,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="threads per worker")
     parser.add_argument("--servers", default="moto,s3rver")
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="added to every request to the server")
     args = parser.parse_args()
+    if args.latency_ms:
+        behind_a_delaying_proxy(args.latency_ms)
     ratios: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench_storage_") as tmp:
         work = Path(tmp)
