@@ -108,13 +108,34 @@ def start_server(kind: str, work: Path) -> subprocess.Popen:
 
 def delaying_proxy(listen_port: int, target_port: int, latency_s: float) -> None:
     """A TCP proxy on 127.0.0.1:``listen_port`` to ``target_port``, in a thread of its own, that
-    holds what the client sends ``latency_s`` before passing it on: a round trip per request."""
+    passes each chunk the client sends ``latency_s`` after it arrived: a round trip added to
+    every request, and no cap on the bandwidth (chunks in flight overlap, as on a network)."""
 
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
+    async def delayed(reader: asyncio.StreamReader, queue: asyncio.Queue) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while data := await reader.read(1 << 16):
-                if delay:
-                    await asyncio.sleep(delay)
+                await queue.put((loop.time() + latency_s, data))
+        except OSError:
+            pass
+        await queue.put((0.0, b""))
+
+    async def forward(queue: asyncio.Queue, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while (item := await queue.get())[1]:
+                due, data = item
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(1 << 16):
                 writer.write(data)
                 await writer.drain()
         except OSError:
@@ -124,7 +145,10 @@ def delaying_proxy(listen_port: int, target_port: int, latency_s: float) -> None
 
     async def handle(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         server_reader, server_writer = await asyncio.open_connection("127.0.0.1", target_port)
-        await asyncio.gather(pipe(client_reader, server_writer, latency_s), pipe(server_reader, client_writer, 0.0))
+        queue: asyncio.Queue = asyncio.Queue()
+        await asyncio.gather(
+            delayed(client_reader, queue), forward(queue, server_writer), pipe(server_reader, client_writer)
+        )
 
     async def serve() -> None:
         server = await asyncio.start_server(handle, "127.0.0.1", listen_port)
