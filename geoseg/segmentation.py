@@ -291,6 +291,8 @@ def empty_scenes(scenes: list[SceneInfo], records: dict[str, dict]) -> dict[str,
             filled[path] = filled.get(path, 0) + n_filled
     if any(rec.get("status") == "done" and "scene_valid_pixels" not in rec for rec in records.values()):
         return {}  # blocks from an older run carry no counts: no verdict
+    if any(rec.get("status") != "done" for rec in records.values()):
+        return {}  # a failed block read scenes it did not count: they are not "unused"
     verdicts: dict[str, str | None] = {}
     for s in scenes:
         name = storage.record_name(s.path)  # as the blocks' records name it

@@ -367,7 +367,12 @@ def exists(loc: str) -> bool:
     except Exception as exc:
         if _not_found(exc):  # not a bare "404": a key or a port may hold one
             return False
-        raise _remote_error(loc, exc) from None
+        error = _remote_error(loc, exc)
+    if scheme(loc) in READ_ONLY:  # a signed URL signs its method: a GET may be allowed, a HEAD not
+        with contextlib.suppress(StorageError):
+            read_ranges(loc, [[0, 1]])
+            return True
+    raise error
 
 
 def is_file(loc: str) -> bool:

@@ -325,6 +325,16 @@ def test_corrupt_tile_inside_a_scene_fails_its_blocks_only(tmp_path, random_chec
         assert (classes[r * 512 : (r + 1) * 512, c * 512 : (c + 1) * 512] != 255).all()
 
 
+def test_a_scene_whose_every_block_failed_is_not_called_unused(tmp_path):
+    """ "unused" says earlier scenes covered it; blocks that failed to read it say nothing of that."""
+    from geoseg.segmentation import empty_scenes
+
+    scene = open_scene(write_scene(SceneSpec(64, 64, seed=1), tmp_path / "s.tif")[0])
+    failed = {"0_0": {"status": "failed", "error": "RasterioIOError: s.tif: cannot read pixels"}}
+    assert empty_scenes([scene], failed) == {}
+    assert empty_scenes([scene], {"0_0": {"status": "done", "scene_valid_pixels": {}}}) == {str(scene.path): None}
+
+
 def write_rotated(path, scene, degrees: float = 20.0):
     """300 x 250 px of ``scene`` under a geotransform rotated by ``degrees``."""
     from rasterio.transform import Affine

@@ -5,6 +5,7 @@ must be those of the same run on local disk."""
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import os
 import random
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -150,6 +152,49 @@ def test_a_scene_over_plain_http_range_requests(tmp_path, remote, local_referenc
         xr.open_zarr(local_reference / "mosaic.zarr")["classes"].values,
     )
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["scenes"][0]["path"] == url
+
+
+class GetOnlyHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files by ranged GETs and refuses HEAD, as a presigned GET URL does (its signature
+    covers the method)."""
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self.send_response(403)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_GET(self) -> None:  # noqa: N802
+        data = Path(self.translate_path(self.path.split("?")[0])).read_bytes()
+        asked = re.match(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        if asked is None:
+            self.send_response(200)
+            first, last = 0, len(data) - 1
+        else:
+            first, last = int(asked[1]), min(int(asked[2] or len(data) - 1), len(data) - 1)
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {first}-{last}/{len(data)}")
+        self.send_header("Content-Length", str(last - first + 1))
+        self.end_headers()
+        self.wfile.write(data[first : last + 1])
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_presigned_url_that_refuses_head_is_read_by_ranged_gets(remote, scene_1000x700):
+    from functools import partial
+
+    from geoseg.scenes import open_scene
+
+    folder = scene_1000x700[0].parent
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(GetOnlyHandler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/scene_cog.tif?X-Amz-Signature=0123abcd&X-Amz-Expires=60"
+        assert storage.exists(url)
+        assert open_scene(url, expected_bands=4).width == 1000
+    finally:
+        server.shutdown()
 
 
 def test_a_signed_urls_query_stays_out_of_the_manifest_and_the_log(tmp_path, remote):
