@@ -21,7 +21,7 @@ from geoseg.blending import NODATA
 from geoseg.config import RunConfig
 from geoseg.grid import OutputGrid
 from geoseg.mosaic import MOSAIC_NAME
-from geoseg.polygons import blocks_with_classes, record_layers, write_polygons
+from geoseg.polygons import announce_layers, blocks_with_classes, record_layers, write_polygons
 from geoseg.quicklook import write_quicklook
 from geoseg.tiling import iter_blocks
 
@@ -243,6 +243,7 @@ def export_layers(out: str, cfg: RunConfig, client: Client, manifest: dict) -> E
     result.files["cog"] = write_cog(mosaic_path, at("classes.tif"), legend, colors)
     size = cfg.output.block_size
     blocks = blocks_with_classes(manifest, size, list(iter_blocks(grid.height, grid.width, size)))
+    manifest = announce_layers(out, manifest, cfg.vector)  # a killed export leaves none unknown
     layers, count = write_polygons(client, blocks, grid, out, legend, cfg.vector)
     # these are the run's polygon layers now: the manifest names them, as after vectorize
     dropped = record_layers(out, manifest, cfg.vector, layers)

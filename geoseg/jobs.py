@@ -29,9 +29,12 @@ from geoseg.manifest import BlockRecord, ModelRecord, RunManifest, SceneRecord, 
 from geoseg.mosaic import MOSAIC_NAME
 from geoseg.planning import RunPlan, plan_run, with_numerics
 from geoseg.polygons import (
+    LayerFiles,
     LayerSink,
+    announce_layers,
     blocks_with_classes,
     layer_files,
+    layer_locations,
     layer_outputs,
     layer_task,
     record_layers,
@@ -113,8 +116,12 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
     )
     plan = with_numerics(plan, workers_numerics(client, settings, step_one_resources(cfg.cluster)))
     check_workers_see_output(client, str(out), lease.run_id)
-    before = runstate.recorded_outputs(out)  # the previous run's layers: those no longer written go
-    reused, all_overviews = start_output(plan, lease)
+    # the layers a previous run left, and this run's: named in the running manifest, so that
+    # whichever run finishes removes those no longer asked for, though this one be killed
+    known = {k: v for k, v in runstate.recorded_outputs(out).items() if k.startswith("polygons") and v}
+    if cfg.output.polygons:
+        known |= layer_outputs(LayerFiles([], layer_locations(out, cfg.vector)))
+    reused, all_overviews = start_output(plan, lease, known)
     mosaic_path = storage.join(out, MOSAIC_NAME)
     blocks = plan.blocks
     layers = {
@@ -209,19 +216,21 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
     )
     manifest = run_manifest(plan, lease.run_id, block_records, failed_scenes, unused, summary, timings, outputs)
     manifest_loc = finish_output(plan, manifest)
-    remove_layers(out, stale_layers(before, files))
+    remove_layers(out, stale_layers(known, files))
     return RunResult(out, mosaic_path, polygons_path, manifest_loc, failed_scenes, failed_blocks, quicklook)
 
 
-def start_output(plan: RunPlan, lease: Lease) -> tuple[dict[str, dict[str, Any]], bool]:
+def start_output(
+    plan: RunPlan, lease: Lease, layers: dict[str, str | None] | None = None
+) -> tuple[dict[str, dict[str, Any]], bool]:
     """OUT made ready for ``plan``: a changed run's blocks dropped, the manifest saying
-    ``running``, the mosaic created unless blocks are reused; the reused blocks' records, and
-    whether every overview chunk must be written (blocks reused from a run that did not finish:
-    which chunks it wrote is not known)."""
+    ``running`` (naming ``layers``, the polygon layers that may lie in OUT), the mosaic created
+    unless blocks are reused; the reused blocks' records, and whether every overview chunk must
+    be written (blocks reused from a run that did not finish: which chunks it wrote is not known)."""
     cfg, ckpt = plan.cfg, plan.ckpt
     reused = prepare_output(plan.out, plan.fingerprint, cfg.output.overwrite, MOSAIC_NAME)
     finished = bool(reused) and runstate.finished_before(plan.out)
-    runstate.mark_running(plan.out, lease.run_id, plan.fingerprint, len(plan.blocks))
+    runstate.mark_running(plan.out, lease.run_id, plan.fingerprint, len(plan.blocks), layers or {})
     if not reused:
         mosaic.create_mosaic(
             storage.join(plan.out, MOSAIC_NAME),
@@ -384,6 +393,7 @@ def vectorize_run(out: str, cfg: RunConfig, client: Client | None = None) -> str
         size = cfg.output.block_size
         blocks = blocks_with_classes(manifest, size, list(iter_blocks(grid.height, grid.width, size)))
         legend = mosaic.read_legend(store)
+        manifest = announce_layers(out, manifest, cfg.vector)
         if client is not None:
             files, _ = write_polygons(client, blocks, grid, out, legend, cfg.vector)
         else:

@@ -326,22 +326,44 @@ class LayerFiles:
 
 def layer_files(out: str, crs: str, vector: VectorConfig) -> LayerFiles:
     """The writers of the layer's files (:class:`LayerFiles`); ``crs``: the mosaic's."""
-    targets = [("", None)] + ([(crs_tag(vector.reproject_to), vector.reproject_to)] if vector.reproject_to else [])
     writers: list[tuple[LayerWriter, str | None]] = []
-    files = {}
     try:
-        for tag, to_crs in targets:
+        for tag, to_crs in _targets(vector):
             at = {fmt: storage.join(out, f"polygons{tag}{suffix}") for fmt, suffix in LAYER_SUFFIXES.items()}
             fgb = at["fgb"] if "fgb" in vector.formats else None
             writers.append((LayerWriter(at["gpkg"], to_crs or crs, flatgeobuf=fgb), to_crs))
             if "parquet" in vector.formats:
                 writers.append((LayerWriter(at["parquet"], to_crs or crs), to_crs))
-            files.update({f"{fmt}{tag}": at[fmt] for fmt in ["gpkg", *vector.formats]})
     except BaseException:  # the layers begun are dropped: no staging left behind
         for writer, _ in writers:
             writer.abort()
         raise
-    return LayerFiles(writers, files)
+    return LayerFiles(writers, layer_locations(out, vector))
+
+
+def _targets(vector: VectorConfig) -> list[tuple[str, str | None]]:
+    """The layer's CRSs: the mosaic's (no tag), and ``reproject_to`` with its tag."""
+    return [("", None)] + ([(crs_tag(vector.reproject_to), vector.reproject_to)] if vector.reproject_to else [])
+
+
+def layer_locations(out: str, vector: VectorConfig) -> dict[str, str]:
+    """Where ``vector``'s layer files go, by format and CRS tag (gpkg, parquet, gpkg_epsg4326...)."""
+    return {
+        f"{fmt}{tag}": storage.join(out, f"polygons{tag}{LAYER_SUFFIXES[fmt]}")
+        for tag, _ in _targets(vector)
+        for fmt in ["gpkg", *vector.formats]
+    }
+
+
+def announce_layers(out: str, manifest: dict[str, Any], vector: VectorConfig) -> dict[str, Any]:
+    """The manifest written naming, besides the layers it names, those about to be written for
+    ``vector``: a job killed while writing them leaves none its successor does not know of (and
+    remove if no longer asked for). Returns the manifest as written."""
+    asked = layer_outputs(LayerFiles([], layer_locations(out, vector)))
+    outputs = manifest.get("outputs", {}) | {k: v for k, v in asked.items() if v}
+    announced = {**manifest, "outputs": outputs}
+    runstate.write_manifest(out, announced)
+    return announced
 
 
 def write_polygons(

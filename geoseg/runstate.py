@@ -458,8 +458,11 @@ def finished_before(out: str) -> bool:
     return data is not None and json.loads(data).get("status") == FINISHED
 
 
-def mark_running(out: str, run_id: str, run_fingerprint: str, n_blocks: int) -> None:
-    """Replace any earlier manifest at once: an old one must never speak for this run."""
+def mark_running(
+    out: str, run_id: str, run_fingerprint: str, n_blocks: int, outputs: dict[str, str | None] | None = None
+) -> None:
+    """Replace any earlier manifest at once: an old one must never speak for this run. It names
+    the ``outputs`` that may lie in OUT meanwhile (the polygon layers, old and new)."""
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     write_manifest(
         out,
@@ -469,6 +472,7 @@ def mark_running(out: str, run_id: str, run_fingerprint: str, n_blocks: int) -> 
             "fingerprint": run_fingerprint,
             "started": started,
             "summary": {"blocks": n_blocks},
+            "outputs": outputs or {},
         },
     )
 

@@ -159,8 +159,16 @@ def test_sigkill_of_a_worker_mid_run_still_completes(
     assert not (out / ".geoseg" / "partials").exists()  # nor any half-written folder of the lost worker
 
 
-def test_killed_run_resumes_with_only_the_missing_blocks(tmp_path, slow_checkpoint, scene_1000x700, reference_mosaic):
+def test_killed_run_resumes_with_only_the_missing_blocks(
+    tmp_path, slow_checkpoint, random_checkpoint, scene_1000x700, reference_mosaic
+):
+    """Killed in the middle (after an --overwrite of an earlier run with another model and more
+    layers), the run resumes with only the missing blocks, and the earlier run's layers go."""
     out = tmp_path / "out"
+    cwd = Path(__file__).parent.parent
+    earlier = run_cli_args(scene_1000x700[0], out, f"model.checkpoint={random_checkpoint}", "cluster.n_workers=1")
+    res = subprocess.run([sys.executable, "-m", "geoseg", *earlier, "--set", "vector.formats=[gpkg, parquet]"], cwd=cwd)
+    assert res.returncode == 0 and (out / "polygons.parquet").exists()
     overrides = [
         f"model.checkpoint={slow_checkpoint}",
         "output.block_size=128",
@@ -169,8 +177,10 @@ def test_killed_run_resumes_with_only_the_missing_blocks(tmp_path, slow_checkpoi
         "cluster.n_workers=1",
     ]
     args = [sys.executable, "-m", "geoseg", *run_cli_args(scene_1000x700[0], out, *overrides)]
-    cwd = Path(__file__).parent.parent
-    proc = subprocess.Popen(args, cwd=cwd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = [*args, "--overwrite"]
+    proc = subprocess.Popen(
+        killed, cwd=cwd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 180
     while markers(out) < 5 and time.time() < deadline:
         time.sleep(0.05)
@@ -178,9 +188,14 @@ def test_killed_run_resumes_with_only_the_missing_blocks(tmp_path, slow_checkpoi
     proc.wait()
     done_before = markers(out)
     assert 5 <= done_before < 48, "the run must be killed in the middle"
+    # the killed run's manifest names the earlier run's layers it would have removed
+    assert json.loads((out / "manifest.json").read_text())["outputs"]["polygons_parquet"] == str(
+        out / "polygons.parquet"
+    )
     res = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     manifest = json.loads((out / "manifest.json").read_text())
+    assert not (out / "polygons.parquet").exists() and "polygons_parquet" not in manifest["outputs"]
     assert manifest["summary"]["reused"] >= done_before
     assert manifest["summary"]["computed"] == 48 - manifest["summary"]["reused"]
     np.testing.assert_array_equal(xr.open_zarr(out / "mosaic.zarr")["classes"].values, reference_mosaic)
