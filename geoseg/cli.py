@@ -141,26 +141,26 @@ def run(
     set_: SetOption = None,
 ) -> None:
     """Segment scenes into OUT/mosaic.zarr, OUT/polygons.gpkg and OUT/manifest.json."""
-    overrides = list(set_ or [])
+    values: dict[str, object] = {}  # as typed: a path's quotes, backslashes and "#" are its own
     if input:
-        overrides.append(f"inputs={list(input)!r}")
+        values["inputs"] = list(input)
     if stac_api:
-        overrides.append(f"stac_search.url={stac_api!r}")
+        values["stac_search.url"] = stac_api
     if collection:
-        overrides.append(f"stac_search.collections={list(collection)!r}")
+        values["stac_search.collections"] = list(collection)
     if bbox:
         try:
-            overrides.append(f"stac_search.bbox={[float(v) for v in bbox.split(',')]!r}")
+            values["stac_search.bbox"] = [float(v) for v in bbox.split(",")]
         except ValueError:
             _fail(f"--bbox {bbox!r}: expected W,S,E,N (four numbers, lon/lat)")
     if datetime:
-        overrides.append(f"stac_search.datetime={datetime!r}")
+        values["stac_search.datetime"] = datetime
     if out is not None:
-        overrides.append(f"out={str(out)!r}")
+        values["out"] = str(out)
     if overwrite:
-        overrides.append("output.overwrite=true")
+        values["output.overwrite"] = True
     try:
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, list(set_ or []), values)
     except ConfigError as exc:
         _fail(str(exc))
     if "out" not in cfg.model_fields_set:  # neither --out nor the config: say where it goes
@@ -239,9 +239,10 @@ def demo(
     if not scene.exists():
         write_scene(SceneSpec(size, size, seed=2024), scene, labels)
         log.info("demo scene: %s (labels: %s)", scene, labels)
-    overrides = [*(set_ or []), f"inputs=[{str(scene)!r}]", f"out={str(out)!r}"]
     try:
-        cfg = load_config(config if config.exists() else None, overrides)
+        cfg = load_config(
+            config if config.exists() else None, list(set_ or []), {"inputs": [str(scene)], "out": str(out)}
+        )
     except ConfigError as exc:
         _fail(str(exc))
     _run_pipeline(cfg)

@@ -253,15 +253,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set each dotted key in a nested dict; unknown keys are caught by validation later."""
-    for text in overrides:
-        keys, value = parse_override(text)
+def apply_overrides(data: dict[str, Any], overrides: list[str], values: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Set each dotted key in a nested dict: ``overrides`` as ``key=YAML value`` (``--set``),
+    ``values`` as they are (paths and URLs from the command line: no YAML reads their quotes,
+    backslashes or "#"). Unknown keys are caught by validation later."""
+    settings = [(*parse_override(text), f"--set {text!r}") for text in overrides]
+    settings += [(dotted.split("."), value, dotted) for dotted, value in (values or {}).items()]
+    for keys, value, source in settings:
         node = data
         for key in keys[:-1]:
             child = node.setdefault(key, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {text!r}: {key!r} is not a section")
+                raise ConfigError(f"{source}: {key!r} is not a section")
             node = child
         node[keys[-1]] = value
     return data
@@ -276,8 +279,11 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return f"invalid configuration ({source}): " + "; ".join(problems)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config, apply ``--set`` overrides and validate the result."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, values: dict[str, Any] | None = None
+) -> RunConfig:
+    """Read a YAML run config, apply ``--set`` overrides and ``values`` (see
+    :func:`apply_overrides`) and validate the result."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -295,7 +301,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if legend is not None:
             legend_path = (path.parent / legend).resolve()
             data.setdefault("classes", [c.model_dump() for c in load_legend(legend_path)])
-    data = apply_overrides(data, overrides or [])
+    data = apply_overrides(data, overrides or [], values)
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:

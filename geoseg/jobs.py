@@ -365,7 +365,7 @@ def segment_dates(cfg: ChangeConfig, out: str) -> tuple[str, str]:
     """Segment ``date_a`` and ``date_b`` into ``out/date_a`` and ``out/date_b`` with one run config."""
     runs = []
     for name, scenes in (("date_a", cfg.date_a), ("date_b", cfg.date_b)):
-        run_cfg = load_config(cfg.run_config, [f"inputs={list(scenes)!r}", f"out={storage.join(out, name)!r}"])
+        run_cfg = load_config(cfg.run_config, values={"inputs": list(scenes), "out": storage.join(out, name)})
         result = run(run_cfg)
         if not result.ok:
             raise RunError(f"segmenting {name} failed: {result.failed_scenes or result.failed_blocks}")

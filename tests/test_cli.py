@@ -122,6 +122,14 @@ def test_a_log_that_is_no_terminal_keeps_each_record_on_one_line(tmp_path):
     assert re.fullmatch(rf"{stamp} ERROR skipping scene {re.escape(str(missing))}: file not found", line), line
 
 
+def test_paths_on_the_command_line_are_taken_as_typed(tmp_path):
+    """Quotes, a backslash and a "#" are a path's own: no YAML reads them."""
+    odd = tmp_path / 'O\'Brien "x" #1 back\\slash.tif'
+    res = geoseg(*run_cli_args(odd, tmp_path / "o'ut #2"), cwd=Path(__file__).parent.parent)
+    assert res.returncode == 2 and "not plain YAML" not in res.stderr
+    assert f"skipping scene {odd}: file not found" in res.stdout
+
+
 def test_vectorize_again_with_a_minimum_mapping_unit(tmp_path, random_checkpoint, scene_1000x700):
     out = tmp_path / "out"
     root = Path(__file__).parent.parent
