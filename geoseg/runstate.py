@@ -36,6 +36,7 @@ from typing import Any
 import psutil
 
 from geoseg import mosaic, storage
+from geoseg.stac_item import ITEM_NAME, remove_asset_files
 
 log = logging.getLogger(__name__)
 
@@ -405,6 +406,10 @@ def prepare_output(out: str, run_fingerprint: str, overwrite: bool, store: str) 
     storage.delete_tree(state(out, "blocks"))
     storage.delete_tree(state(out, "partials"))
     storage.delete_tree(state(out, "overviews"))
+    # what an export made of the run replaced (its COG, styles, report) would describe the old mosaic
+    removed = remove_asset_files(out, keep=(store, MANIFEST_NAME, ITEM_NAME))
+    if removed:
+        log.info("%s: removed the replaced run's %s", out, ", ".join(removed))
     storage.write_text(stamp, run_fingerprint)
     return {}
 

@@ -162,6 +162,22 @@ def write_item(out: str, item: pystac.Item) -> str:
     return loc
 
 
+def remove_asset_files(out: str, keep: tuple[str, ...] = ()) -> list[str]:
+    """Remove the files in ``out`` that its run's Item names (an export's COG, styles and
+    report among them), but those in ``keep``: a run that replaces the run there must not leave
+    them describing the old mosaic. The names removed."""
+    data = storage.read_if_exists(storage.join(out, ITEM_NAME))
+    if data is None:
+        return []
+    hrefs = [str(asset.get("href", "")) for asset in json.loads(data).get("assets", {}).values()]
+    names = [href.removeprefix("./") for href in hrefs]
+    # files of its own folder only: no URL, no subfolder, nothing the run replaces itself
+    removed = [name for name in names if name and "/" not in name and ":" not in name and name not in keep]
+    for name in removed:
+        storage.delete(storage.join(out, name))
+    return removed
+
+
 def add_assets(
     out: str,
     manifest: dict[str, Any],

@@ -571,7 +571,7 @@ def test_a_killed_overwrite_rerun_is_refused_by_export_change_and_vectorize(
     # the finished run is accepted ...
     res = subprocess.run([*geoseg, "vectorize", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    # ... a rerun with --overwrite killed half way is not, though the old outputs are still there
+    # ... a rerun with --overwrite killed half way is not (its mosaic is half the new model's)
     args = [*cli_run(scene_1000x700[0], out, slow_checkpoint, "cluster.n_workers=1"), "--overwrite"]
     old_id = json.loads((out / "manifest.json").read_text())["run_id"]
     proc = subprocess.Popen(
@@ -588,7 +588,7 @@ def test_a_killed_overwrite_rerun_is_refused_by_export_change_and_vectorize(
     proc.wait()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "running" and manifest["run_id"] != old_id
-    assert (out / "polygons.gpkg").exists()  # the old run's: it must not pass for the new one
+    assert not (out / "polygons.gpkg").exists()  # the replaced run's outputs went with it
     for command in (["export", str(out)], ["vectorize", str(out)], ["change", str(reference_run), str(out)]):
         res = subprocess.run([*geoseg, *command, "--out", str(tmp_path / "c")] if command[0] == "change" else
                              [*geoseg, *command], cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip

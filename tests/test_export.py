@@ -151,6 +151,22 @@ def test_export_records_its_layers_and_a_later_one_removes_those_no_longer_asked
     assert {"polygons.parquet", "polygons_epsg4326.fgb"} <= {p.name for p in out.iterdir()}
 
 
+def test_an_overwrite_with_another_model_removes_what_the_export_made_of_the_old_mosaic(
+    exported, tmp_path, random_checkpoint, client2
+):
+    out, _ = exported
+    replaced = tmp_path / "replaced"
+    shutil.copytree(out, replaced)
+    scene = out.parent / "scene.tif"
+    cfg = run_config(random_checkpoint, [scene], replaced, "output.block_size=256", "output.overwrite=true")
+    assert run(cfg, client2).ok
+    old = {"classes.tif", "classes.tif.aux.xml", "classes.qml", "polygons.qml", "polygons.sld", "report.json"}
+    assert not old & {p.name for p in replaced.iterdir()}
+    assets = json.loads((replaced / "item.json").read_text())["assets"]
+    assert not old & set(assets) and {"mosaic.zarr", "polygons.gpkg"} <= set(assets)
+    assert old <= {p.name for p in out.iterdir()}  # the run copied from keeps its own
+
+
 def test_styles_name_every_class_with_its_colour(exported):
     out, _ = exported
     raster = ET.parse(out / "classes.qml").getroot()
