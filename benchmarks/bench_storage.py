@@ -111,11 +111,11 @@ def delaying_proxy(listen_port: int, target_port: int, latency_s: float) -> None
     passes each chunk the client sends ``latency_s`` after it arrived: a round trip added to
     every request, and no cap on the bandwidth (chunks in flight overlap, as on a network)."""
 
-    async def delayed(reader: asyncio.StreamReader, queue: asyncio.Queue) -> None:
+    async def delayed(reader: asyncio.StreamReader, queue: asyncio.Queue, latency: float) -> None:
         loop = asyncio.get_running_loop()
         try:
             while data := await reader.read(1 << 16):
-                await queue.put((loop.time() + latency_s, data))
+                await queue.put((loop.time() + latency, data))
         except OSError:
             pass
         await queue.put((0.0, b""))
@@ -133,21 +133,15 @@ def delaying_proxy(listen_port: int, target_port: int, latency_s: float) -> None
         finally:
             writer.close()
 
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(1 << 16):
-                writer.write(data)
-                await writer.drain()
-        except OSError:
-            pass
-        finally:
-            writer.close()
-
     async def handle(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         server_reader, server_writer = await asyncio.open_connection("127.0.0.1", target_port)
-        queue: asyncio.Queue = asyncio.Queue()
+        requests: asyncio.Queue = asyncio.Queue()
+        answers: asyncio.Queue = asyncio.Queue()
         await asyncio.gather(
-            delayed(client_reader, queue), forward(queue, server_writer), pipe(server_reader, client_writer)
+            delayed(client_reader, requests, latency_s),
+            forward(requests, server_writer),
+            delayed(server_reader, answers, 0.0),
+            forward(answers, client_writer),
         )
 
     async def serve() -> None:
