@@ -29,12 +29,11 @@ from geoseg.manifest import BlockRecord, ModelRecord, RunManifest, SceneRecord, 
 from geoseg.mosaic import MOSAIC_NAME
 from geoseg.planning import RunPlan, plan_run, with_numerics
 from geoseg.polygons import (
-    LayerFiles,
     LayerSink,
     announce_layers,
+    asked_layers,
     blocks_with_classes,
     layer_files,
-    layer_locations,
     layer_outputs,
     layer_task,
     record_layers,
@@ -120,7 +119,7 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
     # whichever run finishes removes those no longer asked for, though this one be killed
     known = {k: v for k, v in runstate.recorded_outputs(out).items() if k.startswith("polygons") and v}
     if cfg.output.polygons:
-        known |= layer_outputs(LayerFiles([], layer_locations(out, cfg.vector)))
+        known |= asked_layers(out, cfg.vector)
     reused, all_overviews = start_output(plan, lease, known)
     mosaic_path = storage.join(out, MOSAIC_NAME)
     blocks = plan.blocks

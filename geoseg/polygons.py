@@ -355,12 +355,16 @@ def layer_locations(out: str, vector: VectorConfig) -> dict[str, str]:
     }
 
 
+def asked_layers(out: str, vector: VectorConfig) -> dict[str, str | None]:
+    """The layers ``vector`` asks for, as a manifest names its outputs (:func:`layer_outputs`)."""
+    return layer_outputs(LayerFiles([], layer_locations(out, vector)))
+
+
 def announce_layers(out: str, manifest: dict[str, Any], vector: VectorConfig) -> dict[str, Any]:
     """The manifest written naming, besides the layers it names, those about to be written for
     ``vector``: a job killed while writing them leaves none its successor does not know of (and
     remove if no longer asked for). Returns the manifest as written."""
-    asked = layer_outputs(LayerFiles([], layer_locations(out, vector)))
-    outputs = manifest.get("outputs", {}) | {k: v for k, v in asked.items() if v}
+    outputs = manifest.get("outputs", {}) | asked_layers(out, vector)
     announced = {**manifest, "outputs": outputs}
     runstate.write_manifest(out, announced)
     return announced
