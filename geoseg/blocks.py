@@ -30,7 +30,14 @@ from geoseg.inference import numerics as numerics_of
 from geoseg.mosaic import MOSAIC_NAME
 from geoseg.runstate import STATE_DIR
 from geoseg.scenes import DataCoverage, SceneInfo, same_grid
-from geoseg.segment import TilingSettings, finish_block, most_confident, predict_block, reader_threads
+from geoseg.segment import (
+    StoppedError,
+    TilingSettings,
+    finish_block,
+    most_confident,
+    predict_block,
+    reader_threads,
+)
 from geoseg.tiling import Block, Rect, level_chunks
 
 PARTIALS_DIR = f"{STATE_DIR}/partials"
@@ -107,18 +114,31 @@ def predict_task(
     start = time.perf_counter()
     try:
         # asked each time, though a fresh run gets a 404: Dask computes step 1 again when a
-        # worker holding its result is lost, and the saved record spares that forward pass
-        record = partials.load_record(folder)
-        if record is not None:
-            return {"block": block.key, **record}
+        # worker holding its result is lost, and the saved record spares that forward pass. On a
+        # store the request is in flight while the block is read, and stops it when it finds one.
+        saved = storage.in_background(partials.load_record, folder, remote=storage.is_url(folder))
+
+        def answered() -> bool:  # a saved record, or an error: no use computing the block
+            return saved.done() and (saved.exception() is not None or saved.result() is not None)
+
+        if answered():  # on a disk, asked and answered already (an error is raised here)
+            return {"block": block.key, **saved.result()}
         if numerics is not None and (own := numerics_of(settings)) != numerics:
             raise RuntimeError(f"this worker computes votes as {own}, the run as {numerics}")
         predictor = get_predictor(settings)
         readers = reader_threads(read_threads, predictor)
-        results = {
-            name: predict_block(block, scenes, grid, tiling, predictor, read_threads=readers)
-            for name, scenes in layers.items()
-        }
+        failed: Exception | None = None
+        try:
+            results = {
+                name: predict_block(block, scenes, grid, tiling, predictor, read_threads=readers, stop=answered)
+                for name, scenes in layers.items()
+            }
+        except Exception as exc:  # stopped, or failed before the saved record (which does) came
+            results, failed = {}, exc
+        if (record := saved.result()) is not None:  # raises the lookup's error
+            return {"block": block.key, **record}
+        if failed is not None:
+            raise failed
         counts: dict[str, list[int]] = {}
         for partial in results.values():  # by a name without a signature (storage.record_name)
             counts.update({storage.record_name(path): n for path, n in partial.valid_pixels.items()})
@@ -159,6 +179,8 @@ def finish_task(
             which = "" if failed[0]["block"] == block.key else f"block {failed[0]['block']}, which reaches it, failed: "
             raise RuntimeError(which + reason)
         bounds = Rect(block.rows, block.cols)
+        # asked while the neighbours' votes are fetched and added up, and answered before any write
+        lease = storage.in_background(runstate.require_lease, out, run_id, remote=storage.is_url(out))
         loaded = storage.concurrently(  # on a store: the neighbours' objects in flight together
             lambda r: partials.load_layers(
                 storage.join(partials_at, r["block"]), r.get("layers"), interior=r is own, within=bounds
@@ -176,7 +198,7 @@ def finish_task(
         else:  # no scene reaches the block
             classes, confidence = finish_block(block, None, [], n_classes)
         histogram = np.bincount(classes.ravel(), minlength=256)
-        runstate.require_lease(out, run_id)
+        lease.result()
         levels, written = {}, bool(histogram[:NODATA].any())
         if written:  # an all-nodata block is what the store holds already (fill values)
             store = storage.join(out, MOSAIC_NAME)

@@ -204,8 +204,15 @@ def item_vrt(ref: str, selection: BandSelection | None) -> tuple[str, str | None
 
 
 def open_dataset(info: SceneInfo) -> DatasetReader:
-    """A scene opened for reading: its file, or its VRT of band assets."""
-    return open_vrt(info.vrt) if info.vrt else storage.open_raster(info.path)
+    """A scene opened for reading: its file, or its VRT of band assets. A scene that opened when
+    the run was planned may be gone since (a bucket's lifecycle rule, a file moved): the error
+    names it and says why."""
+    try:
+        return open_vrt(info.vrt) if info.vrt else storage.open_raster(info.path)
+    except rasterio.errors.RasterioError as exc:
+        reason = storage.redact(_gdal_message(exc))
+        said = storage.http_reason(reason)
+        raise SceneError(info.path, f"{said} ({reason})" if said else f"cannot be opened ({reason})") from None
 
 
 def open_vrt(xml: str) -> DatasetReader:
@@ -361,6 +368,8 @@ def read_window(
         rows, cols = window.toranges()
         where = f"rows {rows[0]}..{rows[1]}, cols {cols[0]}..{cols[1]}"
         reason = storage.redact(_gdal_message(exc))
+        if said := storage.http_reason(reason):
+            reason = f"{said} ({reason})"
         raise SceneError(info.path, f"cannot read pixels ({where} of the output grid): {reason}") from None
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -68,6 +68,10 @@ class Frame:
 
     rect: Rect
     sums: np.ndarray  # (K+1, rows, cols) int32: class votes, then the weight
+
+
+class StoppedError(Exception):
+    """:func:`predict_block` stopped before its end, as its caller asked."""
 
 
 @dataclass
@@ -132,8 +136,10 @@ def predict_block(
     batch_size: int | None = None,
     read_threads: int = 1,
     on_device: bool | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> Partial:
     """Forward passes over the tiles ``block`` owns; the interior finished, the frame's votes kept.
+    ``stop`` is asked before each row of tiles: :class:`StoppedError` is raised once it says so.
 
     The input is read ahead by ``read_threads`` threads while the model works (GDAL releases the
     GIL), in bands of whole file blocks, and served one row of tiles at a time (:func:`read_tile_rows`).
@@ -169,6 +175,8 @@ def predict_block(
         read_cols = tg.read_span(own_cols.owned)
         strips = read_tile_rows(scenes, grid, tg, own_rows.owned, read_cols, predictor, counts, read_threads)
         for i, (bands, valid) in zip(own_rows.owned, strips, strict=True):
+            if stop is not None and stop():
+                raise StoppedError(f"block {block.key}")
             for j in own_cols.owned:
                 c = tg.origin(j) - read_cols.start
                 valid_tile = valid[:, c : c + size]

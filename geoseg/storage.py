@@ -42,6 +42,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
@@ -437,10 +438,30 @@ def concurrently(function: Any, items: list[Any], remote: bool = True) -> list[A
     stores: the latency of one request instead of the sum of them; a disk has none to hide)."""
     if not remote or len(items) <= 1:
         return [function(item) for item in items]
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(min(IO_THREADS, len(items)), thread_name_prefix="geoseg-io") as pool:
         return list(pool.map(function, items))
+
+
+_background_pool: tuple[int, ThreadPoolExecutor] | None = None  # with the process that made it
+_background_lock = threading.Lock()
+
+
+def in_background(function: Any, *args: Any, remote: bool = True) -> Future:
+    """``function(*args)`` started in a thread where it is ``remote`` (its round trip then
+    overlaps the caller's own work), run at once otherwise; its result or error is the future's."""
+    global _background_pool
+    if not remote:
+        done: Future = Future()
+        try:
+            done.set_result(function(*args))
+        except Exception as exc:
+            done.set_exception(exc)
+        return done
+    with _background_lock:
+        if _background_pool is None or _background_pool[0] != os.getpid():  # a forked child has no threads
+            _background_pool = (os.getpid(), ThreadPoolExecutor(IO_THREADS, thread_name_prefix="geoseg-io"))
+        pool = _background_pool[1]
+    return pool.submit(function, *args)
 
 
 def read_many(locs: list[str]) -> list[bytes]:

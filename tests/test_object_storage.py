@@ -5,6 +5,7 @@ must be those of the same run on local disk."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.server
 import json
 import os
@@ -884,3 +885,46 @@ def test_partials_round_trip_and_older_blocks_still_load(where, tmp_path, remote
     legacy = partials.load_layers(storage.join(root, "old"))["all"]
     np.testing.assert_array_equal(legacy.classes, layer.classes)
     assert [f.rect for f in legacy.frames] == [f.rect for f in frames] and legacy.tiles == 9
+
+
+def test_a_saved_step_one_on_the_store_is_reused_while_its_lookup_overlaps_the_reads(remote, scene_1000x700):
+    """On a store, step 1 looks for a block's saved record while it reads the block: a record
+    found stops the block's forward passes and is what the task returns, even where the scene
+    can no longer be read; without one the read's error is the block's."""
+    from geoseg.blocks import partials_root, predict_task
+    from geoseg.grid import grid_from_scenes
+    from geoseg.inference import InferenceSettings, get_predictor
+    from geoseg.scenes import open_scene
+    from geoseg.segment import StoppedError, TilingSettings, predict_block
+    from geoseg.tiling import iter_blocks
+
+    scene = open_scene(remote["cog"])
+    grid = grid_from_scenes([scene])
+    tiling = TilingSettings(128, 16, "gaussian", 256)
+    settings = InferenceSettings(remote["checkpoint"], 8, "cpu", False, 1)
+    block = next(b for b in iter_blocks(grid.height, grid.width, 256) if b.key == "1_1")
+    at = partials_root(f"{remote['bucket']}/runs/saved-{os.getpid()}", "a" * 16)
+    first = predict_task(block, {"all": [scene]}, grid, tiling, settings, at)
+    assert first["status"] == "done" and first["tiles"] > 0
+    record = storage.join(at, "1_1", "record.json")
+    storage.write_text(record, json.dumps({**json.loads(storage.read_text(record)), "predict_s": 9999.0}))
+
+    # the same scene at a key with no object: only the saved record can answer for the block
+    missing = dataclasses.replace(scene, path=f"{remote['bucket']}/scenes/gone-{os.getpid()}.tif")
+    again = predict_task(block, {"all": [missing]}, grid, tiling, settings, at)
+    assert again["status"] == "done" and again["predict_s"] == 9999.0
+    assert again["layers"] == first["layers"]
+    storage.delete(record)
+    failed = predict_task(block, {"all": [missing]}, grid, tiling, settings, at)
+    assert failed["status"] == "failed" and missing.path in failed["error"] and "no such object" in failed["error"]
+
+    # the stop is asked before each row of tiles, and stops the block at once
+    predictor, asked = get_predictor(settings), []
+
+    def second_time() -> bool:
+        asked.append(1)
+        return len(asked) > 1
+
+    with pytest.raises(StoppedError):
+        predict_block(block, [scene], grid, tiling, predictor, stop=second_time)
+    assert len(asked) == 2
