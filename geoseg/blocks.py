@@ -31,7 +31,6 @@ from geoseg.mosaic import MOSAIC_NAME
 from geoseg.runstate import STATE_DIR
 from geoseg.scenes import DataCoverage, SceneInfo, same_grid
 from geoseg.segment import (
-    StoppedError,
     TilingSettings,
     finish_block,
     most_confident,
