@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -178,11 +179,7 @@ def _run_pipeline(cfg) -> None:
         log.info("polygons:  %s", result.polygons)
     log.info("quicklook: %s", result.quicklook)
     log.info("manifest:  %s", result.manifest)
-    if not result.ok:
-        for path, reason in result.failed_scenes.items():
-            log.error("scene failed: %s: %s", path, reason)
-        for key, reason in result.failed_blocks.items():
-            log.error("block failed: %s: %s", key, reason)
+    if not result.ok:  # each failure was logged as the run met it: the count, and where they are listed
         log.error(
             "%d scene(s) and %d block(s) failed; see %s",
             len(result.failed_scenes),
@@ -383,5 +380,21 @@ def model_inspect(
         typer.echo(json.dumps(describe(load_checkpoint(checkpoint)), indent=2))
 
 
-def entrypoint() -> None:  # pragma: no cover - thin wrapper for `python -m geoseg`
-    sys.exit(app())
+class Terminated(BaseException):
+    """SIGTERM, as a batch system (SLURM, Kubernetes) sends it before it kills a job: raised in the
+    main thread so that the job unwinds as on Ctrl-C (its lease given back, its cluster closed)."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one, while unwinding, stops at once
+    raise Terminated
+
+
+def entrypoint() -> None:
+    """``geoseg`` and ``python -m geoseg``: the commands, and a stop by SIGTERM said in one line."""
+    signal.signal(signal.SIGTERM, _terminated)
+    try:
+        app()
+    except Terminated:
+        typer.echo("error: stopped by SIGTERM; the same command again goes on from what was committed", err=True)
+        sys.exit(128 + signal.SIGTERM)

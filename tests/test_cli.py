@@ -247,3 +247,20 @@ def test_a_run_that_fails_before_its_first_block_removes_the_out_it_created(tmp_
     assert res.returncode != 0
     assert "127.0.0.1:9" in res.stderr and "Traceback" not in res.stderr
     assert not out.exists()
+
+
+def test_a_run_with_a_bad_scene_names_it_once_and_ends_with_the_count(tmp_path, random_checkpoint, scene_1000x700):
+    """Each failure is logged once, as the run meets it; the run's last line counts them and says
+    where they are listed."""
+    bad = tmp_path / "notes.tif"
+    bad.write_text("not a raster")
+    out = tmp_path / "out"
+    args = run_cli_args(scene_1000x700[0], out, f"model.checkpoint={random_checkpoint}", "cluster.n_workers=1")
+    res = geoseg(*args, "--input", str(bad), cwd=Path(__file__).parent.parent)
+    assert res.returncode == 1, res.stderr
+    assert len([line for line in res.stdout.splitlines() if str(bad) in line]) == 1
+    assert (
+        res.stdout.strip().splitlines()[-1].endswith(f"1 scene(s) and 0 block(s) failed; see {out / 'manifest.json'}")
+    )
+    scenes = {s["path"]: s for s in json.loads((out / "manifest.json").read_text())["scenes"]}
+    assert scenes[str(bad)]["status"] == "failed" and scenes[str(scene_1000x700[0])]["status"] == "ok"

@@ -677,3 +677,41 @@ def test_a_chunk_a_stopped_run_was_to_write_again_is_written_by_the_next(
     root = zarr.open_group(tmp_path / "mosaic.zarr", mode="r")
     classes, _ = downsample(root["classes"][:], root["confidence"][:], 4)
     np.testing.assert_array_equal(root["overviews/4/classes"][:], classes)
+
+
+def test_sigterm_stops_a_run_in_one_line_gives_the_lease_back_and_the_rerun_resumes(
+    tmp_path, slow_checkpoint, scene_1000x700, reference_mosaic
+):
+    """A batch system's SIGTERM (to the client only, as Kubernetes sends it) stops the run as
+    Ctrl-C does: one line on stderr, exit 143, the lease given back at once (a rerun on another
+    host need not wait for it to go stale), the manifest left running; the rerun resumes."""
+    out = tmp_path / "out"
+    overrides = ["output.block_size=128", "tiling.tile_size=128", "tiling.overlap=16", "cluster.n_workers=1"]
+    args = [
+        sys.executable,
+        "-m",
+        "geoseg",
+        *run_cli_args(scene_1000x700[0], out, f"model.checkpoint={slow_checkpoint}", *overrides),
+    ]
+    proc = subprocess.Popen(
+        args, cwd=Path(__file__).parent.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 180
+    while markers(out) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "error: stopped by SIGTERM; the same command again goes on from what was committed"
+    )
+    assert "Traceback" not in stderr
+    done_before = markers(out)
+    assert 3 <= done_before < 48, "the run must be stopped in the middle"
+    assert not (out / ".geoseg" / "lease.json").exists()
+    assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+    res = subprocess.run(args, cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["summary"]["reused"] >= done_before
+    np.testing.assert_array_equal(xr.open_zarr(out / "mosaic.zarr")["classes"].values, reference_mosaic)
