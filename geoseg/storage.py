@@ -1110,8 +1110,18 @@ def open_raster(loc: str | Path):
     text = str(loc)
     if not is_url(text):
         return rasterio.open(text)
-    with gdal_env(**REMOTE_OPEN_OPTIONS):
+    with gdal_env(**remote_open_options(gdal_path(text))):
         return rasterio.open(gdal_path(text))
+
+
+def remote_open_options(opened: str) -> dict[str, str]:
+    """GDAL's options for opening ``opened`` (a GDAL path, or a VRT naming its sources) over a
+    network. Over plain http(s), the file's size comes from a GET instead of a HEAD: a server
+    may refuse HEAD (a signed GET URL's signature covers the method), and GDAL tells so only
+    for the signatures it knows (AWS's). One request either way, once per process and file."""
+    if GDAL_PREFIX["https"] not in opened:
+        return REMOTE_OPEN_OPTIONS
+    return {**REMOTE_OPEN_OPTIONS, "CPL_VSIL_CURL_USE_HEAD": "NO"}
 
 
 def export_gdal_settings() -> None:
