@@ -112,7 +112,7 @@ def predict_task(
     folder = storage.join(partials_at, block.key)
     start = time.perf_counter()
     try:
-        # asked each time, though a fresh run gets a 404: Dask computes step 1 again when a
+        # asked each time, though a fresh run finds none: Dask computes step 1 again when a
         # worker holding its result is lost, and the saved record spares that forward pass. On a
         # store the request is in flight while the block is read, and stops it when it finds one.
         saved = storage.in_background(partials.load_record, folder, remote=storage.is_url(folder))

@@ -2,7 +2,7 @@
 
 One folder (or URL prefix) per block, under the run's OUT and its fingerprint
 (:func:`geoseg.blocks.partials_root`): workers meet only there, never in each other's local
-files. The record is written last and commits the block: a rerun (or a retried task) reuses a
+files. What commits a block is written last, whole: a rerun (or a retried task) reuses a
 committed block instead of computing its tiles again. Local frames are read memory-mapped: a
 neighbour reads only the rows it needs.
 Only votes are stored: a layer that computed no tile (no valid pixel) has no folder, and a
@@ -10,11 +10,22 @@ frame only the pixels that got votes (:func:`geoseg.segment.voted_frames`). On a
 the arrays are zstd-compressed (level 1: votes shrink ~5x at ~600 MB/s), since every byte there
 crosses a network twice.
 
+On a disk:
+
+    PARTIALS/<block key>/<layer>/*.npy        interior classes/confidence, frame votes
     PARTIALS/<block key>/record.json          the block's step-1 record (tiles, pixel counts,
-                                              each layer's interior and frame rectangles)
-    PARTIALS/<block key>/<layer>/*.npy        interior classes/confidence, frame votes (on disk)
-    PARTIALS/<block key>/arrays-<digest>.zst  all of them, zstd each, at the record's byte ranges
-                                              (on a store: one object; .npy.zst files before)
+                                              each layer's interior and frame rectangles),
+                                              written after them: it commits the block
+
+On a store, one object, which one PUT writes whole (an object store has no rename, and each
+request is a round trip in a row on the task thread):
+
+    PARTIALS/<block key>/step1-<digest>.pack  the arrays, zstd each, at the byte ranges the
+                                              record gives; then the record (JSON), then its
+                                              length (8 bytes, little-endian)
+
+Blocks saved by earlier versions on a store (``arrays-<digest>.zst`` or ``.npy.zst`` files
+beside a ``record.json``) still load.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import hashlib
 import io
 import json
 import logging
+import struct
 from typing import Any
 
 import numpy as np
@@ -35,6 +47,9 @@ from geoseg.tiling import Rect, Span
 log = logging.getLogger(__name__)
 
 RECORD = "record.json"
+PACK_PREFIX = "step1-"
+_LENGTH = struct.Struct("<Q")  # of the record, at a pack's end
+_TAIL = 1 << 16  # bytes of a pack's end fetched to find its record (one request where it fits)
 _ZSTD = Zstd(level=1)
 
 
@@ -78,14 +93,14 @@ def layer_index(layers: dict[str, Partial]) -> dict[str, dict[str, Any]]:
 
 
 def save_block(folder: str, layers: dict[str, Partial], record: dict[str, Any]) -> dict[str, Any]:
-    """Write a block's partial results (one :class:`Partial` per layer) into ``folder``; the
-    record (with :func:`layer_index` under ``layers``) is written last and commits them, and is
-    returned as written. Another attempt at the same block writes the same bytes, so two
-    attempts never leave a mixed result.
+    """Write a block's partial results (one :class:`Partial` per layer) into ``folder``,
+    committed by the record (with :func:`layer_index` under ``layers``), which is returned as
+    written. Another attempt at the same block writes the same arrays, so two attempts never
+    leave a mixed result.
 
-    On a store, every array goes into one object (``arrays-<digest>.zst``), each at the byte
-    range the record gives under its layer's ``pack``: two PUTs a block, and a neighbour fetches
-    its frames with one request."""
+    On a store, every array goes into one object with the record at its end (module docstring),
+    each array at the byte range the record gives under its layer's ``pack``: one PUT a block,
+    and a neighbour fetches its frames with one request."""
     arrays: dict[tuple[str, str], np.ndarray] = {}
     for name in record["layers"]:
         partial = layers[name]
@@ -97,9 +112,9 @@ def save_block(folder: str, layers: dict[str, Partial], record: dict[str, Any]) 
             data = _encode(array, compressed=True)
             ranges[name][array_name] = [len(pack), len(pack) + len(data)]
             pack += data
-        # named by its content: a record (written last) always finds the pack it was written
-        # with, even where two attempts at the block gave different bytes
-        obj = f"arrays-{hashlib.sha256(pack).hexdigest()[:16]}.zst"
+        # named by its arrays: a record handed on by Dask always finds the arrays it was
+        # written with, even where two attempts at the block gave different bytes
+        obj = f"{PACK_PREFIX}{hashlib.sha256(pack).hexdigest()[:16]}.pack"
         record = {
             **record,
             "layers": {
@@ -107,27 +122,54 @@ def save_block(folder: str, layers: dict[str, Partial], record: dict[str, Any]) 
                 for name, meta in record["layers"].items()
             },
         }
-        storage.write_bytes(storage.join(folder, obj), bytes(pack))
-    else:
-        storage.write_many(
-            {
-                (loc := _array_loc(storage.join(folder, name), array_name)): _encode(array, loc.endswith(".zst"))
-                for (name, array_name), array in arrays.items()
-            }
-        )
+        written = json.dumps(record).encode()
+        storage.write_bytes(storage.join(folder, obj), bytes(pack) + written + _LENGTH.pack(len(written)))
+        return record
+    storage.write_many(
+        {
+            (loc := _array_loc(storage.join(folder, name), array_name)): _encode(array, loc.endswith(".zst"))
+            for (name, array_name), array in arrays.items()
+        }
+    )
     storage.write_text(storage.join(folder, RECORD), json.dumps(record))
     return record
 
 
 def load_record(folder: str) -> dict[str, Any] | None:
     """The step-1 record of a committed block folder, or None when there is none, or none that
-    can be used (step 1 is then computed again and saved over it: every rerun would fail on it)."""
+    can be used (step 1 is then computed again and saved over it: every rerun would fail on it).
+    On a store, one listing finds the block's pack, and one request its record at the end."""
+    if storage.is_url(folder):
+        found = storage.list_sized(folder.rstrip("/") + "/")
+        for loc, size in found:
+            if storage.name(loc).startswith(PACK_PREFIX):
+                record = _parsed(loc, lambda loc=loc, size=size: _pack_record(loc, size))
+                if record is not None:
+                    return record
+        if not any(storage.name(loc) == RECORD for loc, _ in found):  # one saved by an earlier version
+            return None
     loc = storage.join(folder, RECORD)
     data = storage.read_if_exists(loc)
-    if data is None:
-        return None
+    return None if data is None else _parsed(loc, lambda: json.loads(data))
+
+
+def _pack_record(loc: str, size: int) -> dict[str, Any]:
+    """The record at the end of a pack of ``size`` bytes."""
+    tail = storage.read_ranges(loc, [[max(0, size - _TAIL), size]])[0]
+    if len(tail) < _LENGTH.size:
+        raise ValueError("shorter than its record's length")
+    length = _LENGTH.unpack(tail[-_LENGTH.size :])[0]
+    if length + _LENGTH.size > size:
+        raise ValueError(f"a record of {length} bytes in {size}")
+    if length + _LENGTH.size > len(tail):  # a record longer than the tail fetched
+        tail = storage.read_ranges(loc, [[size - _LENGTH.size - length, size]])[0]
+    return json.loads(tail[len(tail) - _LENGTH.size - length : len(tail) - _LENGTH.size])
+
+
+def _parsed(loc: str, parse: Any) -> dict[str, Any] | None:
+    """``parse()``, or None (logged) where what it reads is damaged."""
     try:
-        return json.loads(data)
+        return parse()
     except ValueError as exc:
         log.warning("step-1 record %s is damaged (%s): computing the block again", storage.redact(loc), exc)
         return None
@@ -190,8 +232,10 @@ def load_layers(
 
 
 def remove_block(folder: str) -> None:
-    """Uncommit a block (its record first), then remove the rest: never a record without its layers."""
-    storage.delete(storage.join(folder, RECORD))
+    """Uncommit a block (its record first), then remove the rest: never a record without its
+    layers. On a store the pack is its own record, and the block goes in one request."""
+    if not storage.is_url(folder):
+        storage.delete(storage.join(folder, RECORD))
     storage.delete_tree(folder)
 
 

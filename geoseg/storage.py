@@ -497,17 +497,23 @@ def read_text(loc: str) -> str:
 
 def list_files(prefix: str, limit: int | None = None) -> list[str]:
     """Locations of the files under a folder or URL prefix, recursively, sorted."""
+    return [loc for loc, _ in list_sized(prefix, limit)]
+
+
+def list_sized(prefix: str, limit: int | None = None) -> list[tuple[str, int]]:
+    """The files under a folder or URL prefix with their sizes in bytes, recursively, sorted."""
     if not is_url(prefix):
         root = Path(prefix)
-        return sorted(str(p) for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+        files = [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
+        return sorted((str(p), p.stat().st_size) for p in files)
     import obstore
 
     store, key = _split(prefix)
     root = _root_and_key(prefix)[0] + "/"
-    found: list[str] = []
+    found: list[tuple[str, int]] = []
     try:
         for batch in obstore.list(store, key or None):
-            found.extend(root + item["path"] for item in batch)
+            found.extend((root + item["path"], int(item["size"])) for item in batch)
             if limit is not None and len(found) >= limit:
                 break
     except Exception as exc:

@@ -12,6 +12,7 @@ import os
 import random
 import re
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -827,7 +828,7 @@ def test_a_stream_to_the_store_that_fails_leaves_no_object_and_no_upload_parts(r
 
 
 @pytest.mark.parametrize("where", ["local", "store"])
-def test_partials_round_trip_and_older_blocks_still_load(where, tmp_path, remote):
+def test_partials_round_trip_and_older_blocks_still_load(where, tmp_path, remote, monkeypatch, caplog):
     """Step-1 results saved, then read back as a neighbour reads them (only the frames that
     overlap its block); a block saved before records held the layer index (a meta.json per
     layer, uncompressed arrays) still loads, so a run started by an older version resumes."""
@@ -850,10 +851,30 @@ def test_partials_round_trip_and_older_blocks_still_load(where, tmp_path, remote
     assert partials.load_record(storage.join(root, "new")) == written
     assert partials.load_record(storage.join(root, "absent")) is None
     objects = [storage.name(loc) for loc in storage.list_files(storage.join(root, "new"))]
-    # on a store: one object for all the arrays, at byte ranges the record gives, and the record
-    if where == "store":  # the pack named by its content, so a record always finds its own
+    # on a store: one object, the arrays at byte ranges the record gives, and the record at its end
+    if where == "store":  # the pack named by its arrays, so a record always finds its own
         pack = written["layers"]["all"]["pack"]["object"]
-        assert objects == [pack, "record.json"] and re.fullmatch(r"arrays-[0-9a-f]{16}\.zst", pack)
+        assert objects == [pack] and re.fullmatch(r"step1-[0-9a-f]{16}\.pack", pack)
+        data = storage.read_bytes(storage.join(root, "new", pack))
+        length = struct.unpack("<Q", data[-8:])[0]
+        assert json.loads(data[-8 - length : -8]) == written
+        # a record longer than the pack's end fetched first takes a second request
+        monkeypatch.setattr(partials, "_TAIL", 64)
+        assert partials.load_record(storage.join(root, "new")) == written
+        monkeypatch.undo()
+        # a cut-off pack is no record: the block is computed again (and logged)
+        storage.write_bytes(storage.join(root, "cut", pack), data[:-20])
+        assert partials.load_record(storage.join(root, "cut")) is None
+        assert "is damaged" in caplog.text
+        # the layout of the version before: the arrays' object, and the record beside it
+        v1 = {"object": "arrays-0123456789abcdef.zst", "ranges": written["layers"]["all"]["pack"]["ranges"]}
+        v1_record = {**written, "layers": {"all": {**written["layers"]["all"], "pack": v1}}}
+        storage.write_bytes(storage.join(root, "v1", v1["object"]), data[: -8 - length])
+        storage.write_text(storage.join(root, "v1", "record.json"), json.dumps(v1_record))
+        assert partials.load_record(storage.join(root, "v1")) == v1_record
+        v1_layer = partials.load_layers(storage.join(root, "v1"), v1_record["layers"])["all"]
+        np.testing.assert_array_equal(v1_layer.classes, layer.classes)
+        assert [f.rect for f in v1_layer.frames] == [f.rect for f in frames]
     else:  # on disk: an .npy per array (read memory-mapped)
         assert sorted(objects) == sorted(["record.json", "classes.npy", "confidence.npy", "frame0.npy", "frame1.npy"])
     assert ("pack" in written["layers"]["all"]) == (where == "store")
@@ -895,6 +916,15 @@ def test_partials_round_trip_and_older_blocks_still_load(where, tmp_path, remote
     assert [f.rect for f in legacy.frames] == [f.rect for f in frames] and legacy.tiles == 9
 
 
+def mark_saved_record(folder: str, **changes: object) -> None:
+    """Change the record at the end of a block's step-1 pack on the store (geoseg.partials)."""
+    [loc] = [loc for loc in storage.list_files(folder + "/") if storage.name(loc).startswith("step1-")]
+    data = storage.read_bytes(loc)
+    length = struct.unpack("<Q", data[-8:])[0]
+    record = json.dumps({**json.loads(data[-8 - length : -8]), **changes}).encode()
+    storage.write_bytes(loc, data[: -8 - length] + record + struct.pack("<Q", len(record)))
+
+
 def test_a_saved_step_one_on_the_store_is_reused_while_its_lookup_overlaps_the_reads(remote, scene_1000x700):
     """On a store, step 1 looks for a block's saved record while it reads the block: a record
     found stops the block's forward passes and is what the task returns, even where the scene
@@ -914,15 +944,14 @@ def test_a_saved_step_one_on_the_store_is_reused_while_its_lookup_overlaps_the_r
     at = partials_root(f"{remote['bucket']}/runs/saved-{os.getpid()}", "a" * 16)
     first = predict_task(block, {"all": [scene]}, grid, tiling, settings, at)
     assert first["status"] == "done" and first["tiles"] > 0
-    record = storage.join(at, "1_1", "record.json")
-    storage.write_text(record, json.dumps({**json.loads(storage.read_text(record)), "predict_s": 9999.0}))
+    mark_saved_record(storage.join(at, "1_1"), predict_s=9999.0)
 
     # the same scene at a key with no object: only the saved record can answer for the block
     missing = dataclasses.replace(scene, path=f"{remote['bucket']}/scenes/gone-{os.getpid()}.tif")
     again = predict_task(block, {"all": [missing]}, grid, tiling, settings, at)
     assert again["status"] == "done" and again["predict_s"] == 9999.0
     assert again["layers"] == first["layers"]
-    storage.delete(record)
+    storage.delete_tree(storage.join(at, "1_1"))
     failed = predict_task(block, {"all": [missing]}, grid, tiling, settings, at)
     assert failed["status"] == "failed" and missing.path in failed["error"] and "no such object" in failed["error"]
 
