@@ -11,8 +11,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import dask
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, WorkerPlugin
 
+from geoseg import runstate, storage
 from geoseg.config import ClusterConfig, ConfigError
 
 log = logging.getLogger(__name__)
@@ -193,6 +194,7 @@ def dask_client(cfg: ClusterConfig) -> Iterator[Client]:
     with dask.config.set(settings):
         cluster = local_cluster(cfg)
     client = Client(cluster)
+    client.register_plugin(OneLineLogs())
     if cfg.dashboard:
         log.info("Dask dashboard: %s", client.dashboard_link)
     try:
@@ -200,6 +202,35 @@ def dask_client(cfg: ClusterConfig) -> Iterator[Client]:
     finally:
         client.close()
         cluster.close()
+
+
+def one_line_record(record: logging.LogRecord) -> bool:
+    """A log filter: the record as one line without a secret, its traceback reduced to the
+    exception's type and message. Dask logs through handlers of its own, on the stderr that
+    geoseg keeps for one-line errors (a comm closed at shutdown logged 30 lines of traceback)."""
+    text = record.getMessage()
+    if record.exc_info and record.exc_info[1] is not None:
+        text = f"{text} ({type(record.exc_info[1]).__name__}: {record.exc_info[1]})"
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    record.msg, record.args = runstate.one_line(" ".join(storage.redact(text).split()), 1000), None
+    return True
+
+
+def one_line_dask_logs() -> None:
+    """:func:`one_line_record` on the handlers Dask's loggers write through, in this process."""
+    for handler in logging.getLogger("distributed").handlers:
+        if one_line_record not in handler.filters:
+            handler.addFilter(one_line_record)
+
+
+class OneLineLogs(WorkerPlugin):
+    """:func:`one_line_dask_logs` in each worker process of a LocalCluster, whose stderr is the
+    command's own (workers of a scheduler of your own keep their logs as they are)."""
+
+    name = "geoseg-one-line-logs"
+
+    def setup(self, worker: object) -> None:
+        one_line_dask_logs()
 
 
 def local_cluster(cfg: ClusterConfig) -> LocalCluster:

@@ -715,3 +715,32 @@ def test_sigterm_stops_a_run_in_one_line_gives_the_lease_back_and_the_rerun_resu
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["summary"]["reused"] >= done_before
     np.testing.assert_array_equal(xr.open_zarr(out / "mosaic.zarr")["classes"].values, reference_mosaic)
+
+
+def _log_a_comm_error_with_a_secret() -> None:
+    import logging
+
+    try:
+        raise OSError("Stream is closed\nwhile sending heartbeat")
+    except OSError:
+        logging.getLogger("distributed.worker").error(
+            "Failed to communicate with scheduler during heartbeat for s3://b/k?X-Amz-Signature=abcdef0123",
+            exc_info=True,
+        )
+
+
+def test_the_workers_of_a_local_cluster_log_one_line_without_a_secret(capfd):
+    """Dask logs through handlers of its own, on the command's stderr: a worker's error (a comm
+    closed as the cluster shuts down) is one line there, its traceback folded in, no secret."""
+    from geoseg.cluster import dask_client
+    from geoseg.config import ClusterConfig
+
+    with dask_client(ClusterConfig(n_workers=1, threads_per_worker=1, dashboard=False)) as client:
+        capfd.readouterr()
+        client.run(_log_a_comm_error_with_a_secret)
+        time.sleep(0.5)  # the worker's stderr is its own process's
+        err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if "heartbeat" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].endswith("(OSError: Stream is closed while sending heartbeat)")
+    assert "abcdef0123" not in err and "X-Amz-Signature=" in lines[0]
