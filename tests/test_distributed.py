@@ -744,3 +744,14 @@ def test_the_workers_of_a_local_cluster_log_one_line_without_a_secret(capfd):
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].endswith("(OSError: Stream is closed while sending heartbeat)")
     assert "abcdef0123" not in err and "X-Amz-Signature=" in lines[0]
+    # the scheduler and the nannies of a LocalCluster log in the command's own process
+    snippet = (
+        "from geoseg.cli import _setup_logging; _setup_logging(False); "
+        "from test_distributed import _log_a_comm_error_with_a_secret as log_it; log_it()"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", snippet], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=60
+    )
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert res.stderr.strip().endswith("(OSError: Stream is closed while sending heartbeat)")
+    assert "abcdef0123" not in res.stderr
