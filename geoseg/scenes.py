@@ -217,7 +217,7 @@ def open_dataset(info: SceneInfo) -> DatasetReader:
 
 def open_vrt(xml: str) -> DatasetReader:
     """A VRT document, its sources opened with the options for files over a network."""
-    with storage.gdal_env(**storage.remote_open_options(xml)):
+    with storage.gdal_env(**storage.REMOTE_OPEN_OPTIONS):
         return rasterio.open(xml)
 
 

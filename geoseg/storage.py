@@ -206,6 +206,8 @@ def redact(text: str) -> str:
         value = os.environ.get(variable)
         if value and len(value) >= 4:
             text = text.replace(value, "***")
+    # a URL in GDAL's /vsicurl? name is percent-encoded: decoded, its query is found below
+    text = re.sub(r"/vsicurl\?[^\s'\"]+", lambda found: unquote(found.group()), text)
     # up to a space or a quote, or the ": " that ends a location in an error line
     text = re.sub(r"(https?://[^\s?'\"]+)\?(?:[^\s'\":#]|:(?!\s|$))*", r"\1?***", text)
     # a signature's parameters wherever they are, e.g. a local copy named after a signed URL
@@ -999,13 +1001,16 @@ def storage_options(loc: str) -> dict[str, Any]:
 
 
 def gdal_path(loc: str | Path) -> str:
-    """``loc`` as GDAL opens it: /vsis3/, /vsigs/, /vsiaz/, /vsiadls/ or /vsicurl/ for URLs."""
+    """``loc`` as GDAL opens it: /vsis3/, /vsigs/, /vsiaz/, /vsiadls/ or /vsicurl? for URLs."""
     text = str(loc)
     kind = scheme(text)
     if kind not in GDAL_PREFIX:
         return text
     if kind in READ_ONLY:
-        return GDAL_PREFIX[kind] + text
+        # the size from a GET, not a HEAD: a server may refuse HEAD (a signed GET URL's signature
+        # covers the method), and GDAL tells so only for AWS's signatures. One request either
+        # way. In the name, so that it holds wherever GDAL opens it (a VRT's sources too).
+        return f"{GDAL_PREFIX[kind].rstrip('/')}?use_head=no&url={quote(text, safe='')}"
     rest = text.split("://", 1)[1]
     if kind in ("abfs", "abfss"):  # container@account.dfs.core.windows.net/path -> container/path
         container, _, tail = rest.partition("/")
@@ -1116,18 +1121,8 @@ def open_raster(loc: str | Path):
     text = str(loc)
     if not is_url(text):
         return rasterio.open(text)
-    with gdal_env(**remote_open_options(gdal_path(text))):
+    with gdal_env(**REMOTE_OPEN_OPTIONS):
         return rasterio.open(gdal_path(text))
-
-
-def remote_open_options(opened: str) -> dict[str, str]:
-    """GDAL's options for opening ``opened`` (a GDAL path, or a VRT naming its sources) over a
-    network. Over plain http(s), the file's size comes from a GET instead of a HEAD: a server
-    may refuse HEAD (a signed GET URL's signature covers the method), and GDAL tells so only
-    for the signatures it knows (AWS's). One request either way, once per process and file."""
-    if GDAL_PREFIX["https"] not in opened:
-        return REMOTE_OPEN_OPTIONS
-    return {**REMOTE_OPEN_OPTIONS, "CPL_VSIL_CURL_USE_HEAD": "NO"}
 
 
 def export_gdal_settings() -> None:

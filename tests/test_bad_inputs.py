@@ -460,6 +460,10 @@ def test_a_sparse_file_with_no_data_block_is_a_named_error_and_a_mask_band_keeps
         ("'https://h/a.tif?X-Amz-Signature=SECRET&X-Amz-Credential=c' is bad", "'https://h/a.tif?***' is bad"),
         ("/tmp/copy/a.tif?sv=1&sig=SECRET: cannot read", "/tmp/copy/a.tif?sv=1&sig=***: cannot read"),
         ("s3://user:SECRET@bucket/a.tif: access denied", "s3://***@bucket/a.tif: access denied"),
+        (  # GDAL's name for a URL it reads by GETs, the URL percent-encoded in it
+            "/vsicurl?use_head=no&url=https%3A%2F%2Fh%2Fa.tif%3FX-Goog-Signature%3DSECRET%26X-Goog-Date%3D1: 403",
+            "/vsicurl?use_head=no&url=https://h/a.tif?***: 403",
+        ),
     ],
 )
 def test_a_secret_in_an_error_line_is_redacted_and_the_rest_of_the_line_kept(line, shown):

@@ -295,3 +295,26 @@ def test_the_vrt_covers_only_what_every_band_covers_and_a_numbered_mask_is_refus
         selection=BandSelection(names=("blue", "green", "red", "nir"), explicit=(("blue", 3),)),
     )
     assert named.indexes == [1, 2, 3, 4] and named.offsets == (-1000.0,) * 4
+
+
+def test_an_item_over_http_whose_server_refuses_head_reads_its_band_assets(scene, random_checkpoint, client2):
+    """The band COGs of an item on a server that refuses HEAD (signed GET URLs, some CDNs) are
+    read by GETs, in the workers as at planning: the same mosaic as the item on disk."""
+    import http.server
+    import threading
+    from functools import partial
+
+    from test_object_storage import GetOnlyHandler
+
+    d, bands, profile = scene
+    (d / "item_http.json").write_text(json.dumps(s2_item(d, bands, profile, "over_http", "2026-06-14T10:05:59Z")))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(GetOnlyHandler, directory=str(d)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/item_http.json"
+        got = mosaic([url], d / "over_http", random_checkpoint, client2, MASK)
+    finally:
+        server.shutdown()
+    want = mosaic([str(d / "item_http.json")], d / "item_on_disk", random_checkpoint, client2, MASK)
+    np.testing.assert_array_equal(got, want)
+    assert (got != 255).sum() > 0.5 * got.size
