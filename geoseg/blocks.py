@@ -122,17 +122,17 @@ def predict_task(
 
         if answered():  # on a disk, asked and answered already (an error is raised here)
             return {"block": block.key, **saved.result()}
-        if numerics is not None and (own := numerics_of(settings)) != numerics:
-            raise RuntimeError(f"this worker computes votes as {own}, the run as {numerics}")
-        predictor = get_predictor(settings)
-        readers = reader_threads(read_threads, predictor)
         failed: Exception | None = None
-        try:
+        try:  # whatever fails here, a saved record found meanwhile answers for the block
+            if numerics is not None and (own := numerics_of(settings)) != numerics:
+                raise RuntimeError(f"this worker computes votes as {own}, the run as {numerics}")
+            predictor = get_predictor(settings)
+            readers = reader_threads(read_threads, predictor)
             results = {
                 name: predict_block(block, scenes, grid, tiling, predictor, read_threads=readers, stop=answered)
                 for name, scenes in layers.items()
             }
-        except Exception as exc:  # stopped, or failed before the saved record (which does) came
+        except Exception as exc:  # stopped, or failed before the saved record came
             results, failed = {}, exc
         if (record := saved.result()) is not None:  # raises the lookup's error
             return {"block": block.key, **record}

@@ -951,6 +951,12 @@ def test_a_saved_step_one_on_the_store_is_reused_while_its_lookup_overlaps_the_r
     again = predict_task(block, {"all": [missing]}, grid, tiling, settings, at)
     assert again["status"] == "done" and again["predict_s"] == 9999.0
     assert again["layers"] == first["layers"]
+    # nor can a worker that computes votes otherwise, or one whose model cannot be loaded
+    assert (
+        predict_task(block, {"all": [scene]}, grid, tiling, settings, at, numerics="cuda-other")["predict_s"] == 9999.0
+    )
+    no_model = dataclasses.replace(settings, checkpoint=f"{remote['bucket']}/models/gone.safetensors")
+    assert predict_task(block, {"all": [scene]}, grid, tiling, no_model, at)["predict_s"] == 9999.0
     storage.delete_tree(storage.join(at, "1_1"))
     failed = predict_task(block, {"all": [missing]}, grid, tiling, settings, at)
     assert failed["status"] == "failed" and missing.path in failed["error"] and "no such object" in failed["error"]
