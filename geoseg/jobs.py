@@ -93,7 +93,7 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
                 return execute(plan, client, lease)
             with dask_client(cfg.cluster) as own:
                 return execute(plan, own, lease)
-        except Exception:
+        except BaseException:  # a stop (SIGTERM, Ctrl-C) before the first block as well
             # still ours (the lease is held): nothing of value is lost
             if created and not lease.lost_reason and not runstate.committed_blocks(plan.out):
                 storage.delete_tree(plan.out)

@@ -755,3 +755,29 @@ def test_the_workers_of_a_local_cluster_log_one_line_without_a_secret(capfd):
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert res.stderr.strip().endswith("(OSError: Stream is closed while sending heartbeat)")
     assert "abcdef0123" not in res.stderr
+
+
+def test_a_run_stopped_by_sigterm_before_its_first_block_leaves_no_output_folder(
+    tmp_path, slow_checkpoint, scene_1000x700
+):
+    """A job cancelled in its first seconds (scancel, a pod evicted) is like a run that failed
+    there: the OUT it created goes, so that a corrected command is not refused as another run's."""
+    out = tmp_path / "out"
+    args = [
+        sys.executable,
+        "-m",
+        "geoseg",
+        *run_cli_args(scene_1000x700[0], out, f"model.checkpoint={slow_checkpoint}"),
+    ]
+    args += ["--set", "cluster.n_workers=1", "--set", "output.block_size=128"]
+    proc = subprocess.Popen(
+        args, cwd=Path(__file__).parent.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 120
+    while not (out / "manifest.json").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    assert markers(out) == 0, "the run must be stopped before its first block"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert not out.exists()
