@@ -145,6 +145,7 @@ def run(
     set_: SetOption = None,
 ) -> None:
     """Segment scenes into OUT/mosaic.zarr, OUT/polygons.gpkg and OUT/manifest.json."""
+    _resumable()
     values: dict[str, object] = {}  # as typed: a path's quotes, backslashes and "#" are its own
     if input:
         values["inputs"] = list(input)
@@ -209,7 +210,7 @@ def view(
     typer.echo(f"geoseg view: {server.url}/ (Ctrl-C stops)")
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated):  # how a server is stopped (docker stop, systemd: SIGTERM)
         pass
     finally:
         server.server_close()
@@ -315,6 +316,7 @@ def change(
     Give two finished runs, or a config naming both dates' scenes (date_a, date_b): they are
     then segmented into OUT/date_a and OUT/date_b first.
     """
+    _resumable()
     from geoseg.config import load_change_config
     from geoseg.jobs import run_change, segment_dates
 
@@ -393,11 +395,20 @@ def _terminated(signum: int, frame: object) -> None:
     raise Terminated
 
 
+_stopped_note = ""  # what the line of a stop by SIGTERM adds: how the command goes on
+
+
+def _resumable() -> None:
+    """This command keeps its work as it commits it: after a stop, the same command goes on."""
+    global _stopped_note
+    _stopped_note = "; the same command again goes on from what was committed"
+
+
 def entrypoint() -> None:
     """``geoseg`` and ``python -m geoseg``: the commands, and a stop by SIGTERM said in one line."""
     signal.signal(signal.SIGTERM, _terminated)
     try:
         app()
     except Terminated:
-        typer.echo("error: stopped by SIGTERM; the same command again goes on from what was committed", err=True)
+        typer.echo(f"error: stopped by SIGTERM{_stopped_note}", err=True)
         sys.exit(128 + signal.SIGTERM)

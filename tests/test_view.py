@@ -234,3 +234,22 @@ def test_head_answers_as_get_without_a_body_and_requests_beyond_the_cap_get_503(
             conn.close()
         server.shutdown()
         server.server_close()
+
+
+def test_geoseg_view_stops_quietly_on_sigterm_as_on_ctrl_c(finished_run):
+    """SIGTERM is how a server is stopped (docker stop, systemd): exit 0, no error line."""
+    import signal
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "geoseg", "view", str(finished_run), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    first = proc.stdout.readline()
+    assert first.startswith("geoseg view: http://127.0.0.1:"), first
+    assert get(first.split()[2])[0] == 200  # it serves
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "error" not in stderr, stderr
