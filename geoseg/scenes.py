@@ -334,7 +334,7 @@ def _gdal_message(exc: BaseException) -> str:
     """The most specific message in an exception chain (rasterio wraps GDAL's)."""
     while exc.__cause__ is not None or exc.__context__ is not None:
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    return str(exc)
+    return storage.gdal_reason(str(exc))
 
 
 def same_grid(info: SceneInfo, crs: CRS, transform: Affine, tol: float = 1e-6) -> bool:

@@ -321,11 +321,32 @@ def _remote_error(loc: str, exc: BaseException) -> StorageError:
     return StorageError(f"{loc}: {reason}", loc, reason, lasting)
 
 
+# what the stores' own error texts say, where GDAL passes them on without the status
+STORE_REASONS = {
+    "The specified key does not exist": "no such object",  # S3
+    "The specified blob does not exist": "no such object",  # Azure
+    "No such object": "no such object",  # Google Cloud Storage
+    "The specified bucket does not exist": "no such bucket",
+    "The specified container does not exist": "no such container",
+    "Access Denied": "access denied",
+    "not authorized to perform this operation": "access denied",  # Azure
+}
+
+
 def http_reason(message: str) -> str | None:
-    """What the HTTP status in a GDAL message says of the object (GDAL reads with its own
-    requests: its 403 on pixels can follow a HEAD that was allowed), or None."""
+    """What the HTTP status (or the store's own text) in a GDAL message says of the object
+    (GDAL reads with its own requests: its 403 on pixels can follow a HEAD that was allowed),
+    or None."""
     found = re.search(r"HTTP response code: (\d{3})", message)
-    return HTTP_REASONS.get(int(found.group(1))) if found else None
+    if found and int(found.group(1)) in HTTP_REASONS:
+        return HTTP_REASONS[int(found.group(1))]
+    return next((reason for text, reason in STORE_REASONS.items() if text.lower() in message.lower()), None)
+
+
+def gdal_reason(message: str) -> str:
+    """A GDAL message without curl's note on a download it stopped itself (GDAL asks for a
+    file's size by a GET it cuts short)."""
+    return re.sub(r" - Failure writing output to destination, passed \d+ returned \d+", "", message)
 
 
 def probe_writable(folder: str) -> None:

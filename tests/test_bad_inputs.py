@@ -490,3 +490,24 @@ def test_a_url_signed_again_names_the_same_object_and_two_objects_stay_two():
     assert (
         unsigned(keyed.format("k1")) == unsigned(keyed.format("k2")) == "https://tiles.example.org/a.tif?generation=7"
     )
+
+
+@pytest.mark.parametrize(
+    "message, said",
+    [
+        ("HTTP response code: 404", "no such object"),
+        ("HTTP response code: 403", "access denied"),
+        ("/vsis3/b/gone.tif: The specified key does not exist.", "no such object"),
+        ("'/vsiaz/c/gone.tif': The specified blob does not exist.", "no such object"),
+        ("/vsis3/nobucket/a.tif: The specified bucket does not exist", "no such bucket"),
+        ("/vsis3/b/a.tif: Access Denied", "access denied"),
+        ("not recognized as being in a supported file format", None),
+    ],
+)
+def test_what_gdals_messages_say_of_a_remote_object(message, said):
+    """GDAL passes a store's error on as a status or as the store's own text: both are named."""
+    from geoseg.storage import gdal_reason, http_reason
+
+    assert http_reason(message) == said
+    noisy = "HTTP response code: 404 - Failure writing output to destination, passed 318 returned 0"
+    assert gdal_reason(noisy) == "HTTP response code: 404"
