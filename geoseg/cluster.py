@@ -9,9 +9,11 @@ import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import dask
 from distributed import Client, LocalCluster, WorkerPlugin
+from distributed.core import Status
 
 from geoseg import runstate, storage
 from geoseg.config import ClusterConfig, ConfigError
@@ -201,7 +203,8 @@ def dask_client(cfg: ClusterConfig) -> Iterator[Client]:
         yield client
     finally:
         client.close()
-        cluster.close()
+        with quiet_dask_logs():
+            cluster.close()
 
 
 def one_line_record(record: logging.LogRecord) -> bool:
@@ -225,12 +228,30 @@ def one_line_dask_logs() -> None:
 
 class OneLineLogs(WorkerPlugin):
     """:func:`one_line_dask_logs` in each worker process of a LocalCluster, whose stderr is the
-    command's own (workers of a scheduler of your own keep their logs as they are)."""
+    command's own (workers of a scheduler of your own keep their logs as they are); and nothing
+    from a worker being closed (the tasks it cancels, a heartbeat to a scheduler gone): a job
+    stopped, or ended, says so itself."""
 
     name = "geoseg-one-line-logs"
 
-    def setup(self, worker: object) -> None:
+    def setup(self, worker: Any) -> None:
         one_line_dask_logs()
+        closing = {Status.closing, Status.closed, Status.closing_gracefully}
+        for handler in logging.getLogger("distributed").handlers:
+            handler.addFilter(lambda record: worker.status not in closing)
+
+
+@contextmanager
+def quiet_dask_logs() -> Iterator[None]:
+    """Dask's warnings held back in this process meanwhile: a LocalCluster closed under running
+    tasks (a job stopped) warns of the workers it kills, to no one's use."""
+    logger = logging.getLogger("distributed")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def local_cluster(cfg: ClusterConfig) -> LocalCluster:

@@ -781,3 +781,26 @@ def test_a_run_stopped_by_sigterm_before_its_first_block_leaves_no_output_folder
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr
     assert not out.exists()
+
+
+def _sleep_long(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def test_a_local_cluster_closed_under_a_running_task_says_nothing(capfd):
+    """A job stopped while its workers compute (SIGTERM, an error) closes its LocalCluster under
+    running tasks: the tasks cancelled and the workers killed are no news on the job's stderr."""
+    from geoseg.cluster import dask_client
+    from geoseg.config import ClusterConfig
+
+    with dask_client(ClusterConfig(n_workers=1, threads_per_worker=1, dashboard=False)) as client:
+        running = client.submit(_sleep_long, 30)
+        deadline = time.time() + 30
+        while not client.processing().get(next(iter(client.scheduler_info()["workers"]))) and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        capfd.readouterr()
+    time.sleep(0.5)
+    assert capfd.readouterr().err == ""
+    assert running.status != "finished"  # it was cut short, not waited for
