@@ -178,8 +178,6 @@ def finish_task(
             which = "" if failed[0]["block"] == block.key else f"block {failed[0]['block']}, which reaches it, failed: "
             raise RuntimeError(which + reason)
         bounds = Rect(block.rows, block.cols)
-        # asked while the neighbours' votes are fetched and added up, and answered before any write
-        lease = storage.in_background(runstate.require_lease, out, run_id, remote=storage.is_url(out))
         loaded = storage.concurrently(  # on a store: the neighbours' objects in flight together
             lambda r: partials.load_layers(
                 storage.join(partials_at, r["block"]), r.get("layers"), interior=r is own, within=bounds
@@ -188,6 +186,8 @@ def finish_task(
             remote=storage.is_url(partials_at),
         )
         own_layers, others = loaded[0], loaded[1:]
+        # asked while the votes are added up (its round trip hidden), and answered before any write
+        lease = storage.in_background(runstate.require_lease, out, run_id, remote=storage.is_url(out))
         results = []
         for name in sorted({name for layers in [own_layers, *others] for name in layers}):
             sources = [layers[name] for layers in [own_layers, *others] if name in layers]
