@@ -30,13 +30,7 @@ from geoseg.inference import numerics as numerics_of
 from geoseg.mosaic import MOSAIC_NAME
 from geoseg.runstate import STATE_DIR
 from geoseg.scenes import DataCoverage, SceneInfo, same_grid
-from geoseg.segment import (
-    TilingSettings,
-    finish_block,
-    most_confident,
-    predict_block,
-    reader_threads,
-)
+from geoseg.segment import TilingSettings, finish_block, most_confident, predict_block, reader_threads
 from geoseg.tiling import Block, Rect, level_chunks
 
 PARTIALS_DIR = f"{STATE_DIR}/partials"
