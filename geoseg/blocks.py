@@ -127,7 +127,7 @@ def predict_task(
                 for name, scenes in layers.items()
             }
         except Exception as exc:  # stopped, or failed before the saved record came
-            results, failed = {}, exc
+            results, failed = {}, exc.with_traceback(None)  # no frame of this task kept alive by it
         if (record := saved.result()) is not None:  # raises the lookup's error
             return {"block": block.key, **record}
         if failed is not None:
@@ -180,8 +180,8 @@ def finish_task(
             remote=storage.is_url(partials_at),
         )
         own_layers, others = loaded[0], loaded[1:]
-        # asked while the votes are added up (its round trip hidden), and answered before any write
-        lease = storage.in_background(runstate.require_lease, out, run_id, remote=storage.is_url(out))
+        # on a store, asked while the votes are added up (its round trip hidden); on a disk, at the write
+        lease = storage.in_background(runstate.require_lease, out, run_id) if storage.is_url(out) else None
         results = []
         for name in sorted({name for layers in [own_layers, *others] for name in layers}):
             sources = [layers[name] for layers in [own_layers, *others] if name in layers]
@@ -191,7 +191,10 @@ def finish_task(
         else:  # no scene reaches the block
             classes, confidence = finish_block(block, None, [], n_classes)
         histogram = np.bincount(classes.ravel(), minlength=256)
-        lease.result()
+        if lease is None:
+            runstate.require_lease(out, run_id)
+        else:
+            lease.result()
         levels, written = {}, bool(histogram[:NODATA].any())
         if written:  # an all-nodata block is what the store holds already (fill values)
             store = storage.join(out, MOSAIC_NAME)

@@ -7,13 +7,12 @@ import math
 import os
 import shlex
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import dask
 from distributed import Client, LocalCluster, WorkerPlugin
-from distributed.core import Status
 
 from geoseg import runstate, storage
 from geoseg.config import ClusterConfig, ConfigError
@@ -196,12 +195,14 @@ def dask_client(cfg: ClusterConfig) -> Iterator[Client]:
     with dask.config.set(settings):
         cluster = local_cluster(cfg)
     client = Client(cluster)
-    client.register_plugin(OneLineLogs())
-    if cfg.dashboard:
-        log.info("Dask dashboard: %s", client.dashboard_link)
     try:
+        client.register_plugin(OneLineLogs())
+        if cfg.dashboard:
+            log.info("Dask dashboard: %s", client.dashboard_link)
         yield client
     finally:
+        with suppress(Exception):  # what its workers say from now on is no news
+            client.run(_cluster_closing)
         client.close()
         with quiet_dask_logs():
             cluster.close()
@@ -211,9 +212,12 @@ def one_line_record(record: logging.LogRecord) -> bool:
     """A log filter: the record as one line without a secret, its traceback reduced to the
     exception's type and message. Dask logs through handlers of its own, on the stderr that
     geoseg keeps for one-line errors (a comm closed at shutdown logged 30 lines of traceback)."""
-    text = record.getMessage()
-    if record.exc_info and record.exc_info[1] is not None:
-        text = f"{text} ({type(record.exc_info[1]).__name__}: {record.exc_info[1]})"
+    try:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text = f"{text} ({type(record.exc_info[1]).__name__}: {record.exc_info[1]})"
+    except Exception:  # a record that cannot be formatted: logging's own handling says so
+        return True
     record.exc_info, record.exc_text, record.stack_info = None, None, None
     record.msg, record.args = runstate.one_line(" ".join(storage.redact(text).split()), 1000), None
     return True
@@ -226,19 +230,31 @@ def one_line_dask_logs() -> None:
             handler.addFilter(one_line_record)
 
 
+_closed_by_geoseg = False  # in a worker: its cluster is being closed by the job that started it
+
+
+def _cluster_closing() -> None:
+    global _closed_by_geoseg
+    _closed_by_geoseg = True
+
+
+def _not_closing(record: logging.LogRecord) -> bool:
+    return not _closed_by_geoseg
+
+
 class OneLineLogs(WorkerPlugin):
     """:func:`one_line_dask_logs` in each worker process of a LocalCluster, whose stderr is the
     command's own (workers of a scheduler of your own keep their logs as they are); and nothing
-    from a worker being closed (the tasks it cancels, a heartbeat to a scheduler gone): a job
-    stopped, or ended, says so itself."""
+    once the job closes the cluster (the tasks it cancels, a heartbeat to a scheduler gone): a
+    job stopped, or ended, says so itself. A worker that closes for another reason still says why."""
 
     name = "geoseg-one-line-logs"
 
     def setup(self, worker: Any) -> None:
         one_line_dask_logs()
-        closing = {Status.closing, Status.closed, Status.closing_gracefully}
         for handler in logging.getLogger("distributed").handlers:
-            handler.addFilter(lambda record: worker.status not in closing)
+            if _not_closing not in handler.filters:
+                handler.addFilter(_not_closing)
 
 
 @contextmanager

@@ -167,10 +167,11 @@ def _pack_record(loc: str, size: int) -> dict[str, Any]:
 
 
 def _parsed(loc: str, parse: Any) -> dict[str, Any] | None:
-    """``parse()``, or None (logged) where what it reads is damaged."""
+    """``parse()``, or None (logged) where what it reads is damaged, or changed under it (two
+    attempts at a block write packs of one name whose records' timings differ)."""
     try:
         return parse()
-    except ValueError as exc:
+    except (ValueError, storage.StorageError) as exc:
         log.warning("step-1 record %s is damaged (%s): computing the block again", storage.redact(loc), exc)
         return None
 
@@ -233,7 +234,8 @@ def load_layers(
 
 def remove_block(folder: str) -> None:
     """Uncommit a block (its record first), then remove the rest: never a record without its
-    layers. On a store the pack is its own record, and the block goes in one request."""
+    layers. On a store the pack is its own record, and the block goes in one request (a block
+    an earlier version saved there, its record beside its arrays, too)."""
     if not storage.is_url(folder):
         storage.delete(storage.join(folder, RECORD))
     storage.delete_tree(folder)

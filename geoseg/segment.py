@@ -18,7 +18,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -173,21 +173,24 @@ def predict_block(
             pending.clear()
 
         read_cols = tg.read_span(own_cols.owned)
-        strips = read_tile_rows(scenes, grid, tg, own_rows.owned, read_cols, predictor, counts, read_threads)
-        for i, (bands, valid) in zip(own_rows.owned, strips, strict=True):
-            if stop is not None and stop():
-                raise StoppedError(f"block {block.key}")
-            for j in own_cols.owned:
-                c = tg.origin(j) - read_cols.start
-                valid_tile = valid[:, c : c + size]
-                if not valid_tile.any():  # all-nodata tiles add nothing: skip the pass
-                    continue
-                batch[len(pending)] = bands[:, :, c : c + size]
-                # a fully valid tile adds its window as it is (no masked copy)
-                pending.append((tg.origin(i), tg.origin(j), None if valid_tile.all() else valid_tile))
-                n_tiles += 1
-                if len(pending) == batch_size:
-                    flush()
+        # closed as the loop ends, stopped or failed too: its reads in flight, its open files
+        with closing(
+            read_tile_rows(scenes, grid, tg, own_rows.owned, read_cols, predictor, counts, read_threads)
+        ) as strips:
+            for i, (bands, valid) in zip(own_rows.owned, strips, strict=True):
+                if stop is not None and stop():
+                    raise StoppedError(f"block {block.key}")
+                for j in own_cols.owned:
+                    c = tg.origin(j) - read_cols.start
+                    valid_tile = valid[:, c : c + size]
+                    if not valid_tile.any():  # all-nodata tiles add nothing: skip the pass
+                        continue
+                    batch[len(pending)] = bands[:, :, c : c + size]
+                    # a fully valid tile adds its window as it is (no masked copy)
+                    pending.append((tg.origin(i), tg.origin(j), None if valid_tile.all() else valid_tile))
+                    n_tiles += 1
+                    if len(pending) == batch_size:
+                        flush()
         if pending:
             flush()
     interior = Rect(own_rows.interior, own_cols.interior)

@@ -202,12 +202,12 @@ def resolve_href(base: str, href: str) -> str:
 def redact(text: str) -> str:
     """``text`` without secrets: the values of the credential variables, and URL query strings
     (signed URLs carry their signature there)."""
+    # a URL in GDAL's /vsicurl? name is percent-encoded: decoded, what it holds is found below
+    text = re.sub(r"/vsicurl\?[^\s'\"]+", lambda found: unquote(found.group()), text)
     for variable in SECRET_VARIABLES:
         value = os.environ.get(variable)
         if value and len(value) >= 4:
             text = text.replace(value, "***")
-    # a URL in GDAL's /vsicurl? name is percent-encoded: decoded, its query is found below
-    text = re.sub(r"/vsicurl\?[^\s'\"]+", lambda found: unquote(found.group()), text)
     # up to a space or a quote, or the ": " that ends a location in an error line
     text = re.sub(r"(https?://[^\s?'\"]+)\?(?:[^\s'\":#]|:(?!\s|$))*", r"\1?***", text)
     # a signature's parameters wherever they are, e.g. a local copy named after a signed URL
@@ -520,15 +520,21 @@ def read_text(loc: str) -> str:
 
 def list_files(prefix: str, limit: int | None = None) -> list[str]:
     """Locations of the files under a folder or URL prefix, recursively, sorted."""
+    if not is_url(prefix):
+        root = Path(prefix)
+        return sorted(str(p) for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
     return [loc for loc, _ in list_sized(prefix, limit)]
 
 
 def list_sized(prefix: str, limit: int | None = None) -> list[tuple[str, int]]:
-    """The files under a folder or URL prefix with their sizes in bytes, recursively, sorted."""
+    """The files under a folder or URL prefix with their sizes in bytes, recursively, sorted
+    (one listing on a store; a file removed meanwhile on a disk is left out)."""
     if not is_url(prefix):
-        root = Path(prefix)
-        files = [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
-        return sorted((str(p), p.stat().st_size) for p in files)
+        found = []
+        for loc in list_files(prefix):
+            with contextlib.suppress(FileNotFoundError):
+                found.append((loc, os.stat(loc).st_size))
+        return found
     import obstore
 
     store, key = _split(prefix)

@@ -776,7 +776,7 @@ def test_a_run_stopped_by_sigterm_before_its_first_block_leaves_no_output_folder
     deadline = time.time() + 120
     while not (out / "manifest.json").exists() and time.time() < deadline:
         time.sleep(0.02)
-    assert markers(out) == 0, "the run must be stopped before its first block"
+    assert (out / "manifest.json").exists() and markers(out) == 0, "the run must be stopped before its first block"
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr
@@ -797,8 +797,9 @@ def test_a_local_cluster_closed_under_a_running_task_says_nothing(capfd):
     with dask_client(ClusterConfig(n_workers=1, threads_per_worker=1, dashboard=False)) as client:
         running = client.submit(_sleep_long, 30)
         deadline = time.time() + 30
-        while not client.processing().get(next(iter(client.scheduler_info()["workers"]))) and time.time() < deadline:
+        while not any(client.processing().values()) and time.time() < deadline:
             time.sleep(0.05)
+        assert any(client.processing().values()), "the task must be running when the cluster closes"
         time.sleep(0.5)
         capfd.readouterr()
     time.sleep(0.5)
