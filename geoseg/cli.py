@@ -47,7 +47,7 @@ def _setup_logging(verbose: bool) -> None:
     # botocore says at INFO where it found credentials, each time rasterio builds a session
     for noisy in ("distributed", "rasterio", "fiona", "pyogrio", "matplotlib", "PIL", "numexpr", "botocore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from geoseg.cluster import one_line_dask_logs
+    from geoseg.logs import one_line_dask_logs
 
     one_line_dask_logs()  # a LocalCluster's scheduler and nannies log here, through Dask's own handler
 

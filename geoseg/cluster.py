@@ -9,13 +9,12 @@ import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
 
 import dask
-from distributed import Client, LocalCluster, WorkerPlugin
+from distributed import Client, LocalCluster
 
-from geoseg import runstate, storage
 from geoseg.config import ClusterConfig, ConfigError
+from geoseg.logs import OneLineLogs, cluster_closing, quiet_dask_logs
 
 log = logging.getLogger(__name__)
 
@@ -202,72 +201,10 @@ def dask_client(cfg: ClusterConfig) -> Iterator[Client]:
         yield client
     finally:
         with suppress(Exception):  # what its workers say from now on is no news
-            client.run(_cluster_closing)
+            client.run(cluster_closing)
         client.close()
         with quiet_dask_logs():
             cluster.close()
-
-
-def one_line_record(record: logging.LogRecord) -> bool:
-    """A log filter: the record as one line without a secret, its traceback reduced to the
-    exception's type and message. Dask logs through handlers of its own, on the stderr that
-    geoseg keeps for one-line errors (a comm closed at shutdown logged 30 lines of traceback)."""
-    try:
-        text = record.getMessage()
-        if record.exc_info and record.exc_info[1] is not None:
-            text = f"{text} ({type(record.exc_info[1]).__name__}: {record.exc_info[1]})"
-    except Exception:  # a record that cannot be formatted: logging's own handling says so
-        return True
-    record.exc_info, record.exc_text, record.stack_info = None, None, None
-    record.msg, record.args = runstate.one_line(" ".join(storage.redact(text).split()), 1000), None
-    return True
-
-
-def one_line_dask_logs() -> None:
-    """:func:`one_line_record` on the handlers Dask's loggers write through, in this process."""
-    for handler in logging.getLogger("distributed").handlers:
-        if one_line_record not in handler.filters:
-            handler.addFilter(one_line_record)
-
-
-_closed_by_geoseg = False  # in a worker: its cluster is being closed by the job that started it
-
-
-def _cluster_closing() -> None:
-    global _closed_by_geoseg
-    _closed_by_geoseg = True
-
-
-def _not_closing(record: logging.LogRecord) -> bool:
-    return not _closed_by_geoseg
-
-
-class OneLineLogs(WorkerPlugin):
-    """:func:`one_line_dask_logs` in each worker process of a LocalCluster, whose stderr is the
-    command's own (workers of a scheduler of your own keep their logs as they are); and nothing
-    once the job closes the cluster (the tasks it cancels, a heartbeat to a scheduler gone): a
-    job stopped, or ended, says so itself. A worker that closes for another reason still says why."""
-
-    name = "geoseg-one-line-logs"
-
-    def setup(self, worker: Any) -> None:
-        one_line_dask_logs()
-        for handler in logging.getLogger("distributed").handlers:
-            if _not_closing not in handler.filters:
-                handler.addFilter(_not_closing)
-
-
-@contextmanager
-def quiet_dask_logs() -> Iterator[None]:
-    """Dask's warnings held back in this process meanwhile: a LocalCluster closed under running
-    tasks (a job stopped) warns of the workers it kills, to no one's use."""
-    logger = logging.getLogger("distributed")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def local_cluster(cfg: ClusterConfig) -> LocalCluster:

@@ -36,6 +36,7 @@ from typing import Any
 import psutil
 
 from geoseg import mosaic, storage
+from geoseg.logs import one_line
 from geoseg.stac_item import ITEM_NAME, remove_asset_files
 
 log = logging.getLogger(__name__)
@@ -68,16 +69,6 @@ def error_text(exc: BaseException) -> str:
     adds a page of debug output), without a secret."""
     # redacted whole, then cut: a secret cut in two would no longer be recognised
     return one_line(storage.redact(f"{type(exc).__name__}: {exc}"), 500)
-
-
-def one_line(message: str, limit: int = 300) -> str:
-    """The first line of a message, at most ``limit`` characters: its start and its end, where a
-    store's error says the status after a long URL (worker errors can be long)."""
-    first = message.strip().splitlines()[0] if message.strip() else ""
-    if len(first) <= limit:
-        return first
-    head = (limit - 5) // 2
-    return f"{first[:head]} ... {first[len(first) - (limit - 5 - head) :]}"
 
 
 def state(out: str, *parts: str) -> str:
