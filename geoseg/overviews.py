@@ -13,6 +13,7 @@ objects, not one per block.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from geoseg.blending import NODATA
@@ -39,45 +40,82 @@ def downsample(classes: np.ndarray, confidence: np.ndarray, factor: int) -> tupl
 def levels(classes: np.ndarray, confidence: np.ndarray, factors: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Every level of ``factors`` (powers of two) of a block, from one pyramid of counts.
 
-    Each class's pixel count per window, the valid pixels' count and their confidence sum all
-    add up from one level to the next (2 x 2 windows of the level below), so the levels are
-    exact, and made from one comparison per class at full resolution.
+    Each class's pixel count per window and the valid pixels' confidence sum add up from one
+    level to the next (2 x 2 windows of the level below), so the levels are exact; the first
+    level's come from one pass over the block.
     """
     if not factors:
         return {}
     top = max(factors)
     h, w = classes.shape
-    rows, cols = -(-h // top) * top, -(-w // top) * top
-    padded = np.full((rows, cols), NODATA, dtype=np.uint8)
-    padded[:h, :w] = classes
-    valid = padded != NODATA
-    conf = np.zeros((rows, cols), dtype=np.int32)
-    conf[:h, :w] = confidence
-    values = [int(v) for v in np.unique(classes) if v != NODATA]
-    counts = [_halve(padded == v) for v in values]
-    n_valid, conf_sum = _halve(valid), _halve(np.where(valid, conf, 0))
+    values, counts, conf_sum = _window_counts(
+        np.ascontiguousarray(classes, dtype=np.uint8), np.ascontiguousarray(confidence, dtype=np.uint8), top
+    )
     out = {}
     factor = 2
     while True:
         if factor in factors:
-            size = (-(-h // factor), -(-w // factor))
-            best = np.full(n_valid.shape, NODATA, dtype=np.uint8)
-            best_count = np.zeros(n_valid.shape, dtype=np.int32)
-            for value, count in zip(values, counts, strict=True):
-                more = count > best_count  # classes in increasing order: a tie keeps the lower one
-                best[more], best_count[more] = value, count[more]
-            mean = np.where(n_valid > 0, np.round(conf_sum / np.maximum(n_valid, 1)), 0).astype(np.uint8)
-            out[factor] = (best[: size[0], : size[1]], mean[: size[0], : size[1]])
+            best, mean = _mode_and_mean(values, counts, conf_sum)
+            out[factor] = (best[: -(-h // factor), : -(-w // factor)], mean[: -(-h // factor), : -(-w // factor)])
         if factor == top:
             return out
-        counts = [_halve(c) for c in counts]
-        n_valid, conf_sum = _halve(n_valid), _halve(conf_sum)
+        counts, conf_sum = _halve(counts), _halve(conf_sum)
         factor *= 2
 
 
+@numba.njit(cache=True, nogil=True)
+def _window_counts(classes: np.ndarray, confidence: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first level's counts, in one pass over the block padded to a multiple of ``top`` (the
+    padding is nodata): the classes present (increasing), each one's pixel count per 2 x 2
+    window (rows, columns, classes: a window's counts side by side), and the confidence sum
+    of the window's valid pixels (int64: a coarse level's window can hold more than
+    2**31 / 255 pixels)."""
+    h, w = classes.shape
+    rows, cols = -(-h // top) * top // 2, -(-w // top) * top // 2
+    index = np.full(256, -1, np.int64)
+    for i in range(h):
+        for j in range(w):
+            index[classes[i, j]] = 0
+    index[NODATA] = -1
+    values = np.flatnonzero(index == 0).astype(np.uint8)
+    for k in range(len(values)):
+        index[values[k]] = k
+    counts = np.zeros((rows, cols, len(values)), np.int32)
+    conf_sum = np.zeros((rows, cols, 1), np.int64)
+    for i in range(h):
+        for j in range(w):
+            k = index[classes[i, j]]
+            if k >= 0:
+                counts[i >> 1, j >> 1, k] += 1
+                conf_sum[i >> 1, j >> 1, 0] += confidence[i, j]
+    return values, counts, conf_sum
+
+
+@numba.njit(cache=True, nogil=True)
+def _mode_and_mean(values: np.ndarray, counts: np.ndarray, conf_sum: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each window's class by mode (the first of the largest counts: classes are in increasing
+    order, so a tie keeps the lower one; nodata without a valid pixel) and its confidence by the
+    mean over the valid pixels, rounded half to even, as numpy rounds."""
+    rows, cols, n = counts.shape
+    best = np.full((rows, cols), NODATA, np.uint8)
+    mean = np.zeros((rows, cols), np.uint8)
+    for i in range(rows):
+        for j in range(cols):
+            total, most, mode = 0, 0, NODATA
+            for k in range(n):
+                count = counts[i, j, k]
+                total += count
+                if count > most:
+                    most, mode = count, values[k]
+            best[i, j] = mode
+            if total:
+                quotient = conf_sum[i, j, 0] // total
+                twice_remainder = 2 * (conf_sum[i, j, 0] - quotient * total)
+                mean[i, j] = quotient + (twice_remainder > total or (twice_remainder == total and quotient % 2 == 1))
+    return best, mean
+
+
 def _halve(array: np.ndarray) -> np.ndarray:
-    """Sums over 2 x 2 windows (int32): pairs of rows first, which keeps the reads contiguous."""
-    if array.dtype == bool:
-        array = array.view(np.uint8).astype(np.uint16)
+    """Sums over 2 x 2 windows of the first two axes: pairs of rows first, which keeps the reads contiguous."""
     rows = array[0::2] + array[1::2]
-    return (rows[:, 0::2] + rows[:, 1::2]).astype(np.int32, copy=False)
+    return rows[:, 0::2] + rows[:, 1::2]

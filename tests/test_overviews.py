@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from geoseg.overviews import downsample, overview_factors
+from geoseg.overviews import downsample, levels, overview_factors
 from geoseg.synth import SceneSpec, make_labels
 from geoseg.tiling import iter_blocks
 
@@ -54,3 +54,25 @@ def test_levels_made_block_by_block_equal_the_whole_mosaics(block_size):
     window = classes[100:102, 200:202].ravel()
     values, counts = np.unique(window[window != 255], return_counts=True)
     assert downsample(classes, confidence, 2)[0][50, 100] == values[np.argmax(counts)]
+
+
+def test_every_window_of_random_blocks_gets_its_mode_and_rounded_mean():
+    """Against each window on its own: the most frequent valid class (the lower one of a tie),
+    and the mean confidence rounded as numpy rounds (half to even), at every level."""
+    rng = np.random.default_rng(5)
+    for _ in range(60):
+        h, w = rng.integers(1, 40, 2)
+        classes = rng.integers(0, rng.integers(1, 5), (h, w)).astype(np.uint8)
+        classes[rng.random((h, w)) < rng.random() * 0.6] = 255
+        confidence = rng.integers(0, 4, (h, w)).astype(np.uint8) * 85  # sums that often end in .5
+        got = levels(classes, confidence, [2, 4, 8, 16])
+        for factor, (level_classes, level_confidence) in got.items():
+            assert level_classes.shape == (-(-h // factor), -(-w // factor))
+            for (i, j), value in np.ndenumerate(level_classes):
+                window = np.s_[i * factor : (i + 1) * factor, j * factor : (j + 1) * factor]
+                valid = classes[window] != 255
+                if not valid.any():
+                    assert value == 255 and level_confidence[i, j] == 0
+                    continue
+                assert value == np.argmax(np.bincount(classes[window][valid]))
+                assert level_confidence[i, j] == np.round(confidence[window][valid].astype(float).mean())
