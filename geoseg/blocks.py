@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask
 import numpy as np
@@ -25,13 +25,14 @@ from geoseg import mosaic, overviews, partials, runstate, storage, vectorize
 from geoseg.blending import NODATA
 from geoseg.config import VectorConfig
 from geoseg.grid import OutputGrid
-from geoseg.inference import InferenceSettings, get_predictor
-from geoseg.inference import numerics as numerics_of
 from geoseg.mosaic import MOSAIC_NAME
 from geoseg.runstate import STATE_DIR
 from geoseg.scenes import DataCoverage, SceneInfo, same_grid
 from geoseg.segment import TilingSettings, finish_block, most_confident, predict_block, reader_threads
 from geoseg.tiling import Block, Rect, level_chunks
+
+if TYPE_CHECKING:  # torch is imported by step 1 alone (see geoseg.segment)
+    from geoseg.inference import InferenceSettings
 
 PARTIALS_DIR = f"{STATE_DIR}/partials"
 
@@ -103,6 +104,9 @@ def predict_task(
     votes otherwise (one that joined late) fails the block rather than mix them.
     Errors are returned, not raised: one bad block must not sink the run.
     """
+    from geoseg.inference import get_predictor
+    from geoseg.inference import numerics as numerics_of
+
     folder = storage.join(partials_at, block.key)
     start = time.perf_counter()
     try:

@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from geoseg import storage
-from geoseg.config import ConfigError, load_config
+from geoseg.config import CheckpointError, ConfigError, load_config
 
 app = typer.Typer(
     add_completion=False,
@@ -69,7 +69,6 @@ _verbose = False
 @contextmanager
 def _user_errors() -> Iterator[None]:
     """Failures a user can cause as one line on stderr and exit code 2 (a traceback with --verbose)."""
-    from geoseg.models.checkpoint import CheckpointError
     from geoseg.runstate import RunError
 
     try:

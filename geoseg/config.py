@@ -16,6 +16,11 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message is meant for the user as is."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the reason. (Here, not
+    in :mod:`geoseg.models.checkpoint`, so that catching it does not import torch.)"""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distributed import Client, Future
 from pydantic import ValidationError
@@ -24,10 +24,8 @@ from geoseg.blocks import PARTIALS_DIR, has_classes, polygon_halo, polygonize_ta
 from geoseg.cluster import dask_client, torch_threads_per_worker
 from geoseg.config import ChangeConfig, ConfigError, RunConfig, apply_overrides, format_validation_error, load_config
 from geoseg.export import ExportResult, export_layers
-from geoseg.inference import InferenceSettings
 from geoseg.manifest import BlockRecord, ModelRecord, RunManifest, SceneRecord, Summary, Timings
 from geoseg.mosaic import MOSAIC_NAME
-from geoseg.planning import RunPlan, plan_run, with_numerics
 from geoseg.polygons import (
     LayerSink,
     announce_layers,
@@ -45,17 +43,12 @@ from geoseg.polygons import (
 )
 from geoseg.quicklook import write_quicklook
 from geoseg.runstate import MANIFEST_NAME, Lease, RunError, prepare_output
-from geoseg.segmentation import (
-    SubmittedBlocks,
-    check_workers_see_output,
-    collect_blocks,
-    empty_scenes,
-    step_one_resources,
-    submit_blocks,
-    workers_numerics,
-)
 from geoseg.tiling import iter_blocks
 from geoseg.transitions import ChangeResult, change_runs
+
+if TYPE_CHECKING:  # the run's own stages import torch: export, vectorize and change start without it
+    from geoseg.planning import RunPlan
+    from geoseg.segmentation import SubmittedBlocks
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +78,8 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
     refused), and its manifest says ``running`` until every block is committed and the polygons
     are written. A run that fails before committing a block removes the OUT it created.
     """
+    from geoseg.planning import plan_run
+
     plan = plan_run(cfg)
     created = runstate.ensure_output_folder(plan.out)
     with Lease(plan.out, runstate.new_run_id()) as lease:
@@ -102,6 +97,17 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
 
 def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
     """The run of ``plan`` on ``client``, holding OUT's ``lease``."""
+    from geoseg.inference import InferenceSettings
+    from geoseg.planning import with_numerics
+    from geoseg.segmentation import (
+        check_workers_see_output,
+        collect_blocks,
+        empty_scenes,
+        step_one_resources,
+        submit_blocks,
+        workers_numerics,
+    )
+
     t0 = time.perf_counter()
     cfg, out, ckpt, grid, scenes = plan.cfg, plan.out, plan.ckpt, plan.grid, plan.scenes
     failed_scenes = dict(plan.failed_scenes)

@@ -24,6 +24,17 @@ def geoseg(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*GEOSEG, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
+def test_commands_that_run_no_model_import_no_torch():
+    """export, vectorize, change of finished runs and view load no model: neither their client nor
+    their workers' tasks (polygons, overviews, change blocks) import torch, 2 s of every start here."""
+    modules = "geoseg.cli geoseg.jobs geoseg.blocks geoseg.polygons geoseg.export geoseg.transitions geoseg.view"
+    loaded = "sorted(m for m in sys.modules if m.startswith('torch'))[:3]"
+    code = f"import sys; import {', '.join(modules.split())}; print({loaded})"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
+
+
 def test_synth_writes_a_georeferenced_scene_and_labels(tmp_path):
     synth = ["synth", "--seed", "4", "--width", "300", "--height", "200", "--crs", "EPSG:32632"]
     res = geoseg(*synth, "--out", str(tmp_path / "s.tif"), "--labels", str(tmp_path / "l.tif"))

@@ -19,14 +19,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from geoseg import storage
+from geoseg.config import CheckpointError
 from geoseg.models.registry import build_model
 
 FORMAT_VERSION = 1
 BUILTIN = {"demo": Path(__file__).resolve().parent.parent / "data" / "demo_model.safetensors"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and the reason."""
 
 
 @dataclass
