@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -419,18 +418,10 @@ def entrypoint() -> None:
 
 
 def _exit(code: int | str | None) -> None:
-    """End the process once the command is done, without the interpreter's teardown of every
-    module: torch's alone (its libraries' destructors) took 1-1.7 s of every command here. What
-    the teardown would do that matters runs first: the atexit handlers, the logs and the
-    standard streams flushed. Every file of the command is closed by then (with statements)."""
+    """End the process once the command is done (:func:`geoseg.logs.exit_without_teardown`)."""
     if isinstance(code, str):  # sys.exit("message"): said on stderr, exit code 1
         print(code, file=sys.stderr)
         code = 1
-    import atexit
+    from geoseg.logs import exit_without_teardown
 
-    atexit._run_exitfuncs()
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):  # a closed pipe
-            stream.flush()
-    os._exit(code or 0)
+    exit_without_teardown(code or 0)

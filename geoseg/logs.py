@@ -4,7 +4,12 @@ LocalCluster's workers in theirs). Light to import: workers load it to set up th
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
+import multiprocessing
+import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -50,9 +55,31 @@ _closed_by_geoseg = False  # in a worker: its cluster is being closed by the job
 
 
 def cluster_closing() -> None:
-    """Run on each worker as its job closes its LocalCluster: what they say from then on is no news."""
+    """Run on each worker as its job closes its LocalCluster: what they say from then on is no
+    news, and a worker process then ends without the interpreter's teardown (torch's made every
+    close of a cluster 1.3 s longer here)."""
     global _closed_by_geoseg
     _closed_by_geoseg = True
+    if multiprocessing.parent_process() is not None:  # a worker process, not one inside the job's
+        atexit.register(_exit_at_exit)
+
+
+def _exit_at_exit() -> None:
+    atexit.unregister(_exit_at_exit)
+    exit_without_teardown(0)
+
+
+def exit_without_teardown(code: int) -> None:
+    """End this process with ``code`` once its work is done, without the interpreter's teardown
+    of every module, which took 1-1.7 s here (torch's libraries' destructors). What that teardown
+    would do that matters runs first: the atexit handlers, the logs and the standard streams
+    flushed. Files are closed by then (with statements)."""
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed pipe
+            stream.flush()
+    os._exit(code)
 
 
 def _not_closing(record: logging.LogRecord) -> bool:
