@@ -56,7 +56,8 @@ def levels(classes: np.ndarray, confidence: np.ndarray, factors: list[int]) -> d
     while True:
         if factor in factors:
             best, mean = _mode_and_mean(values, counts, conf_sum)
-            out[factor] = (best[: -(-h // factor), : -(-w // factor)], mean[: -(-h // factor), : -(-w // factor)])
+            rows, cols = -(-h // factor), -(-w // factor)
+            out[factor] = (best[:rows, :cols], mean[:rows, :cols])
         if factor == top:
             return out
         counts, conf_sum = _halve(counts), _halve(conf_sum)
