@@ -32,7 +32,7 @@ from geoseg.segment import TilingSettings, finish_block, most_confident, predict
 from geoseg.tiling import Block, Rect, level_chunks
 
 if TYPE_CHECKING:  # torch is imported by step 1 alone (see geoseg.segment)
-    from geoseg.inference import InferenceSettings
+    from geoseg.config import InferenceSettings
 
 PARTIALS_DIR = f"{STATE_DIR}/partials"
 

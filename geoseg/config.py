@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +20,19 @@ class ConfigError(ValueError):
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and the reason. (Here, not
     in :mod:`geoseg.models.checkpoint`, so that catching it does not import torch.)"""
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """What a task needs to find (or build) its worker's model: small and hashable. (Here, not in
+    :mod:`geoseg.inference`, so that a run's client makes them without importing torch.)"""
+
+    checkpoint: str
+    batch_size: int = 8
+    device: str = "auto"
+    amp: bool = True
+    torch_threads: int = 0  # 0: leave torch's default; -1: this worker's cores / its task threads
+    compile: bool = False
 
 
 class _Strict(BaseModel):

@@ -7,7 +7,6 @@ import logging
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -16,21 +15,10 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from geoseg.cluster import usable_cores
+from geoseg.config import InferenceSettings
 from geoseg.models.checkpoint import Checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class InferenceSettings:
-    """What a task needs to find (or build) its worker's model: small and hashable."""
-
-    checkpoint: str
-    batch_size: int = 8
-    device: str = "auto"
-    amp: bool = True
-    torch_threads: int = 0  # 0: leave torch's default; -1: this worker's cores / its task threads
-    compile: bool = False
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8

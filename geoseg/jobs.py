@@ -22,7 +22,15 @@ from pydantic import ValidationError
 from geoseg import mosaic, partials, runstate, stac_item, storage
 from geoseg.blocks import PARTIALS_DIR, has_classes, polygon_halo, polygonize_task, scene_layers, sieve_reach
 from geoseg.cluster import dask_client, torch_threads_per_worker
-from geoseg.config import ChangeConfig, ConfigError, RunConfig, apply_overrides, format_validation_error, load_config
+from geoseg.config import (
+    ChangeConfig,
+    ConfigError,
+    InferenceSettings,
+    RunConfig,
+    apply_overrides,
+    format_validation_error,
+    load_config,
+)
 from geoseg.export import ExportResult, export_layers
 from geoseg.manifest import BlockRecord, ModelRecord, RunManifest, SceneRecord, Summary, Timings
 from geoseg.mosaic import MOSAIC_NAME
@@ -97,7 +105,6 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
 
 def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
     """The run of ``plan`` on ``client``, holding OUT's ``lease``."""
-    from geoseg.inference import InferenceSettings
     from geoseg.planning import with_numerics
     from geoseg.segmentation import (
         check_workers_see_output,

@@ -112,7 +112,7 @@ def plan_run(cfg: RunConfig) -> RunPlan:
         out = storage.writable_output(cfg.out)
     except storage.StorageError as exc:
         raise RunError(str(exc)) from None
-    ckpt = load_checkpoint(cfg.model.checkpoint)
+    ckpt = load_checkpoint(cfg.model.checkpoint, weights=False)  # the workers load the weights
     legend = {int(c["id"]): c["name"] for c in ckpt.classes}
     if "classes" in cfg.model_fields_set and cfg.class_names() != legend:
         raise RunError(f"{ckpt.path}: the model's classes {legend} do not match the config's {cfg.class_names()}")

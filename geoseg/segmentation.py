@@ -27,8 +27,7 @@ from geoseg.blocks import (
     stored_levels_task,
     work_order,
 )
-from geoseg.config import ClusterConfig
-from geoseg.inference import InferenceSettings, numerics
+from geoseg.config import ClusterConfig, InferenceSettings
 from geoseg.mosaic import MOSAIC_NAME
 from geoseg.planning import RunPlan
 from geoseg.polygons import LayerSink
@@ -58,13 +57,20 @@ def step_one_workers(client: Client, resources: dict[str, float] | None) -> list
     return [addr for addr, n in slots.items() if n > 0]
 
 
+def _numerics(settings: InferenceSettings) -> str:
+    """:func:`geoseg.inference.numerics` on a worker: the client imports no torch."""
+    from geoseg.inference import numerics
+
+    return numerics(settings)
+
+
 def workers_numerics(client: Client, settings: InferenceSettings, resources: dict[str, float] | None) -> str:
     """How the workers that run step 1 compute votes (:func:`geoseg.inference.numerics`), asked
     of them, since "auto" resolves on each worker. They must agree: a block's votes are summed
     with its neighbours', so one mosaic cannot mix a CPU's and a GPU's. Workers that join later
     are checked by each block (:func:`geoseg.blocks.predict_task`)."""
     try:
-        found = client.run(numerics, settings, workers=step_one_workers(client, resources))
+        found = client.run(_numerics, settings, workers=step_one_workers(client, resources))
     except RuntimeError as exc:  # model.device=cuda where a worker sees no CUDA device
         raise RunError(str(exc)) from None
     kinds = sorted(set(found.values()))

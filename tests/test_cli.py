@@ -24,15 +24,23 @@ def geoseg(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*GEOSEG, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
-def test_commands_that_run_no_model_import_no_torch():
+def test_commands_that_run_no_model_import_no_torch(tmp_path, random_checkpoint, scene_1000x700):
     """export, vectorize, change of finished runs and view load no model: neither their client nor
-    their workers' tasks (polygons, overviews, change blocks) import torch, 2 s of every start here."""
+    their workers' tasks (polygons, overviews, change blocks) import torch, 2 s of every start here.
+    Nor does a run's client plan a run of a geoseg checkpoint: it reads the header, the workers the weights."""
     modules = "geoseg.cli geoseg.jobs geoseg.blocks geoseg.polygons geoseg.export geoseg.transitions geoseg.view"
     loaded = "sorted(m for m in sys.modules if m.startswith('torch'))[:3]"
-    code = f"import sys; import {', '.join(modules.split())}; print({loaded})"
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "[]"
+    out = str(tmp_path / "out")
+    settings = [f"model.checkpoint={str(random_checkpoint)!r}", f"inputs=[{str(scene_1000x700[0])!r}]", f"out={out!r}"]
+    plan = (
+        "from geoseg.config import load_config; from geoseg.planning import plan_run; "
+        f"plan = plan_run(load_config(None, {settings!r})); "
+        "assert plan.ckpt.bands and plan.ckpt.sha256 and len(plan.blocks) == 1"
+    )
+    for code in (f"import sys; import {', '.join(modules.split())}", f"import sys; {plan}"):
+        res = subprocess.run([sys.executable, "-c", f"{code}; print({loaded})"], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.strip() == "[]"
 
 
 def test_synth_writes_a_georeferenced_scene_and_labels(tmp_path):

@@ -1,6 +1,24 @@
-"""Segmentation architectures and the checkpoint format."""
+"""Segmentation architectures and the checkpoint format.
 
-from geoseg.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from geoseg.models.registry import available_architectures, build_model
+Names are imported on first use: reading a checkpoint's header (a run's client) needs no torch.
+"""
 
-__all__ = ["Checkpoint", "available_architectures", "build_model", "load_checkpoint", "save_checkpoint"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "Checkpoint": "geoseg.models.checkpoint",
+    "load_checkpoint": "geoseg.models.checkpoint",
+    "save_checkpoint": "geoseg.models.checkpoint",
+    "available_architectures": "geoseg.models.registry",
+    "build_model": "geoseg.models.registry",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name]), name)

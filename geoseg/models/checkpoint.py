@@ -12,15 +12,14 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from geoseg import storage
 from geoseg.config import CheckpointError
-from geoseg.models.registry import build_model
+
+if TYPE_CHECKING:  # a run's client reads a checkpoint's header without torch (load_checkpoint(weights=False))
+    import torch
+    from torch import nn
 
 FORMAT_VERSION = 1
 BUILTIN = {"demo": Path(__file__).resolve().parent.parent / "data" / "demo_model.safetensors"}
@@ -35,7 +34,7 @@ class Checkpoint:
     std: list[float]
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
-    state_dict: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    state_dict: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # empty: header only
     path: str = ""
     sha256: str = ""
 
@@ -51,6 +50,8 @@ class Checkpoint:
 
     def build(self) -> nn.Module:
         """The model with the checkpoint's weights, in eval mode."""
+        from geoseg.models.registry import build_model
+
         model = build_model(self.arch, len(self.bands), self.n_classes, **self.arch_kwargs)
         try:
             model.load_state_dict(self.state_dict)
@@ -99,6 +100,8 @@ def file_sha256(path: Path) -> str:
 
 
 def save_checkpoint(ckpt: Checkpoint, model: nn.Module, path: str | Path) -> Path:
+    from safetensors.torch import save_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -106,11 +109,21 @@ def save_checkpoint(ckpt: Checkpoint, model: nn.Module, path: str | Path) -> Pat
     return path
 
 
-def load_checkpoint(spec: str | Path) -> Checkpoint:
-    """Read a checkpoint (safetensors, or a weights-only ``.pt`` dict with ``meta``/``state_dict``),
-    or another trainer's with its YAML sidecar (:mod:`geoseg.models.importers`)."""
-    from geoseg.models import importers
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    """The header metadata of a ``.safetensors`` file, without torch and without its tensors."""
+    from safetensors import safe_open
 
+    with safe_open(str(path), framework="numpy") as f:
+        return f.metadata() or {}
+
+
+def load_checkpoint(spec: str | Path, weights: bool = True) -> Checkpoint:
+    """Read a checkpoint (safetensors, or a weights-only ``.pt`` dict with ``meta``/``state_dict``),
+    or another trainer's with its YAML sidecar (:mod:`geoseg.models.importers`).
+
+    ``weights=False`` reads a geoseg ``.safetensors`` file's header alone, without torch (a run's
+    client needs its bands, classes and checksum; the workers load the weights): ``state_dict``
+    stays empty. Other formats are read whole either way."""
     path = resolve_checkpoint_path(str(spec))
     # a URL is named as the user gave it, not by its local copy
     shown = str(spec) if storage.is_url(str(spec)) else str(path)
@@ -118,6 +131,16 @@ def load_checkpoint(spec: str | Path) -> Checkpoint:
         raise CheckpointError(f"{shown}: is a folder, not a checkpoint file")
     if not path.exists():
         raise CheckpointError(f"{shown}: checkpoint not found")
+    if not weights and path.suffix == ".safetensors" and path.is_file():
+        try:
+            header = _safetensors_metadata(path)
+            meta = json.loads(header["geoseg"]) if "geoseg" in header else None
+        except Exception as exc:
+            raise CheckpointError(f"{path}: cannot read checkpoint ({exc})") from None
+        if meta is not None:
+            return _checkpoint_from(spec, path, meta, {})
+    from geoseg.models import importers
+
     try:
         foreign = importers.is_foreign(path)
     except Exception as exc:
@@ -130,15 +153,16 @@ def load_checkpoint(spec: str | Path) -> Checkpoint:
         return ckpt
     try:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
+            from safetensors.torch import load_file
 
-            with safe_open(str(path), framework="pt") as f:
-                header = f.metadata() or {}
+            header = _safetensors_metadata(path)
             if "geoseg" not in header:
                 raise CheckpointError(f"{path}: safetensors file has no geoseg metadata")
             meta = json.loads(header["geoseg"])
             state = load_file(str(path))
         else:
+            import torch
+
             blob = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(blob, dict) or "meta" not in blob or "state_dict" not in blob:
                 raise CheckpointError(f"{path}: expected a dict with 'meta' and 'state_dict'")
@@ -147,6 +171,11 @@ def load_checkpoint(spec: str | Path) -> Checkpoint:
         raise
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot read checkpoint ({exc})") from None
+    return _checkpoint_from(spec, path, meta, state)
+
+
+def _checkpoint_from(spec: str | Path, path: Path, meta: dict[str, Any], state: dict[str, Any]) -> Checkpoint:
+    """A geoseg checkpoint from its metadata and its tensors (none for a header alone), checked."""
     version = meta.pop("format_version", None)
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {version} is not supported (expected {FORMAT_VERSION})")
