@@ -121,6 +121,13 @@ def run_cli_args(scene: Path, out: Path, *overrides: str) -> list[str]:
     return args
 
 
+def cli_config(scene: Path | str, out: Path | str, *overrides: str):
+    """The config :func:`run_cli_args` gives ``geoseg run``: a test's setup run (or rerun) in its
+    own process, without a command's start and end."""
+    demo = Path(__file__).parent.parent / "configs" / "demo.yaml"
+    return load_config(demo, list(overrides), {"inputs": [str(scene)], "out": str(out)})
+
+
 def scene_arrays(folder: Path, name: str, seed: int) -> tuple[Path, np.ndarray, dict]:
     """A 400 x 300 synthetic scene without nodata written in ``folder``: the folder, its bands and its profile."""
     import rasterio

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import rasterio
 import xarray as xr
-from conftest import CLASS_NAMES, run_cli_args
+from conftest import CLASS_NAMES, cli_config, run_cli_args
+
+from geoseg.jobs import run
 
 GEOSEG = [sys.executable, "-m", "geoseg"]
 
@@ -149,11 +151,9 @@ def test_paths_on_the_command_line_are_taken_as_typed(tmp_path):
     assert f"skipping scene {odd}: file not found" in res.stdout
 
 
-def test_vectorize_again_with_a_minimum_mapping_unit(tmp_path, random_checkpoint, scene_1000x700):
+def test_vectorize_again_with_a_minimum_mapping_unit(tmp_path, random_checkpoint, scene_1000x700, client1):
     out = tmp_path / "out"
-    root = Path(__file__).parent.parent
-    args = run_cli_args(scene_1000x700[0], out, f"model.checkpoint={random_checkpoint}", "cluster.n_workers=1")
-    assert geoseg(*args, cwd=root).returncode == 0
+    assert run(cli_config(scene_1000x700[0], out, f"model.checkpoint={random_checkpoint}"), client1).ok
     before = gpd.read_file(out / "polygons.gpkg")
     res = geoseg(
         "vectorize", str(out), "--set", "vector.mmu_pixels=50", "--set", "cluster.n_workers=1",

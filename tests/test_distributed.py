@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
-from conftest import make_random_checkpoint, predict_transitions, run_cli_args, run_config
+from conftest import cli_config, make_random_checkpoint, predict_transitions, run_cli_args, run_config
 from distributed import Client, LocalCluster
 
-from geoseg.jobs import RunError, run
+from geoseg.jobs import RunError, run, run_config_of, vectorize_run
 from geoseg.segmentation import worker_slots
 
 BIN = Path(sys.executable).parent
@@ -65,8 +65,7 @@ def _start_scheduler(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
     return proc, sched_file
 
 
-@pytest.fixture
-def dask_processes(tmp_path):
+def _scheduler_and_two_workers(tmp_path: Path):
     scheduler, sched_file = _start_scheduler(tmp_path)
     procs = [scheduler]
     workers = [
@@ -91,6 +90,19 @@ def dask_processes(tmp_path):
         address = client.scheduler.address
     yield address, workers
     _stop(procs)
+
+
+@pytest.fixture
+def dask_processes(tmp_path):
+    """A `dask scheduler` and two `dask worker` processes of this test's own (it may kill them)."""
+    yield from _scheduler_and_two_workers(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def shared_dask_processes(tmp_path_factory):
+    """A `dask scheduler` and two `dask worker` processes the module's tests that kill none share,
+    as runs one after another share a cluster's."""
+    yield from _scheduler_and_two_workers(tmp_path_factory.mktemp("dask"))
 
 
 @pytest.fixture(scope="module")
@@ -119,11 +131,11 @@ def markers(out: Path) -> int:
 
 
 def test_scheduler_and_worker_processes_give_the_local_mosaic(
-    tmp_path, dask_processes, slow_checkpoint, scene_1000x700, reference_mosaic
+    tmp_path, shared_dask_processes, slow_checkpoint, scene_1000x700, reference_mosaic
 ):
-    address, _ = dask_processes
+    address, _ = shared_dask_processes
     cfg = run_config(
-        slow_checkpoint, [scene_1000x700[0]], tmp_path / "out", "output.block_size=128", f"cluster.address={address}"
+        slow_checkpoint, [scene_1000x700[0]], tmp_path / "out", "output.block_size=256", f"cluster.address={address}"
     )
     result = run(cfg)
     assert result.ok
@@ -160,15 +172,15 @@ def test_sigkill_of_a_worker_mid_run_still_completes(
 
 
 def test_killed_run_resumes_with_only_the_missing_blocks(
-    tmp_path, slow_checkpoint, random_checkpoint, scene_1000x700, reference_mosaic
+    tmp_path, slow_checkpoint, random_checkpoint, scene_1000x700, reference_mosaic, client1
 ):
     """Killed in the middle (after an --overwrite of an earlier run with another model and more
     layers), the run resumes with only the missing blocks, and the earlier run's layers go."""
     out = tmp_path / "out"
     cwd = Path(__file__).parent.parent
-    earlier = run_cli_args(scene_1000x700[0], out, f"model.checkpoint={random_checkpoint}", "cluster.n_workers=1")
-    res = subprocess.run([sys.executable, "-m", "geoseg", *earlier, "--set", "vector.formats=[gpkg, parquet]"], cwd=cwd)
-    assert res.returncode == 0 and (out / "polygons.parquet").exists()
+    layers = "vector.formats=[gpkg, parquet]"
+    earlier = cli_config(scene_1000x700[0], out, f"model.checkpoint={random_checkpoint}", layers)
+    assert run(earlier, client1).ok and (out / "polygons.parquet").exists()
     overrides = [
         f"model.checkpoint={slow_checkpoint}",
         "output.block_size=128",
@@ -493,11 +505,11 @@ REPO = Path(__file__).parent.parent
 
 
 def test_two_runs_on_one_scheduler_at_once_each_get_their_own_mosaic(
-    tmp_path, dask_processes, slow_checkpoint, scene_1000x700, reference_mosaic
+    tmp_path, shared_dask_processes, slow_checkpoint, scene_1000x700, reference_mosaic
 ):
-    address, _ = dask_processes
+    address, _ = shared_dask_processes
     outs = [tmp_path / "a", tmp_path / "b"]
-    extra = (f"cluster.address={address}", "output.polygons=false")
+    extra = (f"cluster.address={address}", "output.polygons=false", "output.block_size=256")
     procs = [
         subprocess.Popen(cli_run(scene_1000x700[0], out, slow_checkpoint, *extra), cwd=REPO, stderr=subprocess.PIPE)
         for out in outs
@@ -507,7 +519,7 @@ def test_two_runs_on_one_scheduler_at_once_each_get_their_own_mosaic(
         assert proc.returncode == 0, err.decode()
     for out in outs:
         manifest = json.loads((out / "manifest.json").read_text())
-        assert manifest["status"] == "finished" and manifest["summary"]["computed"] == 48
+        assert manifest["status"] == "finished" and manifest["summary"]["computed"] == 12
         np.testing.assert_array_equal(xr.open_zarr(out / "mosaic.zarr")["classes"].values, reference_mosaic)
     confidence = [xr.open_zarr(out / "mosaic.zarr")["confidence"].values for out in outs]
     np.testing.assert_array_equal(*confidence)
@@ -518,14 +530,14 @@ def test_two_runs_on_one_scheduler_at_once_each_get_their_own_mosaic(
 
 
 def test_a_run_without_an_address_joins_the_scheduler_dask_scheduler_address_names(
-    tmp_path, dask_processes, random_checkpoint, scene_1000x700
+    tmp_path, shared_dask_processes, random_checkpoint, scene_1000x700
 ):
     """As in a DaskJob of the Dask Kubernetes operator, which sets DASK_SCHEDULER_ADDRESS in the
     runner's pod: the blocks run on that scheduler's workers, not on a LocalCluster of the run's."""
-    address, _ = dask_processes
+    address, _ = shared_dask_processes
     out = tmp_path / "out"
     since = time.time()
-    args = cli_run(scene_1000x700[0], out, random_checkpoint, "output.polygons=false")
+    args = cli_run(scene_1000x700[0], out, random_checkpoint, "output.polygons=false", "output.block_size=256")
     res = subprocess.run(
         args,
         cwd=REPO,
@@ -536,14 +548,14 @@ def test_a_run_without_an_address_joins_the_scheduler_dask_scheduler_address_nam
     )
     assert res.returncode == 0, res.stderr
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["status"] == "finished" and manifest["summary"]["computed"] == 48
+    assert manifest["status"] == "finished" and manifest["summary"]["computed"] == 12
     with Client(address, timeout="30s") as client:
         done = {key for key, _, finish in predict_transitions(client, since) if finish == "memory"}
-    assert len(done) == 48  # every block's step 1 went through the external scheduler
+    assert len(done) == 12  # every block's step 1 went through the external scheduler
 
 
 def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(
-    tmp_path, random_checkpoint, scene_1000x700
+    tmp_path, random_checkpoint, scene_1000x700, client1
 ):
     """A live run holds OUT's lease (here this test process does, as a run would): a second run is
     refused with one line before it writes anything; once the lease is released it runs."""
@@ -557,20 +569,18 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and "is in use by another geoseg run" in lines[0] and f"pid {os.getpid()}" in lines[0]
         assert sorted(p.name for p in out.iterdir()) == [".geoseg"]  # nothing written
-    res = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
+    assert run(cli_config(scene_1000x700[0], out, f"model.checkpoint={random_checkpoint}"), client1).ok
     assert json.loads((out / "manifest.json").read_text())["status"] == "finished"
 
 
 def test_a_killed_overwrite_rerun_is_refused_by_export_change_and_vectorize(
-    tmp_path, slow_checkpoint, scene_1000x700, reference_run
+    tmp_path, slow_checkpoint, scene_1000x700, reference_run, client1
 ):
     out = tmp_path / "run"
     shutil.copytree(reference_run, out)
     geoseg = [sys.executable, "-m", "geoseg"]
     # the finished run is accepted ...
-    res = subprocess.run([*geoseg, "vectorize", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
+    assert vectorize_run(str(out), run_config_of(str(out), []), client1) == str(out / "polygons.gpkg")
     # ... a rerun with --overwrite killed half way is not (its mosaic is half the new model's)
     args = [*cli_run(scene_1000x700[0], out, slow_checkpoint, "cluster.n_workers=1"), "--overwrite"]
     old_id = json.loads((out / "manifest.json").read_text())["run_id"]
@@ -680,7 +690,7 @@ def test_a_chunk_a_stopped_run_was_to_write_again_is_written_by_the_next(
 
 
 def test_sigterm_stops_a_run_in_one_line_gives_the_lease_back_and_the_rerun_resumes(
-    tmp_path, slow_checkpoint, scene_1000x700, reference_mosaic
+    tmp_path, slow_checkpoint, scene_1000x700, reference_mosaic, client1
 ):
     """A batch system's SIGTERM (to the client only, as Kubernetes sends it) stops the run as
     Ctrl-C does: one line on stderr, exit 143, the lease given back at once (a rerun on another
@@ -710,8 +720,7 @@ def test_sigterm_stops_a_run_in_one_line_gives_the_lease_back_and_the_rerun_resu
     assert 3 <= done_before < 48, "the run must be stopped in the middle"
     assert not (out / ".geoseg" / "lease.json").exists()
     assert json.loads((out / "manifest.json").read_text())["status"] == "running"
-    res = subprocess.run(args, cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
+    assert run(cli_config(scene_1000x700[0], out, f"model.checkpoint={slow_checkpoint}", *overrides), client1).ok
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["summary"]["reused"] >= done_before
     np.testing.assert_array_equal(xr.open_zarr(out / "mosaic.zarr")["classes"].values, reference_mosaic)

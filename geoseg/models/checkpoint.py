@@ -136,7 +136,7 @@ def load_checkpoint(spec: str | Path, weights: bool = True) -> Checkpoint:
             header = _safetensors_metadata(path)
             meta = json.loads(header["geoseg"]) if "geoseg" in header else None
         except Exception as exc:
-            raise CheckpointError(f"{path}: cannot read checkpoint ({exc})") from None
+            raise CheckpointError(f"{shown}: cannot read checkpoint ({exc})") from None
         if meta is not None:
             return _checkpoint_from(spec, path, meta, {})
     from geoseg.models import importers
