@@ -53,7 +53,8 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 def _start_scheduler(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
     """A `dask scheduler` process on 127.0.0.1; returns it and its scheduler file, once written."""
     sched_file = tmp_path / "scheduler.json"
-    args = ["--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", str(sched_file)]
+    args = ["--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--dashboard-address", ":0"]
+    args += ["--scheduler-file", str(sched_file)]  # its health routes off 8787 as well: other clusters take it
     proc = _spawn("scheduler", *args, log=tmp_path / "scheduler.log")
     deadline = time.time() + 60
     while time.time() < deadline:
