@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import dask
 import numpy as np
@@ -23,16 +23,13 @@ from rasterio.windows import Window
 
 from geoseg import mosaic, overviews, partials, runstate, storage, vectorize
 from geoseg.blending import NODATA
-from geoseg.config import VectorConfig
+from geoseg.config import InferenceSettings, VectorConfig
 from geoseg.grid import OutputGrid
 from geoseg.mosaic import MOSAIC_NAME
 from geoseg.runstate import STATE_DIR
 from geoseg.scenes import DataCoverage, SceneInfo, same_grid
 from geoseg.segment import TilingSettings, finish_block, most_confident, predict_block, reader_threads
 from geoseg.tiling import Block, Rect, level_chunks
-
-if TYPE_CHECKING:  # torch is imported by step 1 alone (see geoseg.segment)
-    from geoseg.config import InferenceSettings
 
 PARTIALS_DIR = f"{STATE_DIR}/partials"
 
