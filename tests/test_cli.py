@@ -253,6 +253,11 @@ def test_inputs_and_checkpoint_are_checked_before_any_cluster(tmp_path, scene_10
     assert_one_line_error(res, str(missing), "file not found")
     res = geoseg(*run_cli_args(scene_1000x700[0], tmp_path / "o", nowhere, f"model.checkpoint={missing}"), cwd=repo)
     assert_one_line_error(res, str(missing))
+    # the client reads a checkpoint's header alone: weights cut short are still refused there
+    demo = (repo / "geoseg" / "data" / "demo_model.safetensors").read_bytes()
+    (truncated := tmp_path / "truncated.safetensors").write_bytes(demo[: len(demo) // 2])
+    res = geoseg(*run_cli_args(scene_1000x700[0], tmp_path / "o", nowhere, f"model.checkpoint={truncated}"), cwd=repo)
+    assert_one_line_error(res, str(truncated), "cannot read checkpoint")
     assert not (tmp_path / "o").exists()
 
 

@@ -114,6 +114,20 @@ def test_missing_and_foreign_checkpoints_are_clear_errors(tmp_path):
         load_checkpoint("builtin:nope")
 
 
+def test_a_header_read_gives_the_checkpoint_without_its_weights(tmp_path):
+    """What a run's client reads: the same metadata and checksum as a whole read, no tensors."""
+    whole, header = load_checkpoint("builtin:demo"), load_checkpoint("builtin:demo", weights=False)
+    assert header.state_dict == {} and whole.state_dict
+    assert (header.arch, header.bands, header.classes, header.mean, header.std, header.sha256) == (
+        whole.arch, whole.bands, whole.classes, whole.mean, whole.std, whole.sha256
+    )  # fmt: skip
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))  # another trainer's: read whole
+    with pytest.raises(CheckpointError, match="not a geoseg checkpoint.*plain.yaml"):
+        load_checkpoint(tmp_path / "plain.safetensors", weights=False)
+
+
 def test_weights_that_do_not_fit_the_architecture(tmp_path):
     ckpt = Checkpoint("unet", ["b", "g", "r", "n"], LEGEND, [0.0] * 4, [1.0] * 4, {"depth": 3, "base_width": 8})
     save_checkpoint(ckpt, build_model("unet", 4, 7, depth=2, base_width=8), tmp_path / "m.safetensors")
