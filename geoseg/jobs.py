@@ -49,7 +49,7 @@ from geoseg.polygons import (
     submit_parts,
     write_polygons,
 )
-from geoseg.quicklook import write_quicklook
+from geoseg.quicklook import import_plotting, write_quicklook
 from geoseg.runstate import MANIFEST_NAME, Lease, RunError, prepare_output
 from geoseg.tiling import iter_blocks
 from geoseg.transitions import ChangeResult, change_runs
@@ -165,6 +165,7 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
         client, blocks, todo, layers, plan, settings, lease, ckpt.n_classes, polygonize, block_records, all_overviews
     )
     layers = polygon_tasks(client, plan, block_records, submitted, lease.run_id) if cfg.output.polygons else []
+    plotting = storage.in_background(import_plotting)  # while the blocks run, not after the last one
     sink, files = None, None
     try:
         if cfg.output.polygons:
@@ -192,8 +193,8 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
             failed_scenes[scene] = reason
     for key, err in failed_blocks.items():
         log.error("block %s failed: %s", key, err)
-    if not failed_blocks:  # every reader is done: what a lost worker may have left goes too
-        partials.discard(storage.join(out, PARTIALS_DIR))
+    # every reader is done: what a lost worker may have left goes too, beside the quicklook
+    leftovers = None if failed_blocks else storage.in_background(partials.discard, storage.join(out, PARTIALS_DIR))
 
     computed = [r for r in block_records.values() if r["status"] == "done" and not r.get("reused")]
     forward_s = sum(r.get("forward_s", 0.0) for r in computed)
@@ -206,7 +207,10 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
             task_s,
         )
 
+    plotting.result()
     quicklook = write_quicklook(mosaic_path, storage.join(out, QUICKLOOK_NAME))
+    if leftovers is not None:
+        leftovers.result()
     lease.check()
     polygons_path = files.gpkg if files is not None else None
     outputs = {"mosaic": mosaic_path, **layer_outputs(files), "quicklook": quicklook}

@@ -411,9 +411,9 @@ def read_regions(
     return [group[name][rows, cols] for name, rows, cols in regions]
 
 
-def read_attrs(path: str | Path) -> dict[str, Any]:
-    """geoseg's attributes of a store (georeference, legend, fingerprint)."""
-    return open_group(path).attrs["geoseg"]
+def read_attrs(store: str | Path | zarr.Group) -> dict[str, Any]:
+    """geoseg's attributes of a store (georeference, legend, fingerprint), or of its group already open."""
+    return (store if isinstance(store, zarr.Group) else open_group(store)).attrs["geoseg"]
 
 
 def read_grid(path: Path) -> OutputGrid:
@@ -422,11 +422,11 @@ def read_grid(path: Path) -> OutputGrid:
     return OutputGrid(meta["crs_wkt"], tuple(meta["transform"]), meta["width"], meta["height"])
 
 
-def read_legend(path: Path) -> dict[int, str]:
-    meta = read_attrs(path)
+def read_legend(store: str | Path | zarr.Group) -> dict[int, str]:
+    meta = read_attrs(store)
     return {int(k): v for k, v in meta["classes"].items()}
 
 
-def read_colors(path: Path) -> dict[int, str]:
-    meta = read_attrs(path)
+def read_colors(store: str | Path | zarr.Group) -> dict[int, str]:
+    meta = read_attrs(store)
     return {int(k): v for k, v in meta.get("colors", {}).items()}

@@ -6,17 +6,18 @@ import io
 from pathlib import Path
 
 import numpy as np
+import zarr
 
 from geoseg import mosaic, storage
 from geoseg.blending import NODATA
 
 
-def downsample_classes(path: str | Path, max_size: int) -> np.ndarray:
+def downsample_classes(mosaic_store: str | Path | zarr.Group, max_size: int) -> np.ndarray:
     """The class mosaic with its longer side ``max_size`` (or less, for a smaller mosaic): the
     coarsest overview level that still has ``max_size`` pixels there (read, not the whole
     mosaic), sampled at the centres of the picture's pixels (a level is less than twice the
     size: every k-th pixel would halve a Sentinel-2 tile's 1,373 px to 687)."""
-    group = mosaic.open_group(path)
+    group = mosaic_store if isinstance(mosaic_store, zarr.Group) else mosaic.open_group(mosaic_store)
     longer = max(group[mosaic.CLASSES].shape)
     factors = [f for f in group.attrs["geoseg"].get("overviews", []) if -(-longer // f) >= max_size]
     level = group[f"{mosaic.OVERVIEWS}/{max(factors)}/{mosaic.CLASSES}" if factors else mosaic.CLASSES]
@@ -42,16 +43,25 @@ def colorize(classes: np.ndarray, colors: dict[int, str]) -> np.ndarray:
     return lut[classes]
 
 
-def write_quicklook(mosaic_path: str | Path, png_path: str | Path, max_size: int = 1024) -> str:
+def import_plotting() -> None:
+    """matplotlib, made ready to draw off-screen: ~0.5 s of imports, which a run does while its
+    blocks are computed rather than after the last one (:func:`write_quicklook`)."""
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+    from matplotlib.patches import Patch  # noqa: F401
+
+
+def write_quicklook(mosaic_path: str | Path, png_path: str | Path, max_size: int = 1024) -> str:
+    import_plotting()
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    legend = mosaic.read_legend(mosaic_path)
-    colors = mosaic.read_colors(mosaic_path) or {k: "#808080" for k in legend}
-    classes = downsample_classes(mosaic_path, max_size)
+    group = mosaic.open_group(mosaic_path)  # once: on a store, each open is a round trip
+    legend = mosaic.read_legend(group)
+    colors = mosaic.read_colors(group) or {k: "#808080" for k in legend}
+    classes = downsample_classes(group, max_size)
     counts = np.bincount(classes.ravel(), minlength=256)
     valid = counts[:NODATA].sum() or 1
     fig, ax = plt.subplots(figsize=(9, 7), dpi=120)
