@@ -317,15 +317,16 @@ def change(
     """
     _resumable()
     from geoseg.config import load_change_config
-    from geoseg.jobs import run_change, segment_dates
+    from geoseg.jobs import change_dates, run_change
 
     with _user_errors():
         cfg = load_change_config(config, list(set_ or []))
-        if run_a is None or run_b is None:
-            if not (cfg.date_a and cfg.date_b):
-                _fail("give two finished runs, or a --config with date_a and date_b scenes")
-            run_a, run_b = segment_dates(cfg, out)
-        result = run_change(run_a, run_b, out, cfg)
+        if run_a is not None and run_b is not None:
+            result = run_change(run_a, run_b, out, cfg)
+        elif cfg.date_a and cfg.date_b:
+            result = change_dates(cfg, out)
+        else:
+            _fail("give two finished runs, or a --config with date_a and date_b scenes")
     valid = int(result.matrix.sum())
     changed = valid - int(result.matrix.trace())
     log.info("changed %d of %d valid pixels (%.2f%%)", changed, valid, 100 * changed / max(valid, 1))

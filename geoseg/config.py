@@ -338,6 +338,8 @@ class ChangeConfig(_Strict):
     polygons: bool = True
     overwrite: bool = False
     cluster: ClusterConfig = ClusterConfig()
+    """The change's cluster; with date_a and date_b, also their runs' where it is set here (else
+    theirs, the run config's, is the whole command's: one cluster in either case)."""
     date_a: list[str] = Field(default_factory=list)
     """Scenes of the first date, to segment in the same go (instead of giving two finished runs)."""
     date_b: list[str] = Field(default_factory=list)

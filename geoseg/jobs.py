@@ -61,7 +61,17 @@ if TYPE_CHECKING:  # the run's own stages import torch: export, vectorize and ch
 log = logging.getLogger(__name__)
 
 QUICKLOOK_NAME = "quicklook.png"
-__all__ = ["ChangeResult", "ExportResult", "RunError", "RunResult", "export_run", "run", "run_change", "vectorize_run"]
+__all__ = [
+    "ChangeResult",
+    "ExportResult",
+    "RunError",
+    "RunResult",
+    "change_dates",
+    "export_run",
+    "run",
+    "run_change",
+    "vectorize_run",
+]
 
 
 @dataclass
@@ -377,16 +387,24 @@ def run_change(run_a: str, run_b: str, out: str, cfg: ChangeConfig, client: Clie
     return result
 
 
-def segment_dates(cfg: ChangeConfig, out: str) -> tuple[str, str]:
-    """Segment ``date_a`` and ``date_b`` into ``out/date_a`` and ``out/date_b`` with one run config."""
-    runs = []
-    for name, scenes in (("date_a", cfg.date_a), ("date_b", cfg.date_b)):
-        run_cfg = load_config(cfg.run_config, values={"inputs": list(scenes), "out": storage.join(out, name)})
-        result = run(run_cfg)
-        if not result.ok:
-            raise RunError(f"segmenting {name} failed: {result.failed_scenes or result.failed_blocks}")
-        runs.append(result.out)
-    return runs[0], runs[1]
+def change_dates(cfg: ChangeConfig, out: str) -> ChangeResult:
+    """Segment ``date_a`` and ``date_b`` into ``out/date_a`` and ``out/date_b`` with one run
+    config, then their change into ``out``, all on one cluster: the change config's where it
+    sets one, else the run config's (the segmentation is the heavy part)."""
+    dates = {
+        name: load_config(cfg.run_config, values={"inputs": list(scenes), "out": storage.join(out, name)})
+        for name, scenes in (("date_a", cfg.date_a), ("date_b", cfg.date_b))
+    }
+    cluster = cfg.cluster if "cluster" in cfg.model_fields_set else dates["date_a"].cluster
+    with dask_client(cluster) as client:
+        runs = []
+        for name, run_cfg in dates.items():
+            # the cluster in use sizes the workers' torch threads and says where step 1 runs
+            result = run(run_cfg.model_copy(update={"cluster": cluster}), client)
+            if not result.ok:
+                raise RunError(f"segmenting {name} failed: {result.failed_scenes or result.failed_blocks}")
+            runs.append(result.out)
+        return run_change(runs[0], runs[1], out, cfg, client)
 
 
 def _version() -> str:

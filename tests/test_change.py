@@ -19,7 +19,7 @@ from PIL import Image
 from geoseg import mosaic
 from geoseg.change import detect_change, drop_small_regions, transition_matrix
 from geoseg.config import load_change_config
-from geoseg.jobs import RunError, run, run_change
+from geoseg.jobs import RunError, change_dates, run, run_change
 from geoseg.synth import SceneSpec, write_scene, write_second_date
 from geoseg.tiling import iter_blocks
 
@@ -191,6 +191,8 @@ def test_two_scene_sets_in_one_go_from_the_cli(tmp_path):
         timeout=300,
     )
     assert res.returncode == 0, res.stderr
+    # both dates' runs and the change on one cluster: the change config's, which sets one
+    assert (res.stdout + res.stderr).count("Dask dashboard:") == 1, res.stderr
     for name in (
         "date_a/mosaic.zarr",
         "date_b/mosaic.zarr",
@@ -204,6 +206,28 @@ def test_two_scene_sets_in_one_go_from_the_cli(tmp_path):
     doc = json.loads((tmp_path / "out" / "transitions.json").read_text())
     valid = (xr.open_zarr(tmp_path / "out" / "change.zarr")["transition"].values != 255).sum()
     assert doc["valid_pixels"] == valid and doc["changed_pixels"] > 0
+
+
+def test_dates_without_a_cluster_in_the_change_config_run_on_the_run_configs(tmp_path):
+    import yaml
+
+    root = Path(__file__).parent.parent
+    a = write_scene(SceneSpec(300, 256, seed=72), tmp_path / "a.tif")[0]
+    b = write_second_date(a, tmp_path / "b.tif", None, n_changes=2, illumination=0.9)[0]
+    run_config = yaml.safe_load((root / "configs" / "demo.yaml").read_text())
+    run_config["cluster"] = {"n_workers": 1, "dashboard": False, "memory_limit": "3GB"}
+    run_config["output"]["block_size"] = 256
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run_config))
+    (tmp_path / "change.yaml").write_text(f"run_config: run.yaml\ndate_a: ['{a}']\ndate_b: ['{b}']\nblock_size: 128\n")
+    result = change_dates(load_change_config(tmp_path / "change.yaml"), str(tmp_path / "out"))
+    assert int(result.matrix.sum()) > 0
+    # each date's manifest records the cluster its run had: the run config's, not the change
+    # config's default (a dashboard, memory "auto")
+    for name in ("date_a", "date_b"):
+        manifest = json.loads((tmp_path / "out" / name / "manifest.json").read_text())
+        assert manifest["status"] == "finished"
+        cluster = manifest["config"]["cluster"]
+        assert (cluster["n_workers"], cluster["dashboard"], cluster["memory_limit"]) == (1, False, "3GB")
 
 
 def test_the_change_has_a_stac_item_with_its_outputs(two_dates, tmp_path):
