@@ -127,6 +127,7 @@ def isolated_workers(tmp_path):
 def test_a_run_with_only_s3_urls_on_isolated_workers_equals_the_local_run(
     isolated_workers, remote, local_reference, caplog
 ):
+    caplog.set_level(logging.INFO)  # the run's own lines too, not only its warnings
     out = f"{remote['bucket']}/runs/distributed"
     cfg = run_config(
         Path("unused"), [], Path("unused"), BLOCK, f"cluster.address={isolated_workers}",
@@ -143,6 +144,7 @@ def test_a_run_with_only_s3_urls_on_isolated_workers_equals_the_local_run(
     assert manifest["scenes"][0]["path"] == remote["cog"] and manifest["model"]["checkpoint"] == remote["checkpoint"]
     assert storage.exists(f"{out}/quicklook.png")
     assert not storage.list_files(f"{out}/.geoseg/partials/")  # read by the neighbours, then removed
+    assert "polygons ->" in caplog.text  # the log was captured: what it lacks means something
     assert S3_SECRET not in json.dumps(manifest) and S3_SECRET not in caplog.text
 
 
@@ -278,6 +280,7 @@ def test_a_client_killed_at_a_random_block_on_s3_resumes_to_the_same_mosaic(remo
 def test_bad_remote_inputs_are_named_and_the_good_scene_completes(
     tmp_path, remote, scene_1000x700, random_checkpoint, client2, caplog
 ):
+    caplog.set_level(logging.INFO)
     bucket = remote["bucket"]
     text = tmp_path / "notes.tif"
     text.write_text("not a raster\n")
@@ -311,6 +314,7 @@ def test_bad_remote_inputs_are_named_and_the_good_scene_completes(
     manifest = json.loads(storage.read_text(f"{out}/manifest.json"))
     assert manifest["status"] == "finished"
     assert {s["path"] for s in manifest["scenes"] if s["status"] == "failed"} == set(bad)
+    assert all(url in caplog.text for url in bad)  # each named in the log too, which is captured
     assert S3_SECRET not in json.dumps(manifest) and S3_SECRET not in caplog.text
 
 
