@@ -201,8 +201,6 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
         else:
             log.error("scene %s: %s", scene, reason)
             failed_scenes[scene] = reason
-    for key, err in failed_blocks.items():
-        log.error("block %s failed: %s", key, err)
     # every reader is done: what a lost worker may have left goes too, beside the quicklook
     leftovers = None if failed_blocks else storage.in_background(partials.discard, storage.join(out, PARTIALS_DIR))
 

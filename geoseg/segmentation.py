@@ -3,6 +3,7 @@ Dask graph, their records collected as blocks finish, and partial results droppe
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from geoseg.progress import track
 from geoseg.runstate import Lease, RunError
 from geoseg.scenes import SceneInfo
 from geoseg.tiling import Block, reaching_blocks
+
+log = logging.getLogger(__name__)
 
 
 def step_one_resources(cluster: ClusterConfig) -> dict[str, float] | None:
@@ -260,6 +263,7 @@ def collect_blocks(
                     "status": "failed",
                     "error": runstate.error_text(exc),
                 }
+                log.error("overview chunk %s failed: %s", chunk_of[fut.key], records[chunk_of[fut.key]]["error"])
             fut.release()
             continue
         if fut not in step2:
@@ -271,6 +275,8 @@ def collect_blocks(
         rec = dict(fut.result())
         key = rec.pop("block")
         records[key] = rec
+        if rec["status"] != "done":  # said when it happens, not after hours of other blocks
+            log.error("block %s failed: %s", key, rec["error"])
         finished_blocks += 1
         fut.release()
         for n in submitted.reach[key]:

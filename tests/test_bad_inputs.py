@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -296,10 +297,12 @@ def test_a_stac_assets_bad_file_is_named_with_its_item_and_a_good_one_takes_the_
 
 
 @pytest.mark.parametrize("readers", [1, 3])
-def test_corrupt_tile_inside_a_scene_fails_its_blocks_only(tmp_path, random_checkpoint, client2, readers):
+def test_corrupt_tile_inside_a_scene_fails_its_blocks_only(tmp_path, random_checkpoint, client2, readers, caplog):
     """The header and the last block read fine, but one internal tile is garbage: the blocks
     that need it fail with the file's name, the others are written, and the run says so
-    (also when the failing read is one of several in flight in the reader threads)."""
+    (also when the failing read is one of several in flight in the reader threads), each
+    failure once, as it happens."""
+    caplog.set_level(logging.INFO)
     scene = write_scene(SceneSpec(1536, 1536, seed=5, nodata_border=False), tmp_path / "scene.tif")[0]
     with rasterio.open(scene) as src:
         assert src.block_shapes[0] == (256, 256)
@@ -318,6 +321,11 @@ def test_corrupt_tile_inside_a_scene_fails_its_blocks_only(tmp_path, random_chec
     assert "scene.tif: cannot read pixels" in failed["0_0"]
     assert all("scene.tif" in err for err in failed.values())
     assert any("block 0_0" in err for k, err in failed.items() if k != "0_0")
+    lines = caplog.text.splitlines()
+    last_progress = max(i for i, line in enumerate(lines) if "segmenting blocks: " in line)
+    for key in failed:  # logged once, while the other blocks are still being computed
+        said = [i for i, line in enumerate(lines) if f"block {key} failed: " in line]
+        assert len(said) == 1 and said[0] < last_progress, (key, said, last_progress)
     done = [k for k, v in manifest["blocks"].items() if v["status"] == "done"]
     classes = xr.open_zarr(out / "mosaic.zarr")["classes"].values
     for key in done:  # the finished blocks are in the mosaic
