@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -100,17 +102,24 @@ def run(cfg: RunConfig, client: Client | None = None) -> RunResult:
 
     plan = plan_run(cfg)
     created = runstate.ensure_output_folder(plan.out)
-    with Lease(plan.out, runstate.new_run_id()) as lease:
-        try:
-            if client is not None:
-                return execute(plan, client, lease)
-            with dask_client(cfg.cluster) as own:
-                return execute(plan, own, lease)
-        except BaseException:  # a stop (SIGTERM, Ctrl-C) before the first block as well
-            # still ours (the lease is held): nothing of value is lost
-            if created and not lease.lost_reason and not runstate.committed_blocks(plan.out):
-                storage.delete_tree(plan.out)
-            raise
+    with Lease(plan.out, runstate.new_run_id()) as lease, removed_unless_committed(plan.out, created, lease):
+        if client is not None:
+            return execute(plan, client, lease)
+        with dask_client(cfg.cluster) as own:
+            return execute(plan, own, lease)
+
+
+@contextmanager
+def removed_unless_committed(out: str, created: bool, lease: Lease) -> Iterator[None]:
+    """An error in the block, or a stop (SIGTERM, Ctrl-C), before the first committed block
+    removes ``out`` where this job ``created`` it: still ours (the ``lease`` is held), and
+    nothing of value is lost."""
+    try:
+        yield
+    except BaseException:
+        if created and not lease.lost_reason and not runstate.committed_blocks(out):
+            storage.delete_tree(out)
+        raise
 
 
 def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
@@ -372,8 +381,8 @@ def run_change(run_a: str, run_b: str, out: str, cfg: ChangeConfig, client: Clie
         if storage.is_within(out, run):
             raise RunError(f"{out}: is the run {run} or inside it; give the change an output folder of its own")
     before = [runstate.read_finished_manifest(r)["run_id"] for r in (run_a, run_b)]
-    runstate.ensure_output_folder(out)
-    with Lease(out, runstate.new_run_id()) as lease:
+    created = runstate.ensure_output_folder(out)
+    with Lease(out, runstate.new_run_id()) as lease, removed_unless_committed(out, created, lease):
         if client is not None:
             result = change_runs(run_a, run_b, out, cfg, client, lease.run_id)
         else:

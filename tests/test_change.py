@@ -145,6 +145,12 @@ def test_runs_that_do_not_overlap_are_refused(tmp_path, two_dates, client2):
     run(run_config("builtin:demo", [far], tmp_path / "far_run", "output.polygons=false"), client2)
     with pytest.raises(RunError, match="do not overlap"):
         run_change(d / "run_a", tmp_path / "far_run", tmp_path / "c", load_change_config(None), client2)
+    assert not (tmp_path / "c").exists()  # the output folder it made is removed with nothing in it
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    with pytest.raises(RunError, match="do not overlap"):
+        run_change(d / "run_a", tmp_path / "far_run", tmp_path / "kept", load_change_config(None), client2)
+    assert (tmp_path / "kept" / "notes.txt").read_text() == "mine"  # one it did not make stays
 
 
 def test_change_maths_with_confidence_and_mmu():
