@@ -191,8 +191,14 @@ def dask_client(cfg: ClusterConfig) -> Iterator[Client]:
         return
     # the nannies hand the config of this moment to the workers they start
     settings = {"distributed.nanny.pre-spawn-environ": WORKER_ENVIRON, **WORKER_DASK_CONFIG, **SCHEDULER_DASK_CONFIG}
-    with dask.config.set(settings):
-        cluster = local_cluster(cfg)
+    # they set the workers' environment in their own process, this one, before each spawn: the
+    # caller's (a notebook's, the programs it starts) is given back as it was
+    caller_environ = {name: os.environ.get(name) for name in [*WORKER_ENVIRON, "PYTHONHASHSEED"]}
+    try:
+        with dask.config.set(settings):
+            cluster = local_cluster(cfg)
+    finally:
+        restore_environ(caller_environ)
     client = Client(cluster)
     try:
         client.register_plugin(OneLineLogs())
@@ -205,6 +211,16 @@ def dask_client(cfg: ClusterConfig) -> Iterator[Client]:
         client.close()
         with quiet_dask_logs():
             cluster.close()
+        restore_environ(caller_environ)  # a worker restarted meanwhile set it again
+
+
+def restore_environ(values: dict[str, str | None]) -> None:
+    """``os.environ`` given the ``values`` (None: unset)."""
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def local_cluster(cfg: ClusterConfig) -> LocalCluster:

@@ -798,6 +798,35 @@ def _sleep_long(seconds: float) -> float:
     return seconds
 
 
+def test_a_local_cluster_leaves_the_callers_environment_as_it_was(monkeypatch):
+    """Dask's nannies set the workers' environment (one OpenMP thread, GDAL's cache, malloc
+    tunables, a hash seed) in their own process, which for geoseg's LocalCluster is the
+    caller's: the workers get it, and the caller's environment, which the programs it starts
+    inherit (a `dask worker` without those settings, say), is given back as it was."""
+    from geoseg.cluster import WORKER_ENVIRON, dask_client
+    from geoseg.config import ClusterConfig
+
+    def worker_environ() -> dict:  # nested: pickled by value
+        import os
+
+        return {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "GDAL_CACHEMAX")}
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    for name in ("GDAL_CACHEMAX", "GLIBC_TUNABLES", "PYTHONHASHSEED"):
+        monkeypatch.delenv(name, raising=False)
+    names = [*WORKER_ENVIRON, "PYTHONHASHSEED"]  # Dask adds the hash seed
+
+    def caller_environ() -> dict:
+        return {name: os.environ.get(name) for name in names}
+
+    before = caller_environ()
+    with dask_client(ClusterConfig(n_workers=1, dashboard=False)) as client:
+        assert caller_environ() == before
+        seen = list(client.run(worker_environ).values())
+    assert caller_environ() == before
+    assert seen == [{"OMP_NUM_THREADS": "7", "GDAL_CACHEMAX": "64"}]  # the caller's own value wins
+
+
 def test_a_local_cluster_closed_under_a_running_task_says_nothing(capfd):
     """A job stopped while its workers compute (SIGTERM, an error) closes its LocalCluster under
     running tasks: the tasks cancelled and the workers killed are no news on the job's stderr."""
