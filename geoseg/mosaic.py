@@ -411,9 +411,15 @@ def read_regions(
     return [group[name][rows, cols] for name, rows, cols in regions]
 
 
+def as_group(store: str | Path | zarr.Group) -> zarr.Group:
+    """A store's root group, opened (for reading) unless it is open already: a caller that reads
+    several things opens it once (on an object store, each open is a round trip)."""
+    return store if isinstance(store, zarr.Group) else open_group(store)
+
+
 def read_attrs(store: str | Path | zarr.Group) -> dict[str, Any]:
-    """geoseg's attributes of a store (georeference, legend, fingerprint), or of its group already open."""
-    return (store if isinstance(store, zarr.Group) else open_group(store)).attrs["geoseg"]
+    """geoseg's attributes of a store (georeference, legend, fingerprint)."""
+    return as_group(store).attrs["geoseg"]
 
 
 def read_grid(path: Path) -> OutputGrid:

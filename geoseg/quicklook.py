@@ -17,7 +17,7 @@ def downsample_classes(mosaic_store: str | Path | zarr.Group, max_size: int) -> 
     coarsest overview level that still has ``max_size`` pixels there (read, not the whole
     mosaic), sampled at the centres of the picture's pixels (a level is less than twice the
     size: every k-th pixel would halve a Sentinel-2 tile's 1,373 px to 687)."""
-    group = mosaic_store if isinstance(mosaic_store, zarr.Group) else mosaic.open_group(mosaic_store)
+    group = mosaic.as_group(mosaic_store)
     longer = max(group[mosaic.CLASSES].shape)
     factors = [f for f in group.attrs["geoseg"].get("overviews", []) if -(-longer // f) >= max_size]
     level = group[f"{mosaic.OVERVIEWS}/{max(factors)}/{mosaic.CLASSES}" if factors else mosaic.CLASSES]
@@ -58,7 +58,7 @@ def write_quicklook(mosaic_path: str | Path, png_path: str | Path, max_size: int
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    group = mosaic.open_group(mosaic_path)  # once: on a store, each open is a round trip
+    group = mosaic.as_group(mosaic_path)
     legend = mosaic.read_legend(group)
     colors = mosaic.read_colors(group) or {k: "#808080" for k in legend}
     classes = downsample_classes(group, max_size)
