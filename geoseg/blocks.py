@@ -144,8 +144,10 @@ def predict_task(
             "scene_valid_pixels": counts,
             "layers": partials.layer_index(results),
         }
-        record = partials.save_block(folder, results, record)
-        return {"block": block.key, **record}
+        record, pack = partials.save_block(folder, results, record)
+        # the pack travels to the neighbours' step 2 with the record (through Dask, which
+        # holds it while they need it): on a store, no request of theirs fetches it again
+        return {"block": block.key, **record, **({PACK: pack} if pack is not None else {})}
     except Exception as exc:
         return {"block": block.key, "status": "failed", "error": runstate.error_text(exc)}
 
@@ -175,7 +177,11 @@ def finish_task(
         bounds = Rect(block.rows, block.cols)
         loaded = storage.concurrently(  # on a store: the neighbours' objects in flight together
             lambda r: partials.load_layers(
-                storage.join(partials_at, r["block"]), r.get("layers"), interior=r is own, within=bounds
+                storage.join(partials_at, r["block"]),
+                r.get("layers"),
+                interior=r is own,
+                within=bounds,
+                pack=r.get(PACK),
             ),
             reaching,
             remote=storage.is_url(partials_at),
@@ -217,6 +223,7 @@ def finish_task(
         return {"block": block.key, "status": "failed", "error": runstate.error_text(exc)}
 
 
+PACK = "step1_pack"  # what step 1 hands step 2 on a store: the bytes of the block's pack
 LEVELS = "overview_levels"  # what step 2 hands its overview chunks: each level's windows of the block
 ARRAYS = "block_arrays"  # and its polygons: the block's classes and confidence
 

@@ -92,15 +92,16 @@ def layer_index(layers: dict[str, Partial]) -> dict[str, dict[str, Any]]:
     }
 
 
-def save_block(folder: str, layers: dict[str, Partial], record: dict[str, Any]) -> dict[str, Any]:
+def save_block(folder: str, layers: dict[str, Partial], record: dict[str, Any]) -> tuple[dict[str, Any], bytes | None]:
     """Write a block's partial results (one :class:`Partial` per layer) into ``folder``,
-    committed by the record (with :func:`layer_index` under ``layers``), which is returned as
-    written. Another attempt at the same block writes the same arrays, so two attempts never
-    leave a mixed result.
+    committed by the record (with :func:`layer_index` under ``layers``). Returns the record as
+    written and, on a store, the pack's bytes. Another attempt at the same block writes the same
+    arrays, so two attempts never leave a mixed result.
 
     On a store, every array goes into one object with the record at its end (module docstring),
-    each array at the byte range the record gives under its layer's ``pack``: one PUT a block,
-    and a neighbour fetches its frames with one request."""
+    each array at the byte range the record gives under its layer's ``pack``: one PUT a block.
+    The neighbours of this run take their frames from the bytes returned (Dask hands them on,
+    :func:`load_layers`); a rerun, or a retry on another worker, fetches them with one request."""
     arrays: dict[tuple[str, str], np.ndarray] = {}
     for name in record["layers"]:
         partial = layers[name]
@@ -123,8 +124,9 @@ def save_block(folder: str, layers: dict[str, Partial], record: dict[str, Any]) 
             },
         }
         written = json.dumps(record).encode()
-        storage.write_bytes(storage.join(folder, obj), bytes(pack) + written + _LENGTH.pack(len(written)))
-        return record
+        pack += written + _LENGTH.pack(len(written))
+        storage.write_bytes(storage.join(folder, obj), bytes(pack))
+        return record, bytes(pack)
     storage.write_many(
         {
             (loc := _array_loc(storage.join(folder, name), array_name)): _encode(array, loc.endswith(".zst"))
@@ -132,7 +134,7 @@ def save_block(folder: str, layers: dict[str, Partial], record: dict[str, Any]) 
         }
     )
     storage.write_text(storage.join(folder, RECORD), json.dumps(record))
-    return record
+    return record, None
 
 
 def load_record(folder: str) -> dict[str, Any] | None:
@@ -183,12 +185,17 @@ def _index_of(folder: str) -> dict[str, dict[str, Any]]:
 
 
 def load_layers(
-    folder: str, index: dict[str, dict[str, Any]] | None = None, interior: bool = True, within: Rect | None = None
+    folder: str,
+    index: dict[str, dict[str, Any]] | None = None,
+    interior: bool = True,
+    within: Rect | None = None,
+    pack: bytes | None = None,
 ) -> dict[str, Partial]:
     """A block's partial results by layer (``index``: its record's ``layers``), the interior only
     if asked, and only the frames that overlap ``within`` (the reader's block: the others add
     nothing there). Local frames are memory-mapped (a neighbour reads only the rows it needs);
-    objects are fetched concurrently."""
+    objects are fetched concurrently, and a pack's ranges are cut from ``pack`` where it is
+    given (the bytes :func:`save_block` returned: no request)."""
     legacy = index is None  # saved before records held the index: uncompressed everywhere
     index = _index_of(folder) if index is None else index
     wanted: list[tuple[str, str, str]] = []  # layer, array name, location
@@ -207,7 +214,10 @@ def load_layers(
     if packed:  # ranges of one object, fetched together (nearby ones in one request)
         obj = index[packed[0][0]]["pack"]["object"]
         spans = [index[name]["pack"]["ranges"][array_name] for name, array_name in packed]
-        data = storage.read_ranges(storage.join(folder, obj), spans)
+        if pack is None:
+            data = storage.read_ranges(storage.join(folder, obj), spans)
+        else:
+            data = [pack[start:stop] for start, stop in spans]
         found.update({key: _decode(part, compressed=True) for key, part in zip(packed, data, strict=True)})
     locs = [loc for _, _, loc in unpacked]
     if storage.is_url(folder):  # whole objects, fetched together

@@ -851,7 +851,7 @@ def test_partials_round_trip_and_older_blocks_still_load(where, tmp_path, remote
     layer = Partial(interior, rng.integers(0, 7, (40, 40), dtype=np.uint8), np.full((40, 40), 80, np.uint8), frames, 9)
     root = str(tmp_path) if where == "local" else f"{remote['bucket']}/partials-{os.getpid()}"
     record = {"status": "done", "tiles": 9, "layers": partials.layer_index({"all": layer})}
-    written = partials.save_block(storage.join(root, "new"), {"all": layer}, record)
+    written, held = partials.save_block(storage.join(root, "new"), {"all": layer}, record)
     assert partials.load_record(storage.join(root, "new")) == written
     assert partials.load_record(storage.join(root, "absent")) is None
     objects = [storage.name(loc) for loc in storage.list_files(storage.join(root, "new"))]
@@ -862,6 +862,14 @@ def test_partials_round_trip_and_older_blocks_still_load(where, tmp_path, remote
         data = storage.read_bytes(storage.join(root, "new", pack))
         length = struct.unpack("<Q", data[-8:])[0]
         assert json.loads(data[-8 - length : -8]) == written
+        # the bytes step 1 hands its neighbours are the pack's: they cut their frames from them
+        # with no request (the folder given has nothing)
+        assert held == data
+        below = Rect(Span(64, 128), Span(64, 128))
+        handed = partials.load_layers(storage.join(root, "nowhere"), written["layers"], within=below, pack=held)
+        np.testing.assert_array_equal(handed["all"].classes, layer.classes)
+        assert [f.rect for f in handed["all"].frames] == [frames[1].rect]
+        np.testing.assert_array_equal(handed["all"].frames[0].sums, frames[1].sums)
         # a record longer than the pack's end fetched first takes a second request
         monkeypatch.setattr(partials, "_TAIL", 64)
         assert partials.load_record(storage.join(root, "new")) == written
@@ -879,7 +887,8 @@ def test_partials_round_trip_and_older_blocks_still_load(where, tmp_path, remote
         v1_layer = partials.load_layers(storage.join(root, "v1"), v1_record["layers"])["all"]
         np.testing.assert_array_equal(v1_layer.classes, layer.classes)
         assert [f.rect for f in v1_layer.frames] == [f.rect for f in frames]
-    else:  # on disk: an .npy per array (read memory-mapped)
+    else:  # on disk: an .npy per array (read memory-mapped), which the neighbours read there
+        assert held is None
         assert sorted(objects) == sorted(["record.json", "classes.npy", "confidence.npy", "frame0.npy", "frame1.npy"])
     assert ("pack" in written["layers"]["all"]) == (where == "store")
     below = Rect(Span(64, 128), Span(64, 128))  # the first frame lies wholly outside it
