@@ -6,7 +6,8 @@
 
 Which scenes a block reads comes from their footprints on the output grid, down to the blocks a
 sparse file stores: a block no scene reaches with data gets no task at all. Each task takes and
-returns plain values, and meets the others only through the run's store (no shared disk).
+returns plain values, and meets the others through Dask (its results) and the run's store,
+never a shared disk.
 """
 
 from __future__ import annotations

@@ -546,6 +546,28 @@ def test_a_block_that_cannot_be_read_fails_the_polygons_in_one_error_and_leaves_
     ]
 
 
+def test_a_layer_that_cannot_be_put_in_place_fails_the_run_after_the_quicklook_and_leaves_no_half_layer(
+    tmp_path, random_checkpoint, scene_1000x700, client2, reference
+):
+    """The layers are closed (their index built, moved into place) while the quicklook is
+    drawn: a GeoPackage that cannot be put in its place (a folder of that name is in OUT)
+    still fails the run, naming it, with no temporary layer left beside it; the committed
+    blocks stay, and a rerun once the folder is gone reuses them all and gives the same map."""
+    (tmp_path / "polygons.gpkg").mkdir()
+    cfg = run_config(random_checkpoint, [scene_1000x700[0]], tmp_path, "output.block_size=512")
+    with pytest.raises(OSError, match="polygons.gpkg"):
+        run(cfg, client2)
+    assert (tmp_path / "polygons.gpkg").is_dir() and not list(tmp_path.glob(".polygons*"))
+    assert (tmp_path / "quicklook.png").stat().st_size > 0  # drawn beside the closing layers
+    assert json.loads((tmp_path / "manifest.json").read_text())["status"] == "running"
+    (tmp_path / "polygons.gpkg").rmdir()
+    result = run(cfg, client2)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert result.ok and manifest["summary"]["reused"] == manifest["summary"]["blocks"] == 4
+    np.testing.assert_array_equal(read_classes(tmp_path), read_classes(reference))
+    assert len(gpd.read_file(tmp_path / "polygons.gpkg")) == len(gpd.read_file(reference / "polygons.gpkg"))
+
+
 def test_overviews_written_after_the_blocks_equal_the_whole_mosaics_levels(tmp_path):
     """For a mosaic whose blocks were written by other means (a run writes its chunks itself)."""
     from geoseg.overviews import downsample
