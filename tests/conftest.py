@@ -163,9 +163,15 @@ def predict_transitions(client, since: float) -> list[tuple[str, str, str]]:
 
 
 @pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
+def s3_server_log(tmp_path_factory) -> Path:
+    """Where moto's S3 server logs each request it answers (method, path and status)."""
+    return tmp_path_factory.mktemp("moto") / "moto.log"
+
+
+@pytest.fixture(scope="session")
+def s3_server(s3_server_log):
     """moto's S3 server on 127.0.0.1 (the endpoint the environment names); yields its URL."""
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    log = s3_server_log
     with open(log, "w") as sink:  # the server keeps its own handle
         proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(S3_PORT)],

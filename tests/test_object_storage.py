@@ -125,9 +125,10 @@ def isolated_workers(tmp_path):
 
 
 def test_a_run_with_only_s3_urls_on_isolated_workers_equals_the_local_run(
-    isolated_workers, remote, local_reference, caplog
+    isolated_workers, remote, local_reference, caplog, s3_server_log
 ):
     caplog.set_level(logging.INFO)  # the run's own lines too, not only its warnings
+    logged = len(s3_server_log.read_text(errors="replace").splitlines())
     out = f"{remote['bucket']}/runs/distributed"
     cfg = run_config(
         Path("unused"), [], Path("unused"), BLOCK, f"cluster.address={isolated_workers}",
@@ -144,6 +145,11 @@ def test_a_run_with_only_s3_urls_on_isolated_workers_equals_the_local_run(
     assert manifest["scenes"][0]["path"] == remote["cog"] and manifest["model"]["checkpoint"] == remote["checkpoint"]
     assert storage.exists(f"{out}/quicklook.png")
     assert not storage.list_files(f"{out}/.geoseg/partials/")  # read by the neighbours, then removed
+    # each block's step 1 was saved, and its neighbours on the other worker had it from Dask:
+    # no request fetched a saved pack back
+    requests = s3_server_log.read_text(errors="replace").splitlines()[logged:]
+    packs = [line for line in requests if "/runs/distributed/.geoseg/partials/" in line and "step1-" in line]
+    assert len(packs) == len(manifest["blocks"]) and all("PUT /" in line for line in packs), packs
     assert "polygons ->" in caplog.text  # the log was captured: what it lacks means something
     assert S3_SECRET not in json.dumps(manifest) and S3_SECRET not in caplog.text
 
