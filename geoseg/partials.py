@@ -125,8 +125,9 @@ def save_block(folder: str, layers: dict[str, Partial], record: dict[str, Any]) 
         }
         written = json.dumps(record).encode()
         pack += written + _LENGTH.pack(len(written))
-        storage.write_bytes(storage.join(folder, obj), bytes(pack))
-        return record, bytes(pack)
+        whole = bytes(pack)  # what is written is what the neighbours are handed
+        storage.write_bytes(storage.join(folder, obj), whole)
+        return record, whole
     storage.write_many(
         {
             (loc := _array_loc(storage.join(folder, name), array_name)): _encode(array, loc.endswith(".zst"))
