@@ -198,8 +198,6 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
         raise
     t_segment, finished_at = submitted.finished_at - t0, submitted.finished_at
     del submitted
-    # the layers are finished (a GeoPackage's spatial index, the uploads) while the quicklook is drawn
-    closing = storage.in_background(closed_layers, sink) if sink is not None else None
     failed_blocks = {k: v["error"] for k, v in block_records.items() if v["status"] != "done"}
     unused = []
     for scene, reason in empty_scenes(scenes, block_records).items():
@@ -222,8 +220,10 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
             task_s,
         )
 
-    plotting.result()
+    # the layers are finished (a GeoPackage's spatial index, the uploads) while the quicklook is drawn
+    closing = storage.in_background(closed_layers, sink) if sink is not None else None
     try:
+        plotting.result()
         quicklook = write_quicklook(mosaic_path, storage.join(out, QUICKLOOK_NAME))
     finally:  # no layer is left being written when the run ends, whatever failed
         count, closed_at = closing.result() if closing is not None else (0, time.perf_counter())
