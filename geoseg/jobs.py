@@ -184,20 +184,28 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
         client, blocks, todo, layers, plan, settings, lease, ckpt.n_classes, polygonize, block_records, all_overviews
     )
     layers = polygon_tasks(client, plan, block_records, submitted, lease.run_id) if cfg.output.polygons else []
-    plotting = storage.in_background(import_plotting)  # while the blocks run, not after the last one
-    sink, files = None, None
+    storage.in_background(import_plotting)  # while the blocks run, not after the last one
+    sink, files, drawing = None, None, None
     try:
         if cfg.output.polygons:
             files = layer_files(out, grid.crs_wkt, cfg.vector)
             sink = LayerSink(layers, files.writers)
         del layers
         block_records.update(collect_blocks(submitted, out, lease, sink))
-    except BaseException:
+        # the quicklook is drawn while the layers are finished (a GeoPackage's spatial index, the uploads)
+        drawing = storage.in_background(write_quicklook, mosaic_path, storage.join(out, QUICKLOOK_NAME))
+        count = sink.close() if sink is not None else 0
+        # the polygons' share after the last block: the last blocks' polygons, the merge, the writes
+        t_segment, t_vec = submitted.finished_at - t0, time.perf_counter() - submitted.finished_at
+    except BaseException as exc:
         if sink is not None:
             sink.abort()
+        if drawing is not None and isinstance(exc, Exception):  # an error, not a stop: no thread left writing
+            drawing.exception()
         raise
-    t_segment, finished_at = submitted.finished_at - t0, submitted.finished_at
     del submitted
+    if files is not None:
+        log.info("%d polygons -> %s", count, ", ".join(files.files.values()))
     failed_blocks = {k: v["error"] for k, v in block_records.items() if v["status"] != "done"}
     unused = []
     for scene, reason in empty_scenes(scenes, block_records).items():
@@ -220,17 +228,7 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
             task_s,
         )
 
-    # the layers are finished (a GeoPackage's spatial index, the uploads) while the quicklook is drawn
-    closing = storage.in_background(closed_layers, sink) if sink is not None else None
-    try:
-        plotting.result()
-        quicklook = write_quicklook(mosaic_path, storage.join(out, QUICKLOOK_NAME))
-    finally:  # no layer is left being written when the run ends, whatever failed
-        count, closed_at = closing.result() if closing is not None else (0, time.perf_counter())
-    # the polygons' share after the last block: the last blocks' polygons, the merge, the writes
-    t_vec = closed_at - finished_at
-    if files is not None:
-        log.info("%d polygons -> %s", count, ", ".join(files.files.values()))
+    quicklook = drawing.result()
     if leftovers is not None:
         leftovers.result()
     lease.check()
@@ -256,17 +254,6 @@ def execute(plan: RunPlan, client: Client, lease: Lease) -> RunResult:
     manifest_loc = finish_output(plan, manifest)
     remove_layers(out, stale_layers(known, files))
     return RunResult(out, mosaic_path, polygons_path, manifest_loc, failed_scenes, failed_blocks, quicklook)
-
-
-def closed_layers(sink: LayerSink) -> tuple[int, float]:
-    """Close the polygon layers (none is left half written where it fails); the polygon count,
-    and when they were closed."""
-    try:
-        count = sink.close()
-    except BaseException:
-        sink.abort()
-        raise
-    return count, time.perf_counter()
 
 
 def start_output(

@@ -218,7 +218,7 @@ def load_layers(
         if pack is None:
             data = storage.read_ranges(storage.join(folder, obj), spans)
         else:
-            data = [pack[start:stop] for start, stop in spans]
+            data = [memoryview(pack)[start:stop] for start, stop in spans]  # no copy: zstd reads them
         found.update({key: _decode(part, compressed=True) for key, part in zip(packed, data, strict=True)})
     locs = [loc for _, _, loc in unpacked]
     if storage.is_url(folder):  # whole objects, fetched together

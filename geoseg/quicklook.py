@@ -44,18 +44,18 @@ def colorize(classes: np.ndarray, colors: dict[int, str]) -> np.ndarray:
 
 
 def import_plotting() -> None:
-    """matplotlib, made ready to draw off-screen: ~0.5 s of imports, which a run does while its
-    blocks are computed rather than after the last one (:func:`write_quicklook`)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot  # noqa: F401
+    """matplotlib's drawing off-screen: ~0.5 s of imports, which a run does while its blocks are
+    computed rather than after the last one (:func:`write_quicklook`)."""
+    import matplotlib.backends.backend_agg  # noqa: F401
+    import matplotlib.figure  # noqa: F401
     from matplotlib.patches import Patch  # noqa: F401
 
 
 def write_quicklook(mosaic_path: str | Path, png_path: str | Path, max_size: int = 1024) -> str:
+    """The picture of the mosaic at ``png_path``. Drawn on a figure of its own, not pyplot's
+    (global state): a run draws it in a thread while its polygon layers are closed."""
     import_plotting()
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
     group = mosaic.as_group(mosaic_path)
@@ -64,7 +64,8 @@ def write_quicklook(mosaic_path: str | Path, png_path: str | Path, max_size: int
     classes = downsample_classes(group, max_size)
     counts = np.bincount(classes.ravel(), minlength=256)
     valid = counts[:NODATA].sum() or 1
-    fig, ax = plt.subplots(figsize=(9, 7), dpi=120)
+    fig = Figure(figsize=(9, 7), dpi=120)
+    ax = fig.subplots()
     ax.imshow(colorize(classes, colors), interpolation="nearest")
     ax.set_axis_off()
     ax.set_title(f"{storage.name(storage.parent(str(mosaic_path)))}: land cover")
@@ -81,6 +82,5 @@ def write_quicklook(mosaic_path: str | Path, png_path: str | Path, max_size: int
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    plt.close(fig)
     storage.write_bytes(str(png_path), buffer.getvalue())
     return str(png_path)

@@ -948,7 +948,7 @@ def test_a_saved_step_one_on_the_store_is_reused_while_its_lookup_overlaps_the_r
     """On a store, step 1 looks for a block's saved record while it reads the block: a record
     found stops the block's forward passes and is what the task returns, even where the scene
     can no longer be read; without one the read's error is the block's."""
-    from geoseg.blocks import partials_root, predict_task
+    from geoseg.blocks import PACK, partials_root, predict_task
     from geoseg.grid import grid_from_scenes
     from geoseg.inference import InferenceSettings, get_predictor
     from geoseg.scenes import open_scene
@@ -963,12 +963,15 @@ def test_a_saved_step_one_on_the_store_is_reused_while_its_lookup_overlaps_the_r
     at = partials_root(f"{remote['bucket']}/runs/saved-{os.getpid()}", "a" * 16)
     first = predict_task(block, {"all": [scene]}, grid, tiling, settings, at)
     assert first["status"] == "done" and first["tiles"] > 0
+    # computed, the block hands its neighbours the pack it saved
+    assert first[PACK] == storage.read_bytes(storage.join(at, "1_1", first["layers"]["all"]["pack"]["object"]))
     mark_saved_record(storage.join(at, "1_1"), predict_s=9999.0)
 
     # the same scene at a key with no object: only the saved record can answer for the block
     missing = dataclasses.replace(scene, path=f"{remote['bucket']}/scenes/gone-{os.getpid()}.tif")
     again = predict_task(block, {"all": [missing]}, grid, tiling, settings, at)
     assert again["status"] == "done" and again["predict_s"] == 9999.0
+    assert PACK not in again  # found saved: its neighbours read the store's pack
     assert again["layers"] == first["layers"]
     # nor can a worker that computes votes otherwise, or one whose model cannot be loaded
     assert (
