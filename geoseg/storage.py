@@ -666,7 +666,7 @@ def cached_copy(loc: str) -> Path:
         tmp = temporary_beside(path)
         try:
             download(loc, tmp)
-            os.replace(tmp, path)
+            move_into_place(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
     return path
@@ -700,8 +700,12 @@ def write_bytes(loc: str, data: bytes) -> None:
         path = Path(loc)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = temporary_beside(path)
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        try:
+            tmp.write_bytes(data)
+        except OSError:  # a full disk: no half file left beside it
+            tmp.unlink(missing_ok=True)
+            raise
+        move_into_place(tmp, path)
         return
     import obstore
 
@@ -717,6 +721,17 @@ def temporary_beside(path: Path) -> Path:
     """A temporary name in ``path``'s folder (a rename from it is atomic), hidden, with its
     suffix kept: some writers pick their format by it."""
     return path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
+
+
+def move_into_place(tmp: Path, path: Path | str) -> None:
+    """Rename a finished temporary file (:func:`temporary_beside`) onto ``path``. A failure (a
+    folder of that name, no permission) leaves no temporary file, and names ``path``: the
+    temporary name would point the user at a file that is gone."""
+    try:
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
 
 
 def write_text(loc: str, text: str) -> None:
@@ -852,7 +867,7 @@ def upload(path: Path, loc: str) -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = temporary_beside(target)
             shutil.copyfile(path, tmp)
-            os.replace(tmp, target)
+            move_into_place(tmp, target)
         return
     import obstore
 
@@ -875,7 +890,7 @@ def staged(loc: str) -> Iterator[Path]:
         tmp = temporary_beside(target)
         try:
             yield tmp
-            os.replace(tmp, target)
+            move_into_place(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
         return

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import queue
 import shutil
 import sqlite3
@@ -206,7 +205,7 @@ class LayerWriter:
             if self._staging is not None:
                 storage.upload(self.path, self.loc)
         if self._staging is None and self.path.exists():
-            os.replace(self.path, self.loc)
+            storage.move_into_place(self.path, self.loc)
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging = None

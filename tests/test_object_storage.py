@@ -757,6 +757,20 @@ def test_a_local_file_written_in_place_replaces_the_old_one_only_once_whole(tmp_
     assert target.read_bytes() == b"a new one" and [p.name for p in tmp_path.iterdir()] == ["classes.tif"]
 
 
+def test_a_local_file_that_cannot_be_put_in_place_is_named_and_leaves_no_temporary_file(tmp_path):
+    """A folder where a manifest or an export goes: the error names the place, not the
+    temporary name (a file that is gone), and nothing is left beside it."""
+    (tmp_path / "manifest.json").mkdir()
+    (tmp_path / "classes.tif").mkdir()
+    with pytest.raises(IsADirectoryError) as written:
+        storage.write_text(str(tmp_path / "manifest.json"), "{}")
+    with pytest.raises(IsADirectoryError) as staged, storage.staged(str(tmp_path / "classes.tif")) as path:
+        path.write_bytes(b"a new export")
+    for failure, name in ((written, "manifest.json"), (staged, "classes.tif")):
+        assert failure.value.filename == str(tmp_path / name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classes.tif", "manifest.json"]
+
+
 def test_the_profiles_region_reaches_gdal_when_the_keys_are_in_the_environment(tmp_path):
     """With keys in the environment, GDAL and obstore take the region from AWS_REGION or
     AWS_DEFAULT_REGION only; the AWS tools take it from the profile too. geoseg puts it there."""
