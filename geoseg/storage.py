@@ -702,10 +702,9 @@ def write_bytes(loc: str, data: bytes) -> None:
         tmp = temporary_beside(path)
         try:
             tmp.write_bytes(data)
-        except OSError:  # a full disk: no half file left beside it
+            move_into_place(tmp, path)
+        finally:  # a full disk: no half file left beside it
             tmp.unlink(missing_ok=True)
-            raise
-        move_into_place(tmp, path)
         return
     import obstore
 
